@@ -1,0 +1,185 @@
+"""The model wrapper: ``nt.wrap(module)`` and its probe, patch and record API."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Callable
+
+import torch
+
+from ..errors import NeurotapError, UnknownPointError
+from ..points import Attachment, Inventory, PointList, take_inventory
+from ..probes import Probe, SaveContext, probe
+from .plan import Plan, unknown_point
+
+PatchSpec = Mapping[str, Callable[..., Any] | Sequence[Callable[..., Any]]]
+
+
+def patches_to_probes(patches: PatchSpec) -> list[Probe]:
+    """``{point: patch or [patches]}`` -> probes, in order."""
+    if not isinstance(patches, Mapping):
+        raise TypeError("patch() takes a dict {point name: patch or list of patches}")
+    probes = []
+    for point, value in patches.items():
+        for fn in value if isinstance(value, (list, tuple)) else [value]:
+            probes.append(probe(point, fn))
+    return probes
+
+
+class Model:
+    """A wrapped module. Its own behaviour is unchanged until a probe or patch is active."""
+
+    def __init__(self, module: torch.nn.Module, tokenizer: Any = None, example: Any = None) -> None:
+        if not isinstance(module, torch.nn.Module):
+            raise TypeError(f"nt.wrap takes a torch.nn.Module, got {type(module).__name__}")
+        self.module = module
+        self.tokenizer = tokenizer
+        self._example = example
+        self._inventory: Inventory | None = None
+        self._modules: dict[str, torch.nn.Module] | None = None
+        self._contexts: dict[str, SaveContext] = {}
+        self._layers: list[list[Probe]] = []  # active patch() contexts, outermost first
+        self._layer_plan: Plan | None = None
+        self._attached: Attachment | None = None
+
+    def __repr__(self) -> str:
+        return f"nt.Model({type(self.module).__name__}, {len(self._layers)} patch layers active)"
+
+    # -- points -----------------------------------------------------------------------------------
+
+    def points(self, prefix: str | None = None) -> PointList:
+        """Every probe point, in execution order; only those under ``prefix`` if given."""
+        points = self.inventory().points.values()
+        if prefix:
+            points = [p for p in points if p.name == prefix or p.name.startswith((prefix + ".", prefix + "["))]
+            if not points:
+                raise unknown_point(prefix, self.inventory())
+        return PointList(points)
+
+    def inventory(self, args: tuple = (), kwargs: Mapping[str, Any] | None = None) -> Inventory:
+        """The inventory, taken on first use from one dry run on a small example input."""
+        if self._inventory is None:
+            call_args, call_kwargs = self._example_inputs(args, dict(kwargs or {}))
+            buffers = [(b, b.detach().clone()) for b in self.module.buffers()]
+            self._detach()
+            try:
+                self._inventory = take_inventory(self.module, lambda: self.module(*call_args, **call_kwargs))
+            finally:
+                with torch.no_grad():
+                    for buffer, saved in buffers:  # a dry run must not move running statistics
+                        buffer.copy_(saved)
+                self._reattach()
+        return self._inventory
+
+    def _example_inputs(self, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+        if self._example is not None:
+            example = self._example
+            if isinstance(example, Mapping):
+                return (), dict(example)
+            return (tuple(example) if isinstance(example, (tuple, list)) else (example,)), {}
+        config = getattr(self.module, "config", None)
+        vocab = getattr(config, "vocab_size", None)
+        if vocab:
+            device = next(iter(self.module.parameters()), torch.empty(0)).device
+            ids = (torch.arange(1, 6, device=device) % vocab).unsqueeze(0)
+            return (), {getattr(self.module, "main_input_name", "input_ids"): ids}
+        if args or kwargs:
+            return args, kwargs
+        raise NeurotapError(
+            "neurotap needs one example input to list this module's points: pass it as "
+            "nt.wrap(module, example=...) (a tensor, a tuple of arguments or a dict of keyword arguments), "
+            "or call forward() with probes, whose inputs then serve as the example"
+        )
+
+    # -- running ----------------------------------------------------------------------------------
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.forward(*args, **kwargs)
+
+    def forward(self, *args: Any, probes: Sequence[Probe] = (), **kwargs: Any) -> Any:
+        """The module's forward, with ``probes`` active for this call (and any patches)."""
+        return self._run(self.module, args, kwargs, probes)
+
+    def generate(self, *args: Any, probes: Sequence[Probe] = (), **kwargs: Any) -> Any:
+        """The module's ``generate``; probes and patches fire at every step (``ctx.step``)."""
+        generate = getattr(self.module, "generate", None)
+        if generate is None:
+            raise NeurotapError(f"{type(self.module).__name__} has no generate(); use forward()")
+        return self._run(generate, args, kwargs, probes)
+
+    def _run(self, call: Callable[..., Any], args: tuple, kwargs: dict[str, Any], probes: Sequence[Probe]) -> Any:
+        if not probes:
+            if self._layer_plan is not None:
+                self._layer_plan.state.new_call()
+            return call(*args, **kwargs)
+        for p in probes:
+            if not isinstance(p, Probe):
+                raise TypeError(f"probes must be made with nt.probe(point, fn), got {type(p).__name__}")
+        inventory = self.inventory(args, kwargs)
+        plan = Plan([p for layer in self._layers for p in layer] + list(probes), inventory, self._contexts)
+        self._detach()
+        try:
+            self._attached = plan.attach(self.module, self._named_modules())
+            plan.state.new_call()
+            return call(*args, **kwargs)
+        finally:
+            self._detach()
+            self._reattach()
+
+    @contextlib.contextmanager
+    def patch(self, patches: PatchSpec) -> Iterator[Model]:
+        """Apply ``{point: patch or [patches]}`` to every forward inside the ``with`` block.
+
+        Nested blocks compose: inner patches run after outer ones at the same
+        point, and each block's patches come off when it exits.
+        """
+        layer = patches_to_probes(patches)
+        plan = Plan([p for lay in self._layers for p in lay] + layer, self.inventory(), self._contexts)
+        self._detach()
+        self._layers.append(layer)
+        self._layer_plan = plan
+        self._reattach()
+        try:
+            yield self
+        finally:
+            self._detach()
+            self._layers.pop()
+            remaining = [p for lay in self._layers for p in lay]
+            self._layer_plan = Plan(remaining, self.inventory(), self._contexts) if remaining else None
+            self._reattach()
+
+    def _named_modules(self) -> dict[str, torch.nn.Module]:
+        if self._modules is None:
+            self._modules = dict(self.module.named_modules())
+        return self._modules
+
+    def _detach(self) -> None:
+        if self._attached is not None:
+            attached, self._attached = self._attached, None
+            attached.detach()
+
+    def _reattach(self) -> None:
+        if self._layer_plan is not None and self._attached is None:
+            self._attached = self._layer_plan.attach(self.module, self._named_modules())
+
+    # -- results ----------------------------------------------------------------------------------
+
+    def recordings(self) -> dict[str, SaveContext]:
+        """What probes saved, by point name (gradient probes: ``point + ".grad"``)."""
+        return {name: ctx for name, ctx in self._contexts.items() if len(ctx)}
+
+    def clear_recordings(self) -> None:
+        for ctx in self._contexts.values():
+            ctx._data.clear()
+
+    def get_parameter(self, name: str) -> torch.nn.Parameter:
+        try:
+            return self.module.get_parameter(name)
+        except AttributeError as error:
+            raise UnknownPointError(f"no parameter named {name!r}: {error}") from None
+
+
+def wrap(module: torch.nn.Module, tokenizer: Any = None, *, example: Any = None) -> Model:
+    """Wrap any ``torch.nn.Module``; nothing about it changes until a probe is active."""
+    return Model(module, tokenizer, example)

@@ -1,0 +1,216 @@
+"""A plan: probes resolved against the inventory, ready to attach.
+
+Resolving happens once, before the forward pass (unknown names fail here and
+nothing is attached); while the model runs, a tap only loops over its bound
+probes.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping
+from typing import Any, Iterable
+
+import torch
+
+from ..errors import NeurotapError, PatchError, ProbeError, UnknownPointError
+from ..points import Attachment, Frame, Inventory, Point, reset_helper_frames, split_narrowing
+from ..probes import Probe, SaveContext
+
+
+class RunState:
+    """Counters shared by the taps of one plan: which forward, which step."""
+
+    __slots__ = ("forward_id", "step", "forwards_this_call")
+
+    def __init__(self) -> None:
+        self.forward_id = 0
+        self.step = 0
+        self.forwards_this_call = 0
+
+    def new_call(self) -> None:
+        self.forwards_this_call = 0
+
+    def new_forward(self) -> None:
+        self.forward_id += 1
+        self.step = self.forwards_this_call
+        self.forwards_this_call += 1
+        reset_helper_frames()
+
+
+def _narrow(value: Any, keys: tuple, point: str) -> Any:
+    for key in keys:
+        try:
+            value = value[key]
+        except (IndexError, KeyError, TypeError) as error:
+            raise NeurotapError(f"cannot narrow the {type(value).__name__} at {point!r} with [{key!r}]: {error}") from None
+    return value
+
+
+def _replace(value: Any, keys: tuple, new: Any) -> Any:
+    key, rest = keys[0], keys[1:]
+    inner = _replace(value[key], rest, new) if rest else new
+    if isinstance(value, tuple) and not hasattr(value, "_fields"):
+        k = key % len(value)
+        return (*value[:k], inner, *value[k + 1 :])
+    if isinstance(value, list):
+        copy = list(value)
+        copy[key] = inner
+        return copy
+    if type(value) is dict:
+        return {**value, key: inner}
+    value[key] = inner  # ModelOutput and other mutable mappings: the forward's own fresh object
+    return value
+
+
+def _check_replacement(point: str, original: Any, result: Any) -> None:
+    if not isinstance(original, torch.Tensor):
+        return
+    if not isinstance(result, torch.Tensor):
+        raise PatchError(f"a probe at {point!r} returned a {type(result).__name__} in place of a tensor")
+    if result.shape != original.shape or result.dtype != original.dtype:
+        raise PatchError(
+            f"a probe at {point!r} returned a {result.dtype} tensor of shape {tuple(result.shape)} in place of "
+            f"the {original.dtype} value of shape {tuple(original.shape)} there; return a value of the same "
+            "shape and dtype, or None to keep the original"
+        )
+
+
+class BoundProbe:
+    """A probe with its save context and the narrowing of its point name."""
+
+    __slots__ = ("fn", "ctx", "keys", "grad", "point")
+
+    def __init__(self, probe: Probe, ctx: SaveContext, keys: tuple) -> None:
+        self.fn = probe.fn
+        self.ctx = ctx
+        self.keys = keys
+        self.grad = probe.grad
+        self.point = probe.point
+
+    def _call(self, value: Any, call: int, step: int) -> Any:
+        ctx = self.ctx
+        object.__setattr__(ctx, "call", call)
+        object.__setattr__(ctx, "step", step)
+        try:
+            return self.fn(ctx, value)
+        except NeurotapError:
+            raise
+        except Exception as error:
+            raise ProbeError(
+                f"the probe {getattr(self.fn, '__name__', type(self.fn).__name__)} at {self.point!r} "
+                f"(call {call}, step {step}) raised {type(error).__name__}: {error}"
+            ) from error
+
+    def apply(self, value: Any, call: int, step: int) -> Any:
+        target = _narrow(value, self.keys, self.point) if self.keys else value
+        if self.grad:
+            self._hook_gradient(target, call, step)
+            return value
+        result = self._call(target, call, step)
+        if result is None or result is target:
+            return value
+        _check_replacement(self.point, target, result)
+        return _replace(value, self.keys, result) if self.keys else result
+
+    def _hook_gradient(self, target: Any, call: int, step: int) -> None:
+        if not isinstance(target, torch.Tensor) or not target.requires_grad:
+            raise NeurotapError(
+                f"a gradient probe at {self.point!r}: the value there "
+                + ("is not a tensor" if not isinstance(target, torch.Tensor) else "does not require grad")
+                + "; run the forward with autograd on (not under torch.no_grad or generate) and something "
+                "upstream requiring grad, such as the weights"
+            )
+
+        def on_gradient(gradient: torch.Tensor) -> Any:
+            result = self._call(gradient, call, step)
+            if result is not None:
+                _check_replacement(self.point + " (gradient)", gradient, result)
+            return result
+
+        target.register_hook(on_gradient)
+
+
+class Tap:
+    """Everything bound at one point, called with the value each time it fires."""
+
+    __slots__ = ("point", "bound", "state", "calls", "forward_id")
+
+    def __init__(self, point: Point, state: RunState) -> None:
+        self.point = point
+        self.bound: list[BoundProbe] = []
+        self.state = state
+        self.calls = 0
+        self.forward_id = -1
+
+    def __call__(self, value: Any) -> Any:
+        state = self.state
+        if self.forward_id != state.forward_id:
+            self.forward_id = state.forward_id
+            self.calls = 0
+        call = self.calls
+        self.calls = call + 1
+        for bound in self.bound:
+            value = bound.apply(value, call, state.step)
+        return value
+
+
+def unknown_point(name: str, inventory: Inventory) -> UnknownPointError:
+    names = list(inventory.points)
+    parent = name.rsplit(".", 1)[0]
+    nearby = [n for n in names if n.startswith(parent + ".")] or names
+    close = difflib.get_close_matches(name, nearby, n=5, cutoff=0.5) or difflib.get_close_matches(
+        name, names, n=5, cutoff=0.5
+    )
+    hint = f"; closest: {', '.join(close)}" if close else ""
+    return UnknownPointError(f"no point named {name!r} in this model{hint}. List them with model.points(prefix).")
+
+
+class Plan:
+    """Probes resolved to taps; ``attach`` puts them on the module tree."""
+
+    def __init__(self, probes: Iterable[Probe], inventory: Inventory, contexts: dict[str, SaveContext]) -> None:
+        self.state = RunState()
+        self.taps: dict[str, Tap] = {}
+        for probe in probes:
+            try:
+                base, keys = split_narrowing(probe.point)
+            except ValueError as error:
+                raise UnknownPointError(str(error)) from None
+            point = inventory.points.get(base) or inventory.static.get(base)
+            if point is None:
+                raise unknown_point(base, inventory)
+            name = probe.context_name
+            ctx = contexts.get(name)
+            if ctx is None:
+                ctx = contexts[name] = SaveContext(name)
+            if base not in self.taps:
+                self.taps[base] = Tap(point, self.state)
+            self.taps[base].bound.append(BoundProbe(probe, ctx, keys))
+
+    def attach(self, root: torch.nn.Module, modules: Mapping[str, torch.nn.Module]) -> Attachment:
+        attachment = Attachment()
+        try:
+            attachment.before_forward(root, self.state.new_forward)
+            frames: dict[str, Frame] = {}
+            for tap in self.taps.values():
+                point = tap.point
+                module = modules[point.module]
+                if point.kind == "input":
+                    attachment.on_input(module, tap)
+                elif point.kind == "output":
+                    attachment.on_output(module, tap)
+                else:
+                    frame = frames.get(point.module)
+                    if frame is None:
+                        frame = frames[point.module] = Frame()
+                    for site in point.scope[:-1]:
+                        frame = frame.children.setdefault(site, Frame())
+                    frame.taps[point.scope[-1]] = tap
+            for path, frame in frames.items():
+                if not attachment.on_ops(modules[path], frame):
+                    raise NeurotapError(f"the forward of {path or 'the root module'} cannot be rewritten")
+        except BaseException:
+            attachment.detach()
+            raise
+        return attachment

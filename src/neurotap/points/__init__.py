@@ -1,0 +1,20 @@
+"""Points: where values can be tapped, how they are named, and the inventory."""
+
+from .attach import Attachment, Frame
+from .inventory import Inventory, describe, take_inventory
+from .point import Point, PointList, join, narrowed_name, split_narrowing
+from .rewrite import reset_helper_frames
+
+__all__ = [
+    "Attachment",
+    "Frame",
+    "Inventory",
+    "Point",
+    "PointList",
+    "describe",
+    "join",
+    "narrowed_name",
+    "reset_helper_frames",
+    "split_narrowing",
+    "take_inventory",
+]

@@ -1,0 +1,135 @@
+"""Attach taps to a live module tree, and take them all off again.
+
+Module points use PyTorch's own forward hooks. Op points swap in the tapped
+forward (see ``rewrite``) on just the module instances that need it, as an
+instance attribute; everything else runs its original code untouched.
+"""
+
+from __future__ import annotations
+
+import inspect
+import types
+from typing import Any, Callable
+
+import torch
+
+from .rewrite import FRAME_ATTR, TappedFunction, defining_class, expandable, push_helper_frame, tapped
+
+Fire = Callable[[Any], Any]
+
+
+def tapped_forward(module: torch.nn.Module) -> TappedFunction | None:
+    cls = type(module)
+    if cls.__module__.partition(".")[0] == "torch":
+        return None  # torch's own layers: their inputs and outputs are the points
+    return tapped(cls.forward, "method", defining_class(cls, "forward"))
+
+
+def tapped_callee(callee: Any) -> tuple[Any, TappedFunction] | None:
+    """The tapped version of a helper about to be called, ready to call."""
+    if type(callee) is types.MethodType:
+        func = callee.__func__
+        owner = defining_class(type(callee.__self__), func.__name__)
+        result = tapped(func, "helper", owner)
+        return (types.MethodType(result.function, callee.__self__), result) if result else None
+    result = tapped(callee, "helper")
+    return (result.function, result) if result else None
+
+
+class Frame:
+    """Routes a tapped function's sites to taps; ``children`` frames enter helpers."""
+
+    __slots__ = ("taps", "children")
+
+    def __init__(self) -> None:
+        self.taps: dict[str, Fire] = {}
+        self.children: dict[str, Frame] = {}
+
+    def out(self, name: str, value: Any) -> Any:
+        tap = self.taps.get(name)
+        return value if tap is None else tap(value)
+
+    def fn(self, name: str, callee: Any) -> Any:
+        child = self.children.get(name)
+        if child is None or not expandable(callee):
+            return callee
+        entered = tapped_callee(callee)
+        if entered is None:
+            return callee
+        push_helper_frame(child)
+        return entered[0]
+
+
+_first_parameter: dict[type, str | None] = {}
+
+
+def first_parameter(module: torch.nn.Module) -> str | None:
+    """Name of the first argument of ``forward`` (after self), for keyword calls."""
+    cls = type(module)
+    if cls not in _first_parameter:
+        try:
+            params = list(inspect.signature(cls.forward).parameters.values())[1:]
+        except (TypeError, ValueError):
+            params = []
+        kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        _first_parameter[cls] = params[0].name if params and params[0].kind in kinds else None
+    return _first_parameter[cls]
+
+
+class Attachment:
+    """Hooks and tapped forwards on one module tree; ``detach()`` restores it exactly."""
+
+    def __init__(self) -> None:
+        self._handles: list[Any] = []
+        self._tapped_modules: list[tuple[torch.nn.Module, Any]] = []
+
+    def on_input(self, module: torch.nn.Module, fire: Fire) -> None:
+        keyword = first_parameter(module)
+
+        def pre_hook(_module: Any, args: tuple, kwargs: dict) -> Any:
+            if args:
+                value = fire(args[0])
+                return None if value is args[0] else ((value, *args[1:]), kwargs)
+            if keyword is not None and keyword in kwargs:
+                original = kwargs[keyword]
+                value = fire(original)
+                if value is not original:
+                    kwargs = {**kwargs, keyword: value}
+                    return args, kwargs
+            return None
+
+        self._handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
+
+    def on_output(self, module: torch.nn.Module, fire: Fire) -> None:
+        def hook(_module: Any, _args: Any, output: Any) -> Any:
+            value = fire(output)
+            return None if value is output else value
+
+        self._handles.append(module.register_forward_hook(hook))
+
+    def before_forward(self, module: torch.nn.Module, callback: Callable[[], None]) -> None:
+        """Run ``callback`` before every forward of ``module``, ahead of its other hooks."""
+        handle = module.register_forward_pre_hook(lambda *_: callback(), prepend=True)
+        self._handles.append(handle)
+
+    def on_ops(self, module: torch.nn.Module, frame: Frame) -> bool:
+        """Run ``module``'s tapped forward with ``frame``; False if it has none."""
+        result = tapped_forward(module)
+        if result is None:
+            return False
+        self._tapped_modules.append((module, module.__dict__.get("forward")))
+        module.__dict__[FRAME_ATTR] = frame
+        module.__dict__["forward"] = types.MethodType(result.function, module)
+        return True
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        for module, previous_forward in reversed(self._tapped_modules):
+            module.__dict__.pop(FRAME_ATTR, None)
+            if previous_forward is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.__dict__["forward"] = previous_forward
+        self._handles.clear()
+        self._tapped_modules.clear()

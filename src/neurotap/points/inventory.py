@@ -1,0 +1,149 @@
+"""The inventory: one dry run that records every point that fires.
+
+Every module gets input/output hooks and its tapped forward; every helper that
+model code calls is entered. The first time a point fires, its name, kind,
+shape, dtype and source line are written down, so the list comes out in
+execution order.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import warnings
+from collections.abc import Mapping
+from typing import Any, Callable
+
+import torch
+
+from ..errors import SourceUnavailableWarning
+from .attach import Attachment, Frame, tapped_callee, tapped_forward
+from .point import Kind, Point, join, narrowed_name
+from .rewrite import TappedFunction, expandable, push_helper_frame, reset_helper_frames
+
+
+def describe(value: Any) -> tuple[tuple[int, ...] | None, str | None, str]:
+    if isinstance(value, torch.Tensor):
+        return tuple(value.shape), str(value.dtype).removeprefix("torch."), "Tensor"
+    return None, None, type(value).__name__
+
+
+def _members(value: Any) -> list[tuple[int | str, Any]]:
+    """The tensors inside a tuple, list or mapping output, one level down."""
+    if isinstance(value, (tuple, list)):
+        return [(i, v) for i, v in enumerate(value) if isinstance(v, torch.Tensor)]
+    if isinstance(value, Mapping):
+        return [(k, v) for k, v in value.items() if isinstance(k, str) and isinstance(v, torch.Tensor)]
+    return []
+
+
+class Inventory:
+    """What the dry run saw: the points in order, and every site that could fire."""
+
+    def __init__(self) -> None:
+        self.points: dict[str, Point] = {}
+        self.static: dict[str, Point] = {}  # sites in code that ran, fired or not
+
+    def add(self, point: Point, value: Any) -> None:
+        if point.name in self.points:
+            return
+        self.points[point.name] = point
+        if point.kind != "op":
+            for key, member in _members(value):
+                name = narrowed_name(point.name, [key])
+                shape, dtype, kind = describe(member)
+                self.points[name] = Point(name, point.kind, shape, dtype, kind, point.source, point.module)
+
+    def add_static(self, module: str, scope: tuple[str, ...], function: TappedFunction) -> None:
+        prefix = join(module, ".".join(scope)) if scope else module
+        for site in function.sites.values():
+            name = join(prefix, site.name)
+            if name not in self.static:
+                source = f"{os.path.basename(function.filename)}:{site.line}  {site.code}"
+                self.static[name] = Point(name, "op", None, None, "", source, module, (*scope, site.name))
+
+
+class _RecordingFrame(Frame):
+    __slots__ = ("inventory", "module", "scope", "function", "prefix")
+
+    def __init__(self, inventory: Inventory, module: str, scope: tuple[str, ...], function: TappedFunction):
+        super().__init__()
+        self.inventory = inventory
+        self.module = module
+        self.scope = scope
+        self.function = function
+        self.prefix = join(module, ".".join(scope)) if scope else module
+        inventory.add_static(module, scope, function)
+
+    def out(self, name: str, value: Any) -> Any:
+        site = self.function.sites[name]
+        shape, dtype, kind = describe(value)
+        full = join(self.prefix, name)
+        source = f"{os.path.basename(self.function.filename)}:{site.line}  {site.code}"
+        self.inventory.add(Point(full, "op", shape, dtype, kind, source, self.module, (*self.scope, name)), value)
+        return value
+
+    def fn(self, name: str, callee: Any) -> Any:
+        if not expandable(callee):
+            return callee
+        entered = tapped_callee(callee)
+        if entered is None:
+            return callee
+        push_helper_frame(_RecordingFrame(self.inventory, self.module, (*self.scope, name), entered[1]))
+        return entered[0]
+
+
+def _module_source(module: torch.nn.Module) -> str:
+    cls = type(module)
+    try:
+        where = f"{os.path.basename(inspect.getsourcefile(cls.forward) or '?')}:{cls.forward.__code__.co_firstlineno}"
+    except (TypeError, AttributeError):
+        where = "?"
+    return f"{cls.__name__}  {where}"
+
+
+def take_inventory(root: torch.nn.Module, run: Callable[[], Any]) -> Inventory:
+    """Run ``run()`` once (under no_grad) with every point recording itself."""
+    inventory = Inventory()
+    attachment = Attachment()
+    unreadable: list[str] = []
+    try:
+        for path, module in root.named_modules():
+            source = _module_source(module)
+
+            def recorder(name: str, kind: Kind, path: str = path, source: str = source) -> Callable[[Any], Any]:
+                def fire(value: Any) -> Any:
+                    shape, dtype, type_name = describe(value)
+                    inventory.add(Point(name, kind, shape, dtype, type_name, source, path), value)
+                    return value
+
+                return fire
+
+            attachment.on_input(module, recorder(join(path, "input"), "input"))
+            if tapped_forward(module) is not None:
+                frame = _RecordingFrame(inventory, path, (), tapped_forward(module))  # type: ignore[arg-type]
+                attachment.on_ops(module, frame)
+            elif type(module).__module__.partition(".")[0] != "torch" and _has_own_forward(module):
+                unreadable.append(type(module).__qualname__)
+            attachment.on_output(module, recorder(join(path, "output"), "output"))
+        reset_helper_frames()
+        with torch.no_grad():
+            run()
+    finally:
+        attachment.detach()
+        reset_helper_frames()
+    if unreadable:
+        names = ", ".join(sorted(set(unreadable)))
+        warnings.warn(
+            f"neurotap cannot read the source of the forward of {names}: only their input and output "
+            "points exist, not the operations inside them.",
+            SourceUnavailableWarning,
+            stacklevel=3,
+        )
+    for name, point in inventory.static.items():
+        inventory.static[name] = inventory.points.get(name, point)
+    return inventory
+
+
+def _has_own_forward(module: torch.nn.Module) -> bool:
+    return type(module).forward is not torch.nn.Module.forward

@@ -1,0 +1,67 @@
+"""The save context a probe writes to; it persists until ``clear_recordings()``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+
+class SaveContext(Mapping):
+    """Attribute assignment saves data: ``ctx.acts = value.detach()``.
+
+    ``point``, ``step`` (generation step, 0 for the prompt) and ``call`` (how many
+    times this point already fired in the current forward) say where the probe
+    is; everything else assigned is saved and read back, by attribute or by key,
+    from ``model.recordings()[point]``.
+    """
+
+    __slots__ = ("_data", "point", "step", "call")
+
+    def __init__(self, point: str) -> None:
+        object.__setattr__(self, "_data", {})
+        object.__setattr__(self, "point", point)
+        object.__setattr__(self, "step", 0)
+        object.__setattr__(self, "call", 0)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in ("point", "step", "call"):
+            object.__setattr__(self, name, value)
+        else:
+            self._data[name] = value
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self._data[name]
+        except KeyError:
+            raise AttributeError(f"nothing was saved as {name!r} at {self.point!r}; saved: {list(self._data)}") from None
+
+    def __delattr__(self, name: str) -> None:
+        del self._data[name]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self._data[key] = value
+
+    def __getitem__(self, key: str) -> Any:
+        return self._data[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __repr__(self) -> str:
+        return f"SaveContext({self.point!r}, {_summary(self._data)})"
+
+
+def _summary(data: dict[str, Any]) -> str:
+    parts = []
+    for key, value in data.items():
+        shape = getattr(value, "shape", None)
+        if shape is not None:
+            parts.append(f"{key}=Tensor{tuple(shape)}")
+        elif isinstance(value, list):
+            parts.append(f"{key}=[{len(value)} items]")
+        else:
+            parts.append(f"{key}={value!r}")
+    return "{" + ", ".join(parts) + "}"

@@ -1,0 +1,316 @@
+"""Patches: ready-made probes that are plain data.
+
+Every patch is a frozen dataclass whose fields are numbers, tuples, indices and
+tensors, so it can be described as JSON plus tensors and sent to a server. Each
+is called like any probe, ``patch(ctx, value)``, and acts on ``value[index]``
+when ``index`` is given. Edits are made out of place, so autograd flows through
+them and tensors that other code still holds are never changed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from ..errors import PatchError
+from .context import SaveContext
+
+Index = Any  # anything a tensor can be indexed with: 3, (..., 3681), slice(0, 4), a tensor
+
+
+def _shape(value: Any) -> tuple[int, ...]:
+    return tuple(value.shape)
+
+
+def _tensor_at(ctx: SaveContext, value: Any, patch: Patch) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise PatchError(
+            f"{type(patch).__name__} at {ctx.point!r}: the value there is a {type(value).__name__}, not a tensor; "
+            f"narrow the point to a tensor inside it, e.g. {ctx.point + '[0]'!r}"
+        )
+    return value
+
+
+def _select(ctx: SaveContext, value: torch.Tensor, index: Index, patch: Patch) -> torch.Tensor:
+    if index is None:
+        return value
+    try:
+        return value[index]
+    except (IndexError, TypeError, RuntimeError, ValueError) as error:
+        raise PatchError(
+            f"{type(patch).__name__} at {ctx.point!r}: index {index!r} does not fit the value of shape "
+            f"{_shape(value)}: {error}"
+        ) from None
+
+
+def _fitted(ctx: SaveContext, given: Any, target: torch.Tensor, patch: Patch) -> torch.Tensor:
+    """``given`` as a tensor on the target's device and dtype, shape-checked."""
+    tensor = given if isinstance(given, torch.Tensor) else torch.as_tensor(given)
+    if tensor.is_floating_point() != target.is_floating_point() and tensor.dtype != target.dtype:
+        raise PatchError(
+            f"{type(patch).__name__} at {ctx.point!r}: a {tensor.dtype} value cannot stand in for the "
+            f"{target.dtype} value there"
+        )
+    try:
+        shape = torch.broadcast_shapes(_shape(tensor), _shape(target))
+    except RuntimeError:
+        shape = None
+    if shape != _shape(target):
+        raise PatchError(
+            f"{type(patch).__name__} at {ctx.point!r}: the patch value has shape {_shape(tensor)}, which does not "
+            f"fit the point's shape {_shape(target)}" + ("" if patch.index is None else f" at index {patch.index!r}")
+        )
+    return tensor.to(device=target.device, dtype=target.dtype)
+
+
+def _write(ctx: SaveContext, value: torch.Tensor, patch: Patch, new: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``value`` with ``value[index]`` replaced by ``new(value[index])``, out of place."""
+    if patch.index is None:
+        return new(value)
+    part = _select(ctx, value, patch.index, patch)
+    result = value.clone()
+    result[patch.index] = new(part)
+    return result
+
+
+class Patch:
+    """Base of the declarative probes. Subclasses are dataclasses with an ``index`` field."""
+
+    index: Index = None
+
+    def __call__(self, ctx: SaveContext, value: Any) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+@dataclass(frozen=True, eq=False)
+class Zero(Patch):
+    """Set the value (or ``value[index]``) to zero."""
+
+    index: Index = None
+
+    def __call__(self, ctx: SaveContext, value: Any) -> Any:
+        return _write(ctx, _tensor_at(ctx, value, self), self, torch.zeros_like)
+
+
+@dataclass(frozen=True, eq=False)
+class Add(Patch):
+    """Add ``value`` (broadcast); autograd flows into ``value`` if it requires grad."""
+
+    value: Any = 0.0
+    index: Index = None
+
+    def __call__(self, ctx: SaveContext, value: Any) -> Any:
+        return _write(ctx, _tensor_at(ctx, value, self), self, lambda part: part + _fitted(ctx, self.value, part, self))
+
+
+@dataclass(frozen=True, eq=False)
+class Replace(Patch):
+    """Replace the value (or ``value[index]``) with ``value``, broadcast to its shape."""
+
+    value: Any = None
+    index: Index = None
+
+    def __call__(self, ctx: SaveContext, value: Any) -> Any:
+        return _write(
+            ctx, _tensor_at(ctx, value, self), self, lambda part: _fitted(ctx, self.value, part, self).expand_as(part)
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class Scale(Patch):
+    """Multiply the value (or ``value[index]``) by ``factor``."""
+
+    factor: Any = 1.0
+    index: Index = None
+
+    def __call__(self, ctx: SaveContext, value: Any) -> Any:
+        return _write(ctx, _tensor_at(ctx, value, self), self, lambda part: part * _fitted(ctx, self.factor, part, self))
+
+
+def _snapshot(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, tuple) and not hasattr(value, "_fields"):
+        return tuple(_snapshot(v) for v in value)
+    if isinstance(value, list):
+        return [_snapshot(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _snapshot(v) for k, v in value.items()}
+    return value
+
+
+@dataclass(frozen=True, eq=False)
+class Record(Patch):
+    """Append a detached copy of each value to ``recordings()[point][key]``."""
+
+    index: Index = None
+    key: str = "values"
+
+    def __call__(self, ctx: SaveContext, value: Any) -> None:
+        if self.index is not None:
+            value = _select(ctx, _tensor_at(ctx, value, self), self.index, self)
+        ctx._data.setdefault(self.key, []).append(_snapshot(value))
+
+
+def _dims(dims: int | tuple[int, ...] | None, ndim: int) -> tuple[int, ...]:
+    if dims is None:
+        return tuple(range(ndim))
+    return (dims,) if isinstance(dims, int) else tuple(dims)
+
+
+def _reduced(ctx: SaveContext, value: Any, patch: Any) -> torch.Tensor:
+    tensor = _select(ctx, _tensor_at(ctx, value, patch), patch.index, patch).detach()
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+
+
+def _running(ctx: SaveContext, patch: Any, update: torch.Tensor, combine: Callable[[Any, Any], Any]) -> None:
+    previous = ctx._data.get(patch.key)
+    if previous is not None and previous.shape != update.shape:
+        raise PatchError(
+            f"{type(patch).__name__} at {ctx.point!r}: this call reduces to shape {_shape(update)} but earlier "
+            f"calls gave {_shape(previous)}; reduce over dims that make the result the same every call, "
+            "or clear_recordings() in between"
+        )
+    ctx._data[patch.key] = update if previous is None else combine(previous, update)
+
+
+@dataclass(frozen=True, eq=False)
+class Mean(Patch):
+    """Running mean over ``dims`` across every call until ``clear_recordings()``.
+
+    Saves ``key`` (the mean) and ``key + "_count"`` (how many values it averages).
+    """
+
+    dims: int | tuple[int, ...] | None = None
+    index: Index = None
+    key: str = "mean"
+
+    def __call__(self, ctx: SaveContext, value: Any) -> None:
+        tensor = _reduced(ctx, value, self)
+        dims = _dims(self.dims, tensor.ndim)
+        count = 1
+        for d in dims:
+            count *= tensor.shape[d]
+        mean = tensor.mean(dim=dims)
+        seen = ctx._data.get(self.key + "_count", 0)
+        _running(ctx, self, mean, lambda old, new: old + (new - old) * (count / (seen + count)))
+        ctx._data[self.key + "_count"] = seen + count
+
+
+@dataclass(frozen=True, eq=False)
+class Sum(Patch):
+    """Running sum over ``dims`` across every call."""
+
+    dims: int | tuple[int, ...] | None = None
+    index: Index = None
+    key: str = "sum"
+
+    def __call__(self, ctx: SaveContext, value: Any) -> None:
+        tensor = _reduced(ctx, value, self)
+        _running(ctx, self, tensor.sum(dim=_dims(self.dims, tensor.ndim)), torch.add)
+
+
+@dataclass(frozen=True, eq=False)
+class Max(Patch):
+    """Running elementwise maximum over ``dims`` across every call."""
+
+    dims: int | tuple[int, ...] | None = None
+    index: Index = None
+    key: str = "max"
+
+    def __call__(self, ctx: SaveContext, value: Any) -> None:
+        tensor = _reduced(ctx, value, self)
+        _running(ctx, self, tensor.amax(dim=_dims(self.dims, tensor.ndim)), torch.maximum)
+
+
+@dataclass(frozen=True, eq=False)
+class Norm(Patch):
+    """Append the ``p``-norm over ``dims`` (default: the last) of each value."""
+
+    dims: int | tuple[int, ...] = -1
+    p: float = 2.0
+    index: Index = None
+    key: str = "norm"
+
+    def __call__(self, ctx: SaveContext, value: Any) -> None:
+        tensor = _reduced(ctx, value, self)
+        ctx._data.setdefault(self.key, []).append(torch.linalg.vector_norm(tensor, ord=self.p, dim=self.dims))
+
+
+@dataclass(frozen=True, eq=False)
+class Project(Patch):
+    """Append the dot product of each value's last dimension with ``direction``.
+
+    ``direction`` is a vector ``[d]`` or a stack of them ``[n, d]``; normalise it
+    first for a unit projection.
+    """
+
+    direction: Any = None
+    index: Index = None
+    key: str = "projection"
+
+    def __call__(self, ctx: SaveContext, value: Any) -> None:
+        tensor = _reduced(ctx, value, self)
+        direction = torch.as_tensor(self.direction).to(device=tensor.device, dtype=tensor.dtype)
+        if direction.shape[-1] != tensor.shape[-1]:
+            raise PatchError(
+                f"Project at {ctx.point!r}: the direction has shape {_shape(direction)} but the value's last "
+                f"dimension is {tensor.shape[-1]} (value shape {_shape(tensor)})"
+            )
+        ctx._data.setdefault(self.key, []).append(tensor @ direction.T)
+
+
+@dataclass(frozen=True, eq=False)
+class TopK(Patch):
+    """The ``k`` largest values of every unit along ``dim``, across every call.
+
+    Saves ``key + "_values"`` of shape ``[k, units]`` (largest first) and
+    ``key + "_where"`` of shape ``[k, units, 1 + other dims]``: for each entry, the
+    call it came from (counting from 0 since ``clear_recordings()``) and its
+    coordinates in the other dimensions (batch row, position, ...).
+    """
+
+    k: int = 10
+    dim: int = -1
+    index: Index = None
+    key: str = "topk"
+
+    def __call__(self, ctx: SaveContext, value: Any) -> None:
+        tensor = _reduced(ctx, value, self).movedim(self.dim, -1)
+        others = tensor.shape[:-1]
+        flat = tensor.reshape(-1, tensor.shape[-1])
+        top = flat.topk(min(self.k, flat.shape[0]), dim=0)
+        seen = ctx._data.get(self.key + "_calls", 0)
+        rows, coords = top.indices, []
+        for size in reversed(others):
+            coords.append(rows % size)
+            rows = rows // size
+        coords.append(torch.full_like(rows, seen))
+        values, where = top.values, torch.stack(coords[::-1], dim=-1)  # where: [k, units, 1 + len(others)]
+        values_key, where_key = self.key + "_values", self.key + "_where"
+        if values_key in ctx._data:
+            values = torch.cat([ctx._data[values_key], values])
+            where = torch.cat([ctx._data[where_key], where])
+            top = values.topk(min(self.k, values.shape[0]), dim=0)
+            values = top.values
+            where = where.gather(0, top.indices[:, :, None].expand(-1, -1, where.shape[-1]))
+        ctx._data[values_key] = values
+        ctx._data[where_key] = where
+        ctx._data[self.key + "_calls"] = seen + 1
+
+
+@dataclass(frozen=True, eq=False)
+class Custom(Patch):
+    """Any probe function ``fn(ctx, value)``; not plain data, so remote only with code allowed."""
+
+    fn: Callable[[SaveContext, Any], Any] = lambda ctx, value: None
+
+    def __call__(self, ctx: SaveContext, value: Any) -> Any:
+        return self.fn(ctx, value)
+
+
+PATCHES: dict[str, type[Patch]] = {
+    cls.__name__: cls for cls in (Zero, Add, Replace, Scale, Record, Mean, Sum, Max, Norm, Project, TopK, Custom)
+}

@@ -1,0 +1,37 @@
+"""Probes: a function to run at a point, ``fn(ctx, value) -> value | None``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from .context import SaveContext
+
+ProbeFn = Callable[[SaveContext, Any], Any]
+
+
+@dataclass(frozen=True, eq=False)
+class Probe:
+    """``fn`` runs at ``point`` on every forward (or, with ``grad``, on every backward).
+
+    ``fn(ctx, value)`` returns a replacement for the value, or None to keep it.
+    With ``grad=True`` it gets the gradient at the point during backward instead,
+    may return a replacement gradient, and saves to the context ``point + ".grad"``.
+    """
+
+    point: str
+    fn: ProbeFn
+    grad: bool = False
+
+    @property
+    def context_name(self) -> str:
+        return self.point + ".grad" if self.grad else self.point
+
+
+def probe(point: str, fn: ProbeFn, *, grad: bool = False) -> Probe:
+    """Make a probe: ``nt.probe("model.layers.0.mlp.mul", fn)``."""
+    if not isinstance(point, str):
+        raise TypeError(f"a probe's point must be a point name (str), got {type(point).__name__}")
+    if not callable(fn):
+        raise TypeError(f"a probe's fn must be callable as fn(ctx, value), got {type(fn).__name__}")
+    return Probe(point, fn, grad)
