@@ -1,7 +1,7 @@
 """neurotap: probe, record and patch every value inside a PyTorch model while it runs."""
 
 from .errors import NeurotapError, PatchError, ProbeError, SourceUnavailableWarning, UnknownPointError
-from .model import Model, wrap
+from .model import Model, load, wrap
 from .points import Point, PointList
 from .probes import (
     Add,
@@ -49,6 +49,7 @@ __all__ = [
     "UnknownPointError",
     "Zero",
     "__version__",
+    "load",
     "probe",
     "wrap",
 ]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import sys
 
 COMMANDS = ("demo", "points")
 
@@ -18,7 +17,3 @@ def main(argv: list[str] | None = None) -> int:
         command.set_defaults(run=module.run)
     args = parser.parse_args(argv)
     return args.run(args) or 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

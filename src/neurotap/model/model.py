@@ -57,6 +57,10 @@ class Model:
                 raise unknown_point(prefix, self.inventory())
         return PointList(points)
 
+    def aliases(self) -> dict[str, str]:
+        """Short canonical names (``blocks.3.resid_post``, ``blocks.3.attn.pattern``) -> raw point names."""
+        return dict(self.inventory().aliases)
+
     def inventory(self, args: tuple = (), kwargs: Mapping[str, Any] | None = None) -> Inventory:
         """The inventory, taken on first use from one dry run on a small example input."""
         if self._inventory is None:

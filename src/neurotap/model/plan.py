@@ -177,6 +177,9 @@ class Plan:
                 base, keys = split_narrowing(probe.point)
             except ValueError as error:
                 raise UnknownPointError(str(error)) from None
+            if base in inventory.aliases:
+                base, alias_keys = split_narrowing(inventory.aliases[base])
+                keys = alias_keys + keys
             point = inventory.points.get(base) or inventory.static.get(base)
             if point is None:
                 raise unknown_point(base, inventory)

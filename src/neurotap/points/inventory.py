@@ -17,6 +17,7 @@ from typing import Any, Callable
 import torch
 
 from ..errors import SourceUnavailableWarning
+from .aliases import find_aliases
 from .attach import Attachment, Frame, tapped_callee, tapped_forward
 from .point import Kind, Point, join, narrowed_name
 from .rewrite import TappedFunction, expandable, push_helper_frame, reset_helper_frames
@@ -43,6 +44,7 @@ class Inventory:
     def __init__(self) -> None:
         self.points: dict[str, Point] = {}
         self.static: dict[str, Point] = {}  # sites in code that ran, fired or not
+        self.aliases: dict[str, str] = {}  # short canonical name -> raw point name
 
     def add(self, point: Point, value: Any) -> None:
         if point.name in self.points:
@@ -142,6 +144,7 @@ def take_inventory(root: torch.nn.Module, run: Callable[[], Any]) -> Inventory:
         )
     for name, point in inventory.static.items():
         inventory.static[name] = inventory.points.get(name, point)
+    inventory.aliases = find_aliases(set(inventory.points) | set(inventory.static))
     return inventory
 
 

@@ -6,6 +6,9 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 
+_MAPPING_METHODS = frozenset(name for name in dir(Mapping) if not name.startswith("_"))
+
+
 class SaveContext(Mapping):
     """Attribute assignment saves data: ``ctx.acts = value.detach()``.
 
@@ -26,6 +29,11 @@ class SaveContext(Mapping):
     def __setattr__(self, name: str, value: Any) -> None:
         if name in ("point", "step", "call"):
             object.__setattr__(self, name, value)
+        elif name in _MAPPING_METHODS:
+            raise AttributeError(
+                f"ctx.{name} is a method of the save context and cannot be read back as an attribute; "
+                f"save it as ctx[{name!r}] = ... or under another name"
+            )
         else:
             self._data[name] = value
 

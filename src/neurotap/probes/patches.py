@@ -146,7 +146,7 @@ class Record(Patch):
     """Append a detached copy of each value to ``recordings()[point][key]``."""
 
     index: Index = None
-    key: str = "values"
+    key: str = "record"
 
     def __call__(self, ctx: SaveContext, value: Any) -> None:
         if self.index is not None:
@@ -259,7 +259,7 @@ class Project(Patch):
                 f"Project at {ctx.point!r}: the direction has shape {_shape(direction)} but the value's last "
                 f"dimension is {tensor.shape[-1]} (value shape {_shape(tensor)})"
             )
-        ctx._data.setdefault(self.key, []).append(tensor @ direction.T)
+        ctx._data.setdefault(self.key, []).append(tensor @ (direction.mT if direction.ndim > 1 else direction))
 
 
 @dataclass(frozen=True, eq=False)

@@ -1,0 +1,93 @@
+"""Short canonical names per layer for common model families, mapped onto raw point names.
+
+``blocks.3.resid_post`` reads the same in every family; it stands for
+``model.layers.3.output`` in Llama, ``transformer.h.3.output`` in GPT-2. An alias
+exists only where its raw point exists in the model's inventory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .point import split_narrowing
+
+
+@dataclass(frozen=True)
+class Family:
+    bases: tuple[str, ...]  # where the family's body sits: "model." under a head, "" for the bare body
+    stack: str  # the layer list, relative to the base
+    marker: str  # a point under layer 0 that tells this family from the others
+    per_layer: dict[str, str]  # alias under blocks.{i} -> raw name under the layer
+    top: dict[str, str]  # alias -> raw name relative to the base ("/" marks a name relative to the root)
+
+
+_LLAMA_LIKE = Family(  # Llama, Mistral, Qwen2, Gemma
+    bases=("model.", ""),
+    stack="layers",
+    marker="self_attn.input",
+    per_layer={
+        "resid_pre": "input",
+        "resid_mid": "add",  # hidden_states = residual + hidden_states, after attention
+        "resid_post": "output",
+        "attn.q": "self_attn.q_proj.output",
+        "attn.k": "self_attn.k_proj.output",
+        "attn.v": "self_attn.v_proj.output",
+        "attn.pattern": "self_attn.attention_interface.softmax",
+        "attn.out": "self_attn.output[0]",
+        "mlp.pre": "mlp.gate_proj.output",
+        "mlp.post": "mlp.mul",
+        "mlp.out": "mlp.output",
+    },
+    top={"embed": "embed_tokens.output", "ln_final": "norm.output", "logits": "/lm_head.output"},
+)
+_GPT2 = Family(
+    bases=("transformer.", ""),
+    stack="h",
+    marker="attn.input",
+    per_layer={
+        "resid_pre": "input",
+        "resid_mid": "add",  # hidden_states = attn_output + residual
+        "resid_post": "output",
+        "attn.pattern": "attn.attention_interface.softmax",
+        "attn.out": "attn.output[0]",
+        "mlp.pre": "mlp.c_fc.output",
+        "mlp.post": "mlp.act.output",
+        "mlp.out": "mlp.output",
+    },
+    top={"embed": "wte.output", "pos_embed": "wpe.output", "ln_final": "ln_f.output", "logits": "/lm_head.output"},
+)
+_GPT_NEOX = Family(
+    bases=("gpt_neox.", ""),
+    stack="layers",
+    marker="attention.input",
+    per_layer={
+        "resid_pre": "input",
+        "resid_post": "output",
+        "attn.pattern": "attention.attention_interface.softmax",
+        "attn.out": "attention.output[0]",
+        "mlp.pre": "mlp.dense_h_to_4h.output",
+        "mlp.post": "mlp.act.output",
+        "mlp.out": "mlp.output",
+    },
+    top={"embed": "embed_in.output", "ln_final": "final_layer_norm.output", "logits": "/embed_out.output"},
+)
+FAMILIES = (_GPT_NEOX, _GPT2, _LLAMA_LIKE)
+
+
+def find_aliases(names: set[str]) -> dict[str, str]:
+    """Aliases for a model whose points (raw names, fired or static) are ``names``."""
+    for family in FAMILIES:
+        for base in family.bases:
+            stack = f"{base}{family.stack}"
+            if f"{stack}.0.{family.marker}" not in names:
+                continue
+            aliases: dict[str, str] = {}
+            layer = 0
+            while f"{stack}.{layer}.input" in names:
+                for alias, raw in family.per_layer.items():
+                    aliases[f"blocks.{layer}.{alias}"] = f"{stack}.{layer}.{raw}"
+                layer += 1
+            for alias, raw in family.top.items():
+                aliases[alias] = raw[1:] if raw.startswith("/") else base + raw
+            return {alias: raw for alias, raw in aliases.items() if split_narrowing(raw)[0] in names}
+    return {}
