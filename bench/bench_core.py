@@ -17,7 +17,8 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import transformers
@@ -187,7 +188,8 @@ def main() -> None:
             module = loaded.module
             started = time.perf_counter()
             count = len(nt.wrap(module).points())
-            print(f"  wrap + inventory, first time in this process: {time.perf_counter() - started:.3f} s ({count} points)")
+            seconds = time.perf_counter() - started
+            print(f"  wrap + inventory, first time in this process: {seconds:.3f} s ({count} points)")
             wrap_times = [time_per_call(lambda: nt.wrap(module).points(), 1) for _ in range(5)]
             print(f"  wrap + inventory, again (median of 5): {statistics.median(wrap_times):.3f} s")
             ids = loaded.tokenizer(["The Eiffel Tower is in the city of Paris, " * 4], return_tensors="pt").input_ids

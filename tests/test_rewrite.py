@@ -96,8 +96,13 @@ def by_hand_scopes(module: Scopes, x: torch.Tensor) -> dict[str, torch.Tensor]:
     helper = parts[0].exp() / 2
     y = square + helper
     gate = torch.sigmoid(parts[1]) * parts[1]
-    return {"square_plus.mul": square, "square_plus.inner_helper.truediv": helper, "square_plus": y,
-            "_gate.mul": gate, "add_": y + gate}
+    return {
+        "square_plus.mul": square,
+        "square_plus.inner_helper.truediv": helper,
+        "square_plus": y,
+        "_gate.mul": gate,
+        "add_": y + gate,
+    }
 
 
 def record(model: nt.Model, x: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
@@ -191,14 +196,27 @@ def test_aliases_resolve_to_points_with_the_expected_identities():
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, attn_implementation="eager",
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        attn_implementation="eager",
     )
     module = transformers.LlamaForCausalLM(config).eval()
     model = nt.wrap(module)
     ids = torch.randint(0, 64, (1, 6))
-    names = ["blocks.1.resid_pre", "blocks.1.resid_mid", "blocks.1.attn.out", "blocks.1.mlp.out",
-             "blocks.1.resid_post", "blocks.1.mlp.pre", "blocks.1.mlp.post", "logits"]
+    names = [
+        "blocks.1.resid_pre",
+        "blocks.1.resid_mid",
+        "blocks.1.attn.out",
+        "blocks.1.mlp.out",
+        "blocks.1.resid_post",
+        "blocks.1.mlp.pre",
+        "blocks.1.mlp.post",
+        "logits",
+    ]
     got = record(model, ids, names)
     assert torch.allclose(got["blocks.1.resid_mid"], got["blocks.1.resid_pre"] + got["blocks.1.attn.out"])
     assert torch.allclose(got["blocks.1.resid_post"], got["blocks.1.resid_mid"] + got["blocks.1.mlp.out"])
@@ -208,3 +226,23 @@ def test_aliases_resolve_to_points_with_the_expected_identities():
     assert torch.allclose(got["blocks.1.mlp.post"], mlp.act_fn(mlp.gate_proj(normed)) * mlp.up_proj(normed))
     assert torch.equal(got["logits"], module(ids).logits)
     assert model.aliases()["blocks.0.attn.pattern"] == "model.layers.0.self_attn.attention_interface.softmax"
+
+
+def test_an_accelerate_style_instance_forward_stays_in_place(x):
+    """accelerate keeps the real forward as ``_old_forward`` behind an instance forward of its own."""
+    module = Decorated()
+    calls = []
+
+    def device_hook_forward(*args, **kwargs):
+        calls.append(1)
+        return module._old_forward(*args, **kwargs)
+
+    module._old_forward = module.forward
+    module.forward = device_hook_forward
+    model = nt.wrap(module, example=x)
+    model.points()  # the dry run calls it too
+    calls.clear()
+    out = model.forward(x, probes=[nt.probe("add", nt.Zero())])
+    assert calls == [1]
+    assert torch.equal(out, torch.zeros_like(out))
+    assert module.forward is device_hook_forward and module._old_forward.__func__ is Decorated.forward

@@ -68,7 +68,10 @@ def test_generation_with_probes_equals_plain_generate(smol, ids):
     plain = smol.module.generate(ids, max_new_tokens=6, do_sample=False)
     steps = []
     probed = smol.generate(
-        ids, max_new_tokens=6, do_sample=False, probes=[nt.probe(MUL, lambda ctx, v: steps.append((ctx.step, v.shape[1])))]
+        ids,
+        max_new_tokens=6,
+        do_sample=False,
+        probes=[nt.probe(MUL, lambda ctx, v: steps.append((ctx.step, v.shape[1])))],
     )
     assert torch.equal(plain, probed)
     assert steps[0] == (0, ids.shape[1]) and [s for s, _ in steps] == list(range(6))
@@ -110,7 +113,10 @@ def test_demo_runs_and_the_taboo_works():
 def test_points_command_prints_the_tree():
     result = subprocess.run(
         [sys.executable, "-m", "neurotap", "points", "smollm2-135m", "model.layers.0.mlp"],
-        capture_output=True, text=True, timeout=300, check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
     )
     lines = result.stdout.splitlines()
     assert any(line.split()[0] == "model.layers.0.mlp.mul" and "op" in line.split() for line in lines)

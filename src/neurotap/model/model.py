@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, Callable
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -67,8 +67,10 @@ class Model:
             call_args, call_kwargs = self._example_inputs(args, dict(kwargs or {}))
             buffers = [(b, b.detach().clone()) for b in self.module.buffers()]
             self._detach()
+            devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
             try:
-                self._inventory = take_inventory(self.module, lambda: self.module(*call_args, **call_kwargs))
+                with torch.random.fork_rng(devices=devices):  # nor draw from the random streams (dropout)
+                    self._inventory = take_inventory(self.module, lambda: self.module(*call_args, **call_kwargs))
             finally:
                 with torch.no_grad():
                     for buffer, saved in buffers:  # a dry run must not move running statistics

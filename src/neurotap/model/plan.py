@@ -8,8 +8,8 @@ probes.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Mapping
-from typing import Any, Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 
@@ -43,7 +43,9 @@ def _narrow(value: Any, keys: tuple, point: str) -> Any:
         try:
             value = value[key]
         except (IndexError, KeyError, TypeError) as error:
-            raise NeurotapError(f"cannot narrow the {type(value).__name__} at {point!r} with [{key!r}]: {error}") from None
+            raise NeurotapError(
+                f"cannot narrow the {type(value).__name__} at {point!r} with [{key!r}]: {error}"
+            ) from None
     return value
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import inspect
 import types
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -81,7 +82,7 @@ class Attachment:
 
     def __init__(self) -> None:
         self._handles: list[Any] = []
-        self._tapped_modules: list[tuple[torch.nn.Module, Any]] = []
+        self._tapped_modules: list[tuple[torch.nn.Module, Any, Any]] = []
 
     def on_input(self, module: torch.nn.Module, fire: Fire) -> None:
         keyword = first_parameter(module)
@@ -117,19 +118,23 @@ class Attachment:
         result = tapped_forward(module)
         if result is None:
             return False
-        self._tapped_modules.append((module, module.__dict__.get("forward")))
+        # accelerate's hooks keep the real forward as _old_forward and call it from an instance forward of
+        # their own: tap that one so their device handling stays in place
+        slot = "_old_forward" if "_old_forward" in module.__dict__ else "forward"
+        # another attachment (a second wrapper of the same module) may be on it already: restore it on detach
+        self._tapped_modules.append((module, slot, module.__dict__.get(slot), module.__dict__.get(FRAME_ATTR)))
         module.__dict__[FRAME_ATTR] = frame
-        module.__dict__["forward"] = types.MethodType(result.function, module)
+        module.__dict__[slot] = types.MethodType(result.function, module)
         return True
 
     def detach(self) -> None:
         for handle in self._handles:
             handle.remove()
-        for module, previous_forward in reversed(self._tapped_modules):
-            module.__dict__.pop(FRAME_ATTR, None)
-            if previous_forward is None:
-                module.__dict__.pop("forward", None)
-            else:
-                module.__dict__["forward"] = previous_forward
+        for module, slot, previous_forward, previous_frame in reversed(self._tapped_modules):
+            for name, previous in ((FRAME_ATTR, previous_frame), (slot, previous_forward)):
+                if previous is None:
+                    module.__dict__.pop(name, None)
+                else:
+                    module.__dict__[name] = previous
         self._handles.clear()
         self._tapped_modules.clear()

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable, Literal
+from typing import Any, Literal
 
 Kind = Literal["input", "output", "op"]
 Key = int | str  # one step of narrowing: output[0], output["logits"]
@@ -76,7 +77,7 @@ def split_narrowing(name: str) -> tuple[str, tuple[Key, ...]]:
         keys.append(int(token) if token[0] not in "\"'" else token[1:-1])
         position = match.end()
     if position != len(rest):
-        raise ValueError(f"cannot parse the narrowing in point name {name!r}: use [0] or [\"key\"] after the name")
+        raise ValueError(f'cannot parse the narrowing in point name {name!r}: use [0] or ["key"] after the name')
     return base, tuple(keys)
 
 

@@ -21,15 +21,16 @@ tracebacks point at the original source), and cached.
 """
 
 from __future__ import annotations
-
 import __future__
+
 import ast
 import inspect
 import sys
 import textwrap
 import types
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 FRAME_ATTR = "_neurotap_frame"
 Mode = Literal["method", "helper"]
@@ -206,6 +207,11 @@ def _is_annotation_free_child(parent: ast.AST, field: str) -> bool:
     return not (field in ("annotation", "returns") or (isinstance(parent, ast.AnnAssign) and field == "annotation"))
 
 
+def _call_name(callee: str) -> str:
+    # "input" and "output" name a module's own points; a call to self.output(...) must not hide them
+    return f"call_{callee}" if callee in ("input", "output") else callee
+
+
 def _site_base(node: ast.AST) -> tuple[str, bool] | None:
     """The base name of a tappable node and whether its callee may expand."""
     if isinstance(node, ast.Call):
@@ -213,10 +219,10 @@ def _site_base(node: ast.AST) -> tuple[str, bool] | None:
         if isinstance(func, ast.Name):
             if func.id in UNTAPPED_CALLS:
                 return None
-            return func.id, True
+            return _call_name(func.id), True
         if isinstance(func, ast.Attribute):
             on_self = isinstance(func.value, ast.Name) and func.value.id == "self"
-            return func.attr, on_self
+            return _call_name(func.attr), on_self
         return "call", False
     if isinstance(node, ast.BinOp):
         return OPERATOR_NAMES[type(node.op)], False

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-
 _MAPPING_METHODS = frozenset(name for name in dir(Mapping) if not name.startswith("_"))
 
 
@@ -41,7 +40,9 @@ class SaveContext(Mapping):
         try:
             return self._data[name]
         except KeyError:
-            raise AttributeError(f"nothing was saved as {name!r} at {self.point!r}; saved: {list(self._data)}") from None
+            raise AttributeError(
+                f"nothing was saved as {name!r} at {self.point!r}; saved: {list(self._data)}"
+            ) from None
 
     def __delattr__(self, name: str) -> None:
         del self._data[name]

@@ -9,8 +9,9 @@ them and tensors that other code still holds are never changed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -126,7 +127,9 @@ class Scale(Patch):
     index: Index = None
 
     def __call__(self, ctx: SaveContext, value: Any) -> Any:
-        return _write(ctx, _tensor_at(ctx, value, self), self, lambda part: part * _fitted(ctx, self.factor, part, self))
+        return _write(
+            ctx, _tensor_at(ctx, value, self), self, lambda part: part * _fitted(ctx, self.factor, part, self)
+        )
 
 
 def _snapshot(value: Any) -> Any:
