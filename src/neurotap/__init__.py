@@ -53,3 +53,15 @@ __all__ = [
     "probe",
     "wrap",
 ]
+
+
+def __getattr__(name: str):  # the server and client load on first use: `import neurotap` stays light
+    if name in ("connect", "launch_and_connect", "RemoteModel"):
+        from . import transport
+
+        return getattr(transport, name)
+    if name in ("ActivationDataset", "collect"):  # the datasets layer sits above the core: loaded on first use
+        from . import datasets
+
+        return getattr(datasets, name)
+    raise AttributeError(f"module 'neurotap' has no attribute {name!r}")

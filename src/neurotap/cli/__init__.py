@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-COMMANDS = ("demo", "points")
+COMMANDS = ("demo", "points", "serve", "collect")
 
 
 def main(argv: list[str] | None = None) -> int:

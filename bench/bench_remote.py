@@ -1,0 +1,183 @@
+"""Remote serving: overhead of a small request, dynamic batching throughput, bytes on the wire.
+
+Prints:
+- remote forward overhead on loopback over the same local call (tiny model; goal <= 5 ms)
+- throughput of 8 concurrent clients over the same requests sent one at a time (goal >= 3x)
+- bytes for "mean over positions of every layer's residual" against shipping the full activations
+
+Random models, built here; the server is a real ``neurotap serve`` process on 127.0.0.1.
+Run: python bench/bench_remote.py
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import torch
+import transformers
+
+import neurotap as nt
+from neurotap.transport.wire import ProbeSpec, RunRequest, encode_request
+
+LAUNCH = "import sys; from neurotap.cli import main; sys.exit(main())"
+
+
+def save_model(folder: str, hidden: int, layers: int, vocab: int) -> str:
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=hidden * 4,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        attn_implementation="eager",
+    )
+    transformers.LlamaForCausalLM(config).eval().save_pretrained(folder)
+    return folder
+
+
+class Server:
+    def __init__(self, folder: str) -> None:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", LAUNCH, "serve", folder, "--port", "0"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env=env,
+        )
+        line = self.process.stdout.readline()
+        self.url = line.split(" on ")[1].split()[0]
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(30)
+        self.process.stdout.close()
+
+
+def overhead(folder: str) -> None:
+    local = nt.load(folder)
+    server = Server(folder)
+    try:
+        with nt.connect(server.url) as remote:
+            ids = torch.randint(0, 128, (1, 16))
+            local_times, remote_times = [], []
+            for _ in range(20):  # warm up both
+                remote.forward(ids, outputs=["logits"])
+            for _ in range(300):
+                start = time.perf_counter()
+                with torch.no_grad():
+                    local.forward(ids)
+                local_times.append(time.perf_counter() - start)
+                start = time.perf_counter()
+                remote.forward(ids, outputs=["logits"])
+                remote_times.append(time.perf_counter() - start)
+            local_ms = statistics.median(local_times) * 1000
+            remote_ms = statistics.median(remote_times) * 1000
+            print(
+                f"small forward [1, 16], tiny model: local {local_ms:.2f} ms, remote {remote_ms:.2f} ms, "
+                f"overhead {remote_ms - local_ms:.2f} ms (goal <= 5 ms)"
+            )
+    finally:
+        server.stop()
+
+
+def throughput(folder: str, vocab: int) -> None:
+    server = Server(folder)
+    clients, per_client = 8, 6
+    work = [
+        [
+            torch.randint(0, vocab, (1, 64), generator=torch.Generator().manual_seed(100 * c + k))
+            for k in range(per_client)
+        ]
+        for c in range(clients)
+    ]
+    probes = [nt.probe("model.layers.1.mlp.mul", nt.Mean(dims=(0, 1)))]
+    try:
+        remotes = [nt.connect(server.url) for _ in range(clients)]
+        for rm in remotes:
+            rm.forward(work[0][0], probes=probes, outputs=[])
+
+        def sequential() -> float:
+            start = time.perf_counter()
+            for c in range(clients):
+                for ids in work[c]:
+                    remotes[0].forward(ids, probes=probes, outputs=["logits"])
+            return clients * per_client / (time.perf_counter() - start)
+
+        def concurrent() -> float:
+            barrier = threading.Barrier(clients + 1)
+
+            def run(c: int) -> None:
+                barrier.wait()
+                for ids in work[c]:
+                    remotes[c].forward(ids, probes=probes, outputs=["logits"])
+
+            threads = [threading.Thread(target=run, args=(c,)) for c in range(clients)]
+            for t in threads:
+                t.start()
+            barrier.wait()
+            start = time.perf_counter()
+            for t in threads:
+                t.join()
+            return clients * per_client / (time.perf_counter() - start)
+
+        rates_seq, rates_conc = [], []
+        for _ in range(5):
+            rates_seq.append(sequential())
+            rates_conc.append(concurrent())
+        info = remotes[0].info()
+        seq, conc = statistics.median(rates_seq), statistics.median(rates_conc)
+        print(
+            f"throughput, {os.path.basename(folder)} model, [1, 64] forwards with a Mean probe: "
+            f"sequential {seq:.1f} req/s, 8 clients {conc:.1f} req/s, "
+            f"ratio {conc / seq:.2f}x (goal >= 3x); {info['requests']} requests ran in {info['passes']} passes"
+        )
+        for rm in remotes:
+            rm.close()
+    finally:
+        server.stop()
+
+
+def wire_bytes(folder: str, vocab: int, layers: int) -> None:
+    server = Server(folder)
+    try:
+        with nt.connect(server.url) as rm:
+            ids = torch.randint(0, vocab, (1, 256))
+            residuals = [f"model.layers.{i}.output" for i in range(layers)]
+            sizes = {}
+            for name, patch in (("mean", nt.Mean(dims=(0, 1))), ("full", nt.Record())):
+                rm.clear_recordings()
+                request = RunRequest("forward", (ids,), {}, [ProbeSpec(p, patch) for p in residuals], [])
+                run = rm._http.post("/v1/run", content=encode_request(request))
+                fetched = rm._http.get("/v1/recordings")
+                sizes[name] = len(run.content) + len(fetched.content)
+            print(
+                f"wire bytes, mean over 256 positions of {layers} layers' residual: {sizes['mean']} B; "
+                f"full activations: {sizes['full']} B; ratio {sizes['full'] / sizes['mean']:.0f}x fewer"
+            )
+    finally:
+        server.stop()
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        tiny = save_model(os.path.join(tmp, "tiny"), hidden=64, layers=2, vocab=128)
+        small = save_model(os.path.join(tmp, "small"), hidden=256, layers=6, vocab=2048)
+        overhead(tiny)
+        throughput(tiny, 128)
+        throughput(small, 2048)
+        wire_bytes(small, 2048, 6)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,546 @@
+"""Collection: run a model over packed text and write the values at some points to shards.
+
+See :mod:`neurotap.datasets.format` for what is written and how a killed run resumes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import math
+import re
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import NeurotapError
+from ..model import Model
+from ..probes import Record, probe
+from .corpus import Document, Packed, Packer, read_documents, resolve_sources, tokenizer_description
+from .format import (
+    DTYPES,
+    FORMAT,
+    FORMAT_VERSION,
+    LOCK,
+    MANIFEST,
+    RESERVED,
+    ROW_CHAR_END,
+    ROW_CHAR_START,
+    ROW_DOCUMENT,
+    TEXT_CHAR_BASE,
+    TEXT_DOCUMENT,
+    TEXT_OFFSETS,
+    TEXT_UTF8,
+    TOKENS,
+    CorruptShardError,
+    DatasetError,
+    ShardFile,
+    read_manifest,
+    sha256_bytes,
+    sha256_file,
+    shard_name,
+    write_atomic,
+    write_manifest,
+)
+from .reader import ActivationDataset
+
+_ROW_BYTES = 4 + 8 + 4 + 4  # tokens, row.document, row.char_start, row.char_end
+_RECORD_KEY = "collect"
+
+
+def collect(
+    model: Any,
+    points: Sequence[str] | str,
+    out: str | Path,
+    *,
+    data: str | Path | Sequence[str | Path] | None = None,
+    text_field: str = "text",
+    seq_len: int = 128,
+    batch_size: int = 8,
+    tokens: int | None = None,
+    dtype: str = "float32",
+    shard_mb: float = 256.0,
+    tokenizer: Any = None,
+    model_name: str | None = None,
+    progress: bool = True,
+) -> ActivationDataset:
+    """Write the values at ``points`` for every token of ``data`` to the folder ``out``.
+
+    ``model`` is an ``nt.Model`` (or a remote model with the same ``forward``,
+    ``recordings`` and ``clear_recordings``); ``data`` is text, JSON lines or Parquet
+    files or folders of them (default: the bundled corpus), packed into sequences
+    of ``seq_len`` tokens and run ``batch_size`` sequences at a time until
+    ``tokens`` tokens (default: all of the data). Values are stored as ``dtype``
+    in shards of about ``shard_mb`` MiB. Run again with the same arguments after
+    an interruption and it carries on where the last complete shard ended.
+    """
+    points = [points] if isinstance(points, str) else list(points)
+    _check_arguments(points, seq_len, batch_size, tokens, dtype, shard_mb)
+    tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+    if tokenizer is None:
+        raise DatasetError("collect needs a tokenizer: the model has none, so pass tokenizer=...")
+    folder = Path(out)
+    sources = resolve_sources(data)
+    settings = {
+        "model": model_name or _model_label(model),
+        "points": points,
+        "dtype": dtype,
+        "seq_len": seq_len,
+        "batch_size": batch_size,
+        "tokens": tokens,
+        "shard_mb": shard_mb,
+        "text_field": text_field,
+        "sources": [source.describe() for source in sources],
+        "tokenizer": tokenizer_description(tokenizer),
+    }
+    settings = json.loads(json.dumps(settings))  # as the manifest will hold them: tuples become lists
+    documents = lambda: read_documents(sources, text_field)  # noqa: E731 - restarted for the shape probe
+    with _locked(folder):
+        manifest = _open_manifest(folder, settings)
+        runner = _runner(model, points, dtype)
+        if manifest is None:
+            first = Packer(documents(), tokenizer, seq_len).take(1)
+            if not len(first.tokens):
+                raise DatasetError(f"the data holds fewer than {seq_len} tokens: not one sequence of --seq-len fits")
+            shapes = runner.shapes(torch.from_numpy(first.tokens).long())
+            manifest = _new_manifest(settings, shapes, tokenizer, batch_size, shard_mb)
+            write_manifest(folder, manifest)
+        _verify_listed_shards(folder, manifest)
+        _clear_leftovers(folder, len(manifest["shards"]))
+        if not manifest["complete"]:
+            _Collection(folder, manifest, runner, documents(), tokenizer, progress).run()
+        elif progress:
+            print(f"{folder} already holds this collection, complete: {manifest['tokens']:,} tokens", file=sys.stderr)
+    return ActivationDataset(folder)
+
+
+def _check_arguments(points: list[str], seq_len: int, batch_size: int, tokens: int | None, dtype: str, mb: float):
+    if not points or not all(isinstance(p, str) and p for p in points):
+        raise DatasetError("give at least one point name, e.g. points=['model.layers.6.output']")
+    if len(set(points)) != len(points):
+        raise DatasetError(f"a point is named twice in {points}")
+    for point in points:
+        if point == TOKENS or point.startswith(RESERVED[1:]):
+            raise DatasetError(f"the point name {point!r} clashes with the dataset's own entries")
+    if seq_len < 2:
+        raise DatasetError(f"seq_len must be at least 2 (got {seq_len})")
+    if batch_size < 1:
+        raise DatasetError(f"batch_size must be at least 1 (got {batch_size})")
+    if tokens is not None and tokens < 1:
+        raise DatasetError(f"tokens must be positive, or None for all the data (got {tokens})")
+    if dtype not in DTYPES:
+        raise DatasetError(f"dtype must be one of {', '.join(DTYPES)} (got {dtype!r})")
+    if not mb > 0:
+        raise DatasetError(f"shard_mb must be positive (got {mb})")
+
+
+def _model_label(model: Any) -> str:
+    module = getattr(model, "module", None)
+    config = getattr(module, "config", None)
+    return getattr(config, "_name_or_path", "") or type(module if module is not None else model).__name__
+
+
+@contextlib.contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    """Hold the folder's lock file, so that two runs never write into one dataset."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / LOCK, "a") as handle:
+        try:
+            import fcntl
+        except ImportError:  # no advisory locks on this platform
+            yield
+            return
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise DatasetError(f"another collect is writing to {folder}; wait for it or pick another folder") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _open_manifest(folder: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
+    if not (folder / MANIFEST).exists():
+        strangers = [p.name for p in folder.iterdir() if not p.name.startswith(".")]
+        if strangers:
+            raise DatasetError(
+                f"{folder} is not empty ({', '.join(sorted(strangers)[:5])}) and holds no dataset to resume; "
+                "collect into a new or empty folder"
+            )
+        return None
+    manifest = read_manifest(folder)
+    previous = manifest["settings"]
+    changed = [key for key in sorted(set(previous) | set(settings)) if previous.get(key) != settings.get(key)]
+    if changed:
+        details = "; ".join(f"{key}: {previous.get(key)!r} then, {settings.get(key)!r} now" for key in changed[:3])
+        raise DatasetError(
+            f"{folder} holds a collection made with other settings ({details}); rerun with the same settings to "
+            "resume it, or collect into a new folder"
+        )
+    return manifest
+
+
+def _new_manifest(settings: dict[str, Any], shapes: dict[str, tuple[int, ...]], tokenizer: Any, batch: int, mb: float):
+    from .. import __version__
+
+    itemsize = DTYPES[settings["dtype"]].itemsize
+    row_bytes = sum(math.prod(shape) for shape in shapes.values()) * itemsize + _ROW_BYTES
+    batch_bytes = row_bytes * settings["seq_len"] * batch
+    batches_per_shard = max(1, int(mb * 2**20 // batch_bytes))
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "library_version": __version__,
+        "settings": settings,
+        "shapes": {point: list(shape) for point, shape in shapes.items()},
+        "sequences_per_shard": batches_per_shard * batch,
+        "special_tokens": {"bos": settings["tokenizer"]["bos"], "eos": settings["tokenizer"]["eos"]},
+        "shards": [],
+        "tokens": 0,
+        "complete": False,
+        "exhausted": False,
+    }
+
+
+def _verify_listed_shards(folder: Path, manifest: dict[str, Any]) -> None:
+    for number, shard in enumerate(manifest["shards"]):
+        path = folder / shard["file"]
+        if not path.exists():
+            # everything from here on is written again
+            del manifest["shards"][number:]
+            manifest["tokens"] = sum(s["tokens"] for s in manifest["shards"])
+            manifest["complete"] = manifest["exhausted"] = False
+            return
+        ShardFile(path, shard["bytes"])
+        if sha256_file(path) != shard["sha256"]:
+            raise CorruptShardError(
+                f"shard {path} does not match the sha256 in the manifest: it was damaged. Delete it and run the "
+                "same command again to rewrite it and the shards after it"
+            )
+
+
+def _clear_leftovers(folder: Path, listed: int) -> None:
+    """Drop temporary files and shards that a killed run wrote but did not yet list."""
+    for path in folder.iterdir():
+        shard = re.fullmatch(r"shard-(\d+)\.safetensors", path.name)
+        if (path.name.startswith(".") and path.name.endswith(".tmp")) or (shard and int(shard[1]) >= listed):
+            path.unlink()
+
+
+# -- running the model ------------------------------------------------------------------------------
+
+
+class _StopForward(NeurotapError):
+    """Raised after the last point has fired: nothing later in the forward is needed."""
+
+
+class _Sink:
+    """A probe that copies the value at its point into a slot of a preallocated buffer."""
+
+    def __init__(self, point: str) -> None:
+        self.point = point
+        self.target: torch.Tensor | None = None
+        self.stops = False
+        self.fired = 0
+
+    def __call__(self, ctx: Any, value: Any) -> None:
+        target = self.target
+        if target is None:
+            return
+        if not isinstance(value, torch.Tensor) or tuple(value.shape[:2]) != tuple(target.shape[:2]):
+            raise DatasetError(_shape_message(self.point, value, target.shape[:2]))
+        if self.fired:
+            raise DatasetError(f"the point {self.point!r} fires more than once per forward; collect cannot store it")
+        target.copy_(value.detach())
+        self.fired += 1
+        if self.stops:
+            raise _StopForward()
+
+
+def _shape_message(point: str, value: Any, leading: Sequence[int]) -> str:
+    got = f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else f"a {type(value).__name__}"
+    return (
+        f"the value at {point!r} is {got}; collect stores values shaped [batch, sequence, ...] "
+        f"(here [{leading[0]}, {leading[1]}, ...]); pick such a point or narrow it, e.g. {point + '[0]'!r}"
+    )
+
+
+class _LocalRunner:
+    """An ``nt.Model`` in this process: probes copy straight into the shard buffers, and the
+    forward stops once the last point has fired."""
+
+    def __init__(self, model: Model, points: list[str], dtype: torch.dtype) -> None:
+        self.model = model
+        self.points = points
+        self.dtype = dtype
+        self.sinks = {point: _Sink(point) for point in points}
+        order = {name: number for number, name in enumerate(model.points().names())}
+        missing = [p for p in points if p not in order]
+        if missing:
+            model.points(missing[0])  # raises UnknownPointError with close matches
+        self.sinks[max(points, key=order.__getitem__)].stops = True
+        config = getattr(model.module, "config", None)
+        self.kwargs = {"use_cache": False} if getattr(config, "use_cache", None) is not None else {}
+        parameter = next(iter(model.module.parameters()), None)
+        self.device = parameter.device if parameter is not None else torch.device("cpu")
+
+    def shapes(self, ids: torch.Tensor) -> dict[str, tuple[int, ...]]:
+        seen: dict[str, list[Any]] = {point: [] for point in self.points}
+        probes = [probe(point, lambda ctx, value: seen[ctx.point].append(value)) for point in self.points]
+        with torch.inference_mode():
+            self.model.forward(ids.to(self.device), probes=probes, **self.kwargs)
+        return {point: _per_token_shape(point, seen[point], ids.shape) for point in self.points}
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        with self.model.patch({point: sink for point, sink in self.sinks.items()}):
+            yield
+
+    def run(self, ids: torch.Tensor, targets: dict[str, torch.Tensor]) -> None:
+        for point, sink in self.sinks.items():
+            sink.target, sink.fired = targets[point], 0
+        try:
+            with torch.inference_mode():
+                self.model.forward(ids.to(self.device), **self.kwargs)
+        except _StopForward:
+            pass
+        finally:
+            for sink in self.sinks.values():
+                sink.target = None
+        silent = [point for point, sink in self.sinks.items() if not sink.fired]
+        if silent:
+            raise DatasetError(f"the point(s) {silent} did not fire during the forward; nothing can be stored for them")
+
+
+class _RecordingRunner:
+    """Any model with ``forward(ids, probes=...)``, ``recordings()`` and ``clear_recordings()``,
+    such as a remote one: values come back through ``Record``."""
+
+    def __init__(self, model: Any, points: list[str], dtype: torch.dtype) -> None:
+        self.model = model
+        self.points = points
+        self.dtype = dtype
+        self.probes = [probe(point, Record(key=_RECORD_KEY)) for point in points]
+        # a remote model need not send back the logits, which would outweigh the recordings
+        self.kwargs = {"outputs": []} if "outputs" in inspect.signature(model.forward).parameters else {}
+
+    def _record(self, ids: torch.Tensor) -> dict[str, Any]:
+        self.model.clear_recordings()
+        self.model.forward(ids, probes=self.probes, **self.kwargs)
+        recorded = self.model.recordings()
+        values = {}
+        for point in self.points:
+            saved = recorded[point].get(_RECORD_KEY) if point in recorded else None
+            if not saved:
+                raise DatasetError(f"the point {point!r} did not fire during the forward; nothing can be stored")
+            if len(saved) > 1:
+                raise DatasetError(f"the point {point!r} fires more than once per forward; collect cannot store it")
+            values[point] = saved[0]
+        self.model.clear_recordings()
+        return values
+
+    def shapes(self, ids: torch.Tensor) -> dict[str, tuple[int, ...]]:
+        values = self._record(ids)
+        return {point: _per_token_shape(point, [values[point]], ids.shape) for point in self.points}
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        yield
+
+    def run(self, ids: torch.Tensor, targets: dict[str, torch.Tensor]) -> None:
+        for point, value in self._record(ids).items():
+            target = targets[point]
+            if not isinstance(value, torch.Tensor) or tuple(value.shape[:2]) != tuple(target.shape[:2]):
+                raise DatasetError(_shape_message(point, value, target.shape[:2]))
+            target.copy_(torch.as_tensor(value))
+
+
+def _runner(model: Any, points: list[str], dtype: str) -> _LocalRunner | _RecordingRunner:
+    if isinstance(model, Model):
+        return _LocalRunner(model, points, DTYPES[dtype])
+    if not all(callable(getattr(model, name, None)) for name in ("forward", "recordings", "clear_recordings")):
+        raise DatasetError(
+            f"collect runs an nt.Model (nt.wrap, nt.load) or a remote model (nt.connect), not a {type(model).__name__}"
+        )
+    return _RecordingRunner(model, points, DTYPES[dtype])
+
+
+def _per_token_shape(point: str, saved: list[Any], ids_shape: torch.Size) -> tuple[int, ...]:
+    value = saved[0] if saved else None
+    if len(saved) != 1:
+        raise DatasetError(f"the point {point!r} fired {len(saved)} times in one forward; collect stores one value")
+    if not isinstance(value, torch.Tensor) or tuple(value.shape[:2]) != tuple(ids_shape):
+        raise DatasetError(_shape_message(point, value, ids_shape))
+    if not value.is_floating_point():
+        raise DatasetError(f"the value at {point!r} is {value.dtype}; collect stores floating-point values")
+    return tuple(value.shape[2:])
+
+
+# -- the collection loop ----------------------------------------------------------------------------
+
+
+class _Collection:
+    def __init__(
+        self,
+        folder: Path,
+        manifest: dict[str, Any],
+        runner: _LocalRunner | _RecordingRunner,
+        documents: Iterator[Document],
+        tokenizer: Any,
+        progress: bool,
+    ) -> None:
+        self.folder = folder
+        self.manifest = manifest
+        self.runner = runner
+        settings = manifest["settings"]
+        self.seq_len = settings["seq_len"]
+        self.batch = settings["batch_size"]
+        self.per_shard = manifest["sequences_per_shard"]
+        requested = settings["tokens"]
+        self.total_sequences = None if requested is None else -(-requested // self.seq_len)
+        shards = manifest["shards"]
+        start = (shards[-1]["end"]["document"], shards[-1]["end"]["token"]) if shards else (0, 0)
+        self.packer = Packer(documents, tokenizer, self.seq_len, start=start)
+        rows = self.per_shard * self.seq_len
+        dtype = DTYPES[settings["dtype"]]
+        self.buffers = {p: torch.empty((rows, *shape), dtype=dtype) for p, shape in manifest["shapes"].items()}
+        self.progress = progress
+
+    def run(self) -> None:
+        manifest = self.manifest
+        started, written, done_before = time.perf_counter(), 0, manifest["tokens"]
+        bar = self._bar(done_before)
+        try:
+            with self.runner.active():
+                while True:
+                    done = manifest["tokens"] // self.seq_len
+                    wanted = self.per_shard
+                    if self.total_sequences is not None:
+                        wanted = min(wanted, self.total_sequences - done)
+                    if wanted <= 0:
+                        break
+                    size, sequences = self._shard(len(manifest["shards"]), wanted, bar)
+                    written += size
+                    if sequences < wanted:
+                        manifest["exhausted"] = True
+                        break
+            manifest["complete"] = True
+            write_manifest(self.folder, manifest)
+        finally:
+            if bar is not None:
+                bar.close()
+        if self.progress:
+            self._summary(time.perf_counter() - started, manifest["tokens"] - done_before, written)
+
+    def _bar(self, initial: int) -> Any:
+        if not self.progress:
+            return None
+        from tqdm.auto import tqdm
+
+        total = None if self.total_sequences is None else self.total_sequences * self.seq_len
+        return tqdm(total=total, initial=initial, unit="tok", unit_scale=True, desc="collect", file=sys.stderr)
+
+    def _shard(self, index: int, wanted: int, bar: Any) -> tuple[int, int]:
+        """Fill and write shard ``index``; returns its size in bytes and how many sequences it holds."""
+        start = self.packer.position
+        packs: list[Packed] = []
+        sequences = 0
+        while sequences < wanted:
+            asked = min(self.batch, wanted - sequences)
+            pack = self.packer.take(asked)
+            count = len(pack.tokens)
+            if count == 0:
+                break
+            rows = slice(sequences * self.seq_len, (sequences + count) * self.seq_len)
+            targets = {p: b[rows].view(count, self.seq_len, *b.shape[1:]) for p, b in self.buffers.items()}
+            self.runner.run(torch.from_numpy(pack.tokens).long(), targets)
+            packs.append(pack)
+            sequences += count
+            if bar is not None:
+                bar.update(count * self.seq_len)
+            if count < asked:
+                break  # the data ran out inside this batch
+        if sequences == 0:
+            return 0, 0
+        data = _serialise(self.buffers, packs, sequences * self.seq_len)
+        name = shard_name(index)
+        write_atomic(self.folder / name, data)
+        first_row = self.manifest["tokens"]
+        end = self.packer.position
+        self.manifest["shards"].append(
+            {
+                "file": name,
+                "index": index,
+                "sequences": sequences,
+                "tokens": sequences * self.seq_len,
+                "first_row": first_row,
+                "bytes": len(data),
+                "sha256": sha256_bytes(data),
+                "start": {"document": start[0], "token": start[1]},
+                "end": {"document": end[0], "token": end[1]},
+            }
+        )
+        self.manifest["tokens"] = first_row + sequences * self.seq_len
+        write_manifest(self.folder, self.manifest)
+        if bar is not None:
+            bar.set_postfix_str(f"{index + 1} shards", refresh=False)
+        return len(data), sequences
+
+    def _summary(self, seconds: float, tokens: int, written: int) -> None:
+        manifest = self.manifest
+        rate = tokens / seconds if seconds > 0 else float("inf")
+        lines = [
+            f"collected {tokens:,} tokens in {seconds:.1f} s ({rate:,.0f} tokens/s), "
+            f"wrote {written / 2**20:,.1f} MiB ({written / 2**20 / max(seconds, 1e-9):,.1f} MiB/s)",
+            f"dataset {self.folder}: {manifest['tokens']:,} tokens in {len(manifest['shards'])} shards, "
+            f"points {', '.join(manifest['shapes'])}, {manifest['settings']['dtype']}",
+        ]
+        if manifest["exhausted"] and manifest["settings"]["tokens"] is not None:
+            lines.append(f"the data ran out before the {manifest['settings']['tokens']:,} tokens asked for")
+        print("\n".join(lines), file=sys.stderr)
+
+
+def _serialise(buffers: dict[str, torch.Tensor], packs: list[Packed], rows: int) -> bytes:
+    from safetensors.torch import save
+
+    def joined(field: str) -> torch.Tensor:
+        return torch.from_numpy(np.concatenate([getattr(p, field).reshape(-1) for p in packs]))
+
+    document = joined("document")
+    char_start, char_end = joined("char_start"), joined("char_end")
+    texts: dict[int, Document] = {}
+    for pack in packs:
+        texts.update(pack.texts)
+    documents, pieces, bases = [], [], []
+    real = document >= 0
+    for number in torch.unique(document[real]).tolist():
+        mine = document == number
+        base, stop = int(char_start[mine].min()), int(char_end[mine].max())
+        documents.append(number)
+        bases.append(base)
+        pieces.append(texts[number].text[base:stop].encode())
+    offsets = np.cumsum([0] + [len(piece) for piece in pieces], dtype=np.int64)
+    tensors = {point: buffer[:rows] for point, buffer in buffers.items()}
+    tensors.update(
+        {
+            TOKENS: joined("tokens"),
+            ROW_DOCUMENT: document,
+            ROW_CHAR_START: char_start,
+            ROW_CHAR_END: char_end,
+            TEXT_DOCUMENT: torch.tensor(documents, dtype=torch.int64),
+            TEXT_CHAR_BASE: torch.tensor(bases, dtype=torch.int64),
+            TEXT_OFFSETS: torch.from_numpy(offsets),
+            TEXT_UTF8: torch.frombuffer(bytearray(b"".join(pieces)) or bytearray(1), dtype=torch.uint8)[
+                : int(offsets[-1])
+            ],
+        }
+    )
+    # one metadata key only: safetensors writes the metadata map in no fixed order, and resumed runs must match bytes
+    return save(tensors, metadata={"format": f"{FORMAT}/{FORMAT_VERSION}"})

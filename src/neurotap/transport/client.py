@@ -1,0 +1,340 @@
+"""``nt.connect(url)``: a model served by ``neurotap serve``, with the local probe API.
+
+Differences from a local ``nt.Model``:
+
+- Outputs come back as tensors on the CPU, detached; a transformers ``ModelOutput``
+  comes back as an :class:`~neurotap.transport.wire.Output` (keys and attributes)
+  holding its tensors only (no ``past_key_values`` cache). ``outputs=[...]`` picks
+  the fields to send back (``[]``: none).
+- Gradients: ``backward(ids, loss=CrossEntropy(targets) | LogitDiff(a, b), probes=[...])``
+  runs forward, the built-in loss and ``loss.backward()`` on the server and
+  returns the loss; gradient probes record as locally (``point + ".grad"``).
+- Probe functions other than the library's patches run only on servers started
+  with ``--allow-code`` (they travel pickled with cloudpickle).
+- ``get_parameter`` returns a detached copy, not the live parameter.
+- ``patch()`` validates point names when the block is entered, and its patches
+  travel with every request made inside the block.
+- No tokenizer on the client side: send token ids.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+
+from ..errors import NeurotapError, PatchError, ProbeError, UnknownPointError
+from ..model.model import PatchSpec, patches_to_probes
+from ..points import Point, PointList, split_narrowing
+from ..probes import Probe, SaveContext
+from .executor import RecordingLimitError, RequestTimeoutError
+from .wire import (
+    MEDIA_TYPE,
+    PROTOCOL,
+    PROTOCOL_HEADER,
+    SESSION_HEADER,
+    CodeNotAllowedError,
+    ProbeSpec,
+    RunRequest,
+    WireError,
+    decode,
+    encode_request,
+    read_frames,
+)
+
+
+class RemoteError(NeurotapError):
+    """The server refused a request for a reason with no more specific neurotap error."""
+
+    def __init__(self, message: str, status: int = 0, traceback: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.remote_traceback = traceback
+
+
+_ERRORS: dict[str, type[Exception]] = {
+    "UnknownPointError": UnknownPointError,
+    "PatchError": PatchError,
+    "ProbeError": ProbeError,
+    "CodeNotAllowedError": CodeNotAllowedError,
+    "WireError": WireError,
+    "RequestTimeoutError": RequestTimeoutError,
+    "RecordingLimitError": RecordingLimitError,
+}
+
+
+def _raise_for(response: Any) -> None:
+    if response.status_code < 400:
+        return
+    try:
+        body = response.json()
+        kind, message, trace = body.get("error", ""), body.get("message", ""), body.get("traceback")
+    except ValueError:
+        kind, message, trace = "", response.text[:500], None
+    text = f"{message} (HTTP {response.status_code})"
+    if trace:
+        text += "\n\nserver traceback:\n" + trace
+    cls = _ERRORS.get(kind)
+    error = cls(text) if cls is not None else RemoteError(f"{kind or 'error'}: {text}", response.status_code, trace)
+    error.status = response.status_code  # type: ignore[attr-defined]
+    error.remote_traceback = trace  # type: ignore[attr-defined]
+    raise error
+
+
+class RemoteModel:
+    """A model on a ``neurotap serve`` server; code written for ``nt.wrap(model)`` runs against it."""
+
+    def __init__(self, url: str, token: str | None = None, *, timeout: float = 300.0, compress: bool = False) -> None:
+        import httpx
+
+        self.url = url.rstrip("/")
+        self.compress = compress
+        headers = {PROTOCOL_HEADER: str(PROTOCOL), "Accept-Encoding": "gzip" if compress else "identity"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        # without TCP_NODELAY, a body written after its headers waits ~40 ms for a delayed ACK
+        transport = httpx.HTTPTransport(socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
+        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout, transport=transport)
+        self._layers: list[list[Probe]] = []
+        self._inventory: dict[str, Point] | None = None
+        self._session: str | None = None
+        try:
+            self._open()
+        except BaseException:
+            self._http.close()
+            raise
+        self.tokenizer = None
+
+    def _open(self) -> None:
+        import httpx
+
+        try:
+            health = self._http.get("/health")
+        except httpx.HTTPError as error:
+            raise NeurotapError(f"no neurotap server answers at {self.url}: {error}") from None
+        _raise_for(health)
+        protocol = health.json().get("protocol")
+        if protocol != PROTOCOL:
+            side = "server" if isinstance(protocol, int) and protocol < PROTOCOL else "client"
+            raise NeurotapError(
+                f"the server at {self.url} speaks neurotap protocol {protocol}, this client {PROTOCOL}; "
+                f"upgrade neurotap on the {side} side"
+            )
+        response = self._http.post("/v1/sessions")
+        _raise_for(response)
+        self._session = response.json()["session"]
+        self._http.headers[SESSION_HEADER] = self._session
+
+    def __repr__(self) -> str:
+        return f"nt.RemoteModel({self.url!r}, {len(self._layers)} patch layers active)"
+
+    def __enter__(self) -> RemoteModel:
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """End the session (its recordings are dropped on the server) and the connection."""
+        if self._session is not None:
+            with contextlib.suppress(Exception):
+                self._http.delete(f"/v1/sessions/{self._session}")
+            self._session = None
+        self._http.close()
+
+    def info(self) -> dict[str, Any]:
+        response = self._http.get("/v1/info")
+        _raise_for(response)
+        return response.json()
+
+    # -- points ----------------------------------------------------------------------------------
+
+    def points(self, prefix: str | None = None) -> PointList:
+        response = self._http.get("/v1/points", params={"prefix": prefix} if prefix else None)
+        _raise_for(response)
+        return PointList(Point.from_dict(row) for row in response.json())
+
+    def _check_points(self, probes: Sequence[Probe]) -> None:
+        if self._inventory is None:
+            self._inventory = {p.name: p for p in self.points()}
+        for p in probes:
+            base, _ = split_narrowing(p.point)
+            if base not in self._inventory:
+                raise UnknownPointError(f"no point named {base!r} in this model. List them with model.points(prefix).")
+
+    # -- running ---------------------------------------------------------------------------------
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.forward(*args, **kwargs)
+
+    def forward(self, *args: Any, probes: Sequence[Probe] = (), outputs: Sequence[str] | None = None, **kwargs: Any):
+        """The model's forward on the server; ``outputs`` picks which output fields come back."""
+        return self._run("forward", args, kwargs, probes, outputs)["output"]
+
+    def generate(self, *args: Any, probes: Sequence[Probe] = (), **kwargs: Any) -> Any:
+        """The model's ``generate`` on the server; probes and patches fire at every step."""
+        return self._run("generate", args, kwargs, probes, None)["output"]
+
+    def backward(
+        self,
+        *args: Any,
+        loss: Any,
+        probes: Sequence[Probe] = (),
+        **kwargs: Any,
+    ) -> float:
+        """Forward, ``loss`` (``CrossEntropy(targets)`` or ``LogitDiff(correct, wrong)``), backward; the loss.
+
+        Gradient probes (``nt.probe(point, nt.Record(), grad=True)``) record the
+        gradient at their points under ``point + ".grad"``.
+        """
+        return self._run("backward", args, kwargs, probes, [], loss)["loss"]
+
+    def _run(
+        self,
+        op: str,
+        args: tuple,
+        kwargs: dict[str, Any],
+        probes: Sequence[Probe],
+        outputs: Sequence[str] | None,
+        loss: Any = None,
+    ) -> dict[str, Any]:
+        for p in probes:
+            if not isinstance(p, Probe):
+                raise TypeError(f"probes must be made with nt.probe(point, fn), got {type(p).__name__}")
+        every = [p for layer in self._layers for p in layer] + list(probes)
+        request = RunRequest(
+            op,
+            tuple(args),
+            dict(kwargs),
+            [ProbeSpec(p.point, p.fn, p.grad) for p in every],
+            None if outputs is None else list(outputs),
+            loss,
+        )
+        body = encode_request(request)
+        headers = {"Content-Type": MEDIA_TYPE}
+        if self.compress:
+            import gzip
+
+            body = gzip.compress(body, compresslevel=1)
+            headers["Content-Encoding"] = "gzip"
+        response = self._http.post("/v1/run", content=body, headers=headers)
+        _raise_for(response)
+        return decode(response.content)
+
+    @contextlib.contextmanager
+    def patch(self, patches: PatchSpec) -> Iterator[RemoteModel]:
+        """Apply ``{point: patch or [patches]}`` to every request inside the ``with`` block."""
+        layer = patches_to_probes(patches)
+        self._check_points(layer)
+        self._layers.append(layer)
+        try:
+            yield self
+        finally:
+            self._layers.pop()
+
+    # -- results ---------------------------------------------------------------------------------
+
+    def recordings(self, points: Sequence[str] | None = None) -> dict[str, SaveContext]:
+        """What probes saved in this session, by point name (only ``points`` if given); streamed."""
+        params = [("point", p) for p in points] if points else None
+        result: dict[str, SaveContext] = {}
+        with self._http.stream("GET", "/v1/recordings", params=params) as response:
+            if response.status_code >= 400:
+                response.read()
+                _raise_for(response)
+            for message in read_frames(response.iter_bytes()):
+                ctx = SaveContext(message["point"])
+                ctx._data.update(message["data"])
+                result[message["point"]] = ctx
+        return result
+
+    def clear_recordings(self) -> None:
+        _raise_for(self._http.delete("/v1/recordings"))
+
+    def get_parameter(self, name: str) -> torch.Tensor:
+        """A copy of the parameter ``name`` (a tensor on the CPU)."""
+        response = self._http.get(f"/v1/parameters/{name}")
+        _raise_for(response)
+        return decode(response.content)["parameter"]
+
+
+def connect(url: str = "http://127.0.0.1:8000", token: str | None = None, **kwargs: Any) -> RemoteModel:
+    """Connect to a ``neurotap serve`` server; a new session with its own recordings."""
+    return RemoteModel(url, token, **kwargs)
+
+
+_launched: list[subprocess.Popen] = []
+
+
+def launch_and_connect(
+    model: str = "smollm2-135m",
+    *,
+    port: int = 8000,
+    token: str | None = None,
+    idle_timeout: float = 3600.0,
+    start_timeout: float = 600.0,
+    serve_args: Sequence[str] = (),
+) -> RemoteModel:
+    """Connect to the local server on ``port``, starting ``neurotap serve MODEL`` there if none runs.
+
+    A server started here runs on 127.0.0.1 in its own process, outlives this one,
+    and stops after ``idle_timeout`` seconds without requests. Its log is
+    ``$NEUROTAP_CACHE/serve-PORT.log``.
+    """
+    import httpx
+
+    from ..model.load import cache_dir
+
+    url = f"http://127.0.0.1:{port}"
+
+    def running() -> dict[str, Any] | None:
+        try:
+            return httpx.get(url + "/health", timeout=2.0).json()
+        except (httpx.HTTPError, ValueError):
+            return None
+
+    health = running()
+    if health is None:
+        logfile = cache_dir() / f"serve-{port}.log"
+        logfile.parent.mkdir(parents=True, exist_ok=True)
+        command = [
+            sys.executable,
+            "-c",
+            "import sys; from neurotap.cli import main; sys.exit(main())",
+            "serve",
+            model,
+            "--port",
+            str(port),
+            "--idle-timeout",
+            str(idle_timeout),
+            *serve_args,
+        ]
+        with open(logfile, "ab") as log:
+            process = subprocess.Popen(
+                command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+        _launched.append(process)  # it outlives this call on purpose; keep the handle
+        deadline = time.monotonic() + start_timeout
+        while health is None:
+            if process.poll() is not None:
+                tail = logfile.read_text(errors="replace")[-2000:]
+                raise NeurotapError(f"`neurotap serve {model}` exited with status {process.returncode}:\n{tail}")
+            if time.monotonic() > deadline:
+                raise NeurotapError(f"`neurotap serve {model}` did not answer within {start_timeout} s; see {logfile}")
+            time.sleep(0.2)
+            health = running()
+    if health.get("model") != model:
+        raise NeurotapError(f"port {port} already serves {health.get('model')!r}, not {model!r}; pass another port=...")
+    return connect(url, token)

@@ -1,0 +1,512 @@
+"""The wire format between ``nt.connect`` clients and ``neurotap serve``: the one place that defines it.
+
+A message is one safetensors file. Its tensors are the message's tensors; its
+``__metadata__["neurotap"]`` entry is a JSON document describing everything else,
+in which a tensor appears as ``{"$tensor": "t0"}`` (its name in the file). Other
+values that JSON lacks are tagged the same way:
+
+=======================  ===========================================================
+Python                   JSON
+=======================  ===========================================================
+None, bool, int, float,  themselves (ints must fit in 64 bits)
+str
+list                     a JSON list
+tuple                    ``{"$tuple": [...]}``
+dict (str keys)          ``{"$dict": {...}}``
+``...``                  ``{"$ellipsis": null}``
+slice                    ``{"$slice": [start, stop, step]}``
+torch.Tensor             ``{"$tensor": "t0"}``
+a patch (nt.Mean, ...)   ``{"$patch": "Mean", "fields": {field: value, ...}}``
+a loss (CrossEntropy)    ``{"$loss": "CrossEntropy", "fields": {...}}``
+a model output mapping   ``{"$output": {...}}`` (transformers' ModelOutput and the like)
+=======================  ===========================================================
+
+A probe is ``{"point": name, "grad": bool, "fn": <patch>}``, or, only for servers
+started with ``--allow-code``, ``{"point", "grad", "fn": {"$code": <uint8 tensor>}}``
+holding the function pickled with cloudpickle. The server never unpickles
+anything unless it was started with ``--allow-code``; the client never unpickles
+anything at all.
+
+Every request carries the header ``X-Neurotap-Protocol: 1``; a server speaking
+another version refuses it with a message saying which side to upgrade. Errors
+come back as JSON ``{"error": type, "message": ..., "traceback": ... | null}``.
+Recordings stream as frames: an 8-byte little-endian length, then a message
+``{"point": name, "data": {...}}``; a zero length ends the stream.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import struct
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import NeurotapError
+from ..probes import PATCHES, Custom, Patch
+
+PROTOCOL = 1
+PROTOCOL_HEADER = "X-Neurotap-Protocol"
+SESSION_HEADER = "X-Neurotap-Session"
+MEDIA_TYPE = "application/vnd.neurotap+safetensors"
+FRAMES_MEDIA_TYPE = "application/vnd.neurotap.frames"
+
+_METADATA_KEY = "neurotap"
+_MAX_DEPTH = 48
+_INT64 = 2**63
+_FRAME_LENGTH = struct.Struct("<Q")
+OPS = ("forward", "generate", "backward")
+
+
+class WireError(NeurotapError, ValueError):
+    """A message that does not follow the wire format."""
+
+
+class CodeNotAllowedError(NeurotapError, PermissionError):
+    """A probe function sent as code to a server that does not run code."""
+
+
+CODE_NOT_ALLOWED = (
+    "this server does not run code sent by clients, so probes must be the library's own patches "
+    "(nt.Record, nt.Mean, nt.Sum, nt.Max, nt.Norm, nt.Project, nt.TopK, nt.Zero, nt.Add, nt.Replace, nt.Scale). "
+    "To run your own probe functions, the server's operator can start it with `neurotap serve --allow-code`; "
+    "that lets every client holding a token run any Python code on the server machine as the server's user"
+)
+
+
+# -- losses ---------------------------------------------------------------------------------------
+
+
+def logits_of(output: Any) -> torch.Tensor:
+    """The logits in a model's output: ``output.logits``, ``output[0]`` or the output itself."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, Mapping) and "logits" in output:
+        return output["logits"]
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise NeurotapError(f"cannot find logits in a model output of type {type(output).__name__}")
+
+
+@dataclass(frozen=True, eq=False)
+class CrossEntropy:
+    """Mean cross-entropy of ``logits[b, t]`` against ``targets[b, t]``; ``ignore_index`` entries skipped.
+
+    ``targets`` line up with the logits: shift them yourself for next-token loss
+    (``targets[:, t] = input_ids[:, t + 1]``, last position ``-100``).
+    """
+
+    targets: Any = None
+    ignore_index: int = -100
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        targets = torch.as_tensor(self.targets).to(logits.device)
+        if targets.dtype not in (torch.int64, torch.int32) or tuple(targets.shape) != tuple(logits.shape[:-1]):
+            raise NeurotapError(
+                f"CrossEntropy targets must be integer token ids of shape {tuple(logits.shape[:-1])} "
+                f"(the logits' shape without the vocabulary), got {targets.dtype} of shape {tuple(targets.shape)}"
+            )
+        return torch.nn.functional.cross_entropy(
+            logits.flatten(0, -2).float(), targets.flatten().long(), ignore_index=self.ignore_index
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class LogitDiff:
+    """Mean over rows of ``logits[:, position, correct] - logits[:, position, wrong]``."""
+
+    correct: int = 0
+    wrong: int = 0
+    position: int = -1
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        vocab, length = logits.shape[-1], logits.shape[-2]
+        for name, token in (("correct", self.correct), ("wrong", self.wrong)):
+            if not isinstance(token, int) or not 0 <= token < vocab:
+                raise NeurotapError(f"LogitDiff {name}={token!r} is not a token id in [0, {vocab})")
+        if not isinstance(self.position, int) or not -length <= self.position < length:
+            raise NeurotapError(f"LogitDiff position={self.position!r} is outside a sequence of length {length}")
+        at = logits[..., self.position, :].float()
+        return (at[..., self.correct] - at[..., self.wrong]).mean()
+
+
+LOSSES: dict[str, type] = {"CrossEntropy": CrossEntropy, "LogitDiff": LogitDiff}
+
+
+# -- requests and results ---------------------------------------------------------------------------
+
+
+@dataclass
+class ProbeSpec:
+    """One probe of a request: a patch (plain data) or, with code allowed, any function."""
+
+    point: str
+    fn: Callable[..., Any]
+    grad: bool = False
+
+
+@dataclass
+class RunRequest:
+    """A forward, generate or backward (forward, then ``loss.backward()``) pass with probes."""
+
+    op: str
+    args: tuple = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    probes: list[ProbeSpec] = field(default_factory=list)
+    outputs: list[str] | None = None  # which output fields to send back; None: every tensor
+    loss: Any = None  # CrossEntropy or LogitDiff, for "backward"
+    session: str = ""
+    deadline: float | None = None  # time.time() after which the server gives up on it
+
+
+class Output(dict):
+    """A model output mapping (transformers' ModelOutput) after the trip: keys or attributes."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"the output has no field {name!r}; it has {list(self)}") from None
+
+
+@dataclass
+class ErrorInfo:
+    status: int
+    type: str
+    message: str
+    traceback: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"error": self.type, "message": self.message, "traceback": self.traceback}
+
+
+@dataclass
+class RunResult:
+    output: Any = None
+    loss: float | None = None
+    error: ErrorInfo | None = None
+
+
+# -- values -----------------------------------------------------------------------------------------
+
+
+class _Encoder:
+    def __init__(self, lenient: bool = False) -> None:
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.lenient = lenient  # outputs and recordings: leave out what cannot travel instead of failing
+
+    def tensor(self, value: torch.Tensor) -> dict[str, str]:
+        name = f"t{len(self.tensors)}"
+        # safetensors refuses views that share storage; a copy also drops autograd and moves to the CPU
+        self.tensors[name] = value.detach().to("cpu", copy=True).contiguous()
+        return {"$tensor": name}
+
+    def value(self, value: Any) -> Any:
+        if value is None or isinstance(value, (bool, str)):
+            return value
+        if isinstance(value, int):
+            if not -_INT64 <= value < _INT64:
+                raise WireError(f"the integer {value} does not fit in 64 bits")
+            return value
+        if isinstance(value, float):
+            return value if math.isfinite(value) else {"$float": repr(value)}
+        if isinstance(value, torch.Tensor):
+            return self.tensor(value)
+        if isinstance(value, list):
+            return [self.value(v) for v in value]
+        if isinstance(value, tuple) and not hasattr(value, "_fields"):
+            return {"$tuple": [self.value(v) for v in value]}
+        if value is Ellipsis:
+            return {"$ellipsis": None}
+        if isinstance(value, slice):
+            return {"$slice": [self.value(value.start), self.value(value.stop), self.value(value.step)]}
+        if isinstance(value, Patch):
+            if isinstance(value, Custom):
+                raise WireError("nt.Custom holds a function, not data; it travels as code (see --allow-code)")
+            return {"$patch": type(value).__name__, "fields": self.fields(value)}
+        if isinstance(value, tuple(LOSSES.values())):
+            return {"$loss": type(value).__name__, "fields": self.fields(value)}
+        if isinstance(value, Mapping):
+            items = {}
+            for key, item in value.items():
+                if not isinstance(key, str):
+                    if self.lenient:
+                        continue
+                    raise WireError(f"only str keys can travel, not {key!r}")
+                try:
+                    items[key] = self.value(item)
+                except WireError:
+                    if not self.lenient:
+                        raise
+            return {"$dict" if type(value) is dict else "$output": items}
+        if self.lenient:
+            return {"$unsupported": type(value).__name__}
+        raise WireError(
+            f"a {type(value).__name__} cannot travel to the server: send tensors, numbers, strings, "
+            "lists, tuples, dicts, slices, ... and the library's patches"
+        )
+
+    def fields(self, value: Any) -> dict[str, Any]:
+        return {f.name: self.value(getattr(value, f.name)) for f in dataclasses.fields(value)}
+
+
+class _Decoder:
+    def __init__(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        self.tensors = tensors
+
+    def value(self, value: Any, depth: int = 0) -> Any:
+        if depth > _MAX_DEPTH:
+            raise WireError(f"the message nests deeper than {_MAX_DEPTH} levels")
+        if value is None or isinstance(value, (bool, str, float)):
+            return value
+        if isinstance(value, int):
+            if not -_INT64 <= value < _INT64:
+                raise WireError(f"the integer {value} does not fit in 64 bits")
+            return value
+        if isinstance(value, list):
+            return [self.value(v, depth + 1) for v in value]
+        if not isinstance(value, dict) or len(value) not in (1, 2):
+            raise WireError(f"unexpected JSON value {_short(value)}: tagged values are objects with one $key")
+        tag = next(iter(value))
+        body = value[tag]
+        if tag == "$tensor" and len(value) == 1:
+            if not isinstance(body, str) or body not in self.tensors:
+                raise WireError(f"the message refers to a tensor {_short(body)} that it does not contain")
+            return self.tensors[body]
+        if tag == "$tuple" and len(value) == 1 and isinstance(body, list):
+            return tuple(self.value(v, depth + 1) for v in body)
+        if tag in ("$dict", "$output") and len(value) == 1 and isinstance(body, dict):
+            items = {str(k): self.value(v, depth + 1) for k, v in body.items()}
+            return items if tag == "$dict" else Output(items)
+        if tag == "$ellipsis" and len(value) == 1:
+            return Ellipsis
+        if tag == "$float" and len(value) == 1 and body in ("nan", "inf", "-inf"):
+            return float(body)
+        if tag == "$slice" and len(value) == 1 and isinstance(body, list) and len(body) == 3:
+            parts = [self.value(v, depth + 1) for v in body]
+            if not all(p is None or (isinstance(p, int) and not isinstance(p, bool)) for p in parts):
+                raise WireError(f"slice bounds must be integers or null, got {_short(body)}")
+            return slice(*parts)
+        if tag in ("$patch", "$loss") and set(value) == {tag, "fields"}:
+            return self.dataclass(tag, body, value["fields"], depth)
+        if tag == "$unsupported" and len(value) == 1:
+            return f"<{body} (could not be sent)>"
+        raise WireError(f"unknown tagged value {_short(value)}")
+
+    def dataclass(self, tag: str, name: Any, fields: Any, depth: int) -> Any:
+        table = LOSSES if tag == "$loss" else {k: v for k, v in PATCHES.items() if v is not Custom}
+        if not isinstance(name, str) or name not in table:
+            raise WireError(f"unknown {tag[1:]} {_short(name)}; known: {', '.join(sorted(table))}")
+        cls = table[name]
+        known = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(fields, dict) or not set(fields) <= known:
+            raise WireError(f"{name} has the fields {sorted(known)}, got {_short(fields)}")
+        values = {k: self.value(v, depth + 1) for k, v in fields.items()}
+        for key, item in values.items():
+            _check_field(name, key, item)
+        return cls(**values)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_index(name: str, index: Any, depth: int = 0) -> None:
+    if index is None or index is Ellipsis or _is_int(index) or isinstance(index, slice):
+        return
+    if isinstance(index, torch.Tensor):
+        if index.dtype == torch.bool or not (index.is_floating_point() or index.is_complex()):
+            return
+    elif isinstance(index, (tuple, list)) and depth < 2:
+        for part in index:
+            _check_index(name, part, depth + 1)
+        return
+    raise WireError(f"{name}.index: {_short(index)} is not an index (ints, slices, ..., None, lists, int tensors)")
+
+
+def _check_field(cls: str, key: str, value: Any) -> None:
+    where = f"{cls}.{key}"
+    if key == "index":
+        _check_index(cls, value)
+    elif key == "dims":
+        parts = value if isinstance(value, (tuple, list)) else [value]
+        if not (value is None or all(_is_int(d) for d in parts)):
+            raise WireError(f"{where} must be an int, a list of ints or null, got {_short(value)}")
+    elif key in ("k", "dim", "position", "ignore_index", "correct", "wrong"):
+        if not _is_int(value) or (key == "k" and not 1 <= value <= 1_000_000):
+            raise WireError(f"{where} must be an integer" + (" from 1 to 1000000" if key == "k" else ""))
+    elif key == "key":
+        if not isinstance(value, str) or not 0 < len(value) <= 200:
+            raise WireError(f"{where} must be a non-empty string")
+    elif key in ("p", "factor", "value", "direction", "targets"):
+        numbers = (int, float, torch.Tensor)
+        if not (isinstance(value, numbers) and not isinstance(value, bool)) and not (
+            key in ("direction", "targets", "value") and isinstance(value, list)
+        ):
+            raise WireError(f"{where} must be a number or a tensor, got {_short(value)}")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+# -- messages ---------------------------------------------------------------------------------------
+
+
+def encode(document: Any, *, lenient: bool = False) -> bytes:
+    """One message: ``document`` (any value in the table above) as safetensors bytes."""
+    from safetensors.torch import save
+
+    encoder = _Encoder(lenient)
+    body = encoder.value(document)
+    return save(encoder.tensors, metadata={_METADATA_KEY: json.dumps(body, separators=(",", ":"))})
+
+
+def _open(data: bytes) -> tuple[Any, dict[str, torch.Tensor]]:
+    """The JSON document and the tensors of a message."""
+    from safetensors.torch import load
+
+    if len(data) < 8:
+        raise WireError(f"a message is a safetensors file (content type {MEDIA_TYPE}); got {len(data)} bytes")
+    try:
+        (size,) = _FRAME_LENGTH.unpack_from(data)
+        if size > len(data) - 8:
+            raise ValueError("the safetensors header is longer than the message")
+        header = json.loads(bytes(data[8 : 8 + size]))
+        document = json.loads(header["__metadata__"][_METADATA_KEY])
+        tensors = load(bytes(data))
+    except Exception as error:  # safetensors raises its own error type
+        raise WireError(f"the body is not a neurotap message ({type(error).__name__}: {error})") from None
+    return document, tensors
+
+
+def decode(data: bytes) -> Any:
+    """The value that :func:`encode` wrote; :class:`WireError` for anything malformed."""
+    document, tensors = _open(data)
+    return _Decoder(tensors).value(document)
+
+
+def frame(document: Any, *, lenient: bool = True) -> bytes:
+    """One frame of a stream: length, then the message."""
+    message = encode(document, lenient=lenient)
+    return _FRAME_LENGTH.pack(len(message)) + message
+
+
+END_OF_STREAM = _FRAME_LENGTH.pack(0)
+
+
+def read_frames(chunks: Any) -> Any:
+    """Decode the frames of a stream of byte chunks; :class:`WireError` if it ends early."""
+    buffer = bytearray()
+    for chunk in chunks:
+        buffer += chunk
+        while len(buffer) >= 8:
+            (size,) = _FRAME_LENGTH.unpack_from(buffer)
+            if size == 0:
+                return
+            if len(buffer) < 8 + size:
+                break
+            yield decode(bytes(buffer[8 : 8 + size]))
+            del buffer[: 8 + size]
+    raise WireError("the stream ended before its end marker; the server may have stopped")
+
+
+# -- requests ---------------------------------------------------------------------------------------
+
+
+def encode_probe(spec: ProbeSpec, *, code: bool) -> Any:
+    """JSON-ready description of a probe; a function that is not a patch is pickled only if ``code``."""
+    fn = spec.fn
+    if isinstance(fn, Patch) and not isinstance(fn, Custom):
+        described: Any = fn
+    elif not code:
+        raise CodeNotAllowedError(
+            f"the probe at {spec.point!r} is a Python function; " + CODE_NOT_ALLOWED.split(", so ", 1)[1]
+        )
+    else:
+        import cloudpickle
+
+        payload = cloudpickle.dumps(fn.fn if isinstance(fn, Custom) else fn)
+        described = {"$code": torch.frombuffer(bytearray(payload), dtype=torch.uint8)}
+    return {"point": spec.point, "grad": bool(spec.grad), "fn": described}
+
+
+def encode_request(request: RunRequest) -> bytes:
+    encoder = _Encoder()
+    probes = []
+    for spec in request.probes:
+        described = encode_probe(spec, code=True)
+        fn = described["fn"]
+        if isinstance(fn, dict) and "$code" in fn:
+            fn = {"$code": encoder.tensor(fn["$code"])}
+        else:
+            fn = encoder.value(fn)
+        probes.append({"point": described["point"], "grad": described["grad"], "fn": fn})
+    body = {
+        "op": request.op,
+        "args": encoder.value(list(request.args)),
+        "kwargs": encoder.value(dict(request.kwargs)),
+        "probes": probes,
+        "outputs": request.outputs,
+        "loss": encoder.value(request.loss),
+    }
+    from safetensors.torch import save
+
+    return save(encoder.tensors, metadata={_METADATA_KEY: json.dumps(body, separators=(",", ":"))})
+
+
+def decode_request(data: bytes, *, allow_code: bool) -> RunRequest:
+    """A :class:`RunRequest` from a body; code probes are unpickled only with ``allow_code``."""
+    body, tensors = _open(data)
+    if not isinstance(body, dict):
+        raise WireError("a request is a JSON object with op, args, kwargs, probes, outputs, loss")
+    unknown = set(body) - {"op", "args", "kwargs", "probes", "outputs", "loss"}
+    if unknown:
+        raise WireError(f"unknown request fields {sorted(unknown)}")
+    decoder = _Decoder(tensors)
+    op = body.get("op")
+    if op not in OPS:
+        raise WireError(f"op must be one of {', '.join(OPS)}, got {_short(op)}")
+    args = decoder.value(body.get("args", []))
+    kwargs = decoder.value(body.get("kwargs", {"$dict": {}}))
+    if not isinstance(args, list) or not isinstance(kwargs, dict):
+        raise WireError("args must be a list and kwargs a dict")
+    outputs = body.get("outputs")
+    if outputs is not None and not (isinstance(outputs, list) and all(isinstance(o, str) for o in outputs)):
+        raise WireError("outputs must be null or a list of output field names")
+    loss = decoder.value(body.get("loss"))
+    if op == "backward" and not isinstance(loss, tuple(LOSSES.values())):
+        raise WireError(f"a backward request needs a loss: one of {', '.join(LOSSES)}")
+    raw_probes = body.get("probes", [])
+    if not isinstance(raw_probes, list):
+        raise WireError("probes must be a list")
+    probes = []
+    for raw in raw_probes:
+        if not isinstance(raw, dict) or set(raw) != {"point", "grad", "fn"}:
+            raise WireError(f"a probe is {{point, grad, fn}}, got {_short(raw)}")
+        point, grad, fn = raw["point"], raw["grad"], raw["fn"]
+        if not isinstance(point, str) or not isinstance(grad, bool):
+            raise WireError(f"a probe's point must be a string and grad a boolean, got {_short(raw)}")
+        if isinstance(fn, dict) and set(fn) == {"$code"}:
+            if not allow_code:
+                raise CodeNotAllowedError(f"the probe at {point!r} is a Python function; " + CODE_NOT_ALLOWED)
+            payload = decoder.value(fn["$code"])
+            if not isinstance(payload, torch.Tensor) or payload.dtype != torch.uint8:
+                raise WireError("$code must be a uint8 tensor of cloudpickle bytes")
+            import cloudpickle
+
+            try:
+                fn = cloudpickle.loads(payload.numpy().tobytes())
+            except Exception as error:
+                raise WireError(f"could not unpickle the probe at {point!r}: {type(error).__name__}: {error}") from None
+        else:
+            fn = decoder.value(fn)
+            if not isinstance(fn, Patch):
+                raise WireError(f"a probe's fn must be a patch ({{'$patch': ...}}) or code, got {_short(raw['fn'])}")
+        probes.append(ProbeSpec(point, fn, grad))
+    return RunRequest(op, tuple(args), kwargs, probes, outputs, loss)

@@ -1,0 +1,627 @@
+"""``neurotap serve`` in a real process on 127.0.0.1, against the same model run locally."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+import transformers
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import neurotap as nt
+from neurotap.transport import CrossEntropy, LogitDiff
+from neurotap.transport.wire import MEDIA_TYPE, PROTOCOL, PROTOCOL_HEADER, SESSION_HEADER
+
+VOCAB = 128
+KEY = nt.Record().key
+MUL = "model.layers.0.mlp.mul"
+LAUNCH = "import sys; from neurotap.cli import main; sys.exit(main())"
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        attn_implementation="eager",
+    )
+    path = tmp_path_factory.mktemp("tiny")
+    transformers.LlamaForCausalLM(config).eval().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def local(folder) -> nt.Model:
+    return nt.load(str(folder))
+
+
+class Server:
+    def __init__(self, folder: Path, *args: str) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", LAUNCH, "serve", str(folder), "--port", "0", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        self.log: list[str] = []
+        self._drain = threading.Thread(target=self._drain_stderr, daemon=True)
+        self._drain.start()
+        line = self.process.stdout.readline()  # "neurotap: serving ... on http://127.0.0.1:PORT"
+        if " on http://" not in line:
+            self.stop()
+            raise RuntimeError(f"the server did not start: {line!r}\n{''.join(self.log)}")
+        self.url = line.split(" on ")[1].split()[0]
+
+    def _drain_stderr(self) -> None:
+        for line in self.process.stderr:
+            self.log.append(line)
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._drain.join(10)
+        self.process.stdout.close()
+        self.process.stderr.close()
+        return self.process.returncode
+
+
+@pytest.fixture(scope="module")
+def server(folder):
+    running = Server(folder, "--max-session-bytes", "300000", "--max-request-bytes", "2000000")
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def tokens(tmp_path_factory) -> tuple[Path, list[str]]:
+    path = tmp_path_factory.mktemp("auth") / "tokens.txt"
+    path.write_text("# researchers\nalpha-token\n\nbeta-token\n")
+    return path, ["alpha-token", "beta-token"]
+
+
+@pytest.fixture(scope="module")
+def code_server(folder, tokens):
+    running = Server(folder, "--allow-code", "--token-file", str(tokens[0]), "--request-timeout", "1.5")
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def remote(server):
+    with nt.connect(server.url) as rm:
+        yield rm
+
+
+def ids(seed: int, rows: int = 1, length: int = 6) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (rows, length), generator=torch.Generator().manual_seed(seed))
+
+
+def same(actual, expected) -> None:
+    if isinstance(expected, torch.Tensor):
+        torch.testing.assert_close(actual, expected.detach(), rtol=1e-5, atol=1e-5)
+    elif isinstance(expected, (list, tuple)):
+        assert len(actual) == len(expected)
+        for a, e in zip(actual, expected):
+            same(a, e)
+    elif hasattr(expected, "keys"):
+        assert set(actual.keys()) == set(expected.keys())
+        for key in expected.keys():
+            same(actual[key], expected[key])
+    else:
+        assert actual == expected
+
+
+def local_recordings(model: nt.Model) -> dict:
+    recorded = {name: dict(ctx) for name, ctx in model.recordings().items()}
+    model.clear_recordings()
+    return recorded
+
+
+# -- equivalence ------------------------------------------------------------------------------------
+
+
+def test_points_are_the_local_inventory(remote, local):
+    assert remote.points() == local.points()
+    assert remote.points("model.layers.1.mlp") == local.points("model.layers.1.mlp")
+    with pytest.raises(nt.UnknownPointError, match="model.layers.9"):
+        remote.points("model.layers.9")
+
+
+def test_forward_with_probes_and_patches_equals_local(remote, local):
+    tokens = ids(1, rows=2)
+    direction = torch.randn(64, generator=torch.Generator().manual_seed(3))
+    probes = [
+        nt.probe(MUL, nt.Mean(dims=(0, 1))),
+        nt.probe(MUL, nt.TopK(4)),
+        nt.probe("model.layers.1.output", nt.Project(direction)),
+        nt.probe("model.layers.1.self_attn.o_proj.output", nt.Record(index=(slice(None), -1))),
+        nt.probe("model.layers.0.self_attn.attention_interface.softmax", nt.Max(dims=(0, 2))),
+        nt.probe("model.norm.output", nt.Norm()),
+    ]
+    patches = {
+        MUL: [nt.Scale(0.5, index=(..., slice(0, 7))), nt.Add(torch.ones(128))],
+        "lm_head.output": nt.Zero(index=(..., 5)),
+        "model.layers.1.mlp.act_fn.output": nt.Replace(torch.zeros(128), index=(0, 2)),
+    }
+    for _ in range(2):  # running reductions carry across calls
+        with remote.patch(patches):
+            out = remote.forward(tokens, probes=probes)
+        with local.patch(patches), torch.no_grad():
+            expected = local.forward(tokens, probes=probes)
+    same(out.logits, expected.logits)
+    assert (out.logits[..., 5] == 0).all()
+    assert "past_key_values" not in out
+    same(remote.recordings(), local_recordings(local))
+    remote.clear_recordings()
+    assert remote.recordings() == {}
+
+
+def test_outputs_pick_fields(remote, local):
+    tokens = ids(2)
+    assert remote.forward(tokens, outputs=[]) is None
+    out = remote.forward(tokens, outputs=["logits"])
+    assert list(out) == ["logits"]
+    with pytest.raises(nt.NeurotapError, match="no field 'nope'"):
+        remote.forward(tokens, outputs=["nope"])
+
+
+def test_generate_with_patch_and_probes_equals_local(remote, local):
+    tokens = ids(3)
+    patch = {"lm_head.output": nt.Zero(index=(..., 17))}
+    probes = [nt.probe("model.layers.1.output", nt.Mean(dims=(0, 1)))]
+    with remote.patch(patch):
+        generated = remote.generate(tokens, max_new_tokens=6, do_sample=False, probes=probes)
+    with local.patch(patch):
+        expected = local.generate(tokens, max_new_tokens=6, do_sample=False, probes=probes)
+    assert torch.equal(generated, expected)
+    assert not (generated[:, tokens.shape[1] :] == 17).any()
+    same(remote.recordings(), local_recordings(local))
+
+
+def hidden_gradient(module, tokens, loss_fn):
+    """The gradient at model.layers.0's output by torch.autograd.grad on the unwrapped module."""
+    captured = {}
+    handle = module.model.layers[0].register_forward_hook(lambda _m, _a, out: captured.setdefault("h", out))
+    try:
+        logits = module(tokens).logits
+    finally:
+        handle.remove()
+    hidden = captured["h"][0] if isinstance(captured["h"], tuple) else captured["h"]
+    loss = loss_fn(logits)
+    return loss.item(), torch.autograd.grad(loss, hidden)[0]
+
+
+def test_backward_gradients_match_autograd(remote, local):
+    tokens = ids(4, rows=2)
+    targets = torch.roll(tokens, -1, dims=1)
+    targets[:, -1] = -100
+    point = "model.layers.0.output"
+    cases = [
+        (
+            CrossEntropy(targets),
+            lambda logits: torch.nn.functional.cross_entropy(
+                logits.flatten(0, 1), targets.flatten(), ignore_index=-100
+            ),
+        ),
+        (LogitDiff(7, 9, position=-2), lambda logits: (logits[:, -2, 7] - logits[:, -2, 9]).mean()),
+    ]
+    for loss, reference in cases:
+        remote.clear_recordings()
+        value = remote.backward(tokens, loss=loss, probes=[nt.probe(point, nt.Record(), grad=True)])
+        expected_loss, expected_grad = hidden_gradient(local.module, tokens, reference)
+        assert value == pytest.approx(expected_loss, rel=1e-5)
+        same(remote.recordings()[point + ".grad"][KEY], [expected_grad])
+
+
+def test_get_parameter(remote, local):
+    name = "model.layers.1.mlp.up_proj.weight"
+    same(remote.get_parameter(name), local.get_parameter(name))
+    with pytest.raises(nt.UnknownPointError):
+        remote.get_parameter("model.nope.weight")
+
+
+def test_compressed_requests_and_responses(server, local):
+    tokens = ids(5)
+    with nt.connect(server.url, compress=True) as rm:
+        out = rm.forward(tokens, probes=[nt.probe(MUL, nt.Record())])
+        recorded = rm.recordings()
+    with torch.no_grad():
+        expected = local.forward(tokens, probes=[nt.probe(MUL, nt.Record())])
+    same(out.logits, expected.logits)
+    same(recorded, local_recordings(local))
+
+
+# -- sessions and concurrency ------------------------------------------------------------------------
+
+
+def test_two_sessions_keep_separate_recordings(server):
+    with nt.connect(server.url) as first, nt.connect(server.url) as second:
+        first.forward(ids(6), probes=[nt.probe(MUL, nt.Record())])
+        second.forward(ids(7), probes=[nt.probe("model.layers.1.output", nt.Sum(dims=(0, 1)))])
+        second.forward(ids(8), probes=[nt.probe("model.layers.1.output", nt.Sum(dims=(0, 1)))])
+        assert list(first.recordings()) == [MUL]
+        assert list(second.recordings()) == ["model.layers.1.output"]
+        first.clear_recordings()
+        assert first.recordings() == {}
+        assert list(second.recordings()) == ["model.layers.1.output"]
+
+
+def client_requests(client: int) -> list[tuple[torch.Tensor, list, dict]]:
+    """Each client's own inputs, probes and patches, all touching the same points."""
+    work = []
+    for k in range(4):
+        tokens = ids(100 * client + k, rows=1 + client % 2)
+        probes = [nt.probe(MUL, nt.Mean(dims=(0, 1))), nt.probe("model.layers.1.output", nt.TopK(2))]
+        patches = {MUL: nt.Scale(float(client), index=(..., slice(client, client + 4)))}
+        work.append((tokens, probes, patches))
+    return work
+
+
+def test_concurrent_clients_get_their_sequential_results(server, local):
+    clients = 6
+    expected_out, expected_rec = {}, {}
+    for c in range(clients):
+        outs = []
+        for tokens, probes, patches in client_requests(c):
+            with local.patch(patches), torch.no_grad():
+                outs.append(local.forward(tokens, probes=probes).logits)
+        expected_out[c], expected_rec[c] = outs, local_recordings(local)
+
+    got_out, got_rec, errors = {}, {}, []
+    barrier = threading.Barrier(clients)
+
+    def work(c: int) -> None:
+        try:
+            with nt.connect(server.url) as rm:
+                barrier.wait()
+                outs = []
+                for tokens, probes, patches in client_requests(c):
+                    with rm.patch(patches):
+                        outs.append(rm.forward(tokens, probes=probes).logits)
+                got_out[c], got_rec[c] = outs, rm.recordings()
+        except Exception as error:  # surfaced below
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(c,)) for c in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    for c in range(clients):
+        same(got_out[c], expected_out[c])
+        same(got_rec[c], expected_rec[c])
+
+
+# -- refusals ----------------------------------------------------------------------------------------
+
+
+def test_code_is_refused_unless_allowed(remote):
+    with pytest.raises(nt.NeurotapError, match="--allow-code") as caught:
+        remote.forward(ids(9), probes=[nt.probe(MUL, lambda ctx, value: None)])
+    assert caught.value.status == 403
+    assert "any Python code" in str(caught.value)
+
+
+def test_code_runs_when_allowed(code_server, local, tokens):
+    tokens_ = ids(10)
+    scale = 3.0
+
+    def triple_and_save(ctx, value):  # a closure over `scale`
+        ctx.seen = value.sum()
+        return value * scale
+
+    with nt.connect(code_server.url, token=tokens[1][0]) as rm:
+        out = rm.forward(tokens_, probes=[nt.probe(MUL, triple_and_save)])
+        recorded = rm.recordings()
+        with pytest.raises(nt.ProbeError, match="ZeroDivisionError") as caught:
+            rm.forward(tokens_, probes=[nt.probe(MUL, lambda ctx, value: 1 / 0)])
+        assert "server traceback" in str(caught.value) and "1 / 0" in caught.value.remote_traceback
+        assert rm.recordings().keys() == recorded.keys()  # the failed request recorded nothing
+        again = rm.forward(tokens_, outputs=["logits"])  # and the server goes on
+    with torch.no_grad():
+        expected = local.forward(tokens_, probes=[nt.probe(MUL, triple_and_save)])
+    same(out.logits, expected.logits)
+    same(recorded, local_recordings(local))
+    with torch.no_grad():
+        same(again.logits, local.module(tokens_).logits)
+
+
+def test_tokens(code_server, tokens):
+    with pytest.raises(nt.NeurotapError, match="token") as caught:
+        nt.connect(code_server.url)
+    assert caught.value.status == 401
+    with pytest.raises(nt.NeurotapError, match="token"):
+        nt.connect(code_server.url, token="wrong")
+    with nt.connect(code_server.url, token=tokens[1][0]) as alpha:
+        alpha.forward(ids(11), probes=[nt.probe(MUL, nt.Record())])
+        # another token cannot use alpha's session
+        response = httpx.get(
+            code_server.url + "/v1/recordings",
+            headers={
+                PROTOCOL_HEADER: str(PROTOCOL),
+                SESSION_HEADER: alpha._session,
+                "Authorization": "Bearer beta-token",
+            },
+        )
+        assert response.status_code == 404
+        assert list(alpha.recordings()) == [MUL]
+
+
+def test_other_addresses_need_tokens(folder):
+    result = subprocess.run(
+        [sys.executable, "-c", LAUNCH, "serve", str(folder), "--host", "0.0.0.0", "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "without tokens" in result.stderr and "--token-file" in result.stderr
+
+
+def test_protocol_mismatch_is_explained(server):
+    response = httpx.get(server.url + "/v1/points", headers={PROTOCOL_HEADER: str(PROTOCOL + 1)})
+    assert response.status_code == 400
+    assert "upgrade neurotap on the server side" in response.json()["message"]
+    response = httpx.get(server.url + "/v1/points")
+    assert response.status_code == 400 and PROTOCOL_HEADER in response.json()["message"]
+
+
+def test_limits(remote, local):
+    # request size
+    with pytest.raises(nt.NeurotapError, match="max-request-bytes") as caught:
+        remote.forward(ids(12), probes=[nt.probe(MUL, nt.Add(torch.zeros(600_000)))])
+    assert caught.value.status == 413
+    # recorded bytes: 2 x 30 x 64 floats is 15 kB a call against a 300 kB session limit
+    tokens = ids(13, rows=2, length=30)
+    calls = 0
+    with pytest.raises(nt.NeurotapError, match="max-session-bytes") as caught:
+        while calls < 100:
+            remote.forward(tokens, probes=[nt.probe("model.layers.1.output", nt.Record())], outputs=[])
+            calls += 1
+    assert caught.value.status == 413
+    assert calls == 300_000 // (2 * 30 * 64 * 4)
+    assert len(remote.recordings()["model.layers.1.output"][KEY]) == calls
+    # inputs longer than the model's positions
+    with pytest.raises(nt.NeurotapError, match="max_position_embeddings"):
+        remote.forward(ids(14, length=65))
+
+
+def test_timeout_and_disconnect_leave_the_server_healthy(code_server, tokens, local):
+    with nt.connect(code_server.url, token=tokens[1][0]) as rm:
+
+        def slow(ctx, value):
+            time.sleep(0.4)
+
+        started = time.monotonic()
+        with pytest.raises(nt.NeurotapError, match="request timeout") as caught:
+            rm.generate(ids(15), max_new_tokens=30, do_sample=False, probes=[nt.probe(MUL, slow)])
+        assert caught.value.status == 504
+        assert time.monotonic() - started < 5
+
+        impatient = nt.connect(code_server.url, token=tokens[1][0], timeout=0.2)
+        with pytest.raises(httpx.TimeoutException):
+            impatient.forward(ids(16), probes=[nt.probe(MUL, slow)])
+        impatient._http.close()
+
+        assert httpx.get(code_server.url + "/health").json()["status"] == "ok"
+        tokens_ = ids(17)
+        with torch.no_grad():
+            same(rm.forward(tokens_).logits, local.module(tokens_).logits)
+
+
+# -- fuzzing -----------------------------------------------------------------------------------------
+
+PATCH_NAMES = [
+    "Zero",
+    "Add",
+    "Replace",
+    "Scale",
+    "Record",
+    "Mean",
+    "Sum",
+    "Max",
+    "Norm",
+    "Project",
+    "TopK",
+    "Custom",
+    "X",
+]
+json_scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=False), st.text(max_size=8)
+)
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4),
+        st.dictionaries(
+            st.sampled_from(["$tensor", "$tuple", "$slice", "$dict", "$patch", "fields", "x"]), inner, max_size=3
+        ),
+    ),
+    max_leaves=12,
+)
+fields = st.dictionaries(
+    st.sampled_from(["index", "dims", "k", "dim", "key", "value", "factor", "direction", "p", "bogus"]),
+    st.one_of(
+        json_values,
+        st.just({"$tensor": "t0"}),
+        st.just({"$ellipsis": None}),
+        st.builds(lambda a, b: {"$slice": [a, b, None]}, st.integers(-(2**63), 2**63 - 1), st.none()),
+        st.builds(lambda a: {"$tuple": [{"$ellipsis": None}, a]}, st.integers(-(2**63), 2**63 - 1)),
+    ),
+    max_size=3,
+)
+probes = st.lists(
+    st.fixed_dictionaries(
+        {
+            "point": st.sampled_from(
+                [MUL, "lm_head.output", "model.layers.0.output[0]", "nope", 'model.norm.output["x"]']
+            ),
+            "grad": st.booleans(),
+            "fn": st.one_of(
+                st.builds(lambda n, f: {"$patch": n, "fields": f}, st.sampled_from(PATCH_NAMES), fields),
+                json_values,
+            ),
+        }
+    ),
+    max_size=3,
+)
+tensors = st.one_of(
+    st.builds(lambda n, v: torch.full((1, n), v, dtype=torch.int64), st.integers(0, 70), st.integers(-5, 200)),
+    st.builds(lambda n: torch.rand(n), st.integers(0, 5)),
+    st.builds(lambda: torch.zeros(2, 3, dtype=torch.bool)),
+)
+bodies = st.fixed_dictionaries(
+    {
+        "op": st.sampled_from(["forward", "generate", "backward", "explode"]),
+        "args": st.one_of(st.just([{"$tensor": "t0"}]), st.lists(json_values, max_size=2)),
+        "kwargs": st.one_of(
+            st.just({"$dict": {}}),
+            st.builds(lambda v: {"$dict": {"max_new_tokens": v}}, st.integers(-3, 3)),
+            st.builds(lambda v: {"$dict": {"attention_mask": v}}, json_values),
+        ),
+        "probes": probes,
+        "outputs": st.one_of(st.none(), st.lists(st.sampled_from(["logits", "x"]), max_size=2), json_scalars),
+        "loss": st.one_of(
+            st.none(),
+            st.builds(
+                lambda f: {"$loss": "CrossEntropy", "fields": f}, st.dictionaries(st.just("targets"), json_values)
+            ),
+            st.builds(
+                lambda a, p: {"$loss": "LogitDiff", "fields": {"correct": a, "wrong": 1, "position": p}},
+                st.integers(-(2**63), 2**63 - 1),
+                st.integers(-(2**63), 2**63 - 1),
+            ),
+        ),
+    }
+)
+
+
+def message(body: dict, tensor: torch.Tensor) -> bytes:
+    import json
+
+    from safetensors.torch import save
+
+    return save({"t0": tensor.contiguous()}, metadata={"neurotap": json.dumps(body)})
+
+
+@pytest.fixture(scope="module")
+def fuzz_client(server):
+    with nt.connect(server.url) as rm:
+        yield rm._http
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(body=bodies, tensor=tensors)
+def test_fuzz_run_requests_get_4xx_or_200(fuzz_client, body, tensor):
+    response = fuzz_client.post("/v1/run", content=message(body, tensor), headers={"Content-Type": MEDIA_TYPE})
+    assert response.status_code < 500, response.text
+    if response.status_code >= 400:
+        assert set(response.json()) == {"error", "message", "traceback"}
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    raw=st.binary(max_size=300),
+    path=st.sampled_from(["/v1/run", "/v1/points?prefix=%00", "/v1/parameters/..%2F", "/v1/recordings?point=x"]),
+    method=st.sampled_from(["GET", "POST", "DELETE"]),
+    headers=st.dictionaries(
+        st.sampled_from([SESSION_HEADER, PROTOCOL_HEADER, "Authorization", "Content-Encoding", "Content-Type"]),
+        st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=20),
+        max_size=3,
+    ),
+)
+def test_fuzz_raw_bytes_and_headers_get_4xx(fuzz_client, raw, path, method, headers):
+    response = fuzz_client.request(method, path, content=raw, headers=headers)
+    assert response.status_code < 500, response.text
+
+
+def test_server_healthy_after_fuzzing(server, local):
+    tokens_ = ids(18)
+    with nt.connect(server.url) as rm, torch.no_grad():
+        same(rm.forward(tokens_).logits, local.module(tokens_).logits)
+
+
+# -- lifecycle ---------------------------------------------------------------------------------------
+
+
+def test_graceful_shutdown_finishes_running_requests(folder):
+    running = Server(folder, "--allow-code")
+    try:
+        with nt.connect(running.url) as rm:
+            result = {}
+
+            def slow_request():
+                result["out"] = rm.forward(ids(19), probes=[nt.probe(MUL, lambda ctx, value: time.sleep(1.0))])
+
+            thread = threading.Thread(target=slow_request)
+            thread.start()
+            time.sleep(0.5)
+            running.process.send_signal(signal.SIGTERM)
+            thread.join(30)
+            assert "out" in result and result["out"].logits.shape == (1, 6, VOCAB)
+        # uvicorn re-raises the signal once it has shut down gracefully
+        assert running.process.wait(30) in (0, -signal.SIGTERM)
+        assert any("POST /v1/run 200" in line for line in running.log), running.log
+    finally:
+        running.stop()
+
+
+def test_idle_timeout_stops_the_server(folder):
+    running = Server(folder, "--idle-timeout", "1")
+    try:
+        assert running.process.wait(30) == 0
+        assert any("--idle-timeout" in line for line in running.log)
+    finally:
+        running.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_launch_and_connect_starts_then_reuses(folder, tmp_path, monkeypatch, local):
+    monkeypatch.setenv("NEUROTAP_CACHE", str(tmp_path))
+    port = free_port()
+    first = nt.launch_and_connect(str(folder), port=port, idle_timeout=60)
+    try:
+        pid = httpx.get(first.url + "/health").json()["pid"]
+        second = nt.launch_and_connect(str(folder), port=port)
+        assert httpx.get(second.url + "/health").json()["pid"] == pid
+        tokens_ = ids(20)
+        with torch.no_grad():
+            same(second.forward(tokens_).logits, local.module(tokens_).logits)
+        second.close()
+        with pytest.raises(nt.NeurotapError, match="already serves"):
+            nt.launch_and_connect("smollm2-135m", port=port)
+    finally:
+        first.close()
+        os.kill(pid, signal.SIGTERM)
+        from neurotap.transport import client
+
+        while client._launched:
+            client._launched.pop().wait(30)
