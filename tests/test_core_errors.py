@@ -378,8 +378,11 @@ def test_core_unreadable_forward_keeps_module_points(make, nested) -> None:
 # -- the public surface ---------------------------------------------------------------------------
 
 PUBLIC = [
+    "ActivationDataset",
     "Add",
+    "CrossEntropy",
     "Custom",
+    "LogitDiff",
     "Max",
     "Mean",
     "Model",
@@ -393,6 +396,7 @@ PUBLIC = [
     "ProbeError",
     "Project",
     "Record",
+    "RemoteModel",
     "Replace",
     "SaveContext",
     "Scale",
@@ -402,6 +406,9 @@ PUBLIC = [
     "UnknownPointError",
     "Zero",
     "__version__",
+    "collect",
+    "connect",
+    "launch_and_connect",
     "load",
     "probe",
     "wrap",

@@ -1,7 +1,10 @@
 """neurotap: probe, record and patch every value inside a PyTorch model while it runs."""
 
+import importlib
+from typing import Any
+
 from .errors import NeurotapError, PatchError, ProbeError, SourceUnavailableWarning, UnknownPointError
-from .model import Model, load, wrap
+from .model import CrossEntropy, LogitDiff, Model, load, wrap
 from .points import Point, PointList
 from .probes import (
     Add,
@@ -25,8 +28,11 @@ from .probes import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "ActivationDataset",
     "Add",
+    "CrossEntropy",
     "Custom",
+    "LogitDiff",
     "Max",
     "Mean",
     "Model",
@@ -40,6 +46,7 @@ __all__ = [
     "ProbeError",
     "Project",
     "Record",
+    "RemoteModel",
     "Replace",
     "SaveContext",
     "Scale",
@@ -49,19 +56,26 @@ __all__ = [
     "UnknownPointError",
     "Zero",
     "__version__",
+    "collect",
+    "connect",
+    "launch_and_connect",
     "load",
     "probe",
     "wrap",
 ]
 
 
-def __getattr__(name: str):  # the server and client load on first use: `import neurotap` stays light
-    if name in ("connect", "launch_and_connect", "RemoteModel"):
-        from . import transport
+# The server, client and datasets sit above the core and load on first use, so `import neurotap` stays light.
+_LAZY = {
+    "ActivationDataset": "datasets",
+    "collect": "datasets",
+    "RemoteModel": "transport",
+    "connect": "transport",
+    "launch_and_connect": "transport",
+}
 
-        return getattr(transport, name)
-    if name in ("ActivationDataset", "collect"):  # the datasets layer sits above the core: loaded on first use
-        from . import datasets
 
-        return getattr(datasets, name)
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'neurotap' has no attribute {name!r}")

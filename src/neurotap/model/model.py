@@ -11,6 +11,7 @@ import torch
 from ..errors import NeurotapError, UnknownPointError
 from ..points import Attachment, Inventory, PointList, take_inventory
 from ..probes import Probe, SaveContext, probe
+from .losses import LOSSES, Loss, logits_of
 from .plan import Plan, unknown_point
 
 PatchSpec = Mapping[str, Callable[..., Any] | Sequence[Callable[..., Any]]]
@@ -113,6 +114,30 @@ class Model:
         if generate is None:
             raise NeurotapError(f"{type(self.module).__name__} has no generate(); use forward()")
         return self._run(generate, args, kwargs, probes)
+
+    def backward(self, *args: Any, loss: Loss, probes: Sequence[Probe] = (), **kwargs: Any) -> float:
+        """Forward with ``probes``, a built-in ``loss`` of the logits, then backward; returns the loss.
+
+        ``loss`` is ``nt.CrossEntropy(targets)`` or ``nt.LogitDiff(correct, wrong)``:
+        plain data, so the same call runs on a server. Gradient probes
+        (``nt.probe(point, fn, grad=True)``) see the gradient at their points; the
+        weights' ``.grad`` are left as they were.
+        """
+        if not isinstance(loss, tuple(LOSSES.values())):
+            names = ", ".join(f"nt.{name}" for name in LOSSES)
+            raise TypeError(f"backward(loss=...) takes a built-in loss ({names}), got {type(loss).__name__}")
+        parameters = list(self.module.parameters())
+        kept = [p.grad for p in parameters]
+        for parameter in parameters:  # backward accumulates into .grad in place: keep the user's out of reach
+            parameter.grad = None
+        try:
+            with torch.enable_grad():
+                value = loss(logits_of(self.forward(*args, probes=probes, **kwargs)))
+                value.backward()
+        finally:
+            for parameter, grad in zip(parameters, kept):
+                parameter.grad = grad
+        return float(value.detach())
 
     def _run(self, call: Callable[..., Any], args: tuple, kwargs: dict[str, Any], probes: Sequence[Probe]) -> Any:
         if not probes:
