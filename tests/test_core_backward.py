@@ -4,26 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-import transformers
 
 import neurotap as nt
+from conftest import VOCAB, tiny_module
 
 POINT = "model.layers.1.mlp.mul"
 
 
 @pytest.fixture(scope="module")
 def llama() -> nt.Model:
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        attn_implementation="eager",
-    )
-    return nt.wrap(transformers.LlamaForCausalLM(config).eval())
+    return nt.wrap(tiny_module("llama"))
 
 
 def autograd_at_mul(module: torch.nn.Module, ids: torch.Tensor, loss_of_logits) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,7 +30,7 @@ def autograd_at_mul(module: torch.nn.Module, ids: torch.Tensor, loss_of_logits) 
 
 
 def test_cross_entropy_backward_gives_the_autograd_gradient(llama):
-    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(1))
     targets = torch.cat([ids[:, 1:], torch.full((2, 1), -100)], dim=1)
     expected_loss, expected = autograd_at_mul(
         llama.module,
@@ -54,7 +44,7 @@ def test_cross_entropy_backward_gives_the_autograd_gradient(llama):
 
 
 def test_logit_diff_backward_and_weights_keep_their_grad(llama):
-    ids = torch.randint(0, 64, (1, 5), generator=torch.Generator().manual_seed(2))
+    ids = torch.randint(0, VOCAB, (1, 5), generator=torch.Generator().manual_seed(2))
     weight = llama.get_parameter("model.layers.0.mlp.up_proj.weight")
     weight.grad = torch.full_like(weight, 3.0)
     expected_loss, expected = autograd_at_mul(llama.module, ids, lambda logits: logits[0, -1, 5] - logits[0, -1, 9])

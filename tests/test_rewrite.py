@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import neurotap as nt
+from conftest import VOCAB, tiny_module
 
 
 def doubled(fn):
@@ -193,20 +194,9 @@ def test_tracebacks_point_at_the_original_source(x):
 
 
 def test_aliases_resolve_to_points_with_the_expected_identities():
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        attn_implementation="eager",
-    )
-    module = transformers.LlamaForCausalLM(config).eval()
+    module = tiny_module("llama")
     model = nt.wrap(module)
-    ids = torch.randint(0, 64, (1, 6))
+    ids = torch.randint(0, VOCAB, (1, 6))
     names = [
         "blocks.1.resid_pre",
         "blocks.1.resid_mid",
