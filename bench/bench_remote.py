@@ -2,7 +2,8 @@
 
 Prints:
 - remote forward overhead on loopback over the same local call (tiny model; goal <= 5 ms)
-- throughput of 8 concurrent clients over the same requests sent one at a time (goal >= 3x)
+- throughput of 8 concurrent clients over the same requests sent one at a time (goal >= 3x), with inputs of
+  one length (64) and of mixed lengths (16 to 64, run as padded passes)
 - bytes for "mean over positions of every layer's residual" against shipping the full activations
 
 Random models, built here; the server is a real ``neurotap serve`` process on 127.0.0.1.
@@ -90,12 +91,16 @@ def overhead(folder: str) -> None:
         server.stop()
 
 
-def throughput(folder: str, vocab: int) -> None:
+def throughput(folder: str, vocab: int, mixed: bool = False) -> None:
     server = Server(folder)
     clients, per_client = 8, 6
+
+    def length(c: int, k: int) -> int:
+        return 16 + (7 * c + 13 * k) % 49 if mixed else 64
+
     work = [
         [
-            torch.randint(0, vocab, (1, 64), generator=torch.Generator().manual_seed(100 * c + k))
+            torch.randint(0, vocab, (1, length(c, k)), generator=torch.Generator().manual_seed(100 * c + k))
             for k in range(per_client)
         ]
         for c in range(clients)
@@ -136,10 +141,11 @@ def throughput(folder: str, vocab: int) -> None:
             rates_conc.append(concurrent())
         info = remotes[0].info()
         seq, conc = statistics.median(rates_seq), statistics.median(rates_conc)
+        shape = "[1, 16..64] (mixed)" if mixed else "[1, 64]"
         print(
-            f"throughput, {os.path.basename(folder)} model, [1, 64] forwards with a Mean probe: "
-            f"sequential {seq:.1f} req/s, 8 clients {conc:.1f} req/s, "
-            f"ratio {conc / seq:.2f}x (goal >= 3x); {info['requests']} requests ran in {info['passes']} passes"
+            f"throughput, {os.path.basename(folder)} model, {shape} forwards with a Mean probe: "
+            f"sequential {seq:.1f} req/s, 8 clients {conc:.1f} req/s, ratio {conc / seq:.2f}x (goal >= 3x); "
+            f"{info['requests']} requests ran in {info['passes']} passes, {info['padded_passes']} of them padded"
         )
         for rm in remotes:
             rm.close()
@@ -174,8 +180,9 @@ def main() -> None:
         tiny = save_model(os.path.join(tmp, "tiny"), hidden=64, layers=2, vocab=128)
         small = save_model(os.path.join(tmp, "small"), hidden=256, layers=6, vocab=2048)
         overhead(tiny)
-        throughput(tiny, 128)
-        throughput(small, 2048)
+        for mixed in (False, True):
+            throughput(tiny, 128, mixed)
+            throughput(small, 2048, mixed)
         wire_bytes(small, 2048, 6)
 
 

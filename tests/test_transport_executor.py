@@ -8,7 +8,7 @@ import transformers
 
 import neurotap as nt
 from neurotap.transport.executor import InProcessExecutor
-from neurotap.transport.wire import CrossEntropy, ProbeSpec, RunRequest
+from neurotap.transport.wire import CrossEntropy, LogitDiff, ProbeSpec, RunRequest
 
 VOCAB = 128
 
@@ -171,3 +171,240 @@ def test_same_session_requests_keep_their_order(module):
         for request in (first, second):
             local.forward(*request.args, probes=[nt.probe(point, nt.Record())])
     assert_same(executor.recordings("s")[point][nt.Record().key], local.recordings()[point][nt.Record().key])
+
+
+# -- inputs of different lengths -------------------------------------------------------------------
+# Padding changes the order of float sums in matmuls, so these compare at atol=rtol=1e-5 (float32);
+# shapes must match exactly, so nothing from a padded position can slip into an output or a recording.
+
+RESIDUAL = "model.layers.0.output"
+MUL = "model.layers.0.mlp.mul"
+SOFTMAX = "model.layers.1.self_attn.attention_interface.softmax"
+
+
+def mixed_requests() -> list[RunRequest]:
+    """Requests of lengths 3 to 11 reading and writing a residual, an MLP op and the attention probabilities."""
+    direction = torch.randn(64, generator=torch.Generator().manual_seed(7))
+    return [
+        RunRequest(
+            "forward",
+            (ids(31, length=3),),
+            {},
+            [
+                ProbeSpec(RESIDUAL, nt.Record()),
+                ProbeSpec(RESIDUAL, nt.Mean(dims=(0, 1))),
+                ProbeSpec(MUL, nt.TopK(3)),
+                ProbeSpec(SOFTMAX, nt.Record()),
+            ],
+            session="a",
+        ),
+        RunRequest(
+            "forward",
+            (ids(32, rows=2, length=8),),
+            {},
+            [
+                ProbeSpec(RESIDUAL, nt.Zero(index=(..., -1, slice(0, 8)))),
+                ProbeSpec(RESIDUAL, nt.Sum(dims=1)),
+                ProbeSpec(RESIDUAL, nt.Max(dims=(0, 1))),
+                ProbeSpec(MUL, nt.Record()),
+                ProbeSpec(SOFTMAX, nt.Mean(dims=(0, 1))),
+            ],
+            session="b",
+        ),
+        RunRequest(
+            "forward",
+            (ids(33, length=5),),
+            {},
+            [
+                ProbeSpec(MUL, nt.Add(torch.full((128,), 0.25))),
+                ProbeSpec(MUL, nt.Norm()),
+                ProbeSpec(RESIDUAL, nt.Project(direction)),
+                ProbeSpec(RESIDUAL, nt.TopK(2, dim=1)),
+                ProbeSpec(SOFTMAX, nt.Replace(torch.tensor(0.5), index=(0, 1, -1))),
+                ProbeSpec(SOFTMAX, nt.Record()),
+            ],
+            session="c",
+        ),
+        RunRequest(
+            "forward",
+            (ids(34, length=11),),
+            {},
+            [ProbeSpec(RESIDUAL, nt.Replace(torch.ones(64), index=(0, 2))), ProbeSpec(SOFTMAX, nt.Max(dims=1))],
+            ["logits"],
+            session="d",
+        ),
+    ]
+
+
+def test_mixed_lengths_share_one_padded_pass(module):
+    executor = InProcessExecutor(nt.wrap(module))
+    batch = mixed_requests()
+    results = executor.execute(batch)
+    assert (executor.passes, executor.padded_passes) == (1, 1)
+    for request, result in zip(batch, results):
+        assert result.error is None, result.error
+        output, recordings = alone(module, request)
+        assert result.output["logits"].shape == request.args[0].shape + (VOCAB,)
+        assert_same(result.output["logits"], output.logits)
+        assert_same(executor.recordings(request.session), recordings)
+
+
+def test_a_failing_probe_in_a_padded_pass_fails_only_its_request(module):
+    executor = InProcessExecutor(nt.wrap(module))
+    batch = mixed_requests()
+    batch[2].probes.append(ProbeSpec(RESIDUAL, nt.Replace(torch.ones(3))))  # fits no residual
+    results = executor.execute(batch)
+    assert results[2].error is not None and "shape" in results[2].error.message
+    assert executor.recordings("c") == {}
+    assert executor.padded_passes == 2  # the try with it, then the others again
+    for k in (0, 1, 3):
+        output, recordings = alone(module, batch[k])
+        assert_same(results[k].output["logits"], output.logits)
+        assert_same(executor.recordings(batch[k].session), recordings)
+
+
+def backward_alone(module: torch.nn.Module, request: RunRequest) -> tuple[float, dict]:
+    """The request's loss and gradient recordings from a plain local nt.Model and loss.backward()."""
+    model = nt.wrap(module)
+    output = model.forward(*request.args, probes=[nt.probe(s.point, s.fn, grad=s.grad) for s in request.probes])
+    loss = request.loss(output.logits)
+    loss.backward()
+    module.zero_grad(set_to_none=True)
+    return loss.item(), {name: dict(ctx) for name, ctx in model.recordings().items()}
+
+
+def test_mixed_length_backward_gives_each_request_its_own_gradients(module):
+    executor = InProcessExecutor(nt.wrap(module))
+    batch = []
+    for k, (rows, length) in enumerate([(1, 4), (2, 9), (1, 6)]):
+        tokens = ids(40 + k, rows=rows, length=length)
+        targets = torch.roll(tokens, -1, dims=1)
+        targets[:, -1] = -100
+        loss = CrossEntropy(targets) if k != 1 else LogitDiff(5, 9, position=-2)
+        probes = [ProbeSpec(RESIDUAL, nt.Record(), grad=True), ProbeSpec(SOFTMAX, nt.Record(), grad=True)]
+        if k == 2:  # a replaced gradient flows on into this request's rows and positions only
+            probes.insert(0, ProbeSpec("model.layers.1.output", nt.Scale(3.0, index=(..., -2, slice(None))), grad=True))
+        batch.append(RunRequest("backward", (tokens,), {}, probes, [], loss, session=str(k)))
+    results = executor.execute(batch)
+    assert (executor.passes, executor.padded_passes) == (1, 1)
+    for request, result in zip(batch, results):
+        assert result.error is None, result.error
+        expected_loss, expected = backward_alone(module, request)
+        assert result.loss == pytest.approx(expected_loss, rel=1e-5, abs=1e-6)
+        assert_same(executor.recordings(request.session), expected)
+    assert all(p.grad is None for p in module.parameters())
+
+
+def test_a_mask_the_request_sent_is_respected(module):
+    executor = InProcessExecutor(nt.wrap(module))
+    holes = torch.ones(1, 7, dtype=torch.long)
+    holes[0, :2] = 0  # left padding of its own: positions that see nothing differ once padded, so it runs alone
+    batch = [
+        RunRequest("forward", (ids(50, length=4),), {"attention_mask": torch.ones(1, 4)}, [], session="a"),
+        RunRequest("forward", (ids(51, length=7),), {"attention_mask": torch.ones(1, 7)}, [], session="b"),
+        RunRequest("forward", (ids(52, length=7),), {"attention_mask": holes}, [], session="c"),
+    ]
+    batch = [RunRequest(r.op, r.args, r.kwargs, [ProbeSpec(SOFTMAX, nt.Record())], session=r.session) for r in batch]
+    results = executor.execute(batch)
+    assert (executor.passes, executor.padded_passes) == (2, 1)
+    for request, result in zip(batch, results):
+        model = nt.wrap(module)
+        with torch.no_grad():
+            output = model.forward(*request.args, probes=[nt.probe(SOFTMAX, nt.Record())], **request.kwargs)
+        assert_same(result.output["logits"], output.logits)
+        assert_same(executor.recordings(request.session), {name: dict(c) for name, c in model.recordings().items()})
+
+
+class Pooled(torch.nn.Module):
+    """A causal toy whose ``summary`` has rows but no positions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.embed = torch.nn.Embedding(VOCAB, 16)
+        self.summary = torch.nn.Linear(16, 16)
+        self.head = torch.nn.Linear(16, VOCAB)
+
+    def run(self, input_ids: torch.Tensor) -> torch.Tensor:
+        hidden = self.embed(input_ids)
+        return self.head(hidden + self.summary(hidden[:, 0])[:, None])
+
+
+class PooledWithMask(Pooled):
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.run(input_ids)
+
+
+class PooledWithoutMask(Pooled):
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.run(input_ids)
+
+
+def run_toy(executor: InProcessExecutor, batch: list[RunRequest], toy: torch.nn.Module) -> None:
+    results = executor.execute(batch)
+    for request, result in zip(batch, results):
+        assert result.error is None, result.error
+        model = nt.wrap(toy, example=ids(0))
+        with torch.no_grad():
+            output = model.forward(*request.args, probes=[nt.probe(s.point, s.fn) for s in request.probes])
+        assert_same(result.output, output)
+        assert_same(executor.recordings(request.session), {n: dict(c) for n, c in model.recordings().items()})
+
+
+def test_values_without_positions_keep_their_requests_unpadded(module):
+    toy = PooledWithMask()
+    executor = InProcessExecutor(nt.wrap(toy, example=ids(0)))
+    batch = [
+        RunRequest("forward", (ids(60, length=4),), {}, [ProbeSpec("summary.output", nt.Record())], session="a"),
+        RunRequest("forward", (ids(61, length=6),), {}, [ProbeSpec("summary.output", nt.Scale(2.0))], session="b"),
+        RunRequest("forward", (ids(62, length=4),), {}, [ProbeSpec("head.output", nt.Record())], session="c"),
+        RunRequest("forward", (ids(63, length=6),), {}, [ProbeSpec("embed.output", nt.Zero())], session="d"),
+    ]
+    run_toy(executor, batch, toy)
+    assert (executor.passes, executor.padded_passes) == (3, 1), "a alone, b alone, c and d padded"
+    # the rotary tables have no batch dimension: each length runs on its own
+    executor = InProcessExecutor(nt.wrap(module))
+    rotary = "model.rotary_emb.output[0]"
+    batch = [
+        RunRequest("forward", (ids(64, length=4),), {}, [ProbeSpec(rotary, nt.Record())], session="a"),
+        RunRequest("forward", (ids(65, length=6),), {}, [ProbeSpec(rotary, nt.Record())], session="b"),
+    ]
+    results = executor.execute(batch)
+    assert (executor.passes, executor.padded_passes) == (2, 0)
+    for request, result in zip(batch, results):
+        output, recordings = alone(module, request)
+        assert_same(result.output["logits"], output.logits)
+        assert_same(executor.recordings(request.session), recordings)
+
+
+def test_models_without_attention_mask_batch_only_equal_lengths():
+    toy = PooledWithoutMask()
+    executor = InProcessExecutor(nt.wrap(toy, example=ids(0)))
+    batch = [
+        RunRequest(
+            "forward", (ids(70 + k, length=length),), {}, [ProbeSpec("head.output", nt.Record())], session=str(k)
+        )
+        for k, length in enumerate([4, 6, 4])
+    ]
+    run_toy(executor, batch, toy)
+    assert (executor.passes, executor.padded_passes) == (2, 0)
+
+
+class Windowed(Pooled):
+    """Position-wise, but ``summary`` covers only the first 8 positions: readings at 5 and 7 cannot tell."""
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        hidden = self.embed(input_ids)
+        window = self.summary(hidden[:, :8])
+        return self.head(torch.cat([hidden[:, :8] + window, hidden[:, 8:]], dim=1))
+
+
+def test_a_value_laid_out_otherwise_than_read_falls_back_to_its_own_length():
+    toy = Windowed()
+    executor = InProcessExecutor(nt.wrap(toy, example=ids(0)))
+    batch = [
+        RunRequest("forward", (ids(80, length=4),), {}, [ProbeSpec("summary.output", nt.Record())], session="a"),
+        RunRequest("forward", (ids(81, length=10),), {}, [ProbeSpec("summary.output", nt.Scale(2.0))], session="b"),
+    ]
+    run_toy(executor, batch, toy)
+    assert (executor.passes, executor.padded_passes) == (3, 1), "the padded try, then each length on its own"

@@ -5,16 +5,29 @@ The server hands an :class:`Executor` a batch of :class:`RunRequest` and gets on
 executor, next to the model, so a multi-process executor for a sharded model can
 take this one's place without the HTTP layer changing.
 
-The in-process executor batches dynamically: requests of the batch whose inputs
-have the same shape apart from the batch dimension, and the same settings, run as
-one forward pass on their concatenated rows, and the output is split again. Each
-request's probes see only the request's own rows (``value[rows]``) and write to
-the request's own session; a replacement they return goes back into those rows
-only. A probe at a value without the batch dimension in front (rotary tables,
-shared masks) makes the batch fall back to one pass per request, as does any
-failure that cannot be pinned on one request. Save contexts are staged: a
-request's recordings are committed only when it succeeds and fits its session's
-byte limit, so a failed request leaves nothing half-recorded.
+The in-process executor batches dynamically: requests of the batch with the same
+settings run as one forward pass on their concatenated rows, and the output is
+split again. Each request's probes see only the request's own rows
+(``value[rows]``) and write to the request's own session; a replacement they
+return goes back into those rows only.
+
+Token inputs of different lengths share a pass too, for models whose forward
+takes an ``attention_mask``: the ids are padded on the right to the longest, the
+mask covers the padding and ``position_ids`` count from 0 in every row, so the
+real positions of a causal model compute what they compute alone. A probe then
+sees ``value[rows]`` cut to the request's own length along every sequence
+dimension, and the output and the request's loss are cut the same way. Which
+dimensions are sequence dimensions is read once per point from two small runs
+(different batch sizes and lengths, one as a request runs alone, one padded as a
+shared pass runs); a value whose layout those runs do not pin down (no batch
+dimension in front, no sequence dimension, a shape that changes with the
+padding) keeps its request to passes with inputs of its own length.
+
+A probe at a value without the batch dimension in front (rotary tables, shared
+masks) makes the batch fall back to one pass per request, as does any failure
+that cannot be pinned on one request. Save contexts are staged: a request's
+recordings are committed only when it succeeds and fits its session's byte
+limit, so a failed request leaves nothing half-recorded.
 """
 
 from __future__ import annotations
@@ -22,11 +35,13 @@ from __future__ import annotations
 import abc
 import collections
 import concurrent.futures
+import inspect
 import json
 import threading
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -160,8 +175,159 @@ def _rows_of(value: Any, rows: slice, total: int) -> Any:
     return value
 
 
+# (rows, length) of the two shape readings: one as a request runs alone, one padded as a shared pass runs
+_ALONE_READING = (2, 5)
+_PADDED_READING = (3, 7)
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where a value of a padded pass keeps its rows (dimension 0) and its positions."""
+
+    ndim: int
+    sequence_dims: tuple[int, ...]
+
+    def index(self, rows: slice, length: int) -> tuple:
+        index: list[Any] = [slice(None)] * self.ndim
+        index[0] = rows
+        for dim in self.sequence_dims:
+            index[dim] = slice(0, length)
+        return tuple(index)
+
+    def fits(self, value: Any, total: int, padded_length: int) -> bool:
+        return (
+            isinstance(value, torch.Tensor)
+            and value.dim() == self.ndim
+            and value.shape[0] == total
+            and all(value.shape[d] == padded_length for d in self.sequence_dims)
+        )
+
+
+def _layout(alone: tuple | None, padded: tuple | None) -> _Layout | None:
+    """The layout of a value from its shapes in the two readings; None where they do not pin one down."""
+    if alone is None or padded is None or len(alone) != len(padded) or not alone:
+        return None
+    if (alone[0], padded[0]) != (_ALONE_READING[0], _PADDED_READING[0]):
+        return None
+    sequence_dims = []
+    for dim in range(1, len(alone)):
+        if (alone[dim], padded[dim]) == (_ALONE_READING[1], _PADDED_READING[1]):
+            sequence_dims.append(dim)
+        elif alone[dim] != padded[dim]:
+            return None
+    # without a sequence dimension the value may pool over positions, padding included
+    return _Layout(len(alone), tuple(sequence_dims)) if sequence_dims else None
+
+
+def _point_layouts(alone: list, padded: list) -> tuple[_Layout, ...] | None:
+    """One layout per call of a point in a forward, or None."""
+    if not alone or len(alone) != len(padded):
+        return None
+    layouts = tuple(_layout(a, p) for a, p in zip(alone, padded))
+    return None if None in layouts else layouts
+
+
+def _tensor_leaves(value: Any, path: tuple = ()) -> dict[tuple, torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return {path: value}
+    leaves: dict[tuple, torch.Tensor] = {}
+    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
+        for k, item in enumerate(value):
+            leaves.update(_tensor_leaves(item, (*path, k)))
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            leaves.update(_tensor_leaves(item, (*path, key)))
+    return leaves
+
+
+def _output_layouts(alone: Any, padded: Any) -> dict[tuple, _Layout] | None:
+    """The layout of every tensor in a model output, or None if one has none."""
+    alone_leaves, padded_leaves = _tensor_leaves(alone), _tensor_leaves(padded)
+    if alone_leaves.keys() != padded_leaves.keys():
+        return None
+    layouts = {}
+    for path, tensor in alone_leaves.items():
+        layout = _layout(tuple(tensor.shape), tuple(padded_leaves[path].shape))
+        if layout is None:
+            return None
+        layouts[path] = layout
+    return layouts
+
+
+def _cut(value: Any, layouts: dict[tuple, _Layout], rows: slice, length: int, path: tuple = ()) -> Any:
+    """One request's part of a padded pass's output: its rows, its positions."""
+    if isinstance(value, torch.Tensor):
+        return value[layouts[path].index(rows, length)]
+    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
+        items = [_cut(v, layouts, rows, length, (*path, k)) for k, v in enumerate(value)]
+        return items if isinstance(value, list) else tuple(items)
+    if isinstance(value, Mapping):
+        items = {k: _cut(v, layouts, rows, length, (*path, k)) for k, v in value.items()}
+        return items if type(value) is dict else Output(items)
+    return value
+
+
+@dataclass(frozen=True)
+class _Tokens:
+    """A request's token ids, if it can be padded: ``key`` says which requests can share a padded pass."""
+
+    ids: torch.Tensor
+    key: tuple  # how ids are passed, whether a mask came along, their dtypes, the other (scalar) kwargs
+    scalars: dict[str, Any]
+    mask_dtype: torch.dtype | None
+
+    @property
+    def length(self) -> int:
+        return self.ids.shape[1]
+
+
+class _Readings:
+    """What the shape readings learnt for one kind of call: output and point layouts (None: none)."""
+
+    def __init__(self) -> None:
+        self.read = False
+        self.output: dict[tuple, _Layout] | None = None
+        self.points: dict[str, tuple[_Layout, ...] | None] = {}
+
+
+@dataclass
+class _Group:
+    indices: list[int]
+    key: tuple | None
+    padded: bool  # requests of different lengths may share the pass
+    rows: int = 0
+    longest: int = 0
+    tokens: int = 0
+
+
+@dataclass(frozen=True)
+class _View:
+    """What of a shared pass's values one request sees: its rows and, when padded, its positions."""
+
+    rows: slice
+    total: int
+    length: int = 0
+    padded_length: int = 0
+    layouts: tuple[_Layout, ...] | None = None  # per call; None: rows only
+
+    def part(self, value: Any, name: str, call: int) -> tuple[Any, tuple | slice]:
+        if self.layouts is None:
+            if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == self.total:
+                return value[self.rows], self.rows
+            raise _Unbatchable(f"the value at {name!r} has no batch dimension in front")
+        layout = self.layouts[call] if call < len(self.layouts) else None
+        if layout is None or not layout.fits(value, self.total, self.padded_length):
+            raise _Unbatchable(f"the value at {name!r} is not laid out as the shape readings said")
+        index = layout.index(self.rows, self.length)
+        return value[index], index
+
+
 class InProcessExecutor(Executor):
-    """Runs requests on an ``nt.Model`` in this process, batching those that can share a pass."""
+    """Runs requests on an ``nt.Model`` in this process, batching those that can share a pass.
+
+    ``max_pad_ratio`` bounds the work padding adds: a padded pass computes at most
+    that many times the positions its requests hold.
+    """
 
     def __init__(
         self,
@@ -170,18 +336,30 @@ class InProcessExecutor(Executor):
         max_session_bytes: int = 1 << 30,
         max_batch_rows: int = 64,
         max_tokens: int = 1 << 16,
+        max_pad_ratio: float = 2.0,
     ) -> None:
         self.model = model
         self.max_session_bytes = max_session_bytes
         self.max_batch_rows = max_batch_rows
         self.max_tokens = max_tokens
+        self.max_pad_ratio = max_pad_ratio
         self._sessions: dict[str, dict[str, SaveContext]] = {}
         self._session_bytes: dict[str, dict[str, int]] = {}
         self._deadline: float | None = None
         self.passes = 0  # forward passes run, against requests run: how much batching happened
         self.requests = 0
+        self.padded_passes = 0
         config = getattr(model.module, "config", None)
         self._max_positions = getattr(config, "max_position_embeddings", None)
+        try:
+            parameters = inspect.signature(model.module.forward).parameters
+        except (TypeError, ValueError):
+            parameters = {}
+        self._input_name = getattr(model.module, "main_input_name", "input_ids")
+        self._pads = "attention_mask" in parameters and (self._max_positions or 8) >= _PADDED_READING[1]
+        self._takes_positions = "position_ids" in parameters
+        self._pad_id = _pad_id(config, model.tokenizer)
+        self._readings: dict[tuple, _Readings] = {}
         # checked before every forward, so a long generate stops between steps once its time is up
         model.module.register_forward_pre_hook(self._check_deadline)
 
@@ -198,6 +376,7 @@ class InProcessExecutor(Executor):
             "has_generate": hasattr(module, "generate"),
             "requests": self.requests,
             "passes": self.passes,
+            "padded_passes": self.padded_passes,
         }
 
     def points(self, prefix: str | None) -> list[dict[str, Any]]:
@@ -228,7 +407,7 @@ class InProcessExecutor(Executor):
         results: list[RunResult | None] = [None] * len(batch)
         self.requests += len(batch)
         for group in self._groups(batch, results):
-            self._run_group(batch, group, results)
+            self._run_group(batch, group.indices, results, group.padded)
         return [r if r is not None else RunResult(error=error_info(NeurotapError("not run"))) for r in results]
 
     def _check_inputs(self, request: RunRequest) -> None:
@@ -269,41 +448,158 @@ class InProcessExecutor(Executor):
             return None
         return (request.op, tuple(signature))
 
-    def _groups(self, batch: Sequence[RunRequest], results: list) -> list[list[int]]:
-        """Indices per pass, in an order that keeps each session's requests in arrival order."""
-        groups: list[list[int]] = []
-        keys: list[tuple | None] = []
-        rows: list[int] = []
-        last_group: dict[str, int] = {}
+    def _tokens(self, request: RunRequest) -> _Tokens | None:
+        """The request's token ids if it can share a padded pass: ids ``[rows, length]``, at most an all-ones
+        ``attention_mask`` besides, and plain values for the other arguments."""
+        if not self._pads or request.op not in ("forward", "backward"):
+            return None
+        kwargs = dict(request.kwargs)
+        if len(request.args) == 1 and self._input_name not in kwargs:
+            ids, passed = request.args[0], "args"
+        elif not request.args and self._input_name in kwargs:
+            ids, passed = kwargs.pop(self._input_name), "kwargs"
+        else:
+            return None
+        if (
+            not isinstance(ids, torch.Tensor)
+            or ids.dim() != 2
+            or ids.is_floating_point()
+            or ids.is_complex()
+            or ids.dtype == torch.bool
+            or 0 in ids.shape
+            or ids.shape[0] > self.max_batch_rows
+        ):
+            return None
+        mask = kwargs.pop("attention_mask", None)
+        if mask is not None:
+            # a mask with holes makes positions that see nothing, which padding would change
+            if not isinstance(mask, torch.Tensor) or mask.shape != ids.shape or not bool((mask == 1).all()):
+                return None
+        scalars = {}
+        for name, value in sorted(kwargs.items()):
+            if not (value is None or isinstance(value, (bool, int, float, str))):
+                return None
+            scalars[name] = value
+        mask_dtype = None if mask is None else mask.dtype
+        key = (passed, str(ids.dtype), str(ids.device), str(mask_dtype), json.dumps(scalars))
+        return _Tokens(ids, key, scalars, mask_dtype)
+
+    def _groups(self, batch: Sequence[RunRequest], results: list) -> list[_Group]:
+        """The passes, in an order that keeps each session's requests in arrival order."""
+        tokens: dict[int, _Tokens] = {}
+        lengths: dict[tuple, set[int]] = collections.defaultdict(set)
         for index, request in enumerate(batch):
             try:
                 self._check_inputs(request)
             except NeurotapError as error:
                 results[index] = RunResult(error=error_info(error))
                 continue
-            key = self._batch_key(request)
-            size = _rows(request)
+            found = self._tokens(request)
+            if found is not None:
+                tokens[index] = found
+                lengths[found.key].add(found.length)
+        for key, seen in lengths.items():
+            if len(seen) < 2:
+                continue  # requests of one length share a pass without padding
+            members = [i for i, t in tokens.items() if t.key == key]
+            readings = self._read_layouts(tokens[members[0]], {s.point for i in members for s in batch[i].probes})
+            for index in members:
+                if readings.output is None or any(readings.points.get(s.point) is None for s in batch[index].probes):
+                    del tokens[index]
+
+        groups: list[_Group] = []
+        last_group: dict[str, int] = {}
+        for index, request in enumerate(batch):
+            if results[index] is not None:
+                continue
+            found = tokens.get(index)
+            size, length = _rows(request), found.length if found is not None else 0
+            key = ("padded", request.op, found.key) if found is not None else self._batch_key(request)
             chosen = None
             if key is not None:
                 for g in range(last_group.get(request.session, -1) + 1, len(groups)):
-                    if keys[g] == key and rows[g] + size <= self.max_batch_rows:
-                        chosen = g
-                        break
+                    group = groups[g]
+                    if group.key != key or group.rows + size > self.max_batch_rows:
+                        continue
+                    if found is not None:
+                        cells = (group.rows + size) * max(group.longest, length)
+                        if cells > self.max_pad_ratio * (group.tokens + size * length):
+                            continue
+                    chosen = g
+                    break
             if chosen is None:
-                groups.append([])
-                keys.append(key)
-                rows.append(0)
+                groups.append(_Group([], key, found is not None))
                 chosen = len(groups) - 1
-            groups[chosen].append(index)
-            rows[chosen] += size
+            group = groups[chosen]
+            group.indices.append(index)
+            group.rows += size
+            group.longest = max(group.longest, length)
+            group.tokens += size * length
             last_group[request.session] = chosen
         return groups
 
-    def _run_group(self, batch: Sequence[RunRequest], group: list[int], results: list) -> None:
+    # -- shape readings ------------------------------------------------------------------------------
+
+    def _read_layouts(self, tokens: _Tokens, points: set[str]) -> _Readings:
+        """Layouts of the output and of ``points`` for calls like ``tokens``', read once and cached."""
+        readings = self._readings.setdefault(tokens.key, _Readings())
+        missing = sorted(p for p in points if p not in readings.points)
+        chunks = [missing] if missing or not readings.read else []
+        while chunks:
+            chunk = chunks.pop()
+            try:
+                alone_output, alone_shapes = self._shape_run(tokens, _ALONE_READING, padded=False, points=chunk)
+                padded_output, padded_shapes = self._shape_run(tokens, _PADDED_READING, padded=True, points=chunk)
+            except Exception:  # a bad point name or a model that refuses the call: the real run says why
+                if len(chunk) > 1:
+                    chunks.extend([p] for p in chunk)
+                else:
+                    readings.points.update({p: None for p in chunk})
+                    if not readings.read and chunk:
+                        chunks.append([])
+                    readings.read = readings.read or not chunk
+                continue
+            if not readings.read:
+                readings.output = _output_layouts(alone_output, padded_output)
+                readings.read = True
+            for point in chunk:
+                readings.points[point] = _point_layouts(alone_shapes[point], padded_shapes[point])
+        return readings
+
+    def _shape_run(
+        self, tokens: _Tokens, shape: tuple[int, int], *, padded: bool, points: list[str]
+    ) -> tuple[Any, dict[str, list]]:
+        rows, length = shape
+        ids = torch.full((rows, length), self._pad_id, dtype=tokens.ids.dtype, device=tokens.ids.device)
+        kwargs = dict(tokens.scalars)
+        if padded or tokens.mask_dtype is not None:
+            mask = torch.ones(rows, length, dtype=tokens.mask_dtype or torch.long, device=ids.device)
+            if padded:
+                mask[0, -1] = 0
+            kwargs["attention_mask"] = mask
+        if padded and self._takes_positions:
+            kwargs["position_ids"] = torch.arange(length, device=ids.device).expand(rows, -1)
+        shapes: dict[str, list] = {p: [] for p in points}
+
+        def recorder(seen: list) -> Callable[..., None]:
+            def record_shape(ctx: SaveContext, value: Any) -> None:
+                seen.append(tuple(value.shape) if isinstance(value, torch.Tensor) else None)
+
+            return record_shape
+
+        probes = [probe(p, recorder(shapes[p])) for p in points]
+        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            output = self._forward((ids,), kwargs, tokens.key[0] == "kwargs", probes)
+        return output, shapes
+
+    # -- passes --------------------------------------------------------------------------------------
+
+    def _run_group(self, batch: Sequence[RunRequest], group: list[int], results: list, padded: bool) -> None:
         pending = list(group)
         while pending:
             try:
-                for index, result in self._attempt(batch, pending).items():
+                for index, result in self._attempt(batch, pending, padded).items():
                     results[index] = result
                 return
             except _RequestFailed as failure:
@@ -313,54 +609,85 @@ class InProcessExecutor(Executor):
                 for index in pending:
                     results[index] = RunResult(error=error_info(error))
                 return
+            except _Unbatchable as error:
+                if len(pending) == 1:
+                    results[pending[0]] = RunResult(error=error_info(error))
+                elif padded and len({_length(batch[i]) for i in pending}) > 1:
+                    by_key: dict[Any, list[int]] = {}
+                    for index in pending:  # a pass's requests come from different sessions: any order will do
+                        key = self._batch_key(batch[index])
+                        by_key.setdefault(key if key is not None else ("alone", index), []).append(index)
+                    for indices in by_key.values():
+                        self._run_group(batch, indices, results, False)
+                else:
+                    for index in pending:
+                        self._run_group(batch, [index], results, False)
+                return
             except Exception as error:
                 if len(pending) == 1:
                     results[pending[0]] = RunResult(error=error_info(error))
                     return
                 for index in pending:  # cannot tell whose fault: each on its own
-                    self._run_group(batch, [index], results)
+                    self._run_group(batch, [index], results, False)
                 return
 
-    def _attempt(self, batch: Sequence[RunRequest], indices: list[int]) -> dict[int, RunResult]:
+    def _attempt(self, batch: Sequence[RunRequest], indices: list[int], padded: bool) -> dict[int, RunResult]:
         requests = [batch[i] for i in indices]
         shared = len(requests) > 1
         sizes = [_rows(r) for r in requests]
         total = sum(sizes)
         starts = [sum(sizes[:k]) for k in range(len(sizes))]
         row_slices = [slice(start, start + size) for start, size in zip(starts, sizes)]
+        tokens = [self._tokens(r) for r in requests] if shared and padded else []
+        padded = bool(tokens) and len({t.length for t in tokens}) > 1
+        padded_length = max(t.length for t in tokens) if padded else 0
+        readings = self._readings[tokens[0].key] if padded else None
         staged: list[dict[str, SaveContext]] = [{} for _ in requests]
 
         probes = []
         for k, request in enumerate(requests):
             for spec in request.probes:
+                view = None
+                if padded:
+                    layouts = readings.points[spec.point]
+                    view = _View(row_slices[k], total, tokens[k].length, padded_length, layouts)
+                elif shared:
+                    view = _View(row_slices[k], total)
                 name = spec.point + ".grad" if spec.grad else spec.point
                 probes.append(
                     probe(
-                        spec.point,
-                        self._isolated(
-                            spec.fn, k, request.session, name, staged[k], row_slices[k] if shared else None, total
-                        ),
-                        grad=spec.grad,
+                        spec.point, self._isolated(spec.fn, k, request.session, name, staged[k], view), grad=spec.grad
                     )
                 )
-        if shared:
+        by_name = False
+        if padded:
+            args, kwargs, by_name = self._padded_inputs(tokens, row_slices, total, padded_length)
+        elif shared:
             args, kwargs = _concatenated(requests)
         else:
             args, kwargs = requests[0].args, requests[0].kwargs
+
+        def cut(output: Any, k: int) -> Any:
+            if padded:
+                return _cut(output, readings.output, row_slices[k], tokens[k].length)
+            return _rows_of(output, row_slices[k], total) if shared else output
+
         deadlines = [r.deadline for r in requests if r.deadline is not None]
         self._deadline = max(deadlines) if deadlines else None
         self._check_deadline()
         self.passes += 1
+        self.padded_passes += padded
         losses: list[float | None] = [None] * len(requests)
+        parts: list[Any] = []
         try:
             op = requests[0].op
             if op == "generate":
                 output = self.model.generate(*args, probes=probes, **kwargs)
             elif op == "forward":
                 with torch.no_grad():
-                    output = self.model.forward(*args, probes=probes, **kwargs)
+                    output = self._forward(args, kwargs, by_name, probes)
             else:
-                output = self._backward(requests, row_slices if shared else None, args, kwargs, probes, losses)
+                parts = self._backward(requests, cut, args, kwargs, by_name, probes, losses)
         except _RequestFailed as failure:
             failure.index = indices[failure.index]
             raise
@@ -369,7 +696,7 @@ class InProcessExecutor(Executor):
 
         results: dict[int, RunResult] = {}
         for k, (index, request) in enumerate(zip(indices, requests)):
-            mine = _rows_of(output, row_slices[k], total) if shared else output
+            mine = parts[k] if parts else cut(output, k)
             try:
                 mine = _selected(_sendable(mine), request.outputs)
                 self._commit(request.session, staged[k])
@@ -379,24 +706,45 @@ class InProcessExecutor(Executor):
             results[index] = RunResult(output=mine, loss=losses[k])
         return results
 
+    def _padded_inputs(
+        self, tokens: list[_Tokens], row_slices: list[slice], total: int, length: int
+    ) -> tuple[tuple, dict[str, Any], bool]:
+        first = tokens[0].ids
+        ids = torch.full((total, length), self._pad_id, dtype=first.dtype, device=first.device)
+        mask = torch.zeros((total, length), dtype=tokens[0].mask_dtype or torch.long, device=first.device)
+        for rows, found in zip(row_slices, tokens):
+            ids[rows, : found.length] = found.ids
+            mask[rows, : found.length] = 1
+        kwargs = {**tokens[0].scalars, "attention_mask": mask}
+        if self._takes_positions:
+            kwargs["position_ids"] = torch.arange(length, device=first.device).expand(total, -1)
+        return (ids,), kwargs, tokens[0].key[0] == "kwargs"
+
+    def _forward(self, args: tuple, kwargs: dict[str, Any], by_name: bool, probes: list) -> Any:
+        if by_name:
+            return self.model.forward(*args[1:], probes=probes, **{self._input_name: args[0]}, **kwargs)
+        return self.model.forward(*args, probes=probes, **kwargs)
+
     def _backward(
         self,
         requests: list[RunRequest],
-        row_slices: list[slice] | None,
+        cut: Callable[[Any, int], Any],
         args: tuple,
         kwargs: dict,
+        by_name: bool,
         probes: list,
         losses: list,
-    ) -> Any:
+    ) -> list[Any]:
+        """Each request's part of the output; the pass's backward runs on the sum of their losses."""
         parameters = list(self.model.module.parameters())
         try:
             with torch.enable_grad():
-                output = self.model.forward(*args, probes=probes, **kwargs)
-                logits = logits_of(output)
+                output = self._forward(args, kwargs, by_name, probes)
+                parts = [cut(output, k) for k in range(len(requests))]
                 total = None
                 for k, request in enumerate(requests):
                     try:
-                        loss = request.loss(logits if row_slices is None else logits[row_slices[k]])
+                        loss = request.loss(logits_of(parts[k]))
                     except Exception as error:
                         raise _RequestFailed(k, error) from error
                     losses[k] = float(loss.detach())
@@ -407,7 +755,7 @@ class InProcessExecutor(Executor):
         finally:
             for parameter in parameters:  # the server keeps no weight gradients between requests
                 parameter.grad = None
-        return output
+        return parts
 
     def _isolated(
         self,
@@ -416,10 +764,9 @@ class InProcessExecutor(Executor):
         session: str,
         name: str,
         staged: dict[str, SaveContext],
-        rows: slice | None,
-        total: int,
+        view: _View | None,
     ) -> Callable[..., Any]:
-        """``fn`` seeing only its request's rows and writing to its request's session."""
+        """``fn`` seeing only its request's part of each value and writing to its request's session."""
         ctx = staged.get(name)
         if ctx is None:
             ctx = staged[name] = _staged_copy(self._sessions.get(session, {}).get(name), name)
@@ -427,18 +774,25 @@ class InProcessExecutor(Executor):
         def isolated(plan_ctx: SaveContext, value: Any) -> Any:
             object.__setattr__(ctx, "call", plan_ctx.call)
             object.__setattr__(ctx, "step", plan_ctx.step)
-            if rows is None:
-                part = value
-            elif isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == total:
-                part = value[rows]
+            if view is None:
+                part, index, copied = value, None, False
             else:
-                raise _Unbatchable(f"the value at {name!r} has no batch dimension in front")
+                part, index = view.part(value, name, plan_ctx.call)
+                # a probe gets a contiguous value, as it would alone; edits it makes in place are kept below
+                copied = not part.is_contiguous()
+                if copied:
+                    part = part.contiguous()
+            version = part._version if copied else 0
             try:
                 result = fn(ctx, part)
             except Exception as error:
                 raise _RequestFailed(position, _as_probe_error(error, fn, name, ctx)) from error
-            if result is None or result is part or rows is None:
+            if view is None:
                 return result
+            if result is part or result is None:
+                result = part if copied and part._version != version else None
+            if result is None:
+                return None
             if not isinstance(result, torch.Tensor) or result.shape != part.shape or result.dtype != part.dtype:
                 shape = tuple(getattr(result, "shape", ()))
                 raise _RequestFailed(
@@ -449,7 +803,7 @@ class InProcessExecutor(Executor):
                     ),
                 )
             whole = value.clone()
-            whole[rows] = result
+            whole[index] = result
             return whole
 
         isolated.__name__ = getattr(fn, "__name__", type(fn).__name__)
@@ -488,6 +842,23 @@ def _rows(request: RunRequest) -> int:
         if isinstance(value, torch.Tensor) and value.dim():
             return value.shape[0]
     return 1
+
+
+def _length(request: RunRequest) -> int:
+    for value in [*request.args, *request.kwargs.values()]:
+        if isinstance(value, torch.Tensor) and value.dim() >= 2:
+            return value.shape[1]
+    return 0
+
+
+def _pad_id(config: Any, tokenizer: Any) -> int:
+    """The id padded positions hold; they are masked, so any id in the vocabulary will do."""
+    vocab = getattr(config, "vocab_size", None)
+    for source in (config, tokenizer):
+        pad = getattr(source, "pad_token_id", None)
+        if isinstance(pad, int) and not isinstance(pad, bool) and pad >= 0 and (vocab is None or pad < vocab):
+            return pad
+    return 0
 
 
 def _concatenated(requests: list[RunRequest]) -> tuple[tuple, dict[str, Any]]:
