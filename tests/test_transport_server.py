@@ -149,6 +149,21 @@ def test_points_are_the_local_inventory(remote, local):
         remote.points("model.layers.9")
 
 
+def test_aliases_work_remotely_as_locally(remote, local):
+    assert remote.aliases() == local.aliases()
+    tokens_ = ids(20)
+    with remote.patch({"blocks.1.mlp.post": nt.Scale(0.5)}):
+        out = remote.forward(tokens_, probes=[nt.probe("blocks.0.resid_post", nt.Record())])
+    with local.patch({"blocks.1.mlp.post": nt.Scale(0.5)}), torch.no_grad():
+        expected = local.forward(tokens_, probes=[nt.probe("blocks.0.resid_post", nt.Record())])
+    same(out.logits, expected.logits)
+    same(remote.recordings()["blocks.0.resid_post"]["record"], local_recordings(local)["blocks.0.resid_post"]["record"])
+    remote.clear_recordings()
+    with pytest.raises(nt.UnknownPointError, match="closest: model.layers.0.mlp.mul"):
+        with remote.patch({"model.layers.0.mlp.mull": nt.Zero()}):
+            pass
+
+
 def test_forward_with_probes_and_patches_equals_local(remote, local):
     tokens = ids(1, rows=2)
     direction = torch.randn(64, generator=torch.Generator().manual_seed(3))

@@ -55,7 +55,7 @@ class Model:
         if prefix:
             points = [p for p in points if p.name == prefix or p.name.startswith((prefix + ".", prefix + "["))]
             if not points:
-                raise unknown_point(prefix, self.inventory())
+                raise unknown_point(prefix, self.inventory().points)
         return PointList(points)
 
     def aliases(self) -> dict[str, str]:

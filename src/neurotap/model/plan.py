@@ -157,8 +157,9 @@ class Tap:
         return value
 
 
-def unknown_point(name: str, inventory: Inventory) -> UnknownPointError:
-    names = list(inventory.points)
+def unknown_point(name: str, known: Iterable[str]) -> UnknownPointError:
+    """An error for ``name`` that lists the closest of the ``known`` names."""
+    names = list(known)
     parent = name.rsplit(".", 1)[0]
     nearby = [n for n in names if n.startswith(parent + ".")] or names
     close = difflib.get_close_matches(name, nearby, n=5, cutoff=0.5) or difflib.get_close_matches(
@@ -184,7 +185,7 @@ class Plan:
                 keys = alias_keys + keys
             point = inventory.points.get(base) or inventory.static.get(base)
             if point is None:
-                raise unknown_point(base, inventory)
+                raise unknown_point(base, [*inventory.points, *inventory.aliases])
             name = probe.context_name
             ctx = contexts.get(name)
             if ctx is None:

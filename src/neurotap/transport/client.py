@@ -32,6 +32,7 @@ import torch
 
 from ..errors import NeurotapError, PatchError, ProbeError, UnknownPointError
 from ..model.model import PatchSpec, patches_to_probes
+from ..model.plan import unknown_point
 from ..points import Point, PointList, split_narrowing
 from ..probes import Probe, SaveContext
 from .executor import RecordingLimitError, RequestTimeoutError
@@ -103,7 +104,7 @@ class RemoteModel:
         transport = httpx.HTTPTransport(socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
         self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout, transport=transport)
         self._layers: list[list[Probe]] = []
-        self._inventory: dict[str, Point] | None = None
+        self._known: set[str] | None = None  # point names and aliases, for checks on entering patch()
         self._session: str | None = None
         try:
             self._open()
@@ -161,13 +162,19 @@ class RemoteModel:
         _raise_for(response)
         return PointList(Point.from_dict(row) for row in response.json())
 
+    def aliases(self) -> dict[str, str]:
+        """Short canonical point names (``blocks.3.resid_post``) -> raw point names, as the server resolves them."""
+        response = self._http.get("/v1/aliases")
+        _raise_for(response)
+        return response.json()
+
     def _check_points(self, probes: Sequence[Probe]) -> None:
-        if self._inventory is None:
-            self._inventory = {p.name: p for p in self.points()}
+        if self._known is None:
+            self._known = {p.name for p in self.points()} | set(self.aliases())
         for p in probes:
             base, _ = split_narrowing(p.point)
-            if base not in self._inventory:
-                raise UnknownPointError(f"no point named {base!r} in this model. List them with model.points(prefix).")
+            if base not in self._known:
+                raise unknown_point(base, self._known)
 
     # -- running ---------------------------------------------------------------------------------
 

@@ -111,6 +111,10 @@ class Executor(abc.ABC):
         """The inventory as ``Point.to_dict()`` rows; UnknownPointError for a prefix with none."""
 
     @abc.abstractmethod
+    def aliases(self) -> dict[str, str]:
+        """Short canonical point names -> raw point names."""
+
+    @abc.abstractmethod
     def execute(self, batch: Sequence[RunRequest]) -> list[RunResult]:
         """Run a batch; one result (or error) per request, in order."""
 
@@ -381,6 +385,9 @@ class InProcessExecutor(Executor):
 
     def points(self, prefix: str | None) -> list[dict[str, Any]]:
         return [p.to_dict() for p in self.model.points(prefix)]
+
+    def aliases(self) -> dict[str, str]:
+        return self.model.aliases()
 
     def get_parameter(self, name: str) -> torch.Tensor:
         return self.model.get_parameter(name).detach()

@@ -294,6 +294,11 @@ def create_app(executor: Executor, settings: ServerSettings) -> Any:
         state.check(request)
         return await on_worker(executor.points, prefix)
 
+    @app.get("/v1/aliases")
+    async def aliases(request: Request) -> dict[str, str]:
+        state.check(request)
+        return await on_worker(executor.aliases)
+
     @app.post("/v1/sessions", status_code=201)
     async def open_session(request: Request) -> dict[str, str]:
         token = state.check(request)
