@@ -107,11 +107,6 @@ def test_core_two_wrappers_of_one_module(llama) -> None:
     assert_clean(module)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a module's ops are tapped by swapping in one frame: while a second wrapper's probes run, the first "
-    "wrapper's op patches on the same module are not applied (its module-point hooks are)",
-)
 def test_core_two_wrappers_patches_apply_together(llama) -> None:
     other = nt.wrap(llama.module)
     inputs = example_inputs("llama")
@@ -119,6 +114,9 @@ def test_core_two_wrappers_patches_apply_together(llama) -> None:
         patched = llama(**inputs)
         probed = other.forward(**inputs, probes=[nt.probe(POINT, nt.Record())])
     assert_same_output(probed, patched)
+    seen = other.recordings()[POINT]["record"][0]  # the first wrapper's patch ran before the second's probe
+    assert torch.equal(seen[..., 3], torch.zeros_like(seen[..., 3])) and seen.abs().sum() > 0
+    assert_clean(llama.module)
 
 
 @pytest.mark.xfail(

@@ -50,6 +50,18 @@ class Frame:
         tap = self.taps.get(name)
         return value if tap is None else tap(value)
 
+    @staticmethod
+    def merged(first: Frame, second: Frame) -> Frame:
+        """One frame that runs ``first``'s taps and then ``second``'s at every site."""
+        frame = Frame()
+        for name in first.taps.keys() | second.taps.keys():
+            a, b = first.taps.get(name), second.taps.get(name)
+            frame.taps[name] = a if b is None else b if a is None else _chained(a, b)
+        for name in first.children.keys() | second.children.keys():
+            a, b = first.children.get(name), second.children.get(name)
+            frame.children[name] = a if b is None else b if a is None else Frame.merged(a, b)
+        return frame
+
     def fn(self, name: str, callee: Any) -> Any:
         child = self.children.get(name)
         if child is None or not expandable(callee):
@@ -59,6 +71,10 @@ class Frame:
             return callee
         push_helper_frame(child)
         return entered[0]
+
+
+def _chained(first: Fire, second: Fire) -> Fire:
+    return lambda value: second(first(value))
 
 
 _first_parameter: dict[type, str | None] = {}
@@ -113,8 +129,12 @@ class Attachment:
         handle = module.register_forward_pre_hook(lambda *_: callback(), prepend=True)
         self._handles.append(handle)
 
-    def on_ops(self, module: torch.nn.Module, frame: Frame) -> bool:
-        """Run ``module``'s tapped forward with ``frame``; False if it has none."""
+    def on_ops(self, module: torch.nn.Module, frame: Frame, *, combine: bool = True) -> bool:
+        """Run ``module``'s tapped forward with ``frame``; False if it has none.
+
+        A frame already there (another wrapper of the same module, attached now)
+        keeps working: its taps run first, then ``frame``'s, unless ``combine`` is off.
+        """
         result = tapped_forward(module)
         if result is None:
             return False
@@ -122,7 +142,10 @@ class Attachment:
         # their own: tap that one so their device handling stays in place
         slot = "_old_forward" if "_old_forward" in module.__dict__ else "forward"
         # another attachment (a second wrapper of the same module) may be on it already: restore it on detach
-        self._tapped_modules.append((module, slot, module.__dict__.get(slot), module.__dict__.get(FRAME_ATTR)))
+        previous_frame = module.__dict__.get(FRAME_ATTR)
+        self._tapped_modules.append((module, slot, module.__dict__.get(slot), previous_frame))
+        if combine and previous_frame is not None:
+            frame = Frame.merged(previous_frame, frame)
         module.__dict__[FRAME_ATTR] = frame
         module.__dict__[slot] = types.MethodType(result.function, module)
         return True

@@ -96,12 +96,14 @@ class _RecordingFrame(Frame):
 
 
 def _module_source(module: torch.nn.Module) -> str:
+    """``file:line  Class.forward`` for the forward that a module point belongs to."""
     cls = type(module)
+    forward = inspect.unwrap(cls.forward)
     try:
-        where = f"{os.path.basename(inspect.getsourcefile(cls.forward) or '?')}:{cls.forward.__code__.co_firstlineno}"
+        where = f"{os.path.basename(inspect.getsourcefile(forward) or '?')}:{forward.__code__.co_firstlineno}"
     except (TypeError, AttributeError):
         where = "?"
-    return f"{cls.__name__}  {where}"
+    return f"{where}  {cls.__name__}.forward"
 
 
 def take_inventory(root: torch.nn.Module, run: Callable[[], Any]) -> Inventory:
@@ -124,7 +126,7 @@ def take_inventory(root: torch.nn.Module, run: Callable[[], Any]) -> Inventory:
             attachment.on_input(module, recorder(join(path, "input"), "input"))
             if tapped_forward(module) is not None:
                 frame = _RecordingFrame(inventory, path, (), tapped_forward(module))  # type: ignore[arg-type]
-                attachment.on_ops(module, frame)
+                attachment.on_ops(module, frame, combine=False)  # the dry run records, it does not patch
             elif type(module).__module__.partition(".")[0] != "torch" and _has_own_forward(module):
                 unreadable.append(type(module).__qualname__)
             attachment.on_output(module, recorder(join(path, "output"), "output"))
