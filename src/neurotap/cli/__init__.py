@@ -5,15 +5,20 @@ from __future__ import annotations
 import argparse
 import importlib
 
+from ..errors import NeurotapError
+
 COMMANDS = ("demo", "points", "serve", "collect")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="neurotap", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="neurotap", description="Probe, record and patch every value inside a model.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         module = importlib.import_module(f".{name}", __name__)
         command = module.add_parser(subparsers)
         command.set_defaults(run=module.run)
     args = parser.parse_args(argv)
-    return args.run(args) or 0
+    try:
+        return args.run(args) or 0
+    except NeurotapError as error:  # a user's mistake: the message says what to do, a traceback would bury it
+        parser.exit(2, f"neurotap {args.command}: error: {error}\n")

@@ -1,0 +1,24 @@
+"""The command line: a user's mistake gets a one-line error and exit status 2, not a traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "neurotap", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_an_unknown_model_is_a_clear_error(tmp_path):
+    result = run("points", str(tmp_path / "no-such-model"))
+    assert result.returncode == 2
+    assert "neither a built-in model (smollm2-135m) nor a folder with a config.json" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_help_lists_every_command():
+    result = run("--help")
+    assert result.returncode == 0
+    for command in ("demo", "points", "serve", "collect"):
+        assert command in result.stdout
