@@ -31,6 +31,9 @@ def cache_dir() -> Path:
 def load(name_or_path: str, *, attn_implementation: str = "eager", **kwargs: Any) -> Model:
     """Load ``"smollm2-135m"`` or a local Hugging Face model folder, wrapped, with its tokenizer.
 
+    A folder loads as the class named in its config (``architectures``), else as a
+    causal language model, else as the base model.
+
     ``attn_implementation`` defaults to ``"eager"`` so that attention probabilities
     are points (``...self_attn.attention_interface.softmax``); pass ``"sdpa"`` for
     speed when they are not needed. Other keyword arguments go to ``from_pretrained``.
@@ -46,11 +49,17 @@ def load(name_or_path: str, *, attn_implementation: str = "eager", **kwargs: Any
                 "pass a folder written by save_pretrained()"
             )
     try:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        import transformers
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
     except ImportError as error:
         raise NeurotapError("loading Hugging Face models needs transformers: pip install 'neurotap[hf]'") from error
-    module = AutoModelForCausalLM.from_pretrained(folder, attn_implementation=attn_implementation, **kwargs).eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder) if _has_tokenizer(folder) else None
+    config = transformers.AutoConfig.from_pretrained(folder)
+    saved_as = getattr(transformers, (config.architectures or [""])[0], None)  # the class that saved it
+    if saved_as is None:
+        causal = type(config) in MODEL_FOR_CAUSAL_LM_MAPPING
+        saved_as = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
+    module = saved_as.from_pretrained(folder, attn_implementation=attn_implementation, **kwargs).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder) if _has_tokenizer(folder) else None
     return wrap(module, tokenizer)
 
 
