@@ -5,43 +5,23 @@ The server hands an :class:`Executor` a batch of :class:`RunRequest` and gets on
 executor, next to the model, so a multi-process executor for a sharded model can
 take this one's place without the HTTP layer changing.
 
-The in-process executor batches dynamically: requests of the batch with the same
-settings run as one forward pass on their concatenated rows, and the output is
-split again. Each request's probes see only the request's own rows
-(``value[rows]``) and write to the request's own session; a replacement they
-return goes back into those rows only.
-
-Token inputs of different lengths share a pass too, for models whose forward
-takes an ``attention_mask``: the ids are padded on the right to the longest, the
-mask covers the padding and ``position_ids`` count from 0 in every row, so the
-real positions of a causal model compute what they compute alone. A probe then
-sees ``value[rows]`` cut to the request's own length along every sequence
-dimension, and the output and the request's loss are cut the same way. Which
-dimensions are sequence dimensions is read once per point from two small runs
-(different batch sizes and lengths, one as a request runs alone, one padded as a
-shared pass runs); a value whose layout those runs do not pin down (no batch
-dimension in front, no sequence dimension, a shape that changes with the
-padding) keeps its request to passes with inputs of its own length.
-
-A probe at a value without the batch dimension in front (rotary tables, shared
-masks) makes the batch fall back to one pass per request, as does any failure
-that cannot be pinned on one request. Save contexts are staged: a request's
-recordings are committed only when it succeeds and fits its session's byte
-limit, so a failed request leaves nothing half-recorded.
+The in-process executor batches dynamically: it groups the batch's requests into
+shared forward passes, padded where their lengths differ, and splits the output
+again, as :mod:`.batching` describes; each request's probes see only the
+request's own rows and positions and write to the request's own session. Save
+contexts are staged: a request's recordings are committed only when it succeeds
+and fits its session's byte limit, so a failed request leaves nothing
+half-recorded.
 """
 
 from __future__ import annotations
 
 import abc
 import collections
-import concurrent.futures
 import inspect
-import json
-import threading
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -49,6 +29,27 @@ import torch
 from ..errors import NeurotapError, PatchError, ProbeError, UnknownPointError
 from ..model import Model
 from ..probes import SaveContext, probe
+from .batching import (
+    ALONE_READING,
+    PADDED_READING,
+    Group,
+    Readings,
+    Tokens,
+    Unbatchable,
+    View,
+    batch_key,
+    concatenated,
+    cut,
+    output_layouts,
+    pack,
+    pad_id,
+    padded_inputs,
+    point_layouts,
+    request_length,
+    request_rows,
+    rows_of,
+    tokens_of,
+)
 from .wire import CodeNotAllowedError, ErrorInfo, Output, RunRequest, RunResult, WireError, logits_of
 
 
@@ -58,10 +59,6 @@ class RequestTimeoutError(NeurotapError, TimeoutError):
 
 class RecordingLimitError(NeurotapError):
     """A session's recordings would grow past the server's per-session limit."""
-
-
-class _Unbatchable(NeurotapError):
-    """A probe met a value without the batch dimension in front while requests shared a pass."""
 
 
 class _RequestFailed(NeurotapError):
@@ -132,200 +129,6 @@ class Executor(abc.ABC):
     def get_parameter(self, name: str) -> torch.Tensor: ...
 
 
-def _nbytes(value: Any) -> int:
-    if isinstance(value, torch.Tensor):
-        return value.numel() * value.element_size()
-    if isinstance(value, (list, tuple)):
-        return sum(_nbytes(v) for v in value)
-    if isinstance(value, Mapping):
-        return sum(_nbytes(v) for v in value.values())
-    return 0
-
-
-def _staged_copy(ctx: SaveContext | None, name: str) -> SaveContext:
-    """A context to write to; lists are copied because Record and Norm append in place."""
-    staged = SaveContext(name)
-    if ctx is not None:
-        staged._data.update({k: list(v) if isinstance(v, list) else v for k, v in ctx._data.items()})
-    return staged
-
-
-def _sendable(value: Any) -> Any:
-    """The parts of a model output that travel: tensors and numbers; caches and other objects are left out."""
-    if value is None or isinstance(value, (bool, int, float, str, torch.Tensor)):
-        return value
-    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
-        items = [_sendable(v) for v in value]
-        return items if isinstance(value, list) else tuple(items)
-    if isinstance(value, Mapping):
-        kept = {k: _sendable(v) for k, v in value.items() if isinstance(k, str)}
-        kept = {k: v for k, v in kept.items() if v is not _DROPPED}
-        return kept if type(value) is dict else Output(kept)
-    return _DROPPED
-
-
-_DROPPED = object()
-
-
-def _rows_of(value: Any, rows: slice, total: int) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value[rows] if value.dim() and value.shape[0] == total else value
-    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
-        items = [_rows_of(v, rows, total) for v in value]
-        return items if isinstance(value, list) else tuple(items)
-    if isinstance(value, Mapping):
-        items = {k: _rows_of(v, rows, total) for k, v in value.items()}
-        return items if type(value) is dict else Output(items)
-    return value
-
-
-# (rows, length) of the two shape readings: one as a request runs alone, one padded as a shared pass runs
-_ALONE_READING = (2, 5)
-_PADDED_READING = (3, 7)
-
-
-@dataclass(frozen=True)
-class _Layout:
-    """Where a value of a padded pass keeps its rows (dimension 0) and its positions."""
-
-    ndim: int
-    sequence_dims: tuple[int, ...]
-
-    def index(self, rows: slice, length: int) -> tuple:
-        index: list[Any] = [slice(None)] * self.ndim
-        index[0] = rows
-        for dim in self.sequence_dims:
-            index[dim] = slice(0, length)
-        return tuple(index)
-
-    def fits(self, value: Any, total: int, padded_length: int) -> bool:
-        return (
-            isinstance(value, torch.Tensor)
-            and value.dim() == self.ndim
-            and value.shape[0] == total
-            and all(value.shape[d] == padded_length for d in self.sequence_dims)
-        )
-
-
-def _layout(alone: tuple | None, padded: tuple | None) -> _Layout | None:
-    """The layout of a value from its shapes in the two readings; None where they do not pin one down."""
-    if alone is None or padded is None or len(alone) != len(padded) or not alone:
-        return None
-    if (alone[0], padded[0]) != (_ALONE_READING[0], _PADDED_READING[0]):
-        return None
-    sequence_dims = []
-    for dim in range(1, len(alone)):
-        if (alone[dim], padded[dim]) == (_ALONE_READING[1], _PADDED_READING[1]):
-            sequence_dims.append(dim)
-        elif alone[dim] != padded[dim]:
-            return None
-    # without a sequence dimension the value may pool over positions, padding included
-    return _Layout(len(alone), tuple(sequence_dims)) if sequence_dims else None
-
-
-def _point_layouts(alone: list, padded: list) -> tuple[_Layout, ...] | None:
-    """One layout per call of a point in a forward, or None."""
-    if not alone or len(alone) != len(padded):
-        return None
-    layouts = tuple(_layout(a, p) for a, p in zip(alone, padded))
-    return None if None in layouts else layouts
-
-
-def _tensor_leaves(value: Any, path: tuple = ()) -> dict[tuple, torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return {path: value}
-    leaves: dict[tuple, torch.Tensor] = {}
-    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
-        for k, item in enumerate(value):
-            leaves.update(_tensor_leaves(item, (*path, k)))
-    elif isinstance(value, Mapping):
-        for key, item in value.items():
-            leaves.update(_tensor_leaves(item, (*path, key)))
-    return leaves
-
-
-def _output_layouts(alone: Any, padded: Any) -> dict[tuple, _Layout] | None:
-    """The layout of every tensor in a model output, or None if one has none."""
-    alone_leaves, padded_leaves = _tensor_leaves(alone), _tensor_leaves(padded)
-    if alone_leaves.keys() != padded_leaves.keys():
-        return None
-    layouts = {}
-    for path, tensor in alone_leaves.items():
-        layout = _layout(tuple(tensor.shape), tuple(padded_leaves[path].shape))
-        if layout is None:
-            return None
-        layouts[path] = layout
-    return layouts
-
-
-def _cut(value: Any, layouts: dict[tuple, _Layout], rows: slice, length: int, path: tuple = ()) -> Any:
-    """One request's part of a padded pass's output: its rows, its positions."""
-    if isinstance(value, torch.Tensor):
-        return value[layouts[path].index(rows, length)]
-    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
-        items = [_cut(v, layouts, rows, length, (*path, k)) for k, v in enumerate(value)]
-        return items if isinstance(value, list) else tuple(items)
-    if isinstance(value, Mapping):
-        items = {k: _cut(v, layouts, rows, length, (*path, k)) for k, v in value.items()}
-        return items if type(value) is dict else Output(items)
-    return value
-
-
-@dataclass(frozen=True)
-class _Tokens:
-    """A request's token ids, if it can be padded: ``key`` says which requests can share a padded pass."""
-
-    ids: torch.Tensor
-    key: tuple  # how ids are passed, whether a mask came along, their dtypes, the other (scalar) kwargs
-    scalars: dict[str, Any]
-    mask_dtype: torch.dtype | None
-
-    @property
-    def length(self) -> int:
-        return self.ids.shape[1]
-
-
-class _Readings:
-    """What the shape readings learnt for one kind of call: output and point layouts (None: none)."""
-
-    def __init__(self) -> None:
-        self.read = False
-        self.output: dict[tuple, _Layout] | None = None
-        self.points: dict[str, tuple[_Layout, ...] | None] = {}
-
-
-@dataclass
-class _Group:
-    indices: list[int]
-    key: tuple | None
-    padded: bool  # requests of different lengths may share the pass
-    rows: int = 0
-    longest: int = 0
-    tokens: int = 0
-
-
-@dataclass(frozen=True)
-class _View:
-    """What of a shared pass's values one request sees: its rows and, when padded, its positions."""
-
-    rows: slice
-    total: int
-    length: int = 0
-    padded_length: int = 0
-    layouts: tuple[_Layout, ...] | None = None  # per call; None: rows only
-
-    def part(self, value: Any, name: str, call: int) -> tuple[Any, tuple | slice]:
-        if self.layouts is None:
-            if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == self.total:
-                return value[self.rows], self.rows
-            raise _Unbatchable(f"the value at {name!r} has no batch dimension in front")
-        layout = self.layouts[call] if call < len(self.layouts) else None
-        if layout is None or not layout.fits(value, self.total, self.padded_length):
-            raise _Unbatchable(f"the value at {name!r} is not laid out as the shape readings said")
-        index = layout.index(self.rows, self.length)
-        return value[index], index
-
-
 class InProcessExecutor(Executor):
     """Runs requests on an ``nt.Model`` in this process, batching those that can share a pass.
 
@@ -360,10 +163,10 @@ class InProcessExecutor(Executor):
         except (TypeError, ValueError):
             parameters = {}
         self._input_name = getattr(model.module, "main_input_name", "input_ids")
-        self._pads = "attention_mask" in parameters and (self._max_positions or 8) >= _PADDED_READING[1]
+        self._pads = "attention_mask" in parameters and (self._max_positions or 8) >= PADDED_READING[1]
         self._takes_positions = "position_ids" in parameters
-        self._pad_id = _pad_id(config, model.tokenizer)
-        self._readings: dict[tuple, _Readings] = {}
+        self._pad_id = pad_id(config, model.tokenizer)
+        self._readings: dict[tuple, Readings] = {}
         # checked before every forward, so a long generate stops between steps once its time is up
         model.module.register_forward_pre_hook(self._check_deadline)
 
@@ -434,66 +237,13 @@ class InProcessExecutor(Executor):
                     f"{self._max_positions} positions (max_position_embeddings)"
                 )
 
-    def _batch_key(self, request: RunRequest) -> tuple | None:
-        """Requests with equal keys can share one pass; None: this one runs alone."""
-        if request.op == "generate":
-            return None  # rows that finish early would change the other rows' steps
-        rows = None
-        signature = []
-        named = [(None, v) for v in request.args] + sorted(request.kwargs.items(), key=lambda kv: kv[0])
-        for name, value in named:
-            if isinstance(value, torch.Tensor):
-                if value.dim() == 0 or (rows is not None and value.shape[0] != rows):
-                    return None
-                rows = value.shape[0]
-                signature.append((name, "tensor", str(value.dtype), tuple(value.shape[1:])))
-            elif value is None or isinstance(value, (bool, int, float, str)):
-                signature.append((name, "value", json.dumps(value)))
-            else:
-                return None
-        if rows is None or rows > self.max_batch_rows:
-            return None
-        return (request.op, tuple(signature))
+    def _tokens(self, request: RunRequest) -> Tokens | None:
+        """The request's token ids if it can share a padded pass."""
+        return tokens_of(request, self._input_name, self.max_batch_rows) if self._pads else None
 
-    def _tokens(self, request: RunRequest) -> _Tokens | None:
-        """The request's token ids if it can share a padded pass: ids ``[rows, length]``, at most an all-ones
-        ``attention_mask`` besides, and plain values for the other arguments."""
-        if not self._pads or request.op not in ("forward", "backward"):
-            return None
-        kwargs = dict(request.kwargs)
-        if len(request.args) == 1 and self._input_name not in kwargs:
-            ids, passed = request.args[0], "args"
-        elif not request.args and self._input_name in kwargs:
-            ids, passed = kwargs.pop(self._input_name), "kwargs"
-        else:
-            return None
-        if (
-            not isinstance(ids, torch.Tensor)
-            or ids.dim() != 2
-            or ids.is_floating_point()
-            or ids.is_complex()
-            or ids.dtype == torch.bool
-            or 0 in ids.shape
-            or ids.shape[0] > self.max_batch_rows
-        ):
-            return None
-        mask = kwargs.pop("attention_mask", None)
-        if mask is not None:
-            # a mask with holes makes positions that see nothing, which padding would change
-            if not isinstance(mask, torch.Tensor) or mask.shape != ids.shape or not bool((mask == 1).all()):
-                return None
-        scalars = {}
-        for name, value in sorted(kwargs.items()):
-            if not (value is None or isinstance(value, (bool, int, float, str))):
-                return None
-            scalars[name] = value
-        mask_dtype = None if mask is None else mask.dtype
-        key = (passed, str(ids.dtype), str(ids.device), str(mask_dtype), json.dumps(scalars))
-        return _Tokens(ids, key, scalars, mask_dtype)
-
-    def _groups(self, batch: Sequence[RunRequest], results: list) -> list[_Group]:
+    def _groups(self, batch: Sequence[RunRequest], results: list) -> list[Group]:
         """The passes, in an order that keeps each session's requests in arrival order."""
-        tokens: dict[int, _Tokens] = {}
+        tokens: dict[int, Tokens] = {}
         lengths: dict[tuple, set[int]] = collections.defaultdict(set)
         for index, request in enumerate(batch):
             try:
@@ -514,49 +264,21 @@ class InProcessExecutor(Executor):
                 if readings.output is None or any(readings.points.get(s.point) is None for s in batch[index].probes):
                     del tokens[index]
 
-        groups: list[_Group] = []
-        last_group: dict[str, int] = {}
-        for index, request in enumerate(batch):
-            if results[index] is not None:
-                continue
-            found = tokens.get(index)
-            size, length = _rows(request), found.length if found is not None else 0
-            key = ("padded", request.op, found.key) if found is not None else self._batch_key(request)
-            chosen = None
-            if key is not None:
-                for g in range(last_group.get(request.session, -1) + 1, len(groups)):
-                    group = groups[g]
-                    if group.key != key or group.rows + size > self.max_batch_rows:
-                        continue
-                    if found is not None:
-                        cells = (group.rows + size) * max(group.longest, length)
-                        if cells > self.max_pad_ratio * (group.tokens + size * length):
-                            continue
-                    chosen = g
-                    break
-            if chosen is None:
-                groups.append(_Group([], key, found is not None))
-                chosen = len(groups) - 1
-            group = groups[chosen]
-            group.indices.append(index)
-            group.rows += size
-            group.longest = max(group.longest, length)
-            group.tokens += size * length
-            last_group[request.session] = chosen
-        return groups
+        pending = [index for index in range(len(batch)) if results[index] is None]
+        return pack(batch, pending, tokens, max_rows=self.max_batch_rows, max_pad_ratio=self.max_pad_ratio)
 
     # -- shape readings ------------------------------------------------------------------------------
 
-    def _read_layouts(self, tokens: _Tokens, points: set[str]) -> _Readings:
+    def _read_layouts(self, tokens: Tokens, points: set[str]) -> Readings:
         """Layouts of the output and of ``points`` for calls like ``tokens``', read once and cached."""
-        readings = self._readings.setdefault(tokens.key, _Readings())
+        readings = self._readings.setdefault(tokens.key, Readings())
         missing = sorted(p for p in points if p not in readings.points)
         chunks = [missing] if missing or not readings.read else []
         while chunks:
             chunk = chunks.pop()
             try:
-                alone_output, alone_shapes = self._shape_run(tokens, _ALONE_READING, padded=False, points=chunk)
-                padded_output, padded_shapes = self._shape_run(tokens, _PADDED_READING, padded=True, points=chunk)
+                alone_output, alone_shapes = self._shape_run(tokens, ALONE_READING, padded=False, points=chunk)
+                padded_output, padded_shapes = self._shape_run(tokens, PADDED_READING, padded=True, points=chunk)
             except Exception:  # a bad point name or a model that refuses the call: the real run says why
                 if len(chunk) > 1:
                     chunks.extend([p] for p in chunk)
@@ -567,14 +289,14 @@ class InProcessExecutor(Executor):
                     readings.read = readings.read or not chunk
                 continue
             if not readings.read:
-                readings.output = _output_layouts(alone_output, padded_output)
+                readings.output = output_layouts(alone_output, padded_output)
                 readings.read = True
             for point in chunk:
-                readings.points[point] = _point_layouts(alone_shapes[point], padded_shapes[point])
+                readings.points[point] = point_layouts(alone_shapes[point], padded_shapes[point])
         return readings
 
     def _shape_run(
-        self, tokens: _Tokens, shape: tuple[int, int], *, padded: bool, points: list[str]
+        self, tokens: Tokens, shape: tuple[int, int], *, padded: bool, points: list[str]
     ) -> tuple[Any, dict[str, list]]:
         rows, length = shape
         ids = torch.full((rows, length), self._pad_id, dtype=tokens.ids.dtype, device=tokens.ids.device)
@@ -597,7 +319,7 @@ class InProcessExecutor(Executor):
         probes = [probe(p, recorder(shapes[p])) for p in points]
         devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
         with torch.no_grad(), torch.random.fork_rng(devices=devices):
-            output = self._forward((ids,), kwargs, tokens.key[0] == "kwargs", probes)
+            output = self._forward((ids,), kwargs, tokens.by_name, probes)
         return output, shapes
 
     # -- passes --------------------------------------------------------------------------------------
@@ -616,32 +338,25 @@ class InProcessExecutor(Executor):
                 for index in pending:
                     results[index] = RunResult(error=error_info(error))
                 return
-            except _Unbatchable as error:
+            except Exception as error:
                 if len(pending) == 1:
                     results[pending[0]] = RunResult(error=error_info(error))
-                elif padded and len({_length(batch[i]) for i in pending}) > 1:
+                elif isinstance(error, Unbatchable) and padded and len({request_length(batch[i]) for i in pending}) > 1:
                     by_key: dict[Any, list[int]] = {}
                     for index in pending:  # a pass's requests come from different sessions: any order will do
-                        key = self._batch_key(batch[index])
+                        key = batch_key(batch[index], self.max_batch_rows)
                         by_key.setdefault(key if key is not None else ("alone", index), []).append(index)
                     for indices in by_key.values():
                         self._run_group(batch, indices, results, False)
                 else:
-                    for index in pending:
+                    for index in pending:  # cannot tell whose fault, or the values do not split: each on its own
                         self._run_group(batch, [index], results, False)
-                return
-            except Exception as error:
-                if len(pending) == 1:
-                    results[pending[0]] = RunResult(error=error_info(error))
-                    return
-                for index in pending:  # cannot tell whose fault: each on its own
-                    self._run_group(batch, [index], results, False)
                 return
 
     def _attempt(self, batch: Sequence[RunRequest], indices: list[int], padded: bool) -> dict[int, RunResult]:
         requests = [batch[i] for i in indices]
         shared = len(requests) > 1
-        sizes = [_rows(r) for r in requests]
+        sizes = [request_rows(r) for r in requests]
         total = sum(sizes)
         starts = [sum(sizes[:k]) for k in range(len(sizes))]
         row_slices = [slice(start, start + size) for start, size in zip(starts, sizes)]
@@ -657,9 +372,9 @@ class InProcessExecutor(Executor):
                 view = None
                 if padded:
                     layouts = readings.points[spec.point]
-                    view = _View(row_slices[k], total, tokens[k].length, padded_length, layouts)
+                    view = View(row_slices[k], total, tokens[k].length, padded_length, layouts)
                 elif shared:
-                    view = _View(row_slices[k], total)
+                    view = View(row_slices[k], total)
                 name = spec.point + ".grad" if spec.grad else spec.point
                 probes.append(
                     probe(
@@ -668,16 +383,19 @@ class InProcessExecutor(Executor):
                 )
         by_name = False
         if padded:
-            args, kwargs, by_name = self._padded_inputs(tokens, row_slices, total, padded_length)
+            args, kwargs = padded_inputs(
+                tokens, row_slices, total, padded_length, pad=self._pad_id, positions=self._takes_positions
+            )
+            by_name = tokens[0].by_name
         elif shared:
-            args, kwargs = _concatenated(requests)
+            args, kwargs = concatenated(requests)
         else:
             args, kwargs = requests[0].args, requests[0].kwargs
 
-        def cut(output: Any, k: int) -> Any:
+        def part_of(output: Any, k: int) -> Any:
             if padded:
-                return _cut(output, readings.output, row_slices[k], tokens[k].length)
-            return _rows_of(output, row_slices[k], total) if shared else output
+                return cut(output, readings.output, row_slices[k], tokens[k].length)
+            return rows_of(output, row_slices[k], total) if shared else output
 
         deadlines = [r.deadline for r in requests if r.deadline is not None]
         self._deadline = max(deadlines) if deadlines else None
@@ -694,7 +412,7 @@ class InProcessExecutor(Executor):
                 with torch.no_grad():
                     output = self._forward(args, kwargs, by_name, probes)
             else:
-                parts = self._backward(requests, cut, args, kwargs, by_name, probes, losses)
+                parts = self._backward(requests, part_of, args, kwargs, by_name, probes, losses)
         except _RequestFailed as failure:
             failure.index = indices[failure.index]
             raise
@@ -703,7 +421,7 @@ class InProcessExecutor(Executor):
 
         results: dict[int, RunResult] = {}
         for k, (index, request) in enumerate(zip(indices, requests)):
-            mine = parts[k] if parts else cut(output, k)
+            mine = parts[k] if parts else part_of(output, k)
             try:
                 mine = _selected(_sendable(mine), request.outputs)
                 self._commit(request.session, staged[k])
@@ -713,20 +431,6 @@ class InProcessExecutor(Executor):
             results[index] = RunResult(output=mine, loss=losses[k])
         return results
 
-    def _padded_inputs(
-        self, tokens: list[_Tokens], row_slices: list[slice], total: int, length: int
-    ) -> tuple[tuple, dict[str, Any], bool]:
-        first = tokens[0].ids
-        ids = torch.full((total, length), self._pad_id, dtype=first.dtype, device=first.device)
-        mask = torch.zeros((total, length), dtype=tokens[0].mask_dtype or torch.long, device=first.device)
-        for rows, found in zip(row_slices, tokens):
-            ids[rows, : found.length] = found.ids
-            mask[rows, : found.length] = 1
-        kwargs = {**tokens[0].scalars, "attention_mask": mask}
-        if self._takes_positions:
-            kwargs["position_ids"] = torch.arange(length, device=first.device).expand(total, -1)
-        return (ids,), kwargs, tokens[0].key[0] == "kwargs"
-
     def _forward(self, args: tuple, kwargs: dict[str, Any], by_name: bool, probes: list) -> Any:
         if by_name:
             return self.model.forward(*args[1:], probes=probes, **{self._input_name: args[0]}, **kwargs)
@@ -735,7 +439,7 @@ class InProcessExecutor(Executor):
     def _backward(
         self,
         requests: list[RunRequest],
-        cut: Callable[[Any, int], Any],
+        part_of: Callable[[Any, int], Any],
         args: tuple,
         kwargs: dict,
         by_name: bool,
@@ -747,7 +451,7 @@ class InProcessExecutor(Executor):
         try:
             with torch.enable_grad():
                 output = self._forward(args, kwargs, by_name, probes)
-                parts = [cut(output, k) for k in range(len(requests))]
+                parts = [part_of(output, k) for k in range(len(requests))]
                 total = None
                 for k, request in enumerate(requests):
                     try:
@@ -771,7 +475,7 @@ class InProcessExecutor(Executor):
         session: str,
         name: str,
         staged: dict[str, SaveContext],
-        view: _View | None,
+        view: View | None,
     ) -> Callable[..., Any]:
         """``fn`` seeing only its request's part of each value and writing to its request's session."""
         ctx = staged.get(name)
@@ -844,41 +548,39 @@ def _as_probe_error(error: Exception, fn: Any, name: str, ctx: SaveContext) -> N
     return wrapped
 
 
-def _rows(request: RunRequest) -> int:
-    for value in [*request.args, *request.kwargs.values()]:
-        if isinstance(value, torch.Tensor) and value.dim():
-            return value.shape[0]
-    return 1
+def _staged_copy(ctx: SaveContext | None, name: str) -> SaveContext:
+    """A context to write to; lists are copied because Record and Norm append in place."""
+    staged = SaveContext(name)
+    if ctx is not None:
+        staged._data.update({k: list(v) if isinstance(v, list) else v for k, v in ctx._data.items()})
+    return staged
 
 
-def _length(request: RunRequest) -> int:
-    for value in [*request.args, *request.kwargs.values()]:
-        if isinstance(value, torch.Tensor) and value.dim() >= 2:
-            return value.shape[1]
+def _nbytes(value: Any) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (list, tuple)):
+        return sum(_nbytes(v) for v in value)
+    if isinstance(value, Mapping):
+        return sum(_nbytes(v) for v in value.values())
     return 0
 
 
-def _pad_id(config: Any, tokenizer: Any) -> int:
-    """The id padded positions hold; they are masked, so any id in the vocabulary will do."""
-    vocab = getattr(config, "vocab_size", None)
-    for source in (config, tokenizer):
-        pad = getattr(source, "pad_token_id", None)
-        if isinstance(pad, int) and not isinstance(pad, bool) and pad >= 0 and (vocab is None or pad < vocab):
-            return pad
-    return 0
+def _sendable(value: Any) -> Any:
+    """The parts of a model output that travel: tensors and numbers; caches and other objects are left out."""
+    if value is None or isinstance(value, (bool, int, float, str, torch.Tensor)):
+        return value
+    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
+        items = [_sendable(v) for v in value]
+        return items if isinstance(value, list) else tuple(items)
+    if isinstance(value, Mapping):
+        kept = {k: _sendable(v) for k, v in value.items() if isinstance(k, str)}
+        kept = {k: v for k, v in kept.items() if v is not _DROPPED}
+        return kept if type(value) is dict else Output(kept)
+    return _DROPPED
 
 
-def _concatenated(requests: list[RunRequest]) -> tuple[tuple, dict[str, Any]]:
-    first = requests[0]
-    args = tuple(
-        torch.cat([r.args[i] for r in requests]) if isinstance(value, torch.Tensor) else value
-        for i, value in enumerate(first.args)
-    )
-    kwargs = {
-        name: torch.cat([r.kwargs[name] for r in requests]) if isinstance(value, torch.Tensor) else value
-        for name, value in first.kwargs.items()
-    }
-    return args, kwargs
+_DROPPED = object()
 
 
 def _selected(output: Any, names: list[str] | None) -> Any:
@@ -894,100 +596,3 @@ def _selected(output: Any, names: list[str] | None) -> Any:
     if missing:
         raise NeurotapError(f"the output has no field {missing[0]!r}; it has {list(output)}")
     return Output({n: output[n] for n in names}) if type(output) is not dict else {n: output[n] for n in names}
-
-
-class BatchWorker:
-    """The one thread that runs an executor: runs arrive from any thread and are batched as they queue up.
-
-    While it is busy, runs pile up and the next batch takes them all. When several
-    sessions have been sending runs lately, a batch also waits up to ``window``
-    seconds for one run from each of them (they usually arrive within a
-    millisecond of each other); a lone client never waits.
-    """
-
-    def __init__(self, executor: Executor, *, max_batch: int = 32, window: float = 0.004) -> None:
-        self.executor = executor
-        self.max_batch = max_batch
-        self.window = window
-        self._queue: collections.deque = collections.deque()
-        self._condition = threading.Condition()
-        self._recent: dict[str, float] = {}  # session -> when it last sent a run
-        self._stopping = False
-        self._thread = threading.Thread(target=self._loop, name="neurotap-executor", daemon=True)
-        self._thread.start()
-
-    def run(self, request: RunRequest) -> concurrent.futures.Future:
-        future: concurrent.futures.Future = concurrent.futures.Future()
-        with self._condition:
-            if self._stopping:
-                raise RuntimeError("the executor is shutting down")
-            self._queue.append(("run", request, future))
-            self._recent[request.session] = time.monotonic()
-            self._condition.notify_all()
-        return future
-
-    def call(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future:
-        """Run ``fn(*args)`` on the executor's thread, in order with the runs."""
-        future: concurrent.futures.Future = concurrent.futures.Future()
-        with self._condition:
-            self._queue.append(("call", (fn, args), future))
-            self._condition.notify_all()
-        return future
-
-    def stop(self, timeout: float | None = None) -> None:
-        """Finish what is queued, then end the thread."""
-        with self._condition:
-            self._stopping = True
-            self._condition.notify_all()
-        self._thread.join(timeout)
-
-    def _take(self) -> list | None:
-        with self._condition:
-            while not self._queue:
-                if self._stopping:
-                    return None
-                self._condition.wait()
-            if self._queue[0][0] == "call":
-                return [self._queue.popleft()]
-            now = time.monotonic()
-            self._recent = {s: t for s, t in self._recent.items() if now - t < 1.0}
-            expected = min(len(self._recent), self.max_batch)
-            taken: list = []
-            sessions: set[str] = set()
-            wait_until = now + self.window
-            while True:
-                while self._queue and self._queue[0][0] == "run" and len(taken) < self.max_batch:
-                    item = self._queue.popleft()
-                    taken.append(item)
-                    sessions.add(item[1].session)
-                if self._queue or len(taken) >= self.max_batch or len(sessions) >= expected or self._stopping:
-                    return taken
-                remaining = wait_until - time.monotonic()
-                if remaining <= 0:
-                    return taken
-                self._condition.wait(remaining)
-
-    def _loop(self) -> None:
-        while True:
-            taken = self._take()
-            if taken is None:
-                return
-            if taken[0][0] == "call":
-                _, (fn, args), future = taken[0]
-                if future.set_running_or_notify_cancel():
-                    try:
-                        future.set_result(fn(*args))
-                    except BaseException as error:
-                        future.set_exception(error)
-                continue
-            requests = [request for _, request, _ in taken]
-            try:
-                results = self.executor.execute(requests)
-            except BaseException as error:
-                for _, _, future in taken:
-                    if not future.done():
-                        future.set_exception(error)
-                continue
-            for (_, _, future), result in zip(taken, results):
-                if not future.done():
-                    future.set_result(result)

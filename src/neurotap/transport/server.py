@@ -36,7 +36,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.middleware.gzip import GZipMiddleware
 
 from ..errors import NeurotapError
-from .executor import BatchWorker, Executor, error_info
+from .executor import Executor, error_info
 from .wire import (
     END_OF_STREAM,
     FRAMES_MEDIA_TYPE,
@@ -48,6 +48,7 @@ from .wire import (
     encode,
     frame,
 )
+from .worker import BatchWorker
 
 log = logging.getLogger("neurotap.server")
 
