@@ -86,7 +86,12 @@ def _hf(config_cls: str, model_cls: str, **fields: Any) -> Callable[[], nn.Modul
 
 
 _LLAMA_LIKE = dict(
-    hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+    hidden_size=HIDDEN,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
 )
 
 
@@ -191,6 +196,12 @@ def tiny_module(name: str) -> nn.Module:
         torch.manual_seed(0)
         _built[name] = ARCHS[name].build().eval()
     return _built[name]
+
+
+def tiny_llama(seed: int = 0) -> nn.Module:
+    """A fresh tiny Llama like ``tiny_module("llama")``, seeded with ``seed``, for tests that change or save it."""
+    torch.manual_seed(seed)
+    return ARCHS["llama"].build().eval()
 
 
 def example_inputs(name: str, batch: int = 2, seq: int = SEQ, seed: int = 1) -> dict[str, torch.Tensor]:

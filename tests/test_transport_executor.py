@@ -4,28 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-import transformers
 
 import neurotap as nt
+from conftest import VOCAB, tiny_llama
 from neurotap.transport.executor import InProcessExecutor
 from neurotap.transport.wire import CrossEntropy, LogitDiff, ProbeSpec, RunRequest
-
-VOCAB = 128
-
-
-def tiny_llama(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        attn_implementation="eager",
-    )
-    return transformers.LlamaForCausalLM(config).eval()
 
 
 @pytest.fixture(scope="module")

@@ -14,15 +14,14 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-import transformers
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import neurotap as nt
+from conftest import VOCAB, tiny_llama
 from neurotap.transport import CrossEntropy, LogitDiff
 from neurotap.transport.wire import MEDIA_TYPE, PROTOCOL, PROTOCOL_HEADER, SESSION_HEADER
 
-VOCAB = 128
 KEY = nt.Record().key
 MUL = "model.layers.0.mlp.mul"
 LAUNCH = "import sys; from neurotap.cli import main; sys.exit(main())"
@@ -30,19 +29,8 @@ LAUNCH = "import sys; from neurotap.cli import main; sys.exit(main())"
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        attn_implementation="eager",
-    )
     path = tmp_path_factory.mktemp("tiny")
-    transformers.LlamaForCausalLM(config).eval().save_pretrained(path)
+    tiny_llama().save_pretrained(path)
     return path
 
 
