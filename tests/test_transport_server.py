@@ -282,12 +282,12 @@ def client_requests(client: int) -> list[tuple[torch.Tensor, list, dict]]:
     return work
 
 
-def test_concurrent_clients_get_their_sequential_results(server, local):
-    clients = 6
+def run_clients_concurrently(server, local, requests_of, clients: int = 6) -> None:
+    """Every client's results through the server, all at once, equal its requests run locally one by one."""
     expected_out, expected_rec = {}, {}
     for c in range(clients):
         outs = []
-        for tokens, probes, patches in client_requests(c):
+        for tokens, probes, patches in requests_of(c):
             with local.patch(patches), torch.no_grad():
                 outs.append(local.forward(tokens, probes=probes).logits)
         expected_out[c], expected_rec[c] = outs, local_recordings(local)
@@ -300,7 +300,7 @@ def test_concurrent_clients_get_their_sequential_results(server, local):
             with nt.connect(server.url) as rm:
                 barrier.wait()
                 outs = []
-                for tokens, probes, patches in client_requests(c):
+                for tokens, probes, patches in requests_of(c):
                     with rm.patch(patches):
                         outs.append(rm.forward(tokens, probes=probes).logits)
                 got_out[c], got_rec[c] = outs, rm.recordings()
@@ -316,6 +316,10 @@ def test_concurrent_clients_get_their_sequential_results(server, local):
     for c in range(clients):
         same(got_out[c], expected_out[c])
         same(got_rec[c], expected_rec[c])
+
+
+def test_concurrent_clients_get_their_sequential_results(server, local):
+    run_clients_concurrently(server, local, client_requests)
 
 
 def mixed_length_requests(client: int) -> list[tuple[torch.Tensor, list, dict]]:
@@ -336,45 +340,13 @@ def mixed_length_requests(client: int) -> list[tuple[torch.Tensor, list, dict]]:
 
 def test_concurrent_clients_of_different_lengths_get_their_sequential_results(server, local):
     """Padded passes differ from sequential ones only in float summation order: compared at 1e-5."""
-    clients = 6
-    expected_out, expected_rec = {}, {}
-    for c in range(clients):
-        outs = []
-        for tokens, probes, patches in mixed_length_requests(c):
-            with local.patch(patches), torch.no_grad():
-                outs.append(local.forward(tokens, probes=probes).logits)
-        expected_out[c], expected_rec[c] = outs, local_recordings(local)
-
-    got_out, got_rec, errors = {}, {}, []
-    barrier = threading.Barrier(clients)
-
-    def work(c: int) -> None:
-        try:
-            with nt.connect(server.url) as rm:
-                barrier.wait()
-                outs = []
-                for tokens, probes, patches in mixed_length_requests(c):
-                    with rm.patch(patches):
-                        outs.append(rm.forward(tokens, probes=probes).logits)
-                got_out[c], got_rec[c] = outs, rm.recordings()
-        except Exception as error:  # surfaced below
-            errors.append(error)
-
     with nt.connect(server.url) as rm:
         before = rm.info()
-    threads = [threading.Thread(target=work, args=(c,)) for c in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not errors, errors
-    for c in range(clients):
-        same(got_out[c], expected_out[c])
-        same(got_rec[c], expected_rec[c])
+    run_clients_concurrently(server, local, mixed_length_requests, clients=6)
     with nt.connect(server.url) as rm:
         after = rm.info()
     # how many passes were shared (and padded) depends on timing; the results above must hold either way
-    assert after["requests"] - before["requests"] == clients * 3
+    assert after["requests"] - before["requests"] == 6 * 3
 
 
 # -- refusals ----------------------------------------------------------------------------------------
