@@ -183,3 +183,29 @@ def test_core_patch_at_input_passed_by_keyword(llama) -> None:
         patched = llama(**inputs)
     assert llama.recordings()["model.layers.0.self_attn.input"]["record"][0].shape == (2, 7, 64)
     assert_same_output(patched, by_hand)
+
+
+def test_core_calls_from_several_threads_each_get_their_own_probes(llama) -> None:
+    import threading
+
+    inputs = example_inputs("llama")
+    with torch.no_grad():
+        baseline = llama.module(**inputs).logits
+    results: dict[int, torch.Tensor] = {}
+
+    def work(unit: int) -> None:
+        with torch.no_grad():
+            for _ in range(5):
+                results[unit] = llama.forward(**inputs, probes=[nt.probe(POINT, nt.Zero(index=(..., unit)))]).logits
+
+    threads = [threading.Thread(target=work, args=(unit,)) for unit in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for unit in range(4):
+        with torch.no_grad():
+            alone = llama.forward(**inputs, probes=[nt.probe(POINT, nt.Zero(index=(..., unit)))]).logits
+        assert torch.equal(results[unit], alone)
+        assert not torch.equal(alone, baseline)
+    assert_clean(llama.module)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -43,6 +44,7 @@ class Model:
         self._layers: list[list[Probe]] = []  # active patch() contexts, outermost first
         self._layer_plan: Plan | None = None
         self._attached: Attachment | None = None
+        self._lock = threading.RLock()
 
     def __repr__(self) -> str:
         return f"nt.Model({type(self.module).__name__}, {len(self._layers)} patch layers active)"
@@ -64,19 +66,20 @@ class Model:
 
     def inventory(self, args: tuple = (), kwargs: Mapping[str, Any] | None = None) -> Inventory:
         """The inventory, taken on first use from one dry run on a small example input."""
-        if self._inventory is None:
-            call_args, call_kwargs = self._example_inputs(args, dict(kwargs or {}))
-            buffers = [(b, b.detach().clone()) for b in self.module.buffers()]
-            self._detach()
-            devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
-            try:
-                with torch.random.fork_rng(devices=devices):  # nor draw from the random streams (dropout)
-                    self._inventory = take_inventory(self.module, lambda: self.module(*call_args, **call_kwargs))
-            finally:
-                with torch.no_grad():
-                    for buffer, saved in buffers:  # a dry run must not move running statistics
-                        buffer.copy_(saved)
-                self._reattach()
+        with self._lock:
+            if self._inventory is None:
+                call_args, call_kwargs = self._example_inputs(args, dict(kwargs or {}))
+                buffers = [(b, b.detach().clone()) for b in self.module.buffers()]
+                self._detach()
+                devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+                try:
+                    with torch.random.fork_rng(devices=devices):  # nor draw from the random streams (dropout)
+                        self._inventory = take_inventory(self.module, lambda: self.module(*call_args, **call_kwargs))
+                finally:
+                    with torch.no_grad():
+                        for buffer, saved in buffers:  # a dry run must not move running statistics
+                            buffer.copy_(saved)
+                    self._reattach()
         return self._inventory
 
     def _example_inputs(self, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
@@ -140,23 +143,24 @@ class Model:
         return float(value.detach())
 
     def _run(self, call: Callable[..., Any], args: tuple, kwargs: dict[str, Any], probes: Sequence[Probe]) -> Any:
-        if not probes:
-            if self._layer_plan is not None:
-                self._layer_plan.state.new_call()
-            return call(*args, **kwargs)
         for p in probes:
             if not isinstance(p, Probe):
                 raise TypeError(f"probes must be made with nt.probe(point, fn), got {type(p).__name__}")
-        inventory = self.inventory(args, kwargs)
-        plan = Plan([p for layer in self._layers for p in layer] + list(probes), inventory, self._contexts)
-        self._detach()
-        try:
-            self._attached = plan.attach(self.module, self._named_modules())
-            plan.state.new_call()
-            return call(*args, **kwargs)
-        finally:
+        with self._lock:  # hooks are per module, not per thread: one call at a time sees the right ones
+            if not probes:
+                if self._layer_plan is not None:
+                    self._layer_plan.state.new_call()
+                return call(*args, **kwargs)
+            inventory = self.inventory(args, kwargs)
+            plan = Plan([p for layer in self._layers for p in layer] + list(probes), inventory, self._contexts)
             self._detach()
-            self._reattach()
+            try:
+                self._attached = plan.attach(self.module, self._named_modules())
+                plan.state.new_call()
+                return call(*args, **kwargs)
+            finally:
+                self._detach()
+                self._reattach()
 
     @contextlib.contextmanager
     def patch(self, patches: PatchSpec) -> Iterator[Model]:
@@ -166,19 +170,21 @@ class Model:
         point, and each block's patches come off when it exits.
         """
         layer = patches_to_probes(patches)
-        plan = Plan([p for lay in self._layers for p in lay] + layer, self.inventory(), self._contexts)
-        self._detach()
-        self._layers.append(layer)
-        self._layer_plan = plan
-        self._reattach()
+        with self._lock:
+            plan = Plan([p for lay in self._layers for p in lay] + layer, self.inventory(), self._contexts)
+            self._detach()
+            self._layers.append(layer)
+            self._layer_plan = plan
+            self._reattach()
         try:
             yield self
         finally:
-            self._detach()
-            self._layers.pop()
-            remaining = [p for lay in self._layers for p in lay]
-            self._layer_plan = Plan(remaining, self.inventory(), self._contexts) if remaining else None
-            self._reattach()
+            with self._lock:
+                self._detach()
+                self._layers.remove(layer)
+                remaining = [p for lay in self._layers for p in lay]
+                self._layer_plan = Plan(remaining, self.inventory(), self._contexts) if remaining else None
+                self._reattach()
 
     def _named_modules(self) -> dict[str, torch.nn.Module]:
         if self._modules is None:
