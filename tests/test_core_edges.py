@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import neurotap as nt
-from conftest import ARCHS, assert_clean, assert_same_output, example_inputs, tiny_module, wrap_tiny
+from conftest import ARCHS, assert_clean, assert_same_output, example_inputs, snapshot_state, tiny_module, wrap_tiny
 
 POINT = "model.layers.0.mlp.mul"
 
@@ -119,13 +119,11 @@ def test_core_two_wrappers_patches_apply_together(llama) -> None:
     assert_clean(llama.module)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a module's own instance-level forward (as set by accelerate's hooks or by hand) is bypassed while "
-    "probes at its ops are active: the tapped class forward replaces it for the run",
-)
-def test_core_instance_forward_wrapper_is_kept(llama) -> None:
+def test_core_an_instance_forward_set_by_other_code_is_kept_and_explained(llama) -> None:
+    """Tapping ops would bypass a forward that other code put on the instance: refuse clearly instead."""
     mlp = llama.module.get_submodule("model.layers.0.mlp")
+    llama.points()  # the inventory, taken before other code steps in
+    state = snapshot_state(llama.module)
     calls: list[int] = []
     original = mlp.forward
 
@@ -135,11 +133,17 @@ def test_core_instance_forward_wrapper_is_kept(llama) -> None:
 
     mlp.forward = counted
     try:
-        with torch.no_grad():
+        with torch.no_grad(), pytest.raises(nt.NeurotapError, match="replaced its forward on the instance"):
             llama.forward(**example_inputs("llama"), probes=[nt.probe(POINT, nt.Record())])
+        with torch.no_grad():
+            llama.forward(**example_inputs("llama"), probes=[nt.probe("model.layers.0.mlp.output", nt.Record())])
+        assert calls == [1] and mlp.forward is counted
+        with pytest.warns(nt.SourceUnavailableWarning, match="model.layers.0.mlp"):
+            fresh = nt.wrap(llama.module).points()
+        assert "model.layers.0.mlp.output" in fresh.names() and POINT not in fresh.names()
     finally:
         del mlp.forward
-    assert calls == [1]
+    assert_clean(llama.module, state)
 
 
 def test_core_generate_needs_a_generating_module(toy) -> None:

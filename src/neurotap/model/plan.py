@@ -215,7 +215,12 @@ class Plan:
                     frame.taps[point.scope[-1]] = tap
             for path, frame in frames.items():
                 if not attachment.on_ops(modules[path], frame):
-                    raise NeurotapError(f"the forward of {path or 'the root module'} cannot be rewritten")
+                    where = path or "the root module"
+                    raise NeurotapError(
+                        f"cannot reach the operations inside {where}: other code replaced its forward on the "
+                        "instance (module.forward = ...), so neurotap's would never run. Probe its input and "
+                        "output points instead, or remove that instance forward"
+                    )
         except BaseException:
             attachment.detach()
             raise

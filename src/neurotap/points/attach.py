@@ -26,6 +26,12 @@ def tapped_forward(module: torch.nn.Module) -> TappedFunction | None:
     return tapped(cls.forward, "method", defining_class(cls, "forward"))
 
 
+def forward_replaced(module: torch.nn.Module) -> bool:
+    """Whether other code set ``module.forward`` on the instance, so the class's forward may never run."""
+    own = module.__dict__
+    return "forward" in own and "_old_forward" not in own and FRAME_ATTR not in own
+
+
 def tapped_callee(callee: Any) -> tuple[Any, TappedFunction] | None:
     """The tapped version of a helper about to be called, ready to call."""
     if type(callee) is types.MethodType:
@@ -136,7 +142,7 @@ class Attachment:
         keeps working: its taps run first, then ``frame``'s, unless ``combine`` is off.
         """
         result = tapped_forward(module)
-        if result is None:
+        if result is None or forward_replaced(module):
             return False
         # accelerate's hooks keep the real forward as _old_forward and call it from an instance forward of
         # their own: tap that one so their device handling stays in place

@@ -18,7 +18,7 @@ import torch
 
 from ..errors import SourceUnavailableWarning
 from .aliases import find_aliases
-from .attach import Attachment, Frame, tapped_callee, tapped_forward
+from .attach import Attachment, Frame, forward_replaced, tapped_callee, tapped_forward
 from .point import Kind, Point, join, narrowed_name
 from .rewrite import TappedFunction, expandable, push_helper_frame, reset_helper_frames
 
@@ -111,6 +111,7 @@ def take_inventory(root: torch.nn.Module, run: Callable[[], Any]) -> Inventory:
     inventory = Inventory()
     attachment = Attachment()
     unreadable: list[str] = []
+    replaced: list[str] = []
     try:
         for path, module in root.named_modules():
             source = _module_source(module)
@@ -124,7 +125,9 @@ def take_inventory(root: torch.nn.Module, run: Callable[[], Any]) -> Inventory:
                 return fire
 
             attachment.on_input(module, recorder(join(path, "input"), "input"))
-            if tapped_forward(module) is not None:
+            if forward_replaced(module):
+                replaced.append(path or type(module).__qualname__)
+            elif tapped_forward(module) is not None:
                 frame = _RecordingFrame(inventory, path, (), tapped_forward(module))  # type: ignore[arg-type]
                 attachment.on_ops(module, frame, combine=False)  # the dry run records, it does not patch
             elif type(module).__module__.partition(".")[0] != "torch" and _has_own_forward(module):
@@ -141,6 +144,13 @@ def take_inventory(root: torch.nn.Module, run: Callable[[], Any]) -> Inventory:
         warnings.warn(
             f"neurotap cannot read the source of the forward of {names}: only their input and output "
             "points exist, not the operations inside them.",
+            SourceUnavailableWarning,
+            stacklevel=3,
+        )
+    if replaced:
+        warnings.warn(
+            f"other code replaced the forward of {', '.join(replaced)} on the instance (module.forward = ...): "
+            "neurotap leaves it in place, so only their input and output points exist, not the operations inside.",
             SourceUnavailableWarning,
             stacklevel=3,
         )
