@@ -602,18 +602,25 @@ def test_server_healthy_after_fuzzing(server, local):
 # -- lifecycle ---------------------------------------------------------------------------------------
 
 
-def test_graceful_shutdown_finishes_running_requests(folder):
+def test_graceful_shutdown_finishes_running_requests(folder, tmp_path):
     running = Server(folder, "--allow-code")
+    started = str(tmp_path / "started")
     try:
         with nt.connect(running.url) as rm:
             result = {}
 
+            def slow(ctx, value):  # runs on the server: says the request is under way, then takes its time
+                open(started, "w").close()
+                time.sleep(1.0)
+
             def slow_request():
-                result["out"] = rm.forward(ids(19), probes=[nt.probe(MUL, lambda ctx, value: time.sleep(1.0))])
+                result["out"] = rm.forward(ids(19), probes=[nt.probe(MUL, slow)])
 
             thread = threading.Thread(target=slow_request)
             thread.start()
-            time.sleep(0.5)
+            deadline = time.monotonic() + 30
+            while not os.path.exists(started) and time.monotonic() < deadline:
+                time.sleep(0.02)
             running.process.send_signal(signal.SIGTERM)
             thread.join(30)
             assert "out" in result and result["out"].logits.shape == (1, 6, VOCAB)
