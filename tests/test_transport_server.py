@@ -468,21 +468,7 @@ def test_timeout_and_disconnect_leave_the_server_healthy(code_server, tokens, lo
 
 # -- fuzzing -----------------------------------------------------------------------------------------
 
-PATCH_NAMES = [
-    "Zero",
-    "Add",
-    "Replace",
-    "Scale",
-    "Record",
-    "Mean",
-    "Sum",
-    "Max",
-    "Norm",
-    "Project",
-    "TopK",
-    "Custom",
-    "X",
-]
+PATCH_NAMES = [*nt.probes.PATCHES, "X"]  # every patch, and one that does not exist
 json_scalars = st.one_of(
     st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=False), st.text(max_size=8)
 )
