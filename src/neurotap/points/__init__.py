@@ -1,8 +1,8 @@
 """Points: where values can be tapped, how they are named, and the inventory."""
 
 from .attach import Attachment, Frame
-from .inventory import Inventory, describe, take_inventory
-from .point import Point, PointList, join, narrowed_name, split_narrowing
+from .inventory import Inventory, take_inventory
+from .point import Point, PointList, split_narrowing
 from .rewrite import reset_helper_frames
 
 __all__ = [
@@ -11,9 +11,6 @@ __all__ = [
     "Inventory",
     "Point",
     "PointList",
-    "describe",
-    "join",
-    "narrowed_name",
     "reset_helper_frames",
     "split_narrowing",
     "take_inventory",
