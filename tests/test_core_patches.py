@@ -327,6 +327,38 @@ def test_core_narrowed_model_output(llama) -> None:
     assert torch.equal(zeroed.logits, _set(expected.clone(), (..., 5), 0.0))
 
 
+def test_core_model_output_narrowed_by_position(llama) -> None:
+    """``output[0]`` of a ModelOutput is its first field that is set (``logits``), as ``to_tuple()`` counts."""
+    module = llama.module
+    inputs = example_inputs("llama")
+
+    def zero_first_field(_m, _args, output):
+        output["logits"] = _set(output["logits"].clone(), (..., 5), 0.0)
+        return output
+
+    with torch.no_grad():
+        expected = module(**inputs)
+        handle = module.register_forward_hook(zero_first_field)
+        try:
+            by_hand = module(**inputs)
+        finally:
+            handle.remove()
+        read = llama.forward(**inputs, probes=[nt.probe("output[0]", nt.Record())])
+        zeroed = llama.forward(**inputs, probes=[nt.probe("output[0]", nt.Zero(index=(..., 5)))])
+        with llama.patch({"output[0]": nt.Zero()}):
+            all_zero = llama(**inputs)
+        llama.forward(**inputs, probes=[nt.probe("output[-1]", nt.Record())])
+    assert list(expected.keys())[0] == "logits"
+    assert torch.equal(llama.recordings()["output[0]"]["record"][0], expected.logits)
+    assert torch.equal(read.logits, expected.logits)
+    assert_same_output(zeroed, by_hand)
+    assert torch.equal(zeroed.logits, _set(expected.logits.clone(), (..., 5), 0.0))
+    assert torch.equal(all_zero.logits, torch.zeros_like(expected.logits))
+    last = llama.recordings()["output[-1]"]["record"][0]
+    assert type(last) is type(expected[list(expected.keys())[-1]])
+    assert_clean(module)
+
+
 # -- optimising through a patch (ROME-style) ------------------------------------------------------
 
 

@@ -38,10 +38,19 @@ class RunState:
         reset_helper_frames()
 
 
+def _member_key(value: Any, key: Any) -> Any:
+    """The key of ``value`` that ``key`` names: a position in a mapping (a ModelOutput's fields) becomes its key."""
+    if isinstance(key, int) and isinstance(value, Mapping) and key not in value:
+        keys = list(value.keys())
+        if -len(keys) <= key < len(keys):
+            return keys[key]
+    return key
+
+
 def _narrow(value: Any, keys: tuple, point: str) -> Any:
     for key in keys:
         try:
-            value = value[key]
+            value = value[_member_key(value, key)]
         except (IndexError, KeyError, TypeError) as error:
             raise NeurotapError(
                 f"cannot narrow the {type(value).__name__} at {point!r} with [{key!r}]: {error}"
@@ -50,7 +59,7 @@ def _narrow(value: Any, keys: tuple, point: str) -> Any:
 
 
 def _replace(value: Any, keys: tuple, new: Any) -> Any:
-    key, rest = keys[0], keys[1:]
+    key, rest = _member_key(value, keys[0]), keys[1:]
     inner = _replace(value[key], rest, new) if rest else new
     if isinstance(value, tuple) and not hasattr(value, "_fields"):
         k = key % len(value)
