@@ -213,3 +213,52 @@ def test_core_calls_from_several_threads_each_get_their_own_probes(llama) -> Non
         assert torch.equal(results[unit], alone)
         assert not torch.equal(alone, baseline)
     assert_clean(llama.module)
+
+
+class KeywordOnly(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+
+    def forward(self, *, x: torch.Tensor, shift: float = 0.0) -> torch.Tensor:
+        return self.lin(x) + shift
+
+
+class CallsByKeyword(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.pre = torch.nn.Linear(4, 4)
+        self.inner = KeywordOnly()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x=self.pre(x), shift=1.0).tanh()
+
+
+def test_core_input_of_a_keyword_only_forward() -> None:
+    """``forward(self, *, x)`` can only be called as ``inner(x=...)``: its input point is still ``x``."""
+    torch.manual_seed(0)
+    module = CallsByKeyword()
+    x = torch.randn(3, 4)
+    state = snapshot_state(module)
+
+    def halve_x(_m, args, kwargs):
+        assert not args
+        return args, {**kwargs, "x": kwargs["x"] * 0.5}
+
+    with torch.no_grad():
+        plain_input = module.pre(x)
+        handle = module.inner.register_forward_pre_hook(halve_x, with_kwargs=True)
+        try:
+            by_hand = module(x)
+        finally:
+            handle.remove()
+    model = nt.wrap(module, example=x)
+    assert "inner.input" in model.points().names()
+    assert model.points("inner.input")[0].shape == (3, 4)
+    with torch.no_grad():
+        patched = model.forward(
+            x, probes=[nt.probe("inner.input", nt.Record()), nt.probe("inner.input", nt.Scale(0.5))]
+        )
+    assert torch.equal(model.recordings()["inner.input"]["record"][0], plain_input)
+    assert torch.equal(patched, by_hand)
+    assert_clean(module, state)

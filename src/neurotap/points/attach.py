@@ -94,7 +94,12 @@ def first_parameter(module: torch.nn.Module) -> str | None:
             params = list(inspect.signature(cls.forward).parameters.values())[1:]
         except (TypeError, ValueError):
             params = []
-        kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        # a keyword-only first parameter (forward(self, *, x)) is the input too: it can only come by keyword
+        kinds = (
+            inspect.Parameter.POSITIONAL_ONLY,
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+            inspect.Parameter.KEYWORD_ONLY,
+        )
         _first_parameter[cls] = params[0].name if params and params[0].kind in kinds else None
     return _first_parameter[cls]
 
