@@ -255,6 +255,7 @@ def assert_clean(module: nn.Module, state: dict[str, torch.Tensor] | None = None
         assert not sub._forward_pre_hooks, f"forward pre-hooks left on {where}"
         assert not sub._backward_hooks, f"backward hooks left on {where}"
         assert "forward" not in sub.__dict__, f"instance forward left on {where}"
+        assert "__reduce_ex__" not in sub.__dict__, f"copy hook left on {where}"
         assert not [k for k in sub.__dict__ if k.startswith("_neurotap")], f"neurotap attributes left on {where}"
     if state is not None:
         now = module.state_dict()

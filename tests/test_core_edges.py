@@ -3,6 +3,9 @@ hooks, and two wrappers of one module."""
 
 from __future__ import annotations
 
+import copy
+import pickle
+
 import pytest
 import torch
 
@@ -262,3 +265,51 @@ def test_core_input_of_a_keyword_only_forward() -> None:
     assert torch.equal(model.recordings()["inner.input"]["record"][0], plain_input)
     assert torch.equal(patched, by_hand)
     assert_clean(module, state)
+
+
+def test_core_copies_made_inside_a_patch_block_are_clean(llama) -> None:
+    """deepcopy and pickle of a module with patches on it give the plain module, and never keep the patches."""
+    module = llama.module
+    inputs = example_inputs("llama")
+    state = snapshot_state(module)
+    other = nt.wrap(module)
+    other.points()  # its dry run, before the first wrapper's patches are on
+    with torch.no_grad():
+        baseline = module(**inputs)
+        with llama.patch({POINT: nt.Zero(index=(..., 3)), "model.layers.1.output": nt.Record()}):
+            patched = llama(**inputs)
+            with other.patch({"model.layers.1.mlp.mul": nt.Scale(2.0)}):
+                both = llama(**inputs)
+                copied = copy.deepcopy(module)
+                pickled = pickle.loads(pickle.dumps(module))
+                assert_same_output(llama(**inputs), both)  # the original keeps both patches inside the blocks
+            for clone in (copied, pickled):
+                assert_clean(clone, state)
+                assert_same_output(clone(**inputs), baseline)
+            assert_same_output(llama(**inputs), patched)
+        assert_same_output(copied(**inputs), baseline)
+        assert_same_output(module(**inputs), baseline)
+    assert not torch.equal(patched.logits, baseline.logits) and not torch.equal(both.logits, patched.logits)
+    assert len(llama.recordings()["model.layers.1.output"]["record"]) == 4  # the copies' forwards recorded nothing
+    assert_clean(copied, state)
+    assert_clean(module, state)
+
+
+def test_core_recordings_copy_and_pickle(toy) -> None:
+    x = example_inputs("toy")["x"]
+
+    def counted(ctx: nt.SaveContext, value: torch.Tensor) -> None:
+        ctx.calls = ctx.get("calls", 0) + 1
+
+    with torch.no_grad():
+        toy.forward(x, probes=[nt.probe("block.output", nt.Record()), nt.probe("block.output", counted)])
+    recordings = toy.recordings()
+    for restored in (copy.deepcopy(recordings), pickle.loads(pickle.dumps(recordings))):
+        ctx = restored["block.output"]
+        assert ctx.point == "block.output" and ctx.call == 1 and ctx.step == 0
+        assert ctx.calls == 2 and ctx["calls"] == 2
+        assert dict(ctx).keys() == {"record", "calls"}
+        for got, want in zip(ctx.record, recordings["block.output"].record, strict=True):
+            assert torch.equal(got, want) and got is not want
+        with pytest.raises(AttributeError, match="nothing was saved"):
+            _ = ctx.missing

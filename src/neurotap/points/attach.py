@@ -7,8 +7,11 @@ instance attribute; everything else runs its original code untouched.
 
 from __future__ import annotations
 
+import copyreg
+import functools
 import inspect
 import types
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -104,12 +107,62 @@ def first_parameter(module: torch.nn.Module) -> str | None:
     return _first_parameter[cls]
 
 
+_HOOK_MARK = "_neurotap_hook"  # set on every hook neurotap registers, so copies can leave them out
+_REDUCE = "__reduce_ex__"
+_PRISTINE = "_neurotap_pristine"  # the instance attributes a tapped forward stands in for
+_HOOK_DICTS = (
+    "_forward_pre_hooks",
+    "_forward_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+)
+
+
+def _ours(hook: Callable[..., Any]) -> Callable[..., Any]:
+    setattr(hook, _HOOK_MARK, True)
+    return hook
+
+
+def _untapped_reduce(module: torch.nn.Module, _protocol: int) -> tuple:
+    """What pickling or copying ``module`` sees: its state as if nothing were attached.
+
+    copy, deepcopy and pickle look ``__reduce_ex__`` up on the instance, so a copy
+    made inside a ``patch`` block neither fails on neurotap's taps nor keeps them.
+    """
+    state = type(module).__getstate__(module)
+    for name in (_REDUCE, FRAME_ATTR, _PRISTINE):
+        state.pop(name, None)
+    for slot, value in module.__dict__.get(_PRISTINE, {}).items():
+        if value is None:
+            state.pop(slot, None)
+        else:
+            state[slot] = value
+    ours = {
+        key
+        for name in ("_forward_pre_hooks", "_forward_hooks")
+        for key, hook in state.get(name, {}).items()
+        if getattr(hook, _HOOK_MARK, False)
+    }
+    if ours:
+        for name in _HOOK_DICTS:
+            if name in state:
+                state[name] = OrderedDict((key, value) for key, value in state[name].items() if key not in ours)
+    return copyreg.__newobj__, (type(module),), state
+
+
 class Attachment:
     """Hooks and tapped forwards on one module tree; ``detach()`` restores it exactly."""
 
     def __init__(self) -> None:
         self._handles: list[Any] = []
-        self._tapped_modules: list[tuple[torch.nn.Module, Any, Any]] = []
+        self._tapped_modules: list[tuple[torch.nn.Module, Any, Any, Any]] = []
+        self._claimed: dict[int, tuple[torch.nn.Module, Any]] = {}
+
+    def _claim(self, module: torch.nn.Module) -> None:
+        if id(module) not in self._claimed:
+            self._claimed[id(module)] = (module, module.__dict__.get(_REDUCE))
+            module.__dict__[_REDUCE] = functools.partial(_untapped_reduce, module)
 
     def on_input(self, module: torch.nn.Module, fire: Fire) -> None:
         keyword = first_parameter(module)
@@ -126,18 +179,21 @@ class Attachment:
                     return args, kwargs
             return None
 
-        self._handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
+        self._claim(module)
+        self._handles.append(module.register_forward_pre_hook(_ours(pre_hook), with_kwargs=True))
 
     def on_output(self, module: torch.nn.Module, fire: Fire) -> None:
         def hook(_module: Any, _args: Any, output: Any) -> Any:
             value = fire(output)
             return None if value is output else value
 
-        self._handles.append(module.register_forward_hook(hook))
+        self._claim(module)
+        self._handles.append(module.register_forward_hook(_ours(hook)))
 
     def before_forward(self, module: torch.nn.Module, callback: Callable[[], None]) -> None:
         """Run ``callback`` before every forward of ``module``, ahead of its other hooks."""
-        handle = module.register_forward_pre_hook(lambda *_: callback(), prepend=True)
+        self._claim(module)
+        handle = module.register_forward_pre_hook(_ours(lambda *_: callback()), prepend=True)
         self._handles.append(handle)
 
     def on_ops(self, module: torch.nn.Module, frame: Frame, *, combine: bool = True) -> bool:
@@ -155,6 +211,9 @@ class Attachment:
         # another attachment (a second wrapper of the same module) may be on it already: restore it on detach
         previous_frame = module.__dict__.get(FRAME_ATTR)
         self._tapped_modules.append((module, slot, module.__dict__.get(slot), previous_frame))
+        self._claim(module)
+        if previous_frame is None:
+            module.__dict__[_PRISTINE] = {slot: module.__dict__.get(slot)}
         if combine and previous_frame is not None:
             frame = Frame.merged(previous_frame, frame)
         module.__dict__[FRAME_ATTR] = frame
@@ -170,5 +229,13 @@ class Attachment:
                     module.__dict__.pop(name, None)
                 else:
                     module.__dict__[name] = previous
+            if previous_frame is None:
+                module.__dict__.pop(_PRISTINE, None)
+        for module, previous in reversed(self._claimed.values()):
+            if previous is None:
+                module.__dict__.pop(_REDUCE, None)
+            else:
+                module.__dict__[_REDUCE] = previous
         self._handles.clear()
         self._tapped_modules.clear()
+        self._claimed.clear()

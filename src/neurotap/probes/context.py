@@ -37,6 +37,9 @@ class SaveContext(Mapping):
             self._data[name] = value
 
     def __getattr__(self, name: str) -> Any:
+        # copy and pickle look up hooks such as __setstate__ on an instance whose slots are not filled yet
+        if name.startswith("__") or name == "_data":
+            raise AttributeError(name)
         try:
             return self._data[name]
         except KeyError:
@@ -61,6 +64,17 @@ class SaveContext(Mapping):
 
     def __repr__(self) -> str:
         return f"SaveContext({self.point!r}, {_summary(self._data)})"
+
+    def __reduce__(self) -> tuple:
+        return _rebuilt, (self.point, self.step, self.call, self._data)
+
+
+def _rebuilt(point: str, step: int, call: int, data: dict[str, Any]) -> SaveContext:
+    ctx = SaveContext(point)
+    object.__setattr__(ctx, "step", step)
+    object.__setattr__(ctx, "call", call)
+    ctx._data.update(data)
+    return ctx
 
 
 def _summary(data: dict[str, Any]) -> str:
