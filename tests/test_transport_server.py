@@ -85,8 +85,8 @@ def server(folder):
 @pytest.fixture(scope="module")
 def tokens(tmp_path_factory) -> tuple[Path, list[str]]:
     path = tmp_path_factory.mktemp("auth") / "tokens.txt"
-    path.write_text("# researchers\nalpha-token\n\nbeta-token\n")
-    return path, ["alpha-token", "beta-token"]
+    path.write_text("# researchers\nalpha-token-0123456789\n\nbeta-token-0123456789\n")
+    return path, ["alpha-token-0123456789", "beta-token-0123456789"]
 
 
 @pytest.fixture(scope="module")
@@ -397,7 +397,7 @@ def test_tokens(code_server, tokens):
             headers={
                 PROTOCOL_HEADER: str(PROTOCOL),
                 SESSION_HEADER: alpha._session,
-                "Authorization": "Bearer beta-token",
+                "Authorization": "Bearer beta-token-0123456789",
             },
         )
         assert response.status_code == 404

@@ -28,7 +28,7 @@ import torch
 
 from ..errors import NeurotapError, PatchError, ProbeError, UnknownPointError
 from ..model import Model
-from ..probes import SaveContext, probe
+from ..probes import Patch, SaveContext, probe
 from .batching import (
     ALONE_READING,
     PADDED_READING,
@@ -50,6 +50,7 @@ from .batching import (
     rows_of,
     tokens_of,
 )
+from .limits import Limits, ModelShape, RequestTooCostlyError, check_request, check_selection
 from .wire import CodeNotAllowedError, ErrorInfo, Output, RunRequest, RunResult, WireError, logits_of
 
 
@@ -58,7 +59,11 @@ class RequestTimeoutError(NeurotapError, TimeoutError):
 
 
 class RecordingLimitError(NeurotapError):
-    """A session's recordings would grow past the server's per-session limit."""
+    """A session's recordings would grow past the server's per-session or server-wide limit."""
+
+
+class RequestCancelledError(NeurotapError):
+    """Every client of a pass went away, so the pass stopped."""
 
 
 class _RequestFailed(NeurotapError):
@@ -70,20 +75,21 @@ class _RequestFailed(NeurotapError):
         self.error = error
 
 
+_STATUS: list[tuple[type[BaseException], int]] = [  # the first that matches
+    (RecordingLimitError, 413),
+    (RequestTooCostlyError, 413),
+    (WireError, 400),
+    (UnknownPointError, 404),
+    (CodeNotAllowedError, 403),
+    (RequestTimeoutError, 504),
+    (RequestCancelledError, 499),
+]
+
+
 def error_info(error: BaseException) -> ErrorInfo:
     """The HTTP status and JSON error for an exception raised while serving a request."""
     cause = error.__cause__ if isinstance(error, ProbeError) and error.__cause__ is not None else None
-    status = 422
-    if isinstance(error, WireError):
-        status = 400
-    elif isinstance(error, UnknownPointError):
-        status = 404
-    elif isinstance(error, CodeNotAllowedError):
-        status = 403
-    elif isinstance(error, RecordingLimitError):
-        status = 413
-    elif isinstance(error, RequestTimeoutError):
-        status = 504
+    status = next((code for kind, code in _STATUS if isinstance(error, kind)), 422)
     name = type(error).__name__
     if not isinstance(error, NeurotapError):
         name = "ModelError"  # the model itself refused the inputs
@@ -133,26 +139,32 @@ class InProcessExecutor(Executor):
     """Runs requests on an ``nt.Model`` in this process, batching those that can share a pass.
 
     ``max_pad_ratio`` bounds the work padding adds: a padded pass computes at most
-    that many times the positions its requests hold.
+    that many times the positions its requests hold. ``limits`` bound what one
+    request may ask for (:mod:`.limits`); ``max_session_bytes`` and
+    ``max_total_bytes`` what one session and all sessions together keep recorded.
     """
 
     def __init__(
         self,
         model: Model,
         *,
+        limits: Limits | None = None,
         max_session_bytes: int = 1 << 30,
+        max_total_bytes: int = 4 << 30,
         max_batch_rows: int = 64,
-        max_tokens: int = 1 << 16,
         max_pad_ratio: float = 2.0,
     ) -> None:
         self.model = model
+        self.limits = limits or Limits()
+        self.shape = ModelShape.of(model.module)
         self.max_session_bytes = max_session_bytes
+        self.max_total_bytes = max_total_bytes
         self.max_batch_rows = max_batch_rows
-        self.max_tokens = max_tokens
         self.max_pad_ratio = max_pad_ratio
         self._sessions: dict[str, dict[str, SaveContext]] = {}
         self._session_bytes: dict[str, dict[str, int]] = {}
         self._deadline: float | None = None
+        self._running: Sequence[RunRequest] = ()
         self.passes = 0  # forward passes run, against requests run: how much batching happened
         self.requests = 0
         self.padded_passes = 0
@@ -167,8 +179,10 @@ class InProcessExecutor(Executor):
         self._takes_positions = "position_ids" in parameters
         self._pad_id = pad_id(config, model.tokenizer)
         self._readings: dict[tuple, Readings] = {}
-        # checked before every forward, so a long generate stops between steps once its time is up
-        model.module.register_forward_pre_hook(self._check_deadline)
+        # checked before every forward and every layer, so that a long pass stops soon after its time is up
+        # (or its clients left) instead of holding every request queued behind it
+        for module in _checkpoints(model.module):
+            module.register_forward_pre_hook(self._check_deadline)
 
     # -- facts ---------------------------------------------------------------------------------------
 
@@ -181,6 +195,7 @@ class InProcessExecutor(Executor):
             "vocab_size": getattr(config, "vocab_size", None),
             "max_position_embeddings": self._max_positions,
             "has_generate": hasattr(module, "generate"),
+            "limits": self.limits.to_dict(),
             "requests": self.requests,
             "passes": self.passes,
             "padded_passes": self.padded_passes,
@@ -204,6 +219,10 @@ class InProcessExecutor(Executor):
         self._sessions.pop(session, None)
         self._session_bytes.pop(session, None)
 
+    def recorded_bytes(self) -> int:
+        """What all sessions keep recorded, in bytes."""
+        return sum(sum(sizes.values()) for sizes in self._session_bytes.values())
+
     def close_session(self, session: str) -> None:
         self.clear_recordings(session)
 
@@ -212,6 +231,8 @@ class InProcessExecutor(Executor):
     def _check_deadline(self, *_: Any) -> None:
         if self._deadline is not None and time.time() > self._deadline:
             raise RequestTimeoutError("the request ran past the server's request timeout (--request-timeout)")
+        if self._running and all(r.cancelled for r in self._running):
+            raise RequestCancelledError("the client went away before the request finished")
 
     def execute(self, batch: Sequence[RunRequest]) -> list[RunResult]:
         results: list[RunResult | None] = [None] * len(batch)
@@ -219,23 +240,6 @@ class InProcessExecutor(Executor):
         for group in self._groups(batch, results):
             self._run_group(batch, group.indices, results, group.padded)
         return [r if r is not None else RunResult(error=error_info(NeurotapError("not run"))) for r in results]
-
-    def _check_inputs(self, request: RunRequest) -> None:
-        for value in [*request.args, *request.kwargs.values()]:
-            if not isinstance(value, torch.Tensor):
-                continue
-            if value.numel() > self.max_tokens:
-                raise WireError(f"an input tensor has {value.numel()} elements; this server takes {self.max_tokens}")
-            if (
-                self._max_positions
-                and not value.is_floating_point()
-                and value.dim() >= 1
-                and value.shape[-1] > self._max_positions
-            ):
-                raise WireError(
-                    f"an input of length {value.shape[-1]} is longer than the model's "
-                    f"{self._max_positions} positions (max_position_embeddings)"
-                )
 
     def _tokens(self, request: RunRequest) -> Tokens | None:
         """The request's token ids if it can share a padded pass."""
@@ -247,7 +251,7 @@ class InProcessExecutor(Executor):
         lengths: dict[tuple, set[int]] = collections.defaultdict(set)
         for index, request in enumerate(batch):
             try:
-                self._check_inputs(request)
+                check_request(request, self.limits, self.shape)
             except NeurotapError as error:
                 results[index] = RunResult(error=error_info(error))
                 continue
@@ -334,7 +338,7 @@ class InProcessExecutor(Executor):
             except _RequestFailed as failure:
                 results[failure.index] = RunResult(error=error_info(failure.error))
                 pending.remove(failure.index)
-            except RequestTimeoutError as error:
+            except (RequestTimeoutError, RequestCancelledError) as error:
                 for index in pending:
                     results[index] = RunResult(error=error_info(error))
                 return
@@ -365,6 +369,7 @@ class InProcessExecutor(Executor):
         padded_length = max(t.length for t in tokens) if padded else 0
         readings = self._readings[tokens[0].key] if padded else None
         staged: list[dict[str, SaveContext]] = [{} for _ in requests]
+        meters = [_Meter(self.max_session_bytes) for _ in requests]
 
         probes = []
         for k, request in enumerate(requests):
@@ -376,11 +381,8 @@ class InProcessExecutor(Executor):
                 elif shared:
                     view = View(row_slices[k], total)
                 name = spec.point + ".grad" if spec.grad else spec.point
-                probes.append(
-                    probe(
-                        spec.point, self._isolated(spec.fn, k, request.session, name, staged[k], view), grad=spec.grad
-                    )
-                )
+                isolated = self._isolated(spec.fn, k, request.session, name, staged[k], view, meters[k])
+                probes.append(probe(spec.point, isolated, grad=spec.grad))
         by_name = False
         if padded:
             args, kwargs = padded_inputs(
@@ -399,6 +401,7 @@ class InProcessExecutor(Executor):
 
         deadlines = [r.deadline for r in requests if r.deadline is not None]
         self._deadline = max(deadlines) if deadlines else None
+        self._running = requests
         self._check_deadline()
         self.passes += 1
         self.padded_passes += padded
@@ -418,9 +421,13 @@ class InProcessExecutor(Executor):
             raise
         finally:
             self._deadline = None
+            self._running = ()
 
         results: dict[int, RunResult] = {}
         for k, (index, request) in enumerate(zip(indices, requests)):
+            if request.cancelled:  # its client went away: nothing of it is kept
+                results[index] = RunResult(error=error_info(RequestCancelledError("the client went away")))
+                continue
             mine = parts[k] if parts else part_of(output, k)
             try:
                 mine = _selected(_sendable(mine), request.outputs)
@@ -476,11 +483,19 @@ class InProcessExecutor(Executor):
         name: str,
         staged: dict[str, SaveContext],
         view: View | None,
+        meter: _Meter,
     ) -> Callable[..., Any]:
-        """``fn`` seeing only its request's part of each value and writing to its request's session."""
+        """``fn`` seeing only its request's part of each value and writing to its request's session.
+
+        A patch's selection is bounded before it runs, and what the request has
+        recorded is measured after every call, so that neither can outgrow the
+        server's limits in the middle of a pass.
+        """
         ctx = staged.get(name)
         if ctx is None:
             ctx = staged[name] = _staged_copy(self._sessions.get(session, {}).get(name), name)
+        limits = self.limits
+        is_patch = isinstance(fn, Patch)
 
         def isolated(plan_ctx: SaveContext, value: Any) -> Any:
             object.__setattr__(ctx, "call", plan_ctx.call)
@@ -495,8 +510,12 @@ class InProcessExecutor(Executor):
                     part = part.contiguous()
             version = part._version if copied else 0
             try:
+                if is_patch:
+                    check_selection(name, fn, part, limits)
                 result = fn(ctx, part)
-            except Exception as error:
+                meter.measure(name, ctx)
+            # a probe that calls sys.exit() or raises KeyboardInterrupt fails its request, not the server
+            except (Exception, SystemExit, KeyboardInterrupt) as error:
                 raise _RequestFailed(position, _as_probe_error(error, fn, name, ctx)) from error
             if view is None:
                 return result
@@ -523,18 +542,25 @@ class InProcessExecutor(Executor):
     def _commit(self, session: str, staged: dict[str, SaveContext]) -> None:
         if not staged:
             return
-        sizes = self._session_bytes.setdefault(session, {})
-        new_sizes = {name: _nbytes(ctx._data) for name, ctx in staged.items()}
-        others = sum(size for name, size in sizes.items() if name not in staged)
-        total = others + sum(new_sizes.values())
+        sizes = self._session_bytes.get(session, {})
+        new_sizes = {name: _nbytes(ctx._data, name) for name, ctx in staged.items()}
+        before = sum(sizes.values())
+        total = sum(size for name, size in sizes.items() if name not in staged) + sum(new_sizes.values())
         if total > self.max_session_bytes:
             raise RecordingLimitError(
                 f"this request would bring the session's recordings to {total} bytes, over the server's "
                 f"limit of {self.max_session_bytes} (--max-session-bytes); fetch them with recordings() and "
                 "clear_recordings(), or reduce on the server (nt.Mean, nt.TopK, index=...)"
             )
+        everyone = self.recorded_bytes() - before + total
+        if total > before and everyone > self.max_total_bytes:
+            raise RecordingLimitError(
+                f"the server's recordings would reach {everyone} bytes, over its limit of {self.max_total_bytes} "
+                "for all sessions together (--max-total-bytes); fetch yours with recordings() and "
+                "clear_recordings(), or reduce on the server (nt.Mean, nt.TopK, index=...)"
+            )
         self._sessions.setdefault(session, {}).update(staged)
-        sizes.update(new_sizes)
+        self._session_bytes.setdefault(session, {}).update(new_sizes)
 
 
 def _as_probe_error(error: Exception, fn: Any, name: str, ctx: SaveContext) -> NeurotapError:
@@ -556,14 +582,55 @@ def _staged_copy(ctx: SaveContext | None, name: str) -> SaveContext:
     return staged
 
 
-def _nbytes(value: Any) -> int:
+def _checkpoints(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The module and each member of its module lists (decoder layers): where a pass checks its deadline."""
+    found = [module]
+    for child in module.modules():
+        if isinstance(child, torch.nn.ModuleList):
+            found.extend(child)
+    return found
+
+
+def _nbytes(value: Any, point: str = "") -> int:
+    """What a recorded value takes; only plain values (tensors, numbers, strings and containers of them) are kept."""
     if isinstance(value, torch.Tensor):
         return value.numel() * value.element_size()
+    if value is None or isinstance(value, (bool, int, float)):
+        return 8
+    if isinstance(value, str):
+        return len(value)
     if isinstance(value, (list, tuple)):
-        return sum(_nbytes(v) for v in value)
+        return 8 + sum(_nbytes(v, point) for v in value)
     if isinstance(value, Mapping):
-        return sum(_nbytes(v) for v in value.values())
-    return 0
+        return 8 + sum(len(str(k)) + _nbytes(v, point) for k, v in value.items())
+    raise PatchError(
+        f"a probe at {point!r} saved a {type(value).__name__}; a server keeps only tensors, numbers, strings "
+        "and lists, tuples and dicts of them: narrow the point to a tensor (e.g. "
+        f"{point + '[0]'!r}) or save a tensor computed from the value"
+    )
+
+
+class _Meter:
+    """What one request has recorded so far, measured after every probe call without re-walking old lists."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self._sizes: dict[tuple[str, str], tuple[int, int]] = {}  # (context, key) -> (list length seen, bytes)
+
+    def measure(self, name: str, ctx: SaveContext) -> None:
+        for key, value in ctx._data.items():
+            seen, size = self._sizes.get((name, key), (0, 0))
+            if isinstance(value, list) and seen <= len(value) and seen:
+                size += _nbytes(value[seen:], name)
+            else:
+                size = _nbytes(value, name)
+            self._sizes[(name, key)] = (len(value) if isinstance(value, list) else 0, size)
+        total = sum(size for _, size in self._sizes.values())
+        if total > self.budget:
+            raise RecordingLimitError(
+                f"the probes of this request recorded over {self.budget} bytes, the server's limit for a session "
+                "(--max-session-bytes); record less (index=...) or reduce on the server (nt.Mean, nt.TopK)"
+            )
 
 
 def _sendable(value: Any) -> Any:

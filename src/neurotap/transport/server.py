@@ -3,7 +3,8 @@
 Routes (every one but ``/health`` needs the ``X-Neurotap-Protocol`` header and,
 when the server has tokens, ``Authorization: Bearer <token>``):
 
-- ``GET /health``: status, protocol, model name, whether code is allowed
+- ``GET /health``: status and protocol; with a valid token (or on a server without
+  tokens) also the model, whether code is allowed, and the pid
 - ``GET /v1/info``: facts about the model and the server's limits
 - ``GET /v1/points?prefix=``: the inventory, as JSON
 - ``POST /v1/sessions`` / ``DELETE /v1/sessions/{id}``: a session owns save contexts
@@ -11,6 +12,22 @@ when the server has tokens, ``Authorization: Bearer <token>``):
 - ``GET /v1/recordings?point=``: the session's save contexts, streamed as frames
 - ``DELETE /v1/recordings``: clear them
 - ``GET /v1/parameters/{name}``: one parameter (a wire message)
+- ``GET /docs``, ``GET /openapi.json``: only on a server without tokens
+
+What a client cannot do, whatever it sends:
+
+- reach the server under a host name it was not bound to (``Host`` is checked, so a
+  web page cannot use DNS rebinding to reach a server on 127.0.0.1), or drive it
+  from a web page of another origin (``Origin`` is checked);
+- hold connections open: request headers must arrive within ``header_timeout``,
+  a body within ``body_timeout``, and connections beyond ``max_connections`` are
+  answered 503 and closed;
+- stall other clients: bodies are decoded off the event loop, and a pass stops at
+  its deadline (:mod:`.executor` checks it at every layer);
+- lock others out: sessions are capped per token, idle ones expire after
+  ``session_timeout``, and a token at its cap loses its least recently used one;
+- exhaust memory: requests are bounded before they run (:mod:`.limits`), and
+  recordings per session and across sessions.
 """
 
 from __future__ import annotations
@@ -18,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import ipaddress
+import json
 import logging
 import os
 import secrets
@@ -27,7 +45,7 @@ import time
 import zlib
 from collections.abc import Iterable, Iterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -37,6 +55,7 @@ from starlette.middleware.gzip import GZipMiddleware
 
 from ..errors import NeurotapError
 from .executor import Executor, error_info
+from .limits import MIN_TOKEN_LENGTH, ServerSettings
 from .wire import (
     END_OF_STREAM,
     FRAMES_MEDIA_TYPE,
@@ -64,25 +83,24 @@ def is_loopback(host: str) -> bool:
 
 def read_tokens(path: str) -> list[str]:
     """Tokens from a file, one a line; blank lines and ``#`` comments skipped."""
-    with open(path, encoding="utf-8") as handle:
-        tokens = [line.strip() for line in handle if line.strip() and not line.lstrip().startswith("#")]
+    try:
+        with open(path, encoding="utf-8") as handle:
+            lines = handle.read(1 << 20).splitlines()
+    except UnicodeDecodeError:
+        raise NeurotapError(f"the token file {path} is not UTF-8 text; write one token a line") from None
+    except OSError as error:
+        raise NeurotapError(f"cannot read the token file {path}: {error.strerror}") from None
+    tokens = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
     if not tokens:
         raise NeurotapError(f"the token file {path} holds no tokens (one a line)")
+    for number, token in enumerate(tokens, 1):
+        if len(token) < MIN_TOKEN_LENGTH or not token.isprintable() or " " in token:
+            raise NeurotapError(
+                f"token {number} of {path} is {'too short' if len(token) < MIN_TOKEN_LENGTH else 'not one word'}: "
+                f"tokens are at least {MIN_TOKEN_LENGTH} printable characters without spaces, e.g. "
+                "python -c 'import secrets; print(secrets.token_urlsafe(24))'"
+            )
     return tokens
-
-
-@dataclass
-class ServerSettings:
-    name: str = "model"
-    tokens: list[str] = field(default_factory=list)
-    allow_code: bool = False
-    request_timeout: float = 120.0
-    idle_timeout: float | None = None
-    max_request_bytes: int = 256 << 20
-    max_session_bytes: int = 1 << 30
-    max_sessions: int = 1024
-    max_batch: int = 32
-    session_timeout: float = 24 * 3600.0
 
 
 class ApiError(Exception):
@@ -95,6 +113,61 @@ class ApiError(Exception):
 class _Session:
     token: str | None
     last_used: float
+
+
+def _reply(status: int, kind: str, message: str) -> tuple[dict, dict]:
+    """The ASGI messages of a JSON error, for middleware that answers before the app."""
+    body = json.dumps({"error": kind, "message": message, "traceback": None}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    return {"type": "http.response.start", "status": status, "headers": headers}, {
+        "type": "http.response.body",
+        "body": body,
+    }
+
+
+class _OriginGuard:
+    """Pure ASGI middleware: only the server's own host names, and no web page of another origin.
+
+    A web page can make a browser send requests to 127.0.0.1, and with DNS
+    rebinding read the answers, under its own host name; checking ``Host``
+    refuses that, and checking ``Origin`` refuses cross-origin requests a page
+    could send blind.
+    """
+
+    def __init__(self, app: Any, hosts: set[str], origins: set[str]) -> None:
+        self.app = app
+        self.hosts = hosts
+        self.origins = origins
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        host = headers.get(b"host", b"").decode("latin-1").lower()
+        name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+        name = name.strip("[]")
+        problem = None
+        if name not in self.hosts:
+            problem = (
+                f"this server answers to the host names {', '.join(sorted(self.hosts))}, not {name!r}; "
+                "connect by one of them, or start the server with --allow-host NAME"
+            )
+        origin = headers.get(b"origin")
+        if problem is None and origin is not None:
+            text = origin.decode("latin-1").lower().rstrip("/")
+            own = text.split("://", 1)[-1]
+            if own != host and text not in self.origins:
+                problem = (
+                    f"requests from web pages of {text} are refused; start the server with --allow-origin {text} "
+                    "to let that page call it"
+                )
+        if problem is not None:
+            start, body = _reply(403, "OriginError", problem)
+            await send(start)
+            await send(body)
+            return
+        await self.app(scope, receive, send)
 
 
 class _RequestLog:
@@ -172,6 +245,23 @@ class ServerState:
             401, "AuthError", "a valid token is needed: nt.connect(url, token=...) with a token the server holds"
         )
 
+    def authenticated(self, request: Any) -> bool:
+        try:
+            self.check(request)
+        except ApiError:
+            return False
+        return True
+
+    def open_session(self, token: str | None) -> str:
+        """A new session for ``token``; at its cap, the token's least recently used session is closed."""
+        mine = sorted((s.last_used, sid) for sid, s in self.sessions.items() if s.token == token)
+        for _, sid in mine[: max(len(mine) - self.settings.max_sessions_per_token + 1, 0)]:
+            log.info("session %s closed: its token opened more than %d", sid[:6], self.settings.max_sessions_per_token)
+            self.close_session(sid)
+        sid = secrets.token_urlsafe(18)
+        self.sessions[sid] = _Session(token, time.monotonic())
+        return sid
+
     def session(self, request: Any, token: str | None) -> str:
         sid = request.headers.get(SESSION_HEADER, "")
         session = self.sessions.get(sid)
@@ -196,30 +286,44 @@ def _json_error(status: int, kind: str, message: str, trace: str | None = None) 
     return JSONResponse({"error": kind, "message": message, "traceback": trace}, status_code=status)
 
 
-async def _body(request: Any, limit: int) -> bytes:
+async def _body(request: Any, limit: int, timeout: float) -> bytes:
+    """The request's body, within ``limit`` bytes and ``timeout`` seconds; gzip is inflated off the event loop."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ApiError(
             413, "RequestTooLarge", f"the body has {declared} bytes; this server takes {limit} (--max-request-bytes)"
         )
+    encoding = request.headers.get("content-encoding", "identity").lower()
+    if encoding not in ("gzip", "identity"):
+        raise ApiError(415, "WireError", f"unsupported Content-Encoding {encoding!r}; send gzip or identity")
     chunks, size = [], 0
-    async for chunk in request.stream():
+    deadline = time.monotonic() + timeout
+    stream = request.stream().__aiter__()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(stream.__anext__(), max(deadline - time.monotonic(), 0))
+        except StopAsyncIteration:
+            break
+        except asyncio.TimeoutError:
+            raise ApiError(
+                408, "RequestTimeoutError", f"the body did not arrive within {timeout:g} s (--body-timeout)"
+            ) from None
         size += len(chunk)
         if size > limit:
             raise ApiError(413, "RequestTooLarge", f"the body is over {limit} bytes (--max-request-bytes)")
         chunks.append(chunk)
     data = b"".join(chunks)
-    encoding = request.headers.get("content-encoding", "identity").lower()
-    if encoding == "gzip":
-        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
-        try:
-            data = inflater.decompress(data, limit + 1)
-        except zlib.error as error:
-            raise ApiError(400, "WireError", f"the gzip body is corrupt: {error}") from None
-        if len(data) > limit or inflater.unconsumed_tail:
-            raise ApiError(413, "RequestTooLarge", f"the body inflates to over {limit} bytes (--max-request-bytes)")
-    elif encoding != "identity":
-        raise ApiError(415, "WireError", f"unsupported Content-Encoding {encoding!r}; send gzip or identity")
+    return await asyncio.to_thread(_inflate, data, limit) if encoding == "gzip" else data
+
+
+def _inflate(data: bytes, limit: int) -> bytes:
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    try:
+        data = inflater.decompress(data, limit + 1)
+    except zlib.error as error:
+        raise ApiError(400, "WireError", f"the gzip body is corrupt: {error}") from None
+    if len(data) > limit or inflater.unconsumed_tail:
+        raise ApiError(413, "RequestTooLarge", f"the body inflates to over {limit} bytes (--max-request-bytes)")
     return data
 
 
@@ -248,7 +352,9 @@ def create_app(executor: Executor, settings: ServerSettings) -> Any:
             watcher.cancel()
             await asyncio.to_thread(worker.stop)
 
-    app = FastAPI(title="neurotap", version=str(PROTOCOL), lifespan=lifespan)
+    # the generated API pages tell whoever can reach them what the server offers: only where anyone may use it
+    docs = {} if not settings.tokens else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="neurotap", version=str(PROTOCOL), lifespan=lifespan, **docs)
     app.state.neurotap = state
 
     @app.exception_handler(ApiError)
@@ -268,15 +374,11 @@ def create_app(executor: Executor, settings: ServerSettings) -> Any:
         return await asyncio.wrap_future(worker.call(fn, *args))
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {
-            "status": "ok",
-            "protocol": PROTOCOL,
-            "model": settings.name,
-            "allow_code": settings.allow_code,
-            "auth": bool(settings.tokens),
-            "pid": os.getpid(),
-        }
+    async def health(request: Request) -> dict[str, Any]:
+        facts: dict[str, Any] = {"status": "ok", "protocol": PROTOCOL, "auth": bool(settings.tokens)}
+        if not settings.tokens or state.authenticated(request):
+            facts.update(model=settings.name, allow_code=settings.allow_code, pid=os.getpid())
+        return facts
 
     @app.get("/v1/info")
     async def info(request: Request) -> dict[str, Any]:
@@ -288,6 +390,8 @@ def create_app(executor: Executor, settings: ServerSettings) -> Any:
             "request_timeout": settings.request_timeout,
             "max_request_bytes": settings.max_request_bytes,
             "max_session_bytes": settings.max_session_bytes,
+            "max_total_bytes": settings.max_total_bytes,
+            "session_timeout": settings.session_timeout,
         }
 
     @app.get("/v1/points")
@@ -302,12 +406,7 @@ def create_app(executor: Executor, settings: ServerSettings) -> Any:
 
     @app.post("/v1/sessions", status_code=201)
     async def open_session(request: Request) -> dict[str, str]:
-        token = state.check(request)
-        if len(state.sessions) >= settings.max_sessions:
-            raise ApiError(429, "TooManySessions", f"the server holds {settings.max_sessions} sessions; close some")
-        sid = secrets.token_urlsafe(18)
-        state.sessions[sid] = _Session(token, time.monotonic())
-        return {"session": sid}
+        return {"session": state.open_session(state.check(request))}
 
     @app.delete("/v1/sessions/{sid}")
     async def close_session(request: Request, sid: str) -> dict[str, bool]:
@@ -322,18 +421,28 @@ def create_app(executor: Executor, settings: ServerSettings) -> Any:
     async def run(request: Request) -> Response:
         token = state.check(request)
         sid = state.session(request, token)
-        data = await _body(request, settings.max_request_bytes)
-        run_request = decode_request(data, allow_code=settings.allow_code)
+        data = await _body(request, settings.max_request_bytes, settings.body_timeout)
+        run_request = await asyncio.to_thread(decode_request, data, allow_code=settings.allow_code)
+        del data
         run_request.session = sid
         run_request.deadline = time.time() + settings.request_timeout
         request.scope["neurotap_note"] = f"session={sid[:6]} op={run_request.op} probes={len(run_request.probes)}"
         future = worker.run(run_request)
+        waiting = asyncio.ensure_future(asyncio.wrap_future(future))
         try:
-            result = await asyncio.wait_for(asyncio.wrap_future(future), settings.request_timeout + 10)
-        except asyncio.TimeoutError:
-            raise ApiError(
-                504, "RequestTimeoutError", "the request did not finish within the request timeout"
-            ) from None
+            while not waiting.done():
+                await asyncio.wait([waiting], timeout=0.25)
+                if not waiting.done() and await request.is_disconnected():
+                    # nothing will read the answer: it stops where it is, keeps no recordings, frees the worker
+                    run_request.cancelled = True
+                    future.cancel()
+                    request.scope["neurotap_note"] += " cancelled: the client went away"
+                    return Response(status_code=499)
+                if time.time() > run_request.deadline + 10:
+                    raise ApiError(504, "RequestTimeoutError", "the request did not finish within the request timeout")
+            result = waiting.result()
+        finally:
+            waiting.cancel()
         if result.error is not None:
             error = result.error
             return _json_error(error.status, error.type, error.message, error.traceback)
@@ -370,6 +479,8 @@ def create_app(executor: Executor, settings: ServerSettings) -> Any:
 
     app.add_middleware(GZipMiddleware, minimum_size=4096)
     app.add_middleware(_RequestLog, state=state)
+    hosts = {"127.0.0.1", "localhost", "::1", *settings.allowed_hosts}
+    app.add_middleware(_OriginGuard, hosts={h.lower() for h in hosts}, origins=set(settings.allowed_origins))
     return app
 
 
@@ -390,10 +501,88 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _guarded_protocol(settings: ServerSettings) -> type:
+    """uvicorn's HTTP/1.1 protocol with a deadline for each request's headers and a cap on connections.
+
+    uvicorn times out idle keep-alive connections but not a client that sends its
+    headers a byte at a time, and accepts any number of connections.
+    """
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    refusal = json.dumps(
+        {
+            "error": "TooManyConnections",
+            "message": f"the server holds {settings.max_connections} connections (--max-connections); retry later",
+            "traceback": None,
+        }
+    ).encode()
+    busy = (
+        b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nconnection: close\r\n"
+        + f"content-length: {len(refusal)}\r\n\r\n".encode()
+        + refusal
+    )
+
+    class GuardedH11Protocol(H11Protocol):
+        _header_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            if len(self.connections) > settings.max_connections:
+                transport.write(busy)
+                transport.close()
+                return
+            self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            cycle = self.cycle
+            super().data_received(data)
+            if self.cycle is not cycle:  # a request's headers arrived in full
+                self._disarm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm()  # the next request on this connection gets its own deadline
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._header_timer = self.loop.call_later(settings.header_timeout, self._headers_late)
+
+        def _disarm(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _headers_late(self) -> None:
+            self._header_timer = None
+            if self.cycle is None or self.cycle.response_complete:
+                self.transport.close()
+
+    return GuardedH11Protocol
+
+
+def _raise_file_limit() -> None:
+    """Let the process hold as many sockets as the system allows it, not the shell's default 1024."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        wanted = hard if hard != resource.RLIM_INFINITY else 1 << 16
+        if soft < wanted:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    except (ImportError, ValueError, OSError):
+        pass
+
+
 def serve(executor: Executor, settings: ServerSettings, *, host: str = "127.0.0.1", port: int = 8000) -> None:
     """Serve until interrupted (Ctrl-C, SIGTERM) or idle; running requests finish first."""
     import uvicorn
 
+    settings.check()
     if not is_loopback(host) and not settings.tokens:
         raise NeurotapError(
             f"refusing to listen on {host} without tokens: anyone who can reach it could use the model"
@@ -408,8 +597,23 @@ def serve(executor: Executor, settings: ServerSettings, *, host: str = "127.0.0.
         log.propagate = False
     sock = bind(host, port)
     actual_port = sock.getsockname()[1]
+    bound = [host.strip("[]")]
+    if host in ("0.0.0.0", "::"):
+        bound.append(socket.gethostname())  # other names and addresses: --allow-host
+    settings.allowed_hosts = [*settings.allowed_hosts, *bound]
+    _raise_file_limit()
     app = create_app(executor, settings)
-    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=60, lifespan="on")
+    config = uvicorn.Config(
+        app,
+        http=_guarded_protocol(settings),
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=60,
+        timeout_keep_alive=5,
+        limit_concurrency=settings.max_connections + 1,  # connections beyond the cap are refused above
+        h11_max_incomplete_event_size=64 << 10,  # the request line and headers
+        lifespan="on",
+    )
     server = uvicorn.Server(config)
     app.state.neurotap.on_idle = lambda: setattr(server, "should_exit", True)
     shown = f"[{host}]" if ":" in host else host

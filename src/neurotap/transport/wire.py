@@ -27,6 +27,20 @@ holding the function pickled with cloudpickle. The server never unpickles
 anything unless it was started with ``--allow-code``; the client never unpickles
 anything at all.
 
+Keyword arguments a request passes on to the model are plain data from an
+allow-list (:data:`ARGUMENTS`, per op): token ids, masks and positions as integer
+tensors, ``inputs_embeds`` as a float tensor, flags, counts, sampling numbers and
+token-id lists; ``cache_implementation`` only from the server's set. Anything
+else (``trust_remote_code``, ``custom_generate``, ``streamer``, processors, cache
+objects, an argument that names a file, a module or a class) is refused with a
+:class:`WireError` naming it. Positional arguments are tensors only. A server
+started with ``--allow-code`` also passes on other plain-data arguments, since
+its clients may run code anyway. How much work the arguments may ask for is
+bounded separately, by the server's limits (:mod:`.limits`).
+
+A message's safetensors header is at most :data:`MAX_HEADER_BYTES` and its JSON
+document at most :data:`MAX_DOCUMENT_BYTES`, whatever the size of its tensors.
+
 Every request carries the header ``X-Neurotap-Protocol: 1``; a server speaking
 another version refuses it with a message saying which side to upgrade. Errors
 come back as JSON ``{"error": type, "message": ..., "traceback": ... | null}``.
@@ -40,7 +54,7 @@ import dataclasses
 import json
 import math
 import struct
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,6 +72,9 @@ FRAMES_MEDIA_TYPE = "application/vnd.neurotap.frames"
 
 _METADATA_KEY = "neurotap"
 _MAX_DEPTH = 48
+MAX_HEADER_BYTES = 4 << 20  # the safetensors header: tensor names, shapes and offsets, plus the document
+MAX_DOCUMENT_BYTES = 1 << 20
+MAX_INDEX_ELEMENTS = 1 << 20  # of one index tensor in a patch
 _INT64 = 2**63
 _FRAME_LENGTH = struct.Struct("<Q")
 OPS = ("forward", "generate", "backward")
@@ -103,6 +120,7 @@ class RunRequest:
     loss: Any = None  # CrossEntropy or LogitDiff, for "backward"
     session: str = ""
     deadline: float | None = None  # time.time() after which the server gives up on it
+    cancelled: bool = False  # set by the server when the client goes away: the request stops and keeps nothing
 
 
 class Output(dict):
@@ -261,6 +279,8 @@ def _check_index(name: str, index: Any, depth: int = 0) -> None:
     if index is None or index is Ellipsis or _is_int(index) or isinstance(index, slice):
         return
     if isinstance(index, torch.Tensor):
+        if index.numel() > MAX_INDEX_ELEMENTS:
+            raise WireError(f"{name}.index: an index tensor has {index.numel()} elements, over {MAX_INDEX_ELEMENTS}")
         if index.dtype == torch.bool or not (index.is_floating_point() or index.is_complex()):
             return
     elif isinstance(index, (tuple, list)) and depth < 2:
@@ -279,8 +299,8 @@ def _check_field(cls: str, key: str, value: Any) -> None:
         if not (value is None or all(_is_int(d) for d in parts)):
             raise WireError(f"{where} must be an int, a list of ints or null, got {_short(value)}")
     elif key in ("k", "dim", "position", "ignore_index", "correct", "wrong"):
-        if not _is_int(value) or (key == "k" and not 1 <= value <= 1_000_000):
-            raise WireError(f"{where} must be an integer" + (" from 1 to 1000000" if key == "k" else ""))
+        if not _is_int(value) or (key == "k" and not 1 <= value <= 10_000):
+            raise WireError(f"{where} must be an integer" + (" from 1 to 10000" if key == "k" else ""))
     elif key == "key":
         if not isinstance(value, str) or not 0 < len(value) <= 200:
             raise WireError(f"{where} must be a non-empty string")
@@ -290,6 +310,120 @@ def _check_field(cls: str, key: str, value: Any) -> None:
             key in ("direction", "targets", "value") and isinstance(value, list)
         ):
             raise WireError(f"{where} must be a number or a tensor, got {_short(value)}")
+
+
+# -- arguments passed on to the model -----------------------------------------------------------------
+
+IDS, MASK, EMBEDS, FLAG, COUNT, NUMBER, TOKENS, CHOICE = (
+    "ids",
+    "mask",
+    "embeds",
+    "flag",
+    "count",
+    "number",
+    "tokens",
+    "choice",
+)
+
+_MODEL_INPUTS = {
+    "input_ids": IDS,
+    "attention_mask": MASK,
+    "position_ids": IDS,
+    "token_type_ids": IDS,
+    "inputs_embeds": EMBEDS,
+}
+_FORWARD = {
+    **_MODEL_INPUTS,
+    "labels": IDS,
+    "use_cache": FLAG,
+    "output_attentions": FLAG,
+    "output_hidden_states": FLAG,
+    "return_dict": FLAG,
+    "logits_to_keep": COUNT,
+}
+# generation strategies that transformers loads as code from the Hub (group beam search, contrastive
+# search, DoLa, constraints) and assisted generation are left out on purpose
+_GENERATE = {
+    **_MODEL_INPUTS,
+    **{name: COUNT for name in ("max_new_tokens", "min_new_tokens", "max_length", "min_length", "top_k")},
+    **{name: COUNT for name in ("num_beams", "num_return_sequences", "no_repeat_ngram_size")},
+    **{name: COUNT for name in ("pad_token_id", "bos_token_id")},
+    **{name: NUMBER for name in ("temperature", "top_p", "min_p", "typical_p", "repetition_penalty")},
+    **{name: NUMBER for name in ("length_penalty", "epsilon_cutoff", "eta_cutoff")},
+    **{name: FLAG for name in ("do_sample", "early_stopping", "use_cache", "renormalize_logits")},
+    **{name: FLAG for name in ("return_dict_in_generate", "output_scores", "output_logits")},
+    **{name: FLAG for name in ("output_attentions", "output_hidden_states")},
+    "eos_token_id": TOKENS,
+    "suppress_tokens": TOKENS,
+    "begin_suppress_tokens": TOKENS,
+    "cache_implementation": CHOICE,  # from the server's --cache-implementations
+}
+ARGUMENTS: dict[str, dict[str, str]] = {"forward": _FORWARD, "backward": _FORWARD, "generate": _GENERATE}
+MAX_POSITIONAL = 3
+
+
+def _argument_fits(kind: str, value: Any) -> bool:
+    if kind in (IDS, MASK, EMBEDS):
+        if not isinstance(value, torch.Tensor):
+            return False
+        if kind == EMBEDS:
+            return value.is_floating_point()
+        return kind == MASK or not (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool)
+    if kind == FLAG:
+        return isinstance(value, bool)
+    if kind == COUNT:
+        return _is_int(value) and 0 <= value < 2**31
+    if kind == NUMBER:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if kind == TOKENS:
+        items = value if isinstance(value, list) else [value]
+        return len(items) <= 1024 and all(_is_int(v) and 0 <= v < 2**31 for v in items)
+    return isinstance(value, str) and len(value) <= 64  # CHOICE: the server checks it against its set
+
+
+_KIND_TEXT = {
+    IDS: "an integer tensor",
+    MASK: "a tensor",
+    EMBEDS: "a float tensor",
+    FLAG: "true or false",
+    COUNT: "an integer from 0 to 2**31 - 1",
+    NUMBER: "a finite number",
+    TOKENS: "a token id or a list of at most 1024 token ids",
+    CHOICE: "a string",
+}
+
+
+def check_arguments(op: str, args: Sequence[Any], kwargs: Mapping[str, Any], *, allow_code: bool) -> None:
+    """Refuse what a request may not pass on to the model; see the module docstring."""
+    if len(args) > MAX_POSITIONAL or not all(isinstance(a, torch.Tensor) for a in args):
+        raise WireError(
+            f"positional arguments to {op} must be at most {MAX_POSITIONAL} tensors (token ids first); "
+            "pass the rest by name"
+        )
+    allowed = ARGUMENTS[op]
+    for name, value in kwargs.items():
+        kind = allowed.get(name)
+        if kind is None:
+            if allow_code and not _holds_objects(value):
+                continue
+            raise WireError(
+                f"{op} does not take the argument {name!r} on this server: requests may pass on "
+                f"{', '.join(sorted(allowed))}"
+                + ("" if allow_code else " (other arguments only on a server started with --allow-code)")
+            )
+        if not _argument_fits(kind, value):
+            raise WireError(f"the argument {name!r} of {op} must be {_KIND_TEXT[kind]}, got {_short(value)}")
+
+
+def _holds_objects(value: Any) -> bool:
+    """Whether a decoded value holds a patch, a loss or another object rather than plain data."""
+    if value is None or isinstance(value, (bool, int, float, str, torch.Tensor)):
+        return False
+    if isinstance(value, (list, tuple)):
+        return any(_holds_objects(v) for v in value)
+    if isinstance(value, Mapping):
+        return any(_holds_objects(v) for v in value.values())
+    return True
 
 
 def _short(value: Any) -> str:
@@ -319,12 +453,26 @@ def _open(data: bytes) -> tuple[Any, dict[str, torch.Tensor]]:
         (size,) = _FRAME_LENGTH.unpack_from(data)
         if size > len(data) - 8:
             raise ValueError("the safetensors header is longer than the message")
+        if size > MAX_HEADER_BYTES:
+            raise _TooLarge(f"the message's header has {size} bytes; at most {MAX_HEADER_BYTES} are read")
         header = json.loads(bytes(data[8 : 8 + size]))
-        document = json.loads(header["__metadata__"][_METADATA_KEY])
+        text = header["__metadata__"][_METADATA_KEY]
+        if len(text) > MAX_DOCUMENT_BYTES:
+            raise _TooLarge(
+                f"the message's JSON document has {len(text)} bytes; at most {MAX_DOCUMENT_BYTES} are read "
+                "(send large values as tensors)"
+            )
+        document = json.loads(text)
         tensors = load(bytes(data))
+    except _TooLarge as error:
+        raise WireError(str(error)) from None
     except Exception as error:  # safetensors raises its own error type
         raise WireError(f"the body is not a neurotap message ({type(error).__name__}: {error})") from None
     return document, tensors
+
+
+class _TooLarge(Exception):
+    pass
 
 
 def decode(data: bytes) -> Any:
@@ -418,6 +566,7 @@ def decode_request(data: bytes, *, allow_code: bool) -> RunRequest:
     kwargs = decoder.value(body.get("kwargs", {"$dict": {}}))
     if not isinstance(args, list) or not isinstance(kwargs, dict):
         raise WireError("args must be a list and kwargs a dict")
+    check_arguments(op, args, kwargs, allow_code=allow_code)
     outputs = body.get("outputs")
     if outputs is not None and not (isinstance(outputs, list) and all(isinstance(o, str) for o in outputs)):
         raise WireError("outputs must be null or a list of output field names")

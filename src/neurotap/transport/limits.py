@@ -1,0 +1,334 @@
+"""The server's settings, and what one request may cost it, checked before it runs.
+
+:class:`ServerSettings` are the options of ``neurotap serve`` (``--help`` names
+each) and :class:`Limits` the part of them that bounds one request. A request's
+arguments are plain data by the time they get here (:mod:`.wire`); this module
+bounds the work they ask for: :func:`check_request` refuses a request whose
+generation settings, token count or estimated activation memory are over them,
+with an error that says which setting to change. While a request
+runs, :func:`check_selection` bounds what a patch's ``index=`` selects and what
+a ``TopK`` keeps, before the patch allocates it.
+
+The memory estimate is deliberately rough (activations of one layer at a time,
+attention scores, logits, the KV cache, the outputs asked for); it exists to
+refuse requests that are orders of magnitude too large, not to pack memory
+tightly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import NeurotapError
+from .wire import RunRequest, WireError
+
+MIN_TOKEN_LENGTH = 16
+
+
+class RequestTooCostlyError(WireError):
+    """A request asks for more work or memory than the server's limits allow."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_new_tokens: int = 1024
+    max_beams: int = 8
+    max_return_sequences: int = 16
+    cache_implementations: tuple[str, ...] = ("dynamic",)
+    max_request_tokens: int = 32768  # positions computed by one request: rows x (prompt + new tokens)
+    max_request_memory: int = 4 << 30  # estimated activation bytes of one request
+    max_input_elements: int = 1 << 16  # of one input tensor
+    max_selection_elements: int = 1 << 24  # what an index= may select, beyond the value's own size
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class ServerSettings:
+    name: str = "model"
+    tokens: list[str] = field(default_factory=list)
+    allow_code: bool = False
+    request_timeout: float = 120.0
+    idle_timeout: float | None = None
+    max_request_bytes: int = 256 << 20
+    max_session_bytes: int = 1 << 30
+    max_total_bytes: int = 4 << 30
+    max_sessions_per_token: int = 64
+    max_batch: int = 32
+    session_timeout: float = 3600.0
+    header_timeout: float = 10.0
+    body_timeout: float = 60.0
+    max_connections: int = 256
+    allowed_hosts: list[str] = field(default_factory=list)  # besides the bound address and loopback names
+    allowed_origins: list[str] = field(default_factory=list)  # web pages that may call the server
+    limits: Limits = field(default_factory=Limits)
+
+    def check(self) -> None:
+        """Refuse settings that cannot work, naming the option."""
+        positive = {
+            "--request-timeout": self.request_timeout,
+            "--session-timeout": self.session_timeout,
+            "--header-timeout": self.header_timeout,
+            "--body-timeout": self.body_timeout,
+            "--max-request-bytes": self.max_request_bytes,
+            "--max-session-bytes": self.max_session_bytes,
+            "--max-total-bytes": self.max_total_bytes,
+            "--max-sessions-per-token": self.max_sessions_per_token,
+            "--max-batch": self.max_batch,
+            "--max-connections": self.max_connections,
+            "--max-new-tokens": self.limits.max_new_tokens,
+            "--max-beams": self.limits.max_beams,
+            "--max-return-sequences": self.limits.max_return_sequences,
+            "--max-request-tokens": self.limits.max_request_tokens,
+            "--max-request-memory": self.limits.max_request_memory,
+            "--max-input-elements": self.limits.max_input_elements,
+            "--max-selection-elements": self.limits.max_selection_elements,
+        }
+        if self.idle_timeout is not None:
+            positive["--idle-timeout"] = self.idle_timeout
+        for option, value in positive.items():
+            if not (isinstance(value, (int, float)) and value > 0 and value == value and value != float("inf")):
+                raise NeurotapError(f"{option} must be a positive number, got {value}")
+        if self.max_session_bytes > self.max_total_bytes:
+            raise NeurotapError(
+                f"--max-session-bytes ({self.max_session_bytes}) is more than --max-total-bytes "
+                f"({self.max_total_bytes}), the limit for all sessions together"
+            )
+        for token in self.tokens:
+            if len(token) < MIN_TOKEN_LENGTH:
+                raise NeurotapError(f"tokens must be at least {MIN_TOKEN_LENGTH} characters long")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The sizes that a request's cost depends on; zeros where the model does not say."""
+
+    layers: int = 0
+    hidden: int = 0
+    intermediate: int = 0
+    vocab: int = 0
+    heads: int = 0
+    kv_width: int = 0  # key (= value) features per position and layer
+    max_positions: int = 0
+    default_new_tokens: int = 0  # the model's generation_config.max_new_tokens, or 0 where it sets max_length
+    default_max_length: int = 20
+    value_bytes: int = 4
+
+    @classmethod
+    def of(cls, module: torch.nn.Module) -> ModelShape:
+        config = getattr(module, "config", None)
+        if config is None:
+            return cls()
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+
+        def first(*names: str, default: int = 0) -> int:
+            for name in names:
+                value = getattr(text, name, None)
+                if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                    return value
+            return default
+
+        hidden = first("hidden_size", "n_embd", "d_model")
+        heads = first("num_attention_heads", "n_head", default=1)
+        head_dim = first("head_dim", default=hidden // heads if heads else 0)
+        generation = getattr(module, "generation_config", None)
+        parameter = next(iter(module.parameters()), None)
+        return cls(
+            layers=first("num_hidden_layers", "n_layer", "num_layers"),
+            hidden=hidden,
+            intermediate=first("intermediate_size", "n_inner", "ffn_dim", default=4 * hidden),
+            vocab=first("vocab_size"),
+            heads=heads,
+            kv_width=first("num_key_value_heads", default=heads) * head_dim,
+            max_positions=first("max_position_embeddings", "n_positions"),
+            default_new_tokens=int(getattr(generation, "max_new_tokens", None) or 0),
+            default_max_length=int(getattr(generation, "max_length", None) or 20),
+            value_bytes=parameter.element_size() if parameter is not None else 4,
+        )
+
+
+def _rows_and_length(request: RunRequest) -> tuple[int, int]:
+    for value in [*request.args, *request.kwargs.values()]:
+        if isinstance(value, torch.Tensor) and value.dim() >= 1:
+            return (value.shape[0], value.shape[1]) if value.dim() >= 2 else (1, value.shape[0])
+    return 1, 0
+
+
+def _new_tokens(request: RunRequest, length: int, shape: ModelShape) -> int:
+    kwargs = request.kwargs
+    if kwargs.get("max_new_tokens") is not None:
+        return kwargs["max_new_tokens"]
+    if kwargs.get("max_length") is not None:
+        return max(kwargs["max_length"] - length, 0)
+    return shape.default_new_tokens or max(shape.default_max_length - length, 0)
+
+
+def estimate(request: RunRequest, shape: ModelShape) -> tuple[int, int]:
+    """(positions computed, activation bytes) of a request, roughly."""
+    rows, length = _rows_and_length(request)
+    kwargs = request.kwargs
+    b = shape.value_bytes
+    per_position = 4 * shape.hidden + 2 * shape.intermediate  # one layer's live activations
+    if request.op == "generate":
+        streams = rows * max(kwargs.get("num_beams") or 1, 1) * max(kwargs.get("num_return_sequences") or 1, 1)
+        new = _new_tokens(request, length, shape)
+        total = length + new
+        memory = 2 * shape.layers * streams * total * shape.kv_width * b  # the KV cache
+        memory += streams * length * per_position * b + 2 * streams * shape.heads * length * length * b
+        memory += 2 * streams * shape.vocab * 4  # one step's logits and scores
+        kept = sum(bool(kwargs.get(k)) for k in ("output_scores", "output_logits"))
+        memory += kept * new * streams * shape.vocab * 4
+        if kwargs.get("output_attentions"):
+            memory += new * shape.layers * streams * shape.heads * total * b + shape.layers * streams * length**2 * b
+        if kwargs.get("output_hidden_states"):
+            memory += (shape.layers + 1) * streams * total * shape.hidden * b
+        return streams * total, memory
+    positions = rows * length
+    attention = shape.heads * rows * length * length * b
+    memory = positions * shape.vocab * 4 + positions * per_position * b + 2 * attention
+    if kwargs.get("use_cache", True):
+        memory += 2 * shape.layers * positions * shape.kv_width * b
+    if kwargs.get("output_hidden_states"):
+        memory += (shape.layers + 1) * positions * shape.hidden * b
+    if kwargs.get("output_attentions"):
+        memory += shape.layers * attention
+    if request.op == "backward":  # every layer's activations stay for the backward, and their gradients
+        memory += 2 * shape.layers * (positions * (2 * per_position) * b + 2 * attention) + positions * shape.vocab * 4
+    return positions, memory
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
+
+
+def check_request(request: RunRequest, limits: Limits, shape: ModelShape) -> None:
+    """Refuse a request that asks for more than ``limits``; see the module docstring."""
+    for value in [*request.args, *request.kwargs.values()]:
+        if isinstance(value, torch.Tensor) and value.numel() > limits.max_input_elements:
+            raise RequestTooCostlyError(
+                f"an input tensor has {value.numel()} elements; this server takes {limits.max_input_elements} "
+                "(--max-input-elements): split the request"
+            )
+    rows, length = _rows_and_length(request)
+    if shape.max_positions and length > shape.max_positions:
+        raise RequestTooCostlyError(
+            f"an input of length {length} is longer than the model's {shape.max_positions} positions "
+            "(max_position_embeddings)"
+        )
+    kwargs = request.kwargs
+    if request.op == "generate":
+        new = _new_tokens(request, length, shape)
+        if new > limits.max_new_tokens:
+            source = "max_new_tokens" if "max_new_tokens" in kwargs else "the model's default generation length"
+            raise RequestTooCostlyError(
+                f"{source} asks for {new} new tokens; this server generates at most {limits.max_new_tokens} "
+                "(--max-new-tokens): pass max_new_tokens=... within it"
+            )
+        for name, bound, flag in (
+            ("num_beams", limits.max_beams, "--max-beams"),
+            ("num_return_sequences", limits.max_return_sequences, "--max-return-sequences"),
+        ):
+            if (kwargs.get(name) or 1) > bound:
+                raise RequestTooCostlyError(f"{name}={kwargs[name]} is over this server's {bound} ({flag})")
+        cache = kwargs.get("cache_implementation")
+        if cache is not None and cache not in limits.cache_implementations:
+            raise RequestTooCostlyError(
+                f"cache_implementation={cache!r} is not offered by this server; it offers "
+                f"{', '.join(limits.cache_implementations)} (--cache-implementations)"
+            )
+        if shape.max_positions and length + new > shape.max_positions:
+            raise RequestTooCostlyError(
+                f"{length} prompt tokens and {new} new ones are more than the model's {shape.max_positions} "
+                "positions (max_position_embeddings)"
+            )
+    positions, memory = estimate(request, shape)
+    if positions > limits.max_request_tokens:
+        raise RequestTooCostlyError(
+            f"this request computes {positions} positions (rows x tokens, beams and return sequences included); "
+            f"this server takes {limits.max_request_tokens} per request (--max-request-tokens): split it"
+        )
+    if memory > limits.max_request_memory:
+        raise RequestTooCostlyError(
+            f"this request would need about {_size(memory)} of activations; this server allows "
+            f"{_size(limits.max_request_memory)} per request (--max-request-memory): send fewer rows or tokens"
+        )
+
+
+# -- while a request runs ------------------------------------------------------------------------------
+
+
+def selection_size(shape: tuple[int, ...], index: Any) -> int:
+    """An upper bound on the elements ``value[index]`` holds for a value of ``shape``, without indexing."""
+    parts = list(index) if isinstance(index, tuple) else [index]
+    used = sum(
+        p.dim() if isinstance(p, torch.Tensor) and p.dtype == torch.bool else 0 if p is None or p is Ellipsis else 1
+        for p in parts
+    )
+    dims = list(shape)
+    size, broadcast, cursor = 1, [], 0
+    for part in parts:
+        if part is None:
+            continue
+        if part is Ellipsis:
+            skipped = max(len(dims) - used, 0)
+            for d in dims[cursor : cursor + skipped]:
+                size *= d
+            cursor += skipped
+        elif isinstance(part, torch.Tensor) and part.dtype == torch.bool:
+            size *= math.prod(dims[cursor : cursor + part.dim()]) if part.dim() else 1
+            cursor += part.dim()
+        elif isinstance(part, (torch.Tensor, list)):
+            broadcast.append(tuple(torch.as_tensor(part).shape) if isinstance(part, list) else tuple(part.shape))
+            cursor += 1
+        else:  # an int drops its dimension; a slice keeps at most all of it
+            if isinstance(part, slice) and cursor < len(dims):
+                size *= dims[cursor]
+            cursor += 1
+    for d in dims[cursor:]:
+        size *= d
+    if broadcast:
+        try:
+            size *= math.prod(torch.broadcast_shapes(*broadcast))
+        except RuntimeError:
+            pass  # indexing will fail with its own message
+    return size
+
+
+def check_selection(point: str, patch: Any, value: Any, limits: Limits) -> None:
+    """Refuse a patch whose ``index=`` (or ``TopK``) would allocate far more than the value it acts on."""
+    if not isinstance(value, torch.Tensor):
+        return
+    index = getattr(patch, "index", None)
+    selected = value.numel() if index is None else selection_size(tuple(value.shape), index)
+    bound = max(value.numel(), limits.max_selection_elements)
+    if selected > bound:
+        raise RequestTooCostlyError(
+            f"{type(patch).__name__} at {point!r}: index={_brief(index)} selects about {selected} elements of a "
+            f"value of shape {tuple(value.shape)}; this server allows {bound} (--max-selection-elements)"
+        )
+    k = getattr(patch, "k", None)
+    if isinstance(k, int) and value.dim():
+        try:
+            units = value.shape[getattr(patch, "dim", -1)]
+        except IndexError:
+            return  # the patch fails with its own message
+        units = units if index is None else min(units, selected)
+        if k * units * (2 + value.dim()) > bound:
+            raise RequestTooCostlyError(
+                f"{type(patch).__name__} at {point!r}: k={k} for {units} units keeps {k * units} entries; "
+                f"this server allows {bound} elements (--max-selection-elements): use a smaller k or an index"
+            )
+
+
+def _brief(index: Any) -> str:
+    text = repr(index) if not isinstance(index, tuple) else repr(tuple(_brief_part(p) for p in index))
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _brief_part(part: Any) -> Any:
+    return f"tensor{list(part.shape)}" if isinstance(part, torch.Tensor) else part
