@@ -137,6 +137,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     group.add_argument(
         "--max-connections", type=int, default=settings.max_connections, help="open connections; more get 503"
     )
+    group = parser.add_argument_group("sharding (torch.distributed, gloo)")
+    group.add_argument("--ranks", type=int, default=1, help="split the model's decoder layers over this many processes")
+    group.add_argument(
+        "--rank-timeout",
+        type=float,
+        default=60.0,
+        help="seconds a rank may take to answer inside a request before the server names it failed and stops",
+    )
     return parser
 
 
@@ -190,6 +198,10 @@ def run(args: argparse.Namespace) -> int:
     except NeurotapError as error:
         print(f"neurotap serve: {error}", file=sys.stderr)
         return 2
+    if args.ranks != 1:
+        from ..distributed.launch import launch
+
+        return launch(args)
     from ..model import load
     from ..transport.executor import InProcessExecutor
     from ..transport.server import serve
