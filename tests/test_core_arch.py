@@ -3,6 +3,7 @@ generation and gradients agree with computations made without neurotap."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -403,3 +404,120 @@ def test_core_points_describe_themselves(arch: Arch) -> None:
     assert point.shape is not None and point.shape[-1] > 3
     assert nt.Point.from_dict(point.to_dict()) == point
     assert arch.mlp_point in str(model.points(arch.mlp_point))
+
+
+# -- 7. aliases -----------------------------------------------------------------------------------
+
+# Where each alias's value is in each family, written out independently of neurotap's table: a module path
+# (under the layer for per-layer aliases) and which of its values: "in" (first input), "out", "out0" (output[0]).
+_LLAMA_REFERENCE = {
+    "resid_pre": ("", "in"),
+    "resid_post": ("", "out"),
+    "attn.q": ("self_attn.q_proj", "out"),
+    "attn.k": ("self_attn.k_proj", "out"),
+    "attn.v": ("self_attn.v_proj", "out"),
+    "attn.out": ("self_attn", "out0"),
+    "mlp.pre": ("mlp.gate_proj", "out"),
+    "mlp.post": ("mlp.down_proj", "in"),
+    "mlp.out": ("mlp", "out"),
+}
+_LLAMA_TOP = {"embed": ("model.embed_tokens", "out"), "ln_final": ("model.norm", "out")}
+ALIAS_REFERENCE = {
+    "llama": ("model.layers", _LLAMA_REFERENCE, _LLAMA_TOP),
+    "gpt2": (
+        "transformer.h",
+        {
+            "resid_pre": ("", "in"),
+            "resid_post": ("", "out"),
+            "attn.out": ("attn", "out0"),
+            "mlp.pre": ("mlp.c_fc", "out"),
+            "mlp.post": ("mlp.c_proj", "in"),
+            "mlp.out": ("mlp", "out"),
+        },
+        {
+            "embed": ("transformer.wte", "out"),
+            "pos_embed": ("transformer.wpe", "out"),
+            "ln_final": ("transformer.ln_f", "out"),
+        },
+    ),
+    "gpt_neox": (
+        "gpt_neox.layers",
+        {
+            "resid_pre": ("", "in"),
+            "resid_post": ("", "out"),
+            "attn.out": ("attention", "out0"),
+            "mlp.pre": ("mlp.dense_h_to_4h", "out"),
+            "mlp.post": ("mlp.dense_4h_to_h", "in"),
+            "mlp.out": ("mlp", "out"),
+        },
+        {"embed": ("gpt_neox.embed_in", "out"), "ln_final": ("gpt_neox.final_layer_norm", "out")},
+    ),
+}
+_RESIDUAL_MID = {"llama", "gpt2"}  # GPT-NeoX adds attention and MLP to the residual together
+
+
+def _first(value):
+    return value if isinstance(value, torch.Tensor) else value[0]
+
+
+def test_core_every_alias_of_every_family_is_the_value_it_names(decoder: Arch) -> None:
+    model = wrap_tiny(decoder.name)
+    module = model.module
+    inputs = example_inputs(decoder.name)
+    stack, per_layer, top = ALIAS_REFERENCE[decoder.family]
+    layers = len(module.get_submodule(stack))
+    expected_names = {f"blocks.{i}.{alias}" for i in range(layers) for alias in per_layer} | set(top) | {"logits"}
+    expected_names |= {f"blocks.{i}.attn.pattern" for i in range(layers)}
+    if decoder.family in _RESIDUAL_MID:
+        expected_names |= {f"blocks.{i}.resid_mid" for i in range(layers)}
+    assert set(model.aliases()) == expected_names
+
+    references: dict[str, torch.Tensor] = {}
+    reference = copy.deepcopy(module)  # output_attentions leaves transformers' own capturing hooks on a module
+    where = {
+        f"blocks.{i}.{alias}": (f"{stack}.{i}.{path}".rstrip("."), how)
+        for i in range(layers)
+        for alias, (path, how) in per_layer.items()
+    }
+    where.update(top)
+
+    def keep_input(alias: str):
+        def hook(_m, args, kwargs) -> None:
+            references.setdefault(alias, args[0] if args else kwargs["hidden_states"])
+
+        return hook
+
+    def keep_output(alias: str, how: str):
+        def hook(_m, _args, out) -> None:
+            references.setdefault(alias, _first(out) if how == "out0" else out)
+
+        return hook
+
+    handles = []
+    for alias, (path, how) in where.items():
+        sub = reference.get_submodule(path)
+        if how == "in":
+            handles.append(sub.register_forward_pre_hook(keep_input(alias), with_kwargs=True))
+        else:
+            handles.append(sub.register_forward_hook(keep_output(alias, how)))
+    try:
+        with torch.no_grad():
+            plain = reference(**inputs, output_attentions=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for i in range(layers):
+        references[f"blocks.{i}.attn.pattern"] = plain.attentions[i]
+        if decoder.family in _RESIDUAL_MID:
+            references[f"blocks.{i}.resid_mid"] = (
+                references[f"blocks.{i}.resid_pre"] + references[f"blocks.{i}.attn.out"]
+            )
+    references["logits"] = plain.logits
+    assert references.keys() == expected_names
+
+    with torch.no_grad():
+        model.forward(**inputs, probes=[nt.probe(alias, nt.Record()) for alias in sorted(expected_names)])
+    recorded = model.recordings()
+    for alias in sorted(expected_names):
+        assert close(_first(recorded[alias]["record"][0]), _first(references[alias])), alias
+    assert_clean(module)

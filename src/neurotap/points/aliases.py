@@ -2,7 +2,10 @@
 
 ``blocks.3.resid_post`` reads the same in every family; it stands for
 ``model.layers.3.output`` in Llama, ``transformer.h.3.output`` in GPT-2. An alias
-exists only where its raw point exists in the model's inventory.
+exists only where its raw point exists in the model's inventory. ``embed`` and
+``logits`` follow the model's own ``get_input_embeddings()`` and
+``get_output_embeddings()`` where it has them, since module names change between
+transformers versions (GPT-NeoX's head was ``embed_out``, now ``lm_head``).
 """
 
 from __future__ import annotations
@@ -69,13 +72,20 @@ _GPT_NEOX = Family(
         "mlp.post": "mlp.act.output",
         "mlp.out": "mlp.output",
     },
-    top={"embed": "embed_in.output", "ln_final": "final_layer_norm.output", "logits": "/embed_out.output"},
+    top={"embed": "embed_in.output", "ln_final": "final_layer_norm.output", "logits": "/lm_head.output"},
 )
 FAMILIES = (_GPT_NEOX, _GPT2, _LLAMA_LIKE)
 
 
-def find_aliases(names: set[str]) -> dict[str, str]:
-    """Aliases for a model whose points (raw names, fired or static) are ``names``."""
+EMBEDDINGS = ("embed", "logits")  # the aliases that the model's embedding getters decide, where it has them
+
+
+def find_aliases(names: set[str], embeddings: dict[str, str] | None = None) -> dict[str, str]:
+    """Aliases for a model whose points (raw names, fired or static) are ``names``.
+
+    ``embeddings`` maps ``embed`` and ``logits`` to the raw points that the model
+    itself names as its input and output embeddings; they win over the family's table.
+    """
     for family in FAMILIES:
         for base in family.bases:
             stack = f"{base}{family.stack}"
@@ -89,5 +99,6 @@ def find_aliases(names: set[str]) -> dict[str, str]:
                 layer += 1
             for alias, raw in family.top.items():
                 aliases[alias] = raw[1:] if raw.startswith("/") else base + raw
+            aliases.update(embeddings or {})
             return {alias: raw for alias, raw in aliases.items() if split_narrowing(raw)[0] in names}
     return {}

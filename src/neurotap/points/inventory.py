@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ..errors import SourceUnavailableWarning
-from .aliases import find_aliases
+from .aliases import EMBEDDINGS, find_aliases
 from .attach import Attachment, Frame, forward_replaced, tapped_callee, tapped_forward
 from .point import Kind, Point, join, narrowed_name
 from .rewrite import TappedFunction, expandable, push_helper_frame, reset_helper_frames
@@ -156,8 +156,23 @@ def take_inventory(root: torch.nn.Module, run: Callable[[], Any]) -> Inventory:
         )
     for name, point in inventory.static.items():
         inventory.static[name] = inventory.points.get(name, point)
-    inventory.aliases = find_aliases(set(inventory.points) | set(inventory.static))
+    inventory.aliases = find_aliases(set(inventory.points) | set(inventory.static), _embedding_points(root))
     return inventory
+
+
+def _embedding_points(root: torch.nn.Module) -> dict[str, str]:
+    """``embed`` and ``logits`` as the model names them (Hugging Face's embedding getters)."""
+    paths = {id(module): path for path, module in root.named_modules()}
+    found: dict[str, str] = {}
+    for alias, getter in zip(EMBEDDINGS, ("get_input_embeddings", "get_output_embeddings"), strict=True):
+        get = getattr(root, getter, None)
+        try:
+            module = get() if callable(get) else None
+        except (AttributeError, NotImplementedError):
+            module = None
+        if isinstance(module, torch.nn.Module) and id(module) in paths:
+            found[alias] = join(paths[id(module)], "output")
+    return found
 
 
 def _has_own_forward(module: torch.nn.Module) -> bool:
