@@ -17,7 +17,14 @@ import torch
 from safetensors.torch import load_file
 
 import neurotap as nt
-from neurotap.datasets import ActivationDataset, CorruptShardError, DatasetError, bundled_corpus, collect
+from neurotap.datasets import (
+    ActivationDataset,
+    CorruptDatasetError,
+    CorruptShardError,
+    DatasetError,
+    bundled_corpus,
+    collect,
+)
 
 LAYER0 = "model.layers.0.output"
 MUL1 = "model.layers.1.mlp.mul"
@@ -239,7 +246,7 @@ def test_damaged_shards_are_reported(model: nt.Model, tmp_path: Path) -> None:
     assert {p.name: p.read_bytes() for p in out.glob("shard-*")} == before
 
     (out / "manifest.json").write_text("{not json")
-    with pytest.raises(CorruptShardError, match="manifest"):
+    with pytest.raises(CorruptDatasetError, match="manifest.json is not valid JSON"):
         ActivationDataset(out)
 
 
@@ -326,7 +333,6 @@ def test_jsonl_and_parquet_give_the_same_dataset_as_text(model: nt.Model, tmp_pa
 def test_bad_requests_fail_clearly_and_write_nothing(model: nt.Model, tmp_path: Path) -> None:
     with pytest.raises(nt.UnknownPointError, match="model.layers.0.mlp.mull"):
         collect(model, ["model.layers.0.mlp.mull"], tmp_path / "a", tokens=64, progress=False)
-    assert not (tmp_path / "a" / "manifest.json").exists()
     with pytest.raises(DatasetError, match=r"shape \(1, 4, 32, 32\).*\[batch, sequence"):
         collect(
             model,
@@ -336,7 +342,6 @@ def test_bad_requests_fail_clearly_and_write_nothing(model: nt.Model, tmp_path: 
             tokens=64,
             progress=False,
         )
-    assert not (tmp_path / "b" / "manifest.json").exists()
     with pytest.raises(DatasetError, match="dtype"):
         collect(model, [LAYER0], tmp_path / "c", dtype="int8", progress=False)
     with pytest.raises(DatasetError, match="does not exist"):
@@ -349,8 +354,14 @@ def test_bad_requests_fail_clearly_and_write_nothing(model: nt.Model, tmp_path: 
     (tmp_path / "e" / "notes.txt").write_text("mine")
     with pytest.raises(DatasetError, match="not empty"):
         collect(model, [LAYER0], tmp_path / "e", progress=False)
-    with pytest.raises(DatasetError, match="fewer than 100000 tokens"):
-        collect(model, [LAYER0], tmp_path / "g", seq_len=100_000, progress=False)
+    (tmp_path / "short.txt").write_text("Only a few words here.\n")
+    with pytest.raises(DatasetError, match="fewer than 64 tokens"):
+        collect(model, [LAYER0], tmp_path / "g", data=tmp_path / "short.txt", seq_len=64, progress=False)
+    with pytest.raises(DatasetError, match="seq_len 4096 is longer than the model's 2048 positions"):
+        collect(model, [LAYER0], tmp_path / "h", seq_len=4096, progress=False)
+    # a run that fails before it writes a manifest leaves no folder (and so no lock file) behind
+    for name in "abcgh":
+        assert not (tmp_path / name).exists(), name
 
 
 def test_running_out_of_data_ends_the_collection_early(model: nt.Model, tmp_path: Path) -> None:

@@ -6,7 +6,15 @@ described in :mod:`neurotap.datasets.format`.
 
 from .collect import collect
 from .corpus import bundled_corpus
-from .format import CorruptShardError, DatasetError
+from .format import CorruptDatasetError, CorruptShardError, DatasetError
 from .reader import ActivationDataset, Example
 
-__all__ = ["ActivationDataset", "CorruptShardError", "DatasetError", "Example", "bundled_corpus", "collect"]
+__all__ = [
+    "ActivationDataset",
+    "CorruptDatasetError",
+    "CorruptShardError",
+    "DatasetError",
+    "Example",
+    "bundled_corpus",
+    "collect",
+]

@@ -8,9 +8,10 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
-import math
+import os
 import re
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -29,6 +30,7 @@ from .format import (
     FORMAT_VERSION,
     LOCK,
     MANIFEST,
+    METADATA,
     RESERVED,
     ROW_CHAR_END,
     ROW_CHAR_START,
@@ -38,10 +40,12 @@ from .format import (
     TEXT_OFFSETS,
     TEXT_UTF8,
     TOKENS,
+    CorruptDatasetError,
     CorruptShardError,
     DatasetError,
-    ShardFile,
+    open_shard,
     read_manifest,
+    sequences_per_shard,
     sha256_bytes,
     sha256_file,
     shard_name,
@@ -50,7 +54,6 @@ from .format import (
 )
 from .reader import ActivationDataset
 
-_ROW_BYTES = 4 + 8 + 4 + 4  # tokens, row.document, row.char_start, row.char_end
 _RECORD_KEY = "collect"
 
 
@@ -86,6 +89,9 @@ def collect(
     if tokenizer is None:
         raise DatasetError("collect needs a tokenizer: the model has none, so pass tokenizer=...")
     folder = Path(out)
+    check_out_folder(folder)
+    runner = _runner(model, points, dtype)  # before any folder is made: an unknown point leaves nothing behind
+    _check_positions(model, seq_len)
     sources = resolve_sources(data)
     settings = {
         "model": model_name or _model_label(model),
@@ -101,23 +107,62 @@ def collect(
     }
     settings = json.loads(json.dumps(settings))  # as the manifest will hold them: tuples become lists
     documents = lambda: read_documents(sources, text_field)  # noqa: E731 - restarted for the shape probe
-    with _locked(folder):
-        manifest = _open_manifest(folder, settings)
-        runner = _runner(model, points, dtype)
-        if manifest is None:
-            first = Packer(documents(), tokenizer, seq_len).take(1)
-            if not len(first.tokens):
-                raise DatasetError(f"the data holds fewer than {seq_len} tokens: not one sequence of --seq-len fits")
-            shapes = runner.shapes(torch.from_numpy(first.tokens).long())
-            manifest = _new_manifest(settings, shapes, tokenizer, batch_size, shard_mb)
-            write_manifest(folder, manifest)
-        _verify_listed_shards(folder, manifest)
-        _clear_leftovers(folder, len(manifest["shards"]))
-        if not manifest["complete"]:
-            _Collection(folder, manifest, runner, documents(), tokenizer, progress).run()
-        elif progress:
-            print(f"{folder} already holds this collection, complete: {manifest['tokens']:,} tokens", file=sys.stderr)
+    try:
+        with _locked(folder):
+            manifest = _open_manifest(folder, settings)
+            resumed = manifest is not None
+            if manifest is None:
+                manifest = _new_manifest(settings, _model_shapes(runner, documents(), tokenizer, seq_len))
+                write_manifest(folder, manifest)
+            _verify_listed_shards(folder, manifest)
+            _clear_leftovers(folder, len(manifest["shards"]))
+            if not manifest["complete"]:
+                if resumed:
+                    _check_shapes(folder, manifest, _model_shapes(runner, documents(), tokenizer, seq_len))
+                packer = _resume(folder, manifest, documents(), tokenizer)
+                _Collection(folder, manifest, runner, packer, progress).run()
+            elif progress:
+                print(
+                    f"{folder} already holds this collection, complete: {manifest['tokens']:,} tokens", file=sys.stderr
+                )
+    except OSError as error:  # a full disk, a folder made read-only meanwhile: the message says which file
+        raise DatasetError(f"collect into {folder} stopped: {error}") from error
     return ActivationDataset(folder)
+
+
+def check_out_folder(folder: Path) -> None:
+    """Refuse an output path that collect could not write a dataset folder at, before any model is loaded."""
+    if folder.exists() and not folder.is_dir():
+        raise DatasetError(
+            f"the output {folder} is a file, not a folder; give a new or existing folder for the dataset"
+        )
+    existing = folder
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise DatasetError(
+            f"the output {folder} lies under {existing}, which is a file, not a folder; give a path in a folder"
+        )
+    # a real write, not os.access: a read-only mount, or a folder that even root may not write in, shows only so
+    try:
+        descriptor, probe = tempfile.mkstemp(dir=existing, prefix=".neurotap-write-check-")
+    except OSError as error:
+        where = f"the output folder {folder}" if existing == folder else f"{existing}, where {folder} would be made,"
+        raise DatasetError(
+            f"cannot write in {where} ({error.strerror or error}); give a folder you can write to"
+        ) from None
+    os.close(descriptor)
+    os.unlink(probe)
+
+
+def _check_positions(model: Any, seq_len: int) -> None:
+    config = getattr(getattr(model, "module", None), "config", None) if isinstance(model, Model) else None
+    positions = getattr(config, "max_position_embeddings", None)
+    if isinstance(positions, int) and seq_len > positions:
+        raise DatasetError(
+            f"seq_len {seq_len} is longer than the model's {positions} positions (max_position_embeddings in its "
+            f"config); give a seq_len (--seq-len) of at most {positions}"
+        )
 
 
 def _check_arguments(points: list[str], seq_len: int, batch_size: int, tokens: int | None, dtype: str, mb: float):
@@ -148,22 +193,64 @@ def _model_label(model: Any) -> str:
 
 @contextlib.contextmanager
 def _locked(folder: Path) -> Iterator[None]:
-    """Hold the folder's lock file, so that two runs never write into one dataset."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / LOCK, "a") as handle:
-        try:
-            import fcntl
-        except ImportError:  # no advisory locks on this platform
+    """Hold the folder's lock file, so that two runs never write into one dataset.
+
+    The lock file goes again on the way out, and so do the folders made for it while
+    they are empty: a run that fails before writing its manifest leaves nothing behind.
+    """
+    made = []
+    missing = folder
+    while not os.path.lexists(missing) and missing != missing.parent:
+        made.append(missing)
+        missing = missing.parent
+    try:
+        for path in reversed(made):
+            path.mkdir(exist_ok=True)
+        with _lock_file(folder / LOCK, folder):
             yield
-            return
+    finally:
+        for path in made:  # innermost first; rmdir refuses a folder that holds anything
+            with contextlib.suppress(OSError):
+                path.rmdir()
+
+
+@contextlib.contextmanager
+def _lock_file(path: Path, folder: Path) -> Iterator[None]:
+    try:
+        import fcntl
+    except ImportError:  # no advisory locks on this platform
+        fcntl = None
+    busy = f"another collect is writing to {folder}; wait for it or pick another folder"
+    for _ in range(3):
+        handle = open(path, "a")
+        if fcntl is None:
+            break
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            raise DatasetError(f"another collect is writing to {folder}; wait for it or pick another folder") from None
+            handle.close()
+            raise DatasetError(busy) from None
+        if _same_file(path, handle):
+            break
+        handle.close()  # its holder removed it as we opened it: lock the file that is there now
+    else:
+        raise DatasetError(busy)
+    try:
         try:
             yield
         finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            # removed while still held, so that no later run can lock a file that is gone
+            with contextlib.suppress(OSError):
+                path.unlink()
+    finally:
+        handle.close()
+
+
+def _same_file(path: Path, handle: Any) -> bool:
+    try:
+        return os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino
+    except FileNotFoundError:
+        return False
 
 
 def _open_manifest(folder: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
@@ -187,20 +274,39 @@ def _open_manifest(folder: Path, settings: dict[str, Any]) -> dict[str, Any] | N
     return manifest
 
 
-def _new_manifest(settings: dict[str, Any], shapes: dict[str, tuple[int, ...]], tokenizer: Any, batch: int, mb: float):
+def _model_shapes(runner: Any, documents: Iterator[Document], tokenizer: Any, seq_len: int) -> dict[str, list[int]]:
+    """The per-token shape of each point, from one forward over the first sequence of the data."""
+    first = Packer(documents, tokenizer, seq_len).take(1)
+    if not len(first.tokens):
+        raise DatasetError(f"the data holds fewer than {seq_len} tokens: not one sequence of --seq-len fits")
+    shapes = runner.shapes(torch.from_numpy(first.tokens).long())
+    return {point: list(shape) for point, shape in shapes.items()}
+
+
+def _check_shapes(folder: Path, manifest: dict[str, Any], shapes: dict[str, list[int]]) -> None:
+    # the buffers are sized from the manifest, so it must not claim other shapes than the model's
+    for point, shape in shapes.items():
+        if manifest["shapes"][point] != shape:
+            raise CorruptDatasetError(
+                f"the manifest {folder / MANIFEST} records shapes[{point!r}] = {manifest['shapes'][point]}, but the "
+                f"model's value there has the per-token shape {shape}: the manifest was edited, or this is not the "
+                "model it was collected with. Collect into a new folder"
+            )
+
+
+def _new_manifest(settings: dict[str, Any], shapes: dict[str, list[int]]) -> dict[str, Any]:
     from .. import __version__
 
-    itemsize = DTYPES[settings["dtype"]].itemsize
-    row_bytes = sum(math.prod(shape) for shape in shapes.values()) * itemsize + _ROW_BYTES
-    batch_bytes = row_bytes * settings["seq_len"] * batch
-    batches_per_shard = max(1, int(mb * 2**20 // batch_bytes))
+    per_shard = sequences_per_shard(
+        shapes, settings["dtype"], settings["seq_len"], settings["batch_size"], settings["shard_mb"]
+    )
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "library_version": __version__,
         "settings": settings,
-        "shapes": {point: list(shape) for point, shape in shapes.items()},
-        "sequences_per_shard": batches_per_shard * batch,
+        "shapes": shapes,
+        "sequences_per_shard": per_shard,
         "special_tokens": {"bos": settings["tokenizer"]["bos"], "eos": settings["tokenizer"]["eos"]},
         "shards": [],
         "tokens": 0,
@@ -210,20 +316,48 @@ def _new_manifest(settings: dict[str, Any], shapes: dict[str, tuple[int, ...]], 
 
 
 def _verify_listed_shards(folder: Path, manifest: dict[str, Any]) -> None:
+    seen: set[tuple[int, int]] = set()
     for number, shard in enumerate(manifest["shards"]):
         path = folder / shard["file"]
-        if not path.exists():
+        if open_shard(folder, manifest, number, seen) is None:
             # everything from here on is written again
             del manifest["shards"][number:]
             manifest["tokens"] = sum(s["tokens"] for s in manifest["shards"])
             manifest["complete"] = manifest["exhausted"] = False
             return
-        ShardFile(path, shard["bytes"])
         if sha256_file(path) != shard["sha256"]:
             raise CorruptShardError(
                 f"shard {path} does not match the sha256 in the manifest: it was damaged. Delete it and run the "
                 "same command again to rewrite it and the shards after it"
             )
+
+
+def _resume(folder: Path, manifest: dict[str, Any], documents: Iterator[Document], tokenizer: Any) -> Packer:
+    """A packer at the end of the last listed shard, checked by packing that shard again.
+
+    Nothing else vouches for the ``start`` and ``end`` positions a restart carries on
+    from; the shard's tokens (already checked against its sha256) and the position
+    the packer reaches must come out as recorded.
+    """
+    seq_len = manifest["settings"]["seq_len"]
+    if not manifest["shards"]:
+        return Packer(documents, tokenizer, seq_len)
+    index = len(manifest["shards"]) - 1
+    last = manifest["shards"][index]
+    packer = Packer(documents, tokenizer, seq_len, start=(last["start"]["document"], last["start"]["token"]))
+    packed = packer.take(last["sequences"])
+    stored = open_shard(folder, manifest, index, set()).array(TOKENS)
+    end = {"document": packer.position[0], "token": packer.position[1]}
+    if packed.tokens.size != stored.size or not np.array_equal(packed.tokens.reshape(-1), stored):
+        field, found, expected = f"shards[{index}].start", last["start"], "the position its tokens were packed from"
+    elif end != last["end"]:
+        field, found, expected = f"shards[{index}].end", last["end"], f"{end}, where packing its sequences ends"
+    else:
+        return packer
+    raise CorruptDatasetError(
+        f"the manifest {folder / MANIFEST} is damaged or was edited: {field} is {found}, expected {expected}; a "
+        "resumed collection would repeat or skip text. Restore manifest.json, or collect again into a new folder"
+    )
 
 
 def _clear_leftovers(folder: Path, listed: int) -> None:
@@ -392,8 +526,7 @@ class _Collection:
         folder: Path,
         manifest: dict[str, Any],
         runner: _LocalRunner | _RecordingRunner,
-        documents: Iterator[Document],
-        tokenizer: Any,
+        packer: Packer,
         progress: bool,
     ) -> None:
         self.folder = folder
@@ -405,9 +538,7 @@ class _Collection:
         self.per_shard = manifest["sequences_per_shard"]
         requested = settings["tokens"]
         self.total_sequences = None if requested is None else -(-requested // self.seq_len)
-        shards = manifest["shards"]
-        start = (shards[-1]["end"]["document"], shards[-1]["end"]["token"]) if shards else (0, 0)
-        self.packer = Packer(documents, tokenizer, self.seq_len, start=start)
+        self.packer = packer
         rows = self.per_shard * self.seq_len
         dtype = DTYPES[settings["dtype"]]
         self.buffers = {p: torch.empty((rows, *shape), dtype=dtype) for p, shape in manifest["shapes"].items()}
@@ -543,4 +674,4 @@ def _serialise(buffers: dict[str, torch.Tensor], packs: list[Packed], rows: int)
         }
     )
     # one metadata key only: safetensors writes the metadata map in no fixed order, and resumed runs must match bytes
-    return save(tensors, metadata={"format": f"{FORMAT}/{FORMAT_VERSION}"})
+    return save(tensors, metadata=dict(METADATA))

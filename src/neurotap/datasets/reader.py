@@ -14,6 +14,7 @@ from .format import (
     ROW_CHAR_END,
     ROW_CHAR_START,
     ROW_DOCUMENT,
+    SHARD_FIX,
     TEXT_CHAR_BASE,
     TEXT_DOCUMENT,
     TEXT_OFFSETS,
@@ -22,6 +23,7 @@ from .format import (
     CorruptShardError,
     DatasetError,
     ShardFile,
+    open_shards,
     read_manifest,
     sha256_file,
 )
@@ -48,16 +50,18 @@ class Example:
 class ActivationDataset:
     """A folder written by ``collect``: its manifest, and its shards memory-mapped.
 
-    Every shard's size is checked when the dataset opens, and its sha256 when it is
-    first read (``verify=False`` skips the hash). ``len(ds)`` is the number of rows,
-    one per token.
+    Opening it checks the whole manifest, and every shard's file, size and header
+    against it; each shard's sha256 is checked when the shard is first read
+    (``verify=False`` skips only the hash). Anything amiss raises
+    ``CorruptDatasetError``; :mod:`neurotap.datasets.format` lists the checks.
+    ``len(ds)`` is the number of rows, one per token.
     """
 
     def __init__(self, path: str | Path, *, verify: bool = True) -> None:
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
         self._verify = verify
-        self._shards = [ShardFile(self.path / shard["file"], shard["bytes"]) for shard in self.manifest["shards"]]
+        self._shards = open_shards(self.path, self.manifest)
         self._checked: set[int] = set()
         self._first_rows = np.array([shard["first_row"] for shard in self.manifest["shards"]], dtype=np.int64)
         self._texts: dict[int, dict[int, tuple[int, str]]] = {}
@@ -199,12 +203,23 @@ class ActivationDataset:
             shard = self.shard(index)
             documents = shard.array(TEXT_DOCUMENT)
             bases = shard.array(TEXT_CHAR_BASE)
-            offsets = shard.array(TEXT_OFFSETS)
+            offsets = np.asarray(shard.array(TEXT_OFFSETS))
             utf8 = shard.array(TEXT_UTF8)
-            texts = {
-                int(d): (int(b), bytes(utf8[offsets[i] : offsets[i + 1]]).decode())
-                for i, (d, b) in enumerate(zip(documents, bases))
-            }
+            # the header fixed the lengths; the offsets themselves could still point anywhere
+            if offsets[0] != 0 or offsets[-1] != len(utf8) or np.any(np.diff(offsets) < 0):
+                raise CorruptShardError(
+                    f"shard {shard.path}: its text.offsets do not divide its text.utf8 into pieces; the file is "
+                    f"damaged. {SHARD_FIX}"
+                )
+            try:
+                texts = {
+                    int(d): (int(b), bytes(utf8[offsets[i] : offsets[i + 1]]).decode())
+                    for i, (d, b) in enumerate(zip(documents, bases))
+                }
+            except UnicodeDecodeError as error:
+                raise CorruptShardError(
+                    f"shard {shard.path}: its text.utf8 is not UTF-8 ({error}); the file is damaged. {SHARD_FIX}"
+                ) from None
             self._texts[index] = texts
         return texts
 
@@ -243,6 +258,11 @@ class ActivationDataset:
             j = i
             while j + 1 < len(documents) and documents[j + 1] == document:
                 j += 1
+            if document not in texts:
+                raise CorruptShardError(
+                    f"shard {shard.path}: row {lo + i} comes from document {document}, whose text the shard does not "
+                    f"hold; the file is damaged. {SHARD_FIX}"
+                )
             base, piece = texts[document]
             parts.append(piece[int(starts[i : j + 1].min()) - base : int(ends[i : j + 1].max()) - base])
             i = j + 1
