@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import neurotap as nt
-from conftest import VOCAB, tiny_module
+from conftest import VOCAB, assert_clean, snapshot_state, tiny_module
 
 
 def doubled(fn):
@@ -236,3 +236,66 @@ def test_an_accelerate_style_instance_forward_stays_in_place(x):
     assert calls == [1]
     assert torch.equal(out, torch.zeros_like(out))
     assert module.forward is device_hook_forward and module._old_forward.__func__ is Decorated.forward
+
+
+_UNTOUCHED = torch.zeros(4)  # a module-level tensor the forward updates in place (by nothing)
+
+
+class InPlace(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = self.lin(x)
+        h.mul_(2.0)
+        h[0].add_(1.0)
+        _UNTOUCHED.add_(0.0)
+        return h.tanh()
+
+
+def by_hand_in_place(module: InPlace, x: torch.Tensor, edit=lambda h: h) -> torch.Tensor:
+    h = edit(module.lin(x) * 2.0)
+    h[0] += 1.0
+    return h.tanh()
+
+
+def test_an_in_place_method_statement_takes_a_patch(x):
+    """``h.mul_(2.0)`` returns ``h``: a patch there is what the rest of the forward sees as ``h``."""
+    torch.manual_seed(0)
+    module = InPlace()
+    model = nt.wrap(module, example=x)
+    assert {"lin", "mul_", "add_", "add__1", "tanh"} <= set(model.points().names())
+    with torch.no_grad():
+        expected = by_hand_in_place(module, x)
+        assert torch.equal(model(x), expected)
+        got = record(model, x, ["mul_"])
+        zeroed = model.forward(x, probes=[nt.probe("mul_", nt.Zero())])
+        scaled = model.forward(x, probes=[nt.probe("mul_", nt.Scale(0.5))])
+        with model.patch({"mul_": nt.Add(1.0)}):
+            added = model(x)
+    assert torch.equal(got["mul_"], module.lin(x).detach() * 2.0)
+    assert torch.equal(zeroed, by_hand_in_place(module, x, torch.zeros_like).detach())
+    assert torch.equal(scaled, by_hand_in_place(module, x, lambda h: h * 0.5).detach())
+    assert torch.equal(added, by_hand_in_place(module, x, lambda h: h + 1.0).detach())
+    assert torch.equal(_UNTOUCHED, torch.zeros(4))
+    assert_clean(module)
+
+
+@pytest.mark.parametrize("point, statement", [("add_", "h[0].add_(1.0)"), ("add__1", "_UNTOUCHED.add_(0.0)")])
+def test_a_discarded_value_is_read_but_refuses_a_patch(x, point, statement):
+    """A statement on a subscript or a global cannot pass a replacement on: reading works, patching says so."""
+    torch.manual_seed(0)
+    module = InPlace()
+    state = snapshot_state(module)
+    model = nt.wrap(module, example=x)
+    with torch.no_grad():
+        expected = by_hand_in_place(module, x)
+        read = model.forward(x, probes=[nt.probe(point, nt.Record())])
+        with pytest.raises(nt.PatchError) as raised:
+            model.forward(x, probes=[nt.probe(point, nt.Record(key="before")), nt.probe(point, nt.Zero())])
+    assert torch.equal(read, expected)
+    assert point in str(raised.value) and statement in str(raised.value)
+    assert_clean(module, state)
+    with torch.no_grad():
+        assert torch.equal(model(x), expected)

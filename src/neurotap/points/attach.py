@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from ..errors import PatchError
 from .rewrite import FRAME_ATTR, TappedFunction, defining_class, expandable, push_helper_frame, tapped
 
 Fire = Callable[[Any], Any]
@@ -59,13 +60,24 @@ class Frame:
         tap = self.taps.get(name)
         return value if tap is None else tap(value)
 
+    def dropped(self, name: str, value: Any) -> None:
+        tap = self.taps.get(name)
+        if tap is not None and tap(value) is not value:
+            point = getattr(tap, "point", None)
+            where = f"{point.name!r} ({point.source.replace('  ', ': ', 1)})" if point is not None else repr(name)
+            raise PatchError(
+                f"a patch at {where} cannot take effect: that statement throws its value away, so a replacement "
+                "would reach nothing. Patch a value that later code uses instead (the next op or module input "
+                "that reads it), or assign the statement's value in the model's code"
+            )
+
     @staticmethod
     def merged(first: Frame, second: Frame) -> Frame:
         """One frame that runs ``first``'s taps and then ``second``'s at every site."""
         frame = Frame()
         for name in first.taps.keys() | second.taps.keys():
             a, b = first.taps.get(name), second.taps.get(name)
-            frame.taps[name] = a if b is None else b if a is None else _chained(a, b)
+            frame.taps[name] = a if b is None else b if a is None else _Chained(a, b)
         for name in first.children.keys() | second.children.keys():
             a, b = first.children.get(name), second.children.get(name)
             frame.children[name] = a if b is None else b if a is None else Frame.merged(a, b)
@@ -82,8 +94,17 @@ class Frame:
         return entered[0]
 
 
-def _chained(first: Fire, second: Fire) -> Fire:
-    return lambda value: second(first(value))
+class _Chained:
+    """Two taps at one site, one after the other; named after the later one's point."""
+
+    __slots__ = ("first", "second", "point")
+
+    def __init__(self, first: Fire, second: Fire) -> None:
+        self.first, self.second = first, second
+        self.point = getattr(second, "point", None) or getattr(first, "point", None)
+
+    def __call__(self, value: Any) -> Any:
+        return self.second(self.first(value))
 
 
 _first_parameter: dict[type, str | None] = {}

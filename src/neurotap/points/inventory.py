@@ -85,6 +85,9 @@ class _RecordingFrame(Frame):
         self.inventory.add(Point(full, "op", shape, dtype, kind, source, self.module, (*self.scope, name)), value)
         return value
 
+    def dropped(self, name: str, value: Any) -> None:
+        self.out(name, value)
+
     def fn(self, name: str, callee: Any) -> Any:
         if not expandable(callee):
             return callee

@@ -5,10 +5,12 @@
     __nt.out("down_proj", __nt.fn("down_proj", down_proj)(
         __nt.out("mul", __nt.out("act_fn", ...) * __nt.out("up_proj", ...))))
 
-where ``__nt`` is a *frame*: any object with two methods,
+where ``__nt`` is a *frame*: any object with three methods,
 
 - ``out(name, value) -> value``: the value computed at site ``name``, returned as is
   or replaced;
+- ``dropped(name, value)``: the same for a value the code throws away (a call made
+  as a statement), which therefore cannot be replaced;
 - ``fn(name, callee) -> callable``: the function about to be called at site ``name``,
   returned as is or swapped for its own tapped version (to reach inside helpers
   such as ``eager_attention_forward``).
@@ -265,6 +267,37 @@ def _number_sites(funcdef: ast.FunctionDef, lines: list[str], first_line: int) -
     return sites
 
 
+def _local_names(funcdef: ast.FunctionDef | ast.AsyncFunctionDef) -> set[str]:
+    """Variables local to ``funcdef``: its parameters and what it assigns, less global and nonlocal names."""
+    args = funcdef.args
+    names = {a.arg for a in (*args.posonlyargs, *args.args, *args.kwonlyargs, args.vararg, args.kwarg) if a}
+    declared: set[str] = set()
+    pending: list[ast.AST] = list(funcdef.body)
+    while pending:
+        node = pending.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+            continue  # a nested scope of its own
+        if isinstance(node, ast.Lambda):
+            continue
+        if isinstance(node, (ast.Global, ast.Nonlocal)):
+            declared.update(node.names)
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            names.add(node.id)
+        pending.extend(ast.iter_child_nodes(node))
+    return names - declared
+
+
+def _in_place_target(node: ast.expr) -> str | None:
+    """``h`` for ``h.mul_(...)``: a variable whose in-place method returns it."""
+    if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
+        return None
+    owner, method = node.func.value, node.func.attr
+    if not isinstance(owner, ast.Name) or owner.id == "self":
+        return None
+    return owner.id if method.endswith("_") and not method.endswith("__") else None
+
+
 def _frame_call(method: str, *args: ast.expr) -> ast.Call:
     return ast.Call(ast.Attribute(ast.Name("__nt", ast.Load()), method, ast.Load()), list(args), [])
 
@@ -273,6 +306,23 @@ class _Tapper(ast.NodeTransformer):
     def __init__(self, sites: dict[int, Site], mangle_prefix: str | None):
         self.sites = sites
         self.mangle_prefix = mangle_prefix
+        self._locals: list[set[str]] = []  # the local variables of each function being visited, innermost last
+
+    def visit_FunctionDef(self, node: ast.FunctionDef | ast.AsyncFunctionDef) -> ast.AST:
+        self._locals.append(_local_names(node))
+        try:
+            return self.generic_visit(node)
+        finally:
+            self._locals.pop()
+
+    visit_AsyncFunctionDef = visit_FunctionDef
+
+    def visit_Lambda(self, node: ast.Lambda) -> ast.AST:
+        self._locals.append(set())  # a lambda holds no statements
+        try:
+            return self.generic_visit(node)
+        finally:
+            self._locals.pop()
 
     def _mangle(self, name: str) -> str:
         if self.mangle_prefix and name.startswith("__") and not name.endswith("__") and name != "__nt":
@@ -316,16 +366,32 @@ class _Tapper(ast.NodeTransformer):
             node.arg = self._mangle(node.arg)
         return self.generic_visit(node)
 
-    def _tap(self, node: ast.expr) -> ast.expr:
+    def _tap(self, node: ast.expr, method: str = "out") -> ast.expr:
         site = self.sites.get(id(node))
         self.generic_visit(node)
         if site is None:
             return node
         if site.expands and isinstance(node, ast.Call):
             node.func = ast.copy_location(_frame_call("fn", ast.Constant(site.name), node.func), node.func)
-        return ast.copy_location(_frame_call("out", ast.Constant(site.name), node), node)
+        return ast.copy_location(_frame_call(method, ast.Constant(site.name), node), node)
 
     visit_Call = visit_BinOp = visit_UnaryOp = _tap
+
+    def visit_Expr(self, node: ast.Expr) -> ast.AST:
+        """A statement whose value is thrown away: a replacement there could never reach later code.
+
+        ``h.mul_(2.0)`` returns ``h`` itself, so it becomes ``h = <tapped h.mul_(2.0)>``
+        and a patch there reaches everything after it; any other discarded value is
+        tapped with ``dropped``, which refuses a replacement.
+        """
+        if id(node.value) not in self.sites:
+            return self.generic_visit(node)
+        target = _in_place_target(node.value)
+        if target is None or not self._locals or target not in self._locals[-1]:  # rebinding must stay local
+            node.value = self._tap(node.value, "dropped")
+            return node
+        rebind = ast.Assign(targets=[ast.Name(self._mangle(target), ast.Store())], value=self._tap(node.value))
+        return ast.copy_location(rebind, node)
 
     def visit_AugAssign(self, node: ast.AugAssign) -> ast.AST | list[ast.AST]:
         site = self.sites.get(id(node))
