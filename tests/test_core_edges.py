@@ -313,3 +313,39 @@ def test_core_recordings_copy_and_pickle(toy) -> None:
             assert torch.equal(got, want) and got is not want
         with pytest.raises(AttributeError, match="nothing was saved"):
             _ = ctx.missing
+
+
+class Branches(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.main = torch.nn.Linear(4, 4)
+        self.alt = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh())
+
+    def forward(self, x: torch.Tensor, flag: bool = False) -> torch.Tensor:
+        return self.alt(x) * 2 if flag else self.main(x) + 1
+
+
+def test_core_module_points_in_a_branch_the_dry_run_skipped() -> None:
+    """Every submodule's input and output are points by name, though the example never ran them."""
+    torch.manual_seed(0)
+    module = Branches()
+    x = torch.randn(3, 4)
+    state = snapshot_state(module)
+    model = nt.wrap(module, example=x)
+    assert "alt.output" not in model.points().names() and "alt.0.input" not in model.points().names()
+    zeros = torch.zeros(3, 4)
+    handle = module.alt.register_forward_hook(lambda *_: zeros)
+    try:
+        with torch.no_grad():
+            by_hand = module(x, flag=True)
+    finally:
+        handle.remove()
+    with torch.no_grad():
+        patched = model.forward(
+            x, flag=True, probes=[nt.probe("alt.0.input", nt.Record()), nt.probe("alt.output", nt.Zero())]
+        )
+        assert torch.equal(model.recordings()["alt.0.input"]["record"][0], x)
+    assert torch.equal(patched, by_hand) and torch.equal(patched, zeros)
+    with pytest.raises(nt.UnknownPointError, match="alt.output"):
+        model.forward(x, flag=True, probes=[nt.probe("alt.outptu", nt.Record())])
+    assert_clean(module, state)

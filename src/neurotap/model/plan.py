@@ -194,7 +194,7 @@ class Plan:
                 keys = alias_keys + keys
             point = inventory.points.get(base) or inventory.static.get(base)
             if point is None:
-                raise unknown_point(base, [*inventory.points, *inventory.aliases])
+                raise unknown_point(base, dict.fromkeys([*inventory.points, *inventory.static, *inventory.aliases]))
             name = probe.context_name
             ctx = contexts.get(name)
             if ctx is None:

@@ -43,7 +43,7 @@ class Inventory:
 
     def __init__(self) -> None:
         self.points: dict[str, Point] = {}
-        self.static: dict[str, Point] = {}  # sites in code that ran, fired or not
+        self.static: dict[str, Point] = {}  # every module's input and output, and sites in code that ran
         self.aliases: dict[str, str] = {}  # short canonical name -> raw point name
 
     def add(self, point: Point, value: Any) -> None:
@@ -127,6 +127,9 @@ def take_inventory(root: torch.nn.Module, run: Callable[[], Any]) -> Inventory:
 
                 return fire
 
+            for kind in ("input", "output"):  # known by name even where the dry run does not reach the module
+                name = join(path, kind)
+                inventory.static[name] = Point(name, kind, None, None, "", source, path)  # type: ignore[arg-type]
             attachment.on_input(module, recorder(join(path, "input"), "input"))
             if forward_replaced(module):
                 replaced.append(path or type(module).__qualname__)
