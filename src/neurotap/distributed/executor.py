@@ -1,0 +1,492 @@
+"""The sharded executor: every rank runs every request in step, each with its own part of the model.
+
+Rank 0 holds the HTTP server and the batch worker, whose thread calls
+:class:`ShardedExecutor`; each call is broadcast to the other ranks (running
+:func:`follow`) as a command over a control group, and all ranks then run it
+together over a data group whose operations time out. A request travels as its
+wire-format bytes (``encode_request``), so every rank decodes it with the same
+checks.
+
+For each request every rank builds the probes at the points it owns (the owning
+rank's, or every rank's for glue before the decoder layers, which each computes
+for itself), writing to staged copies of the session's save contexts. After the
+pass all ranks exchange their outcome (an all-gather): the request's recordings
+are committed on every rank, or, if any rank failed, on none, and the client
+gets the error of the rank that raised it.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ..errors import NeurotapError, UnknownPointError
+from ..model import Model, wrap
+from ..points import Point, split_narrowing
+from ..points.aliases import find_aliases
+from ..probes import SaveContext, probe
+from ..transport.executor import (
+    Executor,
+    RecordingLimitError,
+    RequestTimeoutError,
+    _nbytes,
+    _selected,
+    _sendable,
+    _staged_copy,
+    error_info,
+)
+from ..transport.wire import ErrorInfo, RunRequest, RunResult, WireError, decode_request, encode_request
+from .pipe import Aborted, Pipe, RankFailedError, _first_line
+from .stages import Stage, build_stage, peak_rss_mb, point_owners
+
+DEFAULT_RANK_TIMEOUT = 60.0
+
+
+class _Rank:
+    """What every rank holds: its stage, the merged inventory, its sessions' save contexts."""
+
+    def __init__(self, folder: str, *, allow_code: bool, max_session_bytes: int, rank_timeout: float) -> None:
+        self.rank = dist.get_rank()
+        self.world = dist.get_world_size()
+        self.allow_code = allow_code
+        self.max_session_bytes = max_session_bytes
+        # commands wait as long as researchers stay idle; what runs inside a request must answer in time
+        self.data = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=rank_timeout))
+        self.pipe = Pipe(self.rank, self.world, self.data)
+        self.stage: Stage = build_stage(resolve_folder(folder), self.rank, self.world, self.pipe)
+        self.model: Model = wrap(self.stage.module)
+        self.stage.module.register_forward_pre_hook(self.pipe.new_step, prepend=True)
+        self.sessions: dict[str, dict[str, SaveContext]] = {}
+        self.sizes: dict[str, dict[str, int]] = {}
+        self.requests = 0
+        self._take_inventory()
+
+    # -- inventory ---------------------------------------------------------------------------------
+
+    def _take_inventory(self) -> None:
+        self.pipe.begin(generating=False)
+        try:
+            inventory = self.model.inventory()  # every rank's dry run at once: the stand-ins pass hidden states on
+        finally:
+            self.pipe.end()
+        points, static, between = point_owners(inventory, self.stage.split, self.rank)
+        mine = {
+            "points": [p.to_dict() for p in points],
+            "static": [p.to_dict() for p in static],
+            "between": sorted(between),
+            "parameters": self.stage.parameters,
+            "peak_rss_mb": self.stage.peak_rss_mb,
+        }
+        everyone: list[Any] = [None] * self.world
+        dist.all_gather_object(everyone, mine, group=self.data)
+        self.points: dict[str, Point] = {}
+        self.static: dict[str, Point] = {}
+        self.owners: dict[str, list[int]] = collections.defaultdict(list)
+        self.between = set().union(*(set(e["between"]) for e in everyone))
+        for rank, part in enumerate(everyone):
+            for row in part["points"]:
+                self.points.setdefault(row["name"], Point.from_dict(row))
+                self.owners[row["name"]].append(rank)
+            for row in part["static"]:
+                self.static.setdefault(row["name"], Point.from_dict(row))
+                if row["name"] not in self.points:
+                    self.owners[row["name"]].append(rank)
+        self.owners = dict(self.owners)
+        self.aliases = find_aliases(set(self.points) | set(self.static))
+        loaded: dict[str, int] = {}
+        for part in everyone:
+            loaded.update(part["parameters"])
+        self.parameter_count = sum(loaded.values())
+        self.startup_rss = [part["peak_rss_mb"] for part in everyone]
+
+    # -- a request on this rank --------------------------------------------------------------------
+
+    def _owners(self, name: str) -> tuple[str, list[int]]:
+        """The raw point name a probe's point names and the ranks that run it."""
+        try:
+            base, keys = split_narrowing(name)
+        except ValueError as error:
+            raise UnknownPointError(str(error)) from None
+        if base in self.aliases:
+            base, alias_keys = split_narrowing(self.aliases[base])
+            keys = alias_keys + keys
+        owners = self.owners.get(base)
+        if owners is None:
+            from ..model.plan import unknown_point
+
+            raise unknown_point(base, [*self.points, *self.aliases])
+        if base in self.between:
+            raise NeurotapError(
+                f"the point {base!r} fires once per decoder layer, on the rank owning that layer, so a "
+                "sharded server cannot probe it yet; probe the layers' own input and output points instead"
+            )
+        raw = base + "".join(f"[{k}]" if isinstance(k, int) else f'["{k}"]' for k in keys)
+        return raw, owners
+
+    def _probes(self, request: RunRequest, staged: dict[str, SaveContext], kept: set[str]) -> list:
+        probes = []
+        for spec in request.probes:
+            raw, owners = self._owners(spec.point)
+            if self.rank not in owners:
+                continue
+            name = spec.point + ".grad" if spec.grad else spec.point
+            ctx = staged.get(name)
+            if ctx is None:
+                ctx = staged[name] = _staged_copy(self.sessions.get(request.session, {}).get(name), name)
+            if owners[0] == self.rank:
+                kept.add(name)  # the others' copies (glue every rank computes) run but are not kept
+            probes.append(probe(raw, _writing_to(spec.fn, ctx), grad=spec.grad))
+        return probes
+
+    def run(self, request: RunRequest, seed: int) -> tuple[Any, ErrorInfo | None]:
+        """One request, in step with the other ranks; rank 0's output, or the error."""
+        self.requests += 1
+        staged: dict[str, SaveContext] = {}
+        kept: set[str] = set()
+        try:
+            if request.op == "backward":
+                raise NeurotapError("backward is not supported on a sharded server yet; use forward and generate")
+            probes = self._probes(request, staged, kept)
+        except NeurotapError as error:  # the same on every rank: nothing ran, nothing to exchange
+            return None, error_info(error)
+
+        output, failure, failed_rank = None, None, None
+        self.pipe.begin(generating=request.op == "generate")
+        try:
+            output = self._call(request, probes, seed)
+        except Exception as error:
+            failure = error
+            seen = self.pipe.drain(error)
+            failed_rank = seen.rank if seen is not None else None
+            if seen is not None and failure is not seen and not isinstance(failure, RankFailedError):
+                failure = seen
+        finally:
+            self.pipe.end()
+
+        sizes = {}
+        if failure is None:
+            try:
+                output = _selected(_sendable(output), request.outputs) if self.rank == 0 else None
+            except NeurotapError as error:
+                failure = error
+            sizes = {name: _nbytes(staged[name]._data) for name in kept}
+        ours = self.sizes.get(request.session, {})
+        mine = {
+            "ok": failure is None,
+            "aborted": isinstance(failure, Aborted),
+            "rank_failed": isinstance(failure, RankFailedError),
+            "failed_rank": failed_rank,
+            "error": error_info(failure) if failure is not None else None,
+            "sizes": sizes,
+            "kept_bytes": sum(size for name, size in ours.items() if name not in sizes),
+        }
+        everyone: list[Any] = [None] * self.world
+        try:
+            dist.all_gather_object(everyone, mine, group=self.data)
+        except RuntimeError as error:
+            raise RankFailedError(failed_rank, _first_line(error)) from error
+        dead = [e for e in everyone if e["rank_failed"]]
+        if dead:
+            raise RankFailedError(next((e["failed_rank"] for e in dead if e["failed_rank"] is not None), None))
+        errors = [e for e in everyone if not e["ok"]]
+        if errors:
+            chosen = next((e for e in errors if not e["aborted"]), errors[0])
+            return None, chosen["error"]
+        total = sum(e["kept_bytes"] + sum(e["sizes"].values()) for e in everyone)
+        if total > self.max_session_bytes:
+            return None, error_info(
+                RecordingLimitError(
+                    f"this request would bring the session's recordings to {total} bytes, over the server's "
+                    f"limit of {self.max_session_bytes} (--max-session-bytes); fetch them with recordings() and "
+                    "clear_recordings(), or reduce on the server (nt.Mean, nt.TopK, index=...)"
+                )
+            )
+        self.sessions.setdefault(request.session, {}).update({name: staged[name] for name in kept})
+        self.sizes.setdefault(request.session, {}).update(sizes)
+        return output, None
+
+    def _call(self, request: RunRequest, probes: list, seed: int) -> Any:
+        if request.op == "generate":
+            from transformers import LogitsProcessorList
+
+            devices: list[int] = []
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(seed)  # sampling draws the same on every rank, so all pick the same tokens
+                return self.model.generate(
+                    *request.args,
+                    probes=probes,
+                    logits_processor=LogitsProcessorList([_SharedScores(self.pipe)]),
+                    **request.kwargs,
+                )
+        with torch.no_grad():
+            output = self.model.forward(*request.args, probes=probes, **request.kwargs)
+        logits = output.get("logits") if isinstance(output, dict) or hasattr(output, "keys") else None
+        if self.rank == self.stage.split.last and not isinstance(logits, torch.Tensor):
+            raise NeurotapError(
+                f"a sharded forward returns a model output with logits; this one is a {type(output).__name__}"
+            )
+        received = self.pipe.logits(logits)
+        if self.rank == 0 and received is not None:
+            output["logits"] = received
+        return output
+
+    # -- sessions ----------------------------------------------------------------------------------
+
+    def recordings(self, session: str) -> dict[str, dict[str, Any]]:
+        return {name: dict(ctx._data) for name, ctx in self.sessions.get(session, {}).items() if len(ctx)}
+
+    def clear(self, session: str) -> None:
+        self.sessions.pop(session, None)
+        self.sizes.pop(session, None)
+
+    def parameter(self, name: str) -> torch.Tensor | None:
+        try:
+            tensor = self.stage.module.get_parameter(name)
+        except AttributeError:
+            return None
+        return tensor.detach().clone() if tensor.device.type != "meta" else None
+
+
+class _SharedScores:
+    """A logits processor that replaces every rank's next-token scores with the last rank's."""
+
+    def __init__(self, pipe: Pipe) -> None:
+        self.pipe = pipe
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        return self.pipe.scores(scores)
+
+
+def _writing_to(fn: Callable[..., Any], ctx: SaveContext) -> Callable[..., Any]:
+    """``fn`` writing to the request's staged context rather than the plan's."""
+
+    def staged(plan_ctx: SaveContext, value: Any) -> Any:
+        object.__setattr__(ctx, "call", plan_ctx.call)
+        object.__setattr__(ctx, "step", plan_ctx.step)
+        return fn(ctx, value)
+
+    staged.__name__ = getattr(fn, "__name__", type(fn).__name__)
+    return staged
+
+
+def resolve_folder(name: str) -> Any:
+    """The model folder for a name ``nt.load`` takes: a built-in model's cached copy, or the folder itself."""
+    from pathlib import Path
+
+    from ..model.load import BUILTIN, _builtin_folder
+
+    return _builtin_folder(name) if name in BUILTIN else Path(name)
+
+
+# -- commands ----------------------------------------------------------------------------------------
+
+
+def _broadcast(command: Any) -> Any:
+    box = [command]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class ShardedExecutor(Executor):
+    """Rank 0's executor: runs each call on every rank at once (see the module docstring)."""
+
+    def __init__(
+        self,
+        folder: str,
+        *,
+        allow_code: bool = False,
+        max_session_bytes: int = 1 << 30,
+        rank_timeout: float = DEFAULT_RANK_TIMEOUT,
+        on_failure: Callable[[RankFailedError], None] | None = None,
+    ) -> None:
+        self.local = _Rank(
+            folder, allow_code=allow_code, max_session_bytes=max_session_bytes, rank_timeout=rank_timeout
+        )
+        self.rank_timeout = rank_timeout
+        self.failed: RankFailedError | None = None
+        self.on_failure = on_failure
+        self._seed = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+
+    # -- driving the other ranks -------------------------------------------------------------------
+
+    def _command(self, *command: Any) -> None:
+        if self.failed is not None:
+            raise self.failed
+        try:
+            _broadcast(command)
+        except RuntimeError as error:
+            self._fail(RankFailedError(None, _first_line(error)))
+
+    def _fail(self, error: RankFailedError) -> None:
+        if self.failed is None:
+            self.failed = error
+            if self.on_failure is not None:
+                self.on_failure(error)
+        raise self.failed
+
+    def _gather(self, value: Any) -> list[Any]:
+        everyone: list[Any] = [None] * self.local.world
+        try:
+            dist.gather_object(value, everyone, dst=0, group=self.local.data)
+        except RuntimeError as error:
+            self._fail(RankFailedError(None, _first_line(error)))
+        return everyone
+
+    # -- the Executor interface --------------------------------------------------------------------
+
+    def describe(self) -> dict[str, Any]:
+        self._command("describe")
+        rss = self._gather(peak_rss_mb())
+        module = self.local.stage.module
+        config = getattr(module, "config", None)
+        ranks = self.local.stage.split.describe()
+        for row, now, startup in zip(ranks, rss, self.local.startup_rss):
+            row["peak_rss_mb"] = round(now, 1)
+            row["peak_rss_mb_after_load"] = round(startup, 1)
+        return {
+            "module": type(module).__name__,
+            "parameters": self.local.parameter_count,
+            "vocab_size": getattr(config, "vocab_size", None),
+            "max_position_embeddings": getattr(config, "max_position_embeddings", None),
+            "has_generate": hasattr(module, "generate"),
+            "requests": self.local.requests,
+            "passes": self.local.requests,
+            "padded_passes": 0,
+            "ranks": ranks,
+        }
+
+    def points(self, prefix: str | None) -> list[dict[str, Any]]:
+        points = list(self.local.points.values())
+        if prefix:
+            points = [p for p in points if p.name == prefix or p.name.startswith((prefix + ".", prefix + "["))]
+            if not points:
+                from ..model.plan import unknown_point
+
+                raise unknown_point(prefix, self.local.points)
+        return [p.to_dict() for p in points]
+
+    def aliases(self) -> dict[str, str]:
+        return dict(self.local.aliases)
+
+    def execute(self, batch: Sequence[RunRequest]) -> list[RunResult]:
+        batch = list(batch)
+        results: list[RunResult | None] = [None] * len(batch)
+        send: list[tuple[int, str, bytes, int]] = []
+        for index, request in enumerate(batch):
+            if self.failed is not None:
+                results[index] = RunResult(error=_unavailable(self.failed))
+            elif request.deadline is not None and time.time() > request.deadline:
+                error = RequestTimeoutError("the request ran past the server's request timeout (--request-timeout)")
+                results[index] = RunResult(error=error_info(error))
+            else:
+                try:
+                    # every rank runs what these bytes decode to, rank 0 included, so all hold the same request
+                    body = encode_request(request)
+                    decoded = decode_request(body, allow_code=self.local.allow_code)
+                except WireError as error:
+                    results[index] = RunResult(error=error_info(error))
+                    continue
+                decoded.session, decoded.deadline = request.session, request.deadline
+                batch[index] = decoded
+                seed = int(torch.randint(0, 2**31 - 1, (1,), generator=self._seed))
+                send.append((index, request.session, body, seed))
+        if not send:
+            return [r or RunResult(error=error_info(NeurotapError("not run"))) for r in results]
+        try:
+            self._command("execute", [(session, body, seed) for _, session, body, seed in send])
+            for index, _session, _body, seed in send:
+                output, error = self.local.run(batch[index], seed)
+                results[index] = RunResult(output=output) if error is None else RunResult(error=error)
+        except RankFailedError as error:
+            if self.failed is None:
+                self.failed = error
+                if self.on_failure is not None:
+                    self.on_failure(error)
+            for index, *_ in send:
+                if results[index] is None:
+                    results[index] = RunResult(error=_unavailable(self.failed))
+        return [r or RunResult(error=error_info(NeurotapError("not run"))) for r in results]
+
+    def recordings(self, session: str) -> dict[str, dict[str, Any]]:
+        self._command("recordings", session)
+        merged: dict[str, dict[str, Any]] = {}
+        for part in self._gather(self.local.recordings(session)):
+            for name, data in (part or {}).items():
+                merged.setdefault(name, data)
+        return merged
+
+    def clear_recordings(self, session: str) -> None:
+        self._command("clear", session)
+        self.local.clear(session)
+
+    def close_session(self, session: str) -> None:
+        self.clear_recordings(session)
+
+    def get_parameter(self, name: str) -> torch.Tensor:
+        self._command("parameter", name)
+        for tensor in self._gather(self.local.parameter(name)):
+            if tensor is not None:
+                return tensor
+        raise UnknownPointError(f"no parameter named {name!r}")
+
+    def stop(self) -> None:
+        """Tell the other ranks to exit; they also exit if this rank disappears."""
+        if self.failed is None:
+            try:
+                _broadcast(("stop",))
+            except RuntimeError:
+                pass
+
+
+def _unavailable(error: RankFailedError) -> ErrorInfo:
+    return ErrorInfo(503, "RankFailedError", str(error))
+
+
+def follow(folder: str, *, allow_code: bool, max_session_bytes: int, rank_timeout: float) -> int:
+    """The loop of every rank but 0: run rank 0's commands until it says stop (or is gone)."""
+    local = _Rank(folder, allow_code=allow_code, max_session_bytes=max_session_bytes, rank_timeout=rank_timeout)
+    while True:
+        try:
+            command = _broadcast(None)
+        except RuntimeError:
+            return 1  # rank 0 is gone
+        kind = command[0]
+        try:
+            if kind == "stop":
+                return 0
+            if kind == "execute":
+                for session, body, seed in command[1]:
+                    request = decode_request(body, allow_code=allow_code)
+                    request.session = session
+                    local.run(request, seed)
+            elif kind == "describe":
+                dist.gather_object(peak_rss_mb(), None, dst=0, group=local.data)
+            elif kind == "recordings":
+                dist.gather_object(local.recordings(command[1]), None, dst=0, group=local.data)
+            elif kind == "clear":
+                local.clear(command[1])
+            elif kind == "parameter":
+                dist.gather_object(local.parameter(command[1]), None, dst=0, group=local.data)
+        except (RankFailedError, RuntimeError):
+            return 1
+
+
+def exit_soon(delay: float, hard_after: float) -> Callable[[RankFailedError], None]:
+    """What rank 0 does once a rank failed: answer what is in flight, then stop; exit hard if that hangs."""
+
+    def on_failure(error: RankFailedError) -> None:
+        threading.Timer(delay, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        killer = threading.Timer(hard_after, os._exit, (1,))
+        killer.daemon = True
+        killer.start()
+
+    return on_failure

@@ -1,0 +1,145 @@
+"""Starting a sharded server: ``neurotap serve MODEL --ranks N`` and the entry every rank runs.
+
+``launch`` starts torch's elastic agent (the launcher behind ``torchrun``) on this
+machine with N workers, each running ``python -m neurotap.distributed`` with the
+same options; under ``torchrun`` that module is started directly. Rank 0 serves
+HTTP; the others follow its commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import signal
+import socket
+import sys
+import uuid
+
+from ..errors import NeurotapError
+
+LOOPBACK = "127.0.0.1"
+
+
+def _parser() -> argparse.ArgumentParser:
+    from ..cli import serve
+
+    parser = argparse.ArgumentParser(prog="neurotap")
+    serve.add_parser(parser.add_subparsers(dest="command"))
+    return parser
+
+
+def _argv(args: argparse.Namespace) -> list[str]:
+    """``args`` written back as ``serve`` command-line options, for the workers."""
+    serve = _parser()._subparsers._group_actions[0].choices["serve"]  # type: ignore[union-attr]
+    argv = [args.model]
+    for action in serve._actions:
+        if not action.option_strings or action.dest in ("help", "ranks"):
+            continue
+        value = getattr(args, action.dest, action.default)
+        if isinstance(action, argparse._StoreTrueAction):
+            if value:
+                argv.append(action.option_strings[0])
+        elif value is not None and value != action.default:
+            argv += [action.option_strings[0], str(value)]
+    return argv
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((LOOPBACK, 0))
+        return sock.getsockname()[1]
+
+
+def launch(args: argparse.Namespace) -> int:
+    """Run ``args.ranks`` ranks on this machine under torch's elastic agent; the server's exit status."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    from .executor import resolve_folder
+
+    resolve_folder(args.model)  # a built-in model is converted once here, not by every rank at once
+    # one machine: everything on loopback, the rendezvous store included
+    os.environ["MASTER_ADDR"] = LOOPBACK
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=args.ranks,
+        run_id=f"neurotap-{uuid.uuid4().hex[:8]}",
+        rdzv_backend="static",
+        rdzv_endpoint=f"{LOOPBACK}:{_free_port()}",
+        rdzv_configs={"rank": 0},
+        max_restarts=0,  # a restarted rank would have lost its sessions' recordings
+        monitor_interval=0.5,
+        local_addr=LOOPBACK,
+        start_method="spawn",
+    )
+    try:
+        elastic_launch(config, sys.executable)("-m", "neurotap.distributed", *_argv(args))
+    except ChildFailedError as error:
+        failed = ", ".join(
+            f"rank {rank} (exit code {failure.exitcode})" for rank, failure in sorted(error.failures.items())
+        )
+        print(f"neurotap serve: the sharded server stopped because of {failed}", file=sys.stderr)
+        return 1
+    except SignalException:
+        return 0  # stopped by SIGTERM or Ctrl-C: the ranks were told to finish
+    return 0
+
+
+def rank_main(argv: list[str] | None = None) -> int:
+    """What each rank runs (``python -m neurotap.distributed MODEL [serve options]``, under torchrun)."""
+    import torch.distributed as dist
+
+    args = _parser().parse_args(["serve", *(sys.argv[1:] if argv is None else argv)])
+    # the control group waits between requests for as long as researchers stay away
+    dist.init_process_group("gloo", timeout=datetime.timedelta(days=30))
+    try:
+        if dist.get_rank() == 0:
+            return _serve(args)
+        # the launcher forwards SIGTERM to every rank at once; rank 0 finishes its requests and then says stop
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        from .executor import follow
+
+        return follow(
+            args.model,
+            allow_code=args.allow_code,
+            max_session_bytes=args.max_session_bytes,
+            rank_timeout=args.rank_timeout,
+        )
+    finally:
+        sys.stdout.flush()
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from ..cli.serve import settings_of
+    from ..transport.server import is_loopback, read_tokens, serve
+    from .executor import ShardedExecutor, exit_soon
+
+    try:
+        tokens = read_tokens(args.token_file) if args.token_file else []
+        if not is_loopback(args.host) and not tokens:
+            raise NeurotapError(f"refusing to listen on {args.host} without tokens; pass --token-file FILE")
+        settings = settings_of(args, tokens)
+        settings.check()
+        executor = ShardedExecutor(
+            args.model,
+            allow_code=args.allow_code,
+            max_session_bytes=args.max_session_bytes,
+            rank_timeout=args.rank_timeout,
+            on_failure=exit_soon(0.5, args.rank_timeout),
+        )
+    except NeurotapError as error:
+        print(f"neurotap serve: {error}", file=sys.stderr)
+        return 2
+    try:
+        serve(executor, settings, host=args.host, port=args.port)
+    except NeurotapError as error:
+        print(f"neurotap serve: {error}", file=sys.stderr)
+        return 1
+    finally:
+        executor.stop()
+    return 1 if executor.failed is not None else 0

@@ -1,0 +1,233 @@
+"""Moving hidden states stage to stage, and keeping every rank in step when something fails.
+
+Each pass (a forward, or one step of generate) sends one message down the
+pipeline, rank ``r`` to ``r + 1``, then a last one from the last rank: its logits
+to rank 0 (a forward), or its next-token scores to every rank (a generation
+step, so that all ranks pick the same token). A message is a header of eight
+int64 numbers (status, failed rank, dtype, rank of the tensor, up to four sizes)
+and, if the status is ``OK``, the tensor.
+
+A rank that fails part-way still completes every transfer the pass expects of
+it (``drain``), sending ``ABORTED`` (an error elsewhere, reported by the rank
+that raised it) or ``RANK_FAILED`` (a rank did not answer, named in the header)
+in place of its tensor; the ranks after it then raise too and drain in turn.
+So a pass ends on every rank, and every rank then learns what happened.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ..errors import NeurotapError
+from .stages import Link
+
+OK, ABORTED, RANK_FAILED = 0, 1, 2
+_HEADER = 8
+_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.bool]
+
+
+class RankFailedError(NeurotapError):
+    """A rank died or stopped answering; the sharded server cannot go on."""
+
+    def __init__(self, rank: int | None, detail: str = "") -> None:
+        who = f"rank {rank}" if rank is not None else "a rank"
+        super().__init__(
+            f"{who} of the sharded server failed or stopped answering{': ' + detail if detail else ''}; "
+            "the server is shutting down (restart it)"
+        )
+        self.rank = rank
+
+
+class Aborted(NeurotapError):
+    """This rank stopped because another one failed; that rank reports the reason."""
+
+
+class Pipe(Link):
+    """This rank's end of the pipeline, over one process group."""
+
+    def __init__(self, rank: int, world: int, group: Any) -> None:
+        self.rank = rank
+        self.world = world
+        self.last = world - 1
+        self.group = group
+        self.generating = False
+        self.active = False
+        self._recv = self._send = self._final = False
+
+    # -- a pass ------------------------------------------------------------------------------------
+
+    def begin(self, generating: bool) -> None:
+        self.generating = generating
+        self.active = True
+        self.steps = 0
+
+    def end(self) -> None:
+        self.active = False
+        self.generating = False
+
+    def new_step(self, *_: Any) -> None:
+        """Called before every forward of the root module: what this step will transfer."""
+        if not self.active or self.world == 1:
+            return
+        self.steps += 1
+        self._recv = self.rank > 0
+        self._send = self.rank < self.last
+        self._final = self.generating or self.rank in (0, self.last)
+
+    def drain(self, error: BaseException) -> RankFailedError | None:
+        """Complete this step's transfers after ``error``; the rank failure seen, if any."""
+        if not self.active or self.world == 1:
+            return error if isinstance(error, RankFailedError) else None
+        if self.steps == 0:
+            self.new_step()  # failed before the model ran: the others still expect this rank's part of a pass
+        failed = error if isinstance(error, RankFailedError) else None
+        if self._recv:
+            self._recv = False
+            try:
+                header = self._recv_header(self.rank - 1)
+                if header[0] == OK:
+                    self._recv_tensor(header, self.rank - 1)
+                elif header[0] == RANK_FAILED and failed is None:
+                    failed = RankFailedError(_rank_of(header))
+            except RankFailedError as seen:
+                failed = failed or seen
+        status = (RANK_FAILED, failed.rank) if failed is not None else (ABORTED, None)
+        if self._send:
+            self._send = False
+            try:
+                self._send_header(self.rank + 1, *status)
+            except RankFailedError as seen:
+                failed = failed or seen
+                status = (RANK_FAILED, failed.rank)
+        if self._final:
+            self._final = False
+            try:
+                self._final_transfer(None, status)
+            except (RankFailedError, Aborted) as seen:
+                if isinstance(seen, RankFailedError):
+                    failed = failed or seen
+        return failed
+
+    # -- what the stand-ins call -------------------------------------------------------------------
+
+    def receive(self, like: torch.Tensor) -> torch.Tensor:
+        if not self._recv:
+            raise NeurotapError("the pipeline received twice in one step")  # a stand-in called out of turn
+        self._recv = False
+        header = self._recv_header(self.rank - 1)
+        self._raise_for(header)
+        return self._recv_tensor(header, self.rank - 1)
+
+    def send(self, hidden: torch.Tensor) -> None:
+        if not self._send:
+            raise NeurotapError("the pipeline sent twice in one step")
+        self._send = False
+        self._send_tensor(self.rank + 1, hidden.detach())
+
+    # -- the last transfer of a step ---------------------------------------------------------------
+
+    def logits(self, logits: torch.Tensor | None) -> torch.Tensor | None:
+        """After a forward: the last rank's logits, at rank 0 (None elsewhere)."""
+        if self.world == 1 or not self._final:
+            return logits
+        self._final = False
+        return self._final_transfer(logits, (OK, None))
+
+    def scores(self, scores: torch.Tensor) -> torch.Tensor:
+        """In a generation step: the last rank's next-token scores, on every rank."""
+        if self.world == 1:
+            return scores
+        self._final = False
+        return self._final_transfer(scores, (OK, None))
+
+    def _final_transfer(self, tensor: torch.Tensor | None, status: tuple[int, int | None]) -> torch.Tensor | None:
+        if self.generating:
+            header = torch.zeros(_HEADER, dtype=torch.int64)
+            if self.rank == self.last:
+                header = _header(status[0], status[1], tensor if status[0] == OK else None)
+            self._collective(lambda: dist.broadcast(header, self.last, group=self.group), self.last)
+            self._raise_for(header)
+            if self.rank == self.last:
+                data = tensor.detach().contiguous()
+            else:
+                data = torch.empty(_shape(header), dtype=_DTYPES[int(header[2])])
+            self._collective(lambda: dist.broadcast(data, self.last, group=self.group), self.last)
+            return data
+        if self.rank == self.last:
+            if status[0] == OK:
+                self._send_tensor(0, tensor.detach())
+            else:
+                self._send_header(0, *status)
+            return tensor
+        if self.rank == 0:
+            header = self._recv_header(self.last)
+            self._raise_for(header)
+            return self._recv_tensor(header, self.last)
+        return tensor
+
+    # -- messages ----------------------------------------------------------------------------------
+
+    def _raise_for(self, header: torch.Tensor) -> None:
+        status = int(header[0])
+        if status == RANK_FAILED:
+            raise RankFailedError(_rank_of(header))
+        if status != OK:
+            raise Aborted("another rank failed during this pass")
+
+    def _send_header(self, peer: int, status: int, failed: int | None) -> None:
+        header = _header(status, failed, None)
+        self._collective(lambda: dist.send(header, peer, group=self.group), peer)
+
+    def _send_tensor(self, peer: int, tensor: torch.Tensor) -> None:
+        tensor = tensor.contiguous()
+        header = _header(OK, None, tensor)
+        self._collective(lambda: dist.send(header, peer, group=self.group), peer)
+        self._collective(lambda: dist.send(tensor, peer, group=self.group), peer)
+
+    def _recv_header(self, peer: int) -> torch.Tensor:
+        header = torch.zeros(_HEADER, dtype=torch.int64)
+        self._collective(lambda: dist.recv(header, peer, group=self.group), peer)
+        return header
+
+    def _recv_tensor(self, header: torch.Tensor, peer: int) -> torch.Tensor:
+        tensor = torch.empty(_shape(header), dtype=_DTYPES[int(header[2])])
+        self._collective(lambda: dist.recv(tensor, peer, group=self.group), peer)
+        return tensor
+
+    def _collective(self, run: Any, peer: int | None) -> None:
+        try:
+            run()
+        except RuntimeError as error:  # gloo: the peer closed the connection, or the group's timeout passed
+            raise RankFailedError(peer, _first_line(error)) from error
+
+
+def _header(status: int, failed: int | None, tensor: torch.Tensor | None) -> torch.Tensor:
+    header = torch.zeros(_HEADER, dtype=torch.int64)
+    header[0] = status
+    header[1] = -1 if failed is None else failed
+    if tensor is not None:
+        if tensor.dim() > _HEADER - 4:
+            raise NeurotapError(f"the pipeline carries tensors of up to {_HEADER - 4} dimensions")
+        header[2] = _DTYPES.index(tensor.dtype)
+        header[3] = tensor.dim()
+        header[4 : 4 + tensor.dim()] = torch.tensor(tensor.shape, dtype=torch.int64)
+    return header
+
+
+def _shape(header: torch.Tensor) -> list[int]:
+    return [int(n) for n in header[4 : 4 + int(header[3])]]
+
+
+def _rank_of(header: torch.Tensor) -> int | None:
+    rank = int(header[1])
+    return None if rank < 0 else rank
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    first = text[0] if text else type(error).__name__
+    first = first.split("] ", 1)[-1]  # gloo puts its source file first
+    return first.split(". This is typically", 1)[0][:300]

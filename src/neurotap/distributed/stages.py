@@ -1,0 +1,394 @@
+"""Pipeline stages: which rank owns which part of a decoder, and the module tree each rank holds.
+
+Every rank builds the whole module tree on the ``meta`` device (no memory), puts
+stand-ins in the places other ranks own, and reads from the model folder's
+safetensors files only the tensors of the parts it keeps. So the module paths,
+and with them the point names, are the same on every rank as in one process.
+
+Rank ``r`` owns the decoder layers ``ranges[r]`` (contiguous); rank 0 also owns
+the embeddings, the last rank the final norm and the head. The glue code around
+them (the root's and the decoder body's own ``forward``: positions, the causal
+mask, the rotary tables) runs on every rank, each computing it for its layers.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import resource
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import NeurotapError
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where one family of causal LMs keeps its parts (module paths)."""
+
+    layers: str  # the ModuleList of decoder layers
+    first: tuple[str, ...]  # run before the layers, on rank 0
+    last: tuple[str, ...]  # run after the layers, on the last rank
+    shared: tuple[str, ...]  # small parts every rank runs for its own layers (rotary tables)
+
+
+LAYOUTS = {
+    # Llama, SmolLM2, Mistral, Qwen2: model.layers, embed_tokens, norm, rotary_emb, lm_head
+    "llama": Layout("model.layers", ("model.embed_tokens",), ("model.norm", "lm_head"), ("model.rotary_emb",)),
+}
+FAMILIES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "llama"}
+
+
+@dataclass(frozen=True)
+class Split:
+    """Which rank owns which decoder layers: ``ranges[r] = (start, stop)``."""
+
+    layout: Layout
+    ranges: tuple[tuple[int, int], ...]
+
+    @classmethod
+    def even(cls, layout: Layout, layers: int, world: int) -> Split:
+        if not 1 <= world <= layers:
+            raise NeurotapError(
+                f"a model with {layers} decoder layers can be split over 1 to {layers} ranks, not {world}"
+            )
+        base, extra = divmod(layers, world)
+        ranges, start = [], 0
+        for rank in range(world):
+            stop = start + base + (rank < extra)
+            ranges.append((start, stop))
+            start = stop
+        return cls(layout, tuple(ranges))
+
+    @property
+    def world(self) -> int:
+        return len(self.ranges)
+
+    @property
+    def last(self) -> int:
+        return self.world - 1
+
+    def layer_owner(self, index: int) -> int:
+        for rank, (start, stop) in enumerate(self.ranges):
+            if start <= index < stop:
+                return rank
+        raise NeurotapError(f"no rank owns decoder layer {index}")
+
+    def part_owner(self, path: str) -> int | None:
+        """The rank owning the module at ``path`` and below; None for glue and shared parts."""
+        layers = self.layout.layers + "."
+        if path.startswith(layers):
+            index = path[len(layers) :].partition(".")[0]
+            if index.isdigit():
+                return self.layer_owner(int(index))
+        for parts, rank in ((self.layout.first, 0), (self.layout.last, self.last)):
+            if any(path == p or path.startswith(p + ".") for p in parts):
+                return rank
+        return None
+
+    def describe(self) -> list[dict[str, Any]]:
+        rows = []
+        for rank, (start, stop) in enumerate(self.ranges):
+            layers = f"{start}-{stop - 1}" if stop - start > 1 else f"{start}"
+            parts = [f"{self.layout.layers}.{layers}"]
+            if rank == 0:
+                parts = [*self.layout.first, *parts]
+            if rank == self.last:
+                parts = [*parts, *self.layout.last]
+            rows.append({"rank": rank, "layers": [start, stop], "parts": parts})
+        return rows
+
+
+# -- stand-ins for the parts other ranks own -----------------------------------------------------------
+
+
+class Link:
+    """What a stand-in needs from the pipeline: the hidden states in and out, and the kind of pass."""
+
+    def receive(self, like: torch.Tensor) -> torch.Tensor:  # pragma: no cover - replaced by the pipe
+        raise NotImplementedError
+
+    def send(self, hidden: torch.Tensor) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    generating = False
+
+
+class AbsentLayer(nn.Module):
+    """A decoder layer that another rank owns.
+
+    The one just before this rank's layers receives the hidden states they start
+    from; the one just after sends this rank's result on; the others pass their
+    input through. With a KV cache, each appends a placeholder one unit wide, so
+    the cache's length (positions, mask sizes) counts as on one process while
+    only the owning rank holds the real keys and values.
+    """
+
+    def __init__(self, index: int, role: str, link: Link) -> None:
+        super().__init__()
+        self.index = index
+        self.role = role
+        self.link = link
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, past_key_values: Any = None, **kwargs: Any) -> Any:
+        if past_key_values is not None:
+            rows, length = hidden_states.shape[0], hidden_states.shape[1]
+            empty = hidden_states.new_zeros(rows, 1, length, 1)
+            past_key_values.update(empty, empty, self.index)
+        if self.role == "receive":
+            return self.link.receive(hidden_states)
+        if self.role == "send":
+            self.link.send(hidden_states)
+        return hidden_states
+
+
+class AbsentEmbedding(nn.Module):
+    """The embeddings on a rank after the first: a zero tensor of the right shape, which nothing reads."""
+
+    def __init__(self, hidden: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.hidden = hidden
+        self.dtype = dtype
+
+    def forward(self, ids: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return torch.zeros(*ids.shape, self.hidden, dtype=self.dtype, device=ids.device)
+
+
+class AbsentPassThrough(nn.Module):
+    """The final norm on a rank before the last."""
+
+    def forward(self, hidden: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return hidden
+
+
+class AbsentHead(nn.Module):
+    """The head on a rank before the last: logits come from the last rank (see the pipe).
+
+    A plain forward gets no columns (nothing reads them); a generation step gets
+    zeros of the vocabulary's width, so that generate's own logits processing
+    runs unchanged before the last rank's scores replace them.
+    """
+
+    def __init__(self, vocab: int, link: Link) -> None:
+        super().__init__()
+        self.vocab = vocab
+        self.link = link
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        width = self.vocab if self.link.generating else 0
+        return hidden.new_zeros(*hidden.shape[:-1], width)
+
+
+# keep the tapped-forward machinery off the stand-ins: their code is not the model's, and no point of theirs
+# is ever offered (every rank's inventory keeps only the points its own parts produce)
+for _stand_in in (AbsentLayer, AbsentEmbedding, AbsentPassThrough, AbsentHead):
+    _stand_in.__module__ = "torch.nn.modules.neurotap_stand_ins"
+
+
+# -- building a stage ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Stage:
+    module: nn.Module
+    split: Split
+    rank: int
+    parameters: dict[str, int]  # file key -> element count, of the tensors this rank loaded
+    peak_rss_mb: float
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def family_of(config: Any) -> str:
+    architecture = (getattr(config, "architectures", None) or [""])[0]
+    family = FAMILIES.get(architecture)
+    if family is None:
+        known = ", ".join(sorted(FAMILIES))
+        raise NeurotapError(f"sharded serving supports {known} so far, not {architecture or type(config).__name__}")
+    return family
+
+
+def build_stage(folder: Path, rank: int, world: int, link: Link, *, attn_implementation: str = "eager") -> Stage:
+    """Rank ``rank``'s module tree for the model in ``folder``, holding only its own part's weights."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(folder)
+    layout = LAYOUTS[family_of(config)]
+    cls = getattr(transformers, config.architectures[0])
+    with torch.device("meta"):
+        module = cls._from_config(config, attn_implementation=attn_implementation)
+    module.eval()
+    layers: nn.ModuleList = module.get_submodule(layout.layers)
+    split = Split.even(layout, len(layers), world)
+    start, stop = split.ranges[rank]
+    files = _tensor_files(folder)
+    dtype = _file_dtype(files)
+
+    for index in range(len(layers)):
+        if start <= index < stop:
+            continue
+        role = "receive" if index == start - 1 else "send" if index == stop else "pass"
+        layers[index] = AbsentLayer(index, role, link)
+    if rank != 0:
+        for path in layout.first:
+            _set(module, path, AbsentEmbedding(config.hidden_size, dtype))
+    if rank != split.last:
+        for path in layout.last:
+            stand_in = AbsentHead(config.vocab_size, link) if path == "lm_head" else AbsentPassThrough()
+            _set(module, path, stand_in)
+    for path in layout.shared:  # computed, not loaded: rebuilt on the CPU from the config
+        old = module.get_submodule(path)
+        with torch.device("cpu"):
+            _set(module, path, type(old)(config=config))
+
+    loaded = _load_owned(module, files, _tied_names(module, config))
+    return Stage(module, split, rank, loaded, peak_rss_mb())
+
+
+def _set(root: nn.Module, path: str, new: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, new)
+
+
+def _tensor_files(folder: Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file holding it."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: folder / file for name, file in weight_map.items()}
+    single = folder / "model.safetensors"
+    if not single.is_file():
+        raise NeurotapError(
+            f"sharded serving reads safetensors files; {folder} has neither model.safetensors nor "
+            "model.safetensors.index.json (save the model with save_pretrained(..., safe_serialization=True))"
+        )
+    from safetensors import safe_open
+
+    with safe_open(single, framework="pt") as handle:
+        return {name: single for name in handle.keys()}
+
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def _file_dtype(files: dict[str, Path]) -> torch.dtype:
+    """The floating dtype the weights are saved in, read from a header, not from a tensor."""
+    from safetensors import safe_open
+
+    for name, path in files.items():
+        with safe_open(path, framework="pt") as handle:
+            dtype = _DTYPES.get(handle.get_slice(name).get_dtype())
+        if dtype is not None:
+            return dtype
+    return torch.float32
+
+
+def _tied_names(module: nn.Module, config: Any) -> dict[str, str]:
+    """Parameter name -> the name it is saved under when weights are tied (the head and the embeddings)."""
+    if not getattr(config, "tie_word_embeddings", False):
+        return {}
+    tied = getattr(module, "_tied_weights_keys", None) or {}
+    if not isinstance(tied, dict):
+        return {}
+    both = dict(tied)
+    both.update({source: target for target, source in tied.items()})
+    return both
+
+
+def _load_owned(module: nn.Module, files: dict[str, Path], tied: dict[str, str]) -> dict[str, int]:
+    """Replace every meta parameter and buffer left in the tree with its tensor from the files.
+
+    Only the tensors still on ``meta`` (the parts this rank keeps) are read, each
+    straight from its file with ``safe_open``; a tensor that the file holds once
+    for two tied names is read once and shared.
+    """
+    from safetensors import safe_open
+
+    wanted: dict[str, list[tuple[nn.Module, str, bool]]] = {}
+    for owner_path, owner in module.named_modules():
+        for kind, table in (("parameter", owner._parameters), ("buffer", owner._buffers)):
+            for name, tensor in table.items():
+                if tensor is None or tensor.device.type != "meta":
+                    continue
+                full = f"{owner_path}.{name}" if owner_path else name
+                key = full if full in files else tied.get(full, full)
+                if key not in files:
+                    if kind == "buffer":
+                        raise NeurotapError(f"the buffer {full!r} is in no safetensors file of the model folder")
+                    raise NeurotapError(f"the parameter {full!r} is in no safetensors file of the model folder")
+                wanted.setdefault(key, []).append((owner, name, kind == "parameter"))
+    by_file: dict[Path, list[str]] = {}
+    for key in wanted:
+        by_file.setdefault(files[key], []).append(key)
+    counts: dict[str, int] = {}
+    for path, keys in by_file.items():
+        with safe_open(path, framework="pt") as handle:
+            for key in keys:
+                tensor = handle.get_tensor(key)
+                counts[key] = tensor.numel()
+                shared: nn.Parameter | None = None
+                for owner, name, is_parameter in wanted[key]:
+                    if is_parameter:
+                        if shared is None:
+                            shared = nn.Parameter(tensor, requires_grad=owner._parameters[name].requires_grad)
+                        owner._parameters[name] = shared
+                    else:
+                        owner._buffers[name] = tensor
+    return counts
+
+
+def point_owners(inventory: Any, split: Split, rank: int) -> tuple[list[Any], list[Any], dict[str, bool]]:
+    """The points this rank's values are real at, in execution order, and its static sites.
+
+    Returns ``(points, static, between)``: the inventory's points that this rank
+    computes for real, the static sites it owns, and, by name, glue points that
+    fire between decoder layers (each call another layer's, so no single rank
+    sees them whole).
+    """
+    names = list(inventory.points)
+    in_layers = [i for i, n in enumerate(names) if _under(inventory.points[n].module, split.layout.layers)]
+    first, last = (in_layers[0], in_layers[-1]) if in_layers else (len(names), -1)
+    points, between = [], {}
+    for position, name in enumerate(names):
+        point = inventory.points[name]
+        owner = _owner(point, split)
+        if owner is None and not _under(point.module, split.layout.layers):
+            if position > last:
+                owner = split.last
+            elif position > first:
+                between[name] = True
+                owner = 0  # listed once; refused when probed
+            else:
+                owner = rank  # before the layers: every rank computes it for itself
+        if owner == rank:
+            points.append(point)
+    static = []
+    for name, point in inventory.static.items():
+        if name in inventory.points:
+            continue
+        owner = _owner(point, split)
+        if owner is None or owner == rank:
+            static.append(point)
+    return points, static, between
+
+
+def _under(path: str, prefix: str) -> bool:
+    return path == prefix or path.startswith(prefix + ".")
+
+
+def _owner(point: Any, split: Split) -> int | None:
+    owner = split.part_owner(point.module)
+    if owner is None and point.kind == "op" and len(point.scope) == 1:
+        # the call site of a part (``self.embed_tokens(...)``, ``self.lm_head(...)``) holds that part's output
+        site = _REPEAT.sub("", point.scope[0])
+        owner = split.part_owner(f"{point.module}.{site}" if point.module else site)
+    return owner
+
+
+_REPEAT = re.compile(r"_\d+$")

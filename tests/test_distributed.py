@@ -1,0 +1,289 @@
+"""``neurotap serve --ranks N``: a model split over N gloo ranks, against the same model in this process.
+
+One server per rank count serves the whole module (starting ranks is the slow
+part); the last test kills a rank of the three-rank server.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+import neurotap as nt
+from conftest import VOCAB, tiny_llama
+from neurotap.transport.wire import PROTOCOL, PROTOCOL_HEADER
+
+LAUNCH = "import sys; from neurotap.cli import main; sys.exit(main())"
+LAYERS = 4  # 2 ranks: layers 0-1 and 2-3; 3 ranks: 0-1, 2 and 3
+FIRST, LAST = "model.layers.0", f"model.layers.{LAYERS - 1}"
+
+
+def tiny_deep_llama():
+    """The conftest tiny Llama with four decoder layers, so that three ranks each get some."""
+    import transformers
+
+    base = tiny_llama()
+    config = transformers.LlamaConfig(**{**base.config.to_dict(), "num_hidden_layers": LAYERS})
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tiny-deep")
+    tiny_deep_llama().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def local(folder) -> nt.Model:
+    return nt.load(str(folder))
+
+
+class Server:
+    """``neurotap serve FOLDER --ranks N`` in a subprocess; ``url`` once rank 0 listens."""
+
+    def __init__(self, folder: Path, ranks: int, *args: str) -> None:
+        self.ranks = ranks
+        self.killed = False
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", LAUNCH, "serve", str(folder), "--port", "0", "--ranks", str(ranks), *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        self.log: list[str] = []
+        self._drain = threading.Thread(target=self._drain_stderr, daemon=True)
+        self._drain.start()
+        line = self.process.stdout.readline()  # "neurotap: serving ... on http://127.0.0.1:PORT"
+        if " on http://" not in line:
+            self.stop()
+            raise RuntimeError(f"the server did not start: {line!r}\n{''.join(self.log)}")
+        self.url = line.split(" on ")[1].split()[0]
+
+    def _drain_stderr(self) -> None:
+        for line in self.process.stderr:
+            self.log.append(line)
+
+    def info(self) -> dict:
+        return httpx.get(self.url + "/v1/info", headers={PROTOCOL_HEADER: str(PROTOCOL)}).json()
+
+    def wait(self, timeout: float) -> int:
+        try:
+            code = self.process.wait(timeout)
+        finally:
+            self.stop()
+        return code
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._drain.join(10)
+        self.process.stdout.close()
+        self.process.stderr.close()
+        return self.process.returncode
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["2-ranks", "3-ranks"])
+def server(request, folder):
+    running = Server(folder, request.param, "--allow-code", "--rank-timeout", "20")
+    yield running
+    code = running.stop()
+    assert running.killed or code == 0, "".join(running.log)  # SIGTERM: every rank finished and exited cleanly
+
+
+@pytest.fixture
+def remote(server):
+    assert not server.killed
+    with nt.connect(server.url) as rm:
+        yield rm
+
+
+def ids(seed: int, rows: int = 2, length: int = 7) -> torch.Tensor:
+    return torch.randint(2, VOCAB, (rows, length), generator=torch.Generator().manual_seed(seed))
+
+
+def close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    torch.testing.assert_close(actual, expected.detach(), rtol=1e-5, atol=1e-5)
+
+
+def local_recordings(model: nt.Model) -> dict:
+    recorded = {name: dict(ctx) for name, ctx in model.recordings().items()}
+    model.clear_recordings()
+    return recorded
+
+
+# -- how the model is split ------------------------------------------------------------------------
+
+
+def test_info_says_which_rank_owns_which_layers(server, local):
+    ranks = server.info()["ranks"]
+    layers = [layer for row in ranks for layer in range(*row["layers"])]
+    assert layers == list(range(LAYERS))  # contiguous, in rank order, each layer once
+    assert "model.embed_tokens" in ranks[0]["parts"]
+    assert {"model.norm", "lm_head"} <= set(ranks[-1]["parts"])
+    assert all(row["peak_rss_mb"] > 0 for row in ranks)
+    assert server.info()["parameters"] == sum(p.numel() for p in local.module.parameters())
+
+
+def test_points_and_aliases_are_those_of_one_process(remote, local):
+    assert remote.points() == local.points()
+    assert remote.points(f"{LAST}.mlp") == local.points(f"{LAST}.mlp")
+    assert remote.aliases() == local.aliases()
+
+
+def test_parameters_come_from_the_owning_rank(remote, local):
+    for name in ("model.embed_tokens.weight", f"{LAST}.mlp.up_proj.weight", "lm_head.weight"):
+        assert torch.equal(remote.get_parameter(name), local.get_parameter(name).detach())
+
+
+# -- equivalence with one process ------------------------------------------------------------------
+
+
+def test_logits_equal_one_process(remote, local):
+    x = ids(1)
+    close(remote.forward(x)["logits"], local.forward(x).logits)
+
+
+def test_recordings_on_the_first_and_last_stage_in_one_request(remote, local):
+    x = ids(2)
+    points = [
+        "model.embed_tokens.output",
+        f"{FIRST}.mlp.mul",
+        f"{FIRST}.self_attn.attention_interface.softmax",
+        "model.layers.2.output",
+        f"{LAST}.mlp.mul",
+        "model.norm.output",
+        "lm_head.output",
+        "model.rotary_emb.output[0]",  # glue every rank computes for itself
+        "blocks.1.resid_post",  # an alias
+    ]
+    probes = [nt.probe(p, nt.Record()) for p in points]
+    remote.forward(x, probes=probes)
+    local.forward(x, probes=probes)
+    got, want = remote.recordings(), local_recordings(local)
+    assert set(got) == set(want) == set(points)
+    for point in points:
+        assert len(got[point]["record"]) == len(want[point]["record"]) == 1, point
+        close(got[point]["record"][0], want[point]["record"][0])
+    remote.clear_recordings()
+    assert remote.recordings() == {}
+
+
+def test_patches_inside_an_mlp_and_on_the_output_change_what_comes_after(remote, local):
+    x = ids(3)
+    patches = {
+        "model.layers.1.mlp.mul": nt.Zero(index=(..., slice(0, 40))),
+        f"{LAST}.output": nt.Scale(0.5),
+        'output["logits"]': nt.Add(1.0, index=(..., 5)),
+    }
+    probes = [nt.probe(f"{LAST}.mlp.mul", nt.Record())]
+    with remote.patch(patches):
+        got = remote.forward(x, probes=probes)["logits"]
+    with local.patch(patches):
+        want = local.forward(x, probes=probes).logits
+    close(got, want)
+    assert not torch.allclose(got, local.forward(x).logits)  # the patches did change something
+    close(remote.recordings()[f"{LAST}.mlp.mul"]["record"][0], local_recordings(local)[f"{LAST}.mlp.mul"]["record"][0])
+    remote.clear_recordings()
+
+
+def test_reductions_accumulate_over_requests_on_every_stage(remote, local):
+    points = [f"{FIRST}.mlp.mul", f"{LAST}.mlp.mul", "model.norm.output"]
+    for seed in (4, 5, 6):
+        probes = [nt.probe(p, nt.Mean(dims=(0, 1))) for p in points] + [nt.probe(points[1], nt.Max(dims=(0, 1)))]
+        remote.forward(ids(seed), probes=probes)
+        local.forward(ids(seed), probes=probes)
+    got, want = remote.recordings(), local_recordings(local)
+    for point in points:
+        assert got[point]["mean_count"] == want[point]["mean_count"]
+        close(got[point]["mean"], want[point]["mean"])
+    close(got[points[1]]["max"], want[points[1]]["max"])
+    remote.clear_recordings()
+
+
+def test_generate_with_the_kv_cache_and_patches_at_every_step(remote, local):
+    x = ids(7, rows=1, length=5)
+    patches = {"lm_head.output": nt.Zero(index=(..., 44)), f"{LAST}.mlp.mul": nt.Scale(1.5)}
+    probes = [nt.probe(f"{FIRST}.mlp.mul", nt.Record()), nt.probe(f"{LAST}.self_attn.output[0]", nt.Record())]
+    with remote.patch(patches):
+        got = remote.generate(x, max_new_tokens=6, do_sample=False, probes=probes)
+    with local.patch(patches):
+        want = local.generate(x, max_new_tokens=6, do_sample=False, probes=probes)
+    assert torch.equal(got, want)
+    recorded, expected = remote.recordings(), local_recordings(local)
+    for point in (f"{FIRST}.mlp.mul", f"{LAST}.self_attn.output[0]"):
+        assert len(recorded[point]["record"]) == len(expected[point]["record"]) == 6  # the prompt, then 1 a step
+        for a, b in zip(recorded[point]["record"], expected[point]["record"]):
+            close(a, b)
+    remote.clear_recordings()
+
+
+# -- errors ----------------------------------------------------------------------------------------
+
+
+def test_a_failing_patch_on_the_last_stage_records_nothing_anywhere_and_the_ranks_stay_in_step(remote, local):
+    x = ids(8)
+    probes = [
+        nt.probe(f"{FIRST}.mlp.mul", nt.Record()),  # would succeed on rank 0
+        nt.probe(f"{LAST}.mlp.mul", nt.Replace(torch.zeros(3))),  # cannot fit on the last rank
+    ]
+    with pytest.raises(nt.PatchError, match=f"{LAST}.mlp.mul"):
+        remote.forward(x, probes=probes)
+    assert remote.recordings() == {}  # rank 0's part of the failed request was not committed either
+    close(remote.forward(x)["logits"], local.forward(x).logits)
+
+
+def test_unknown_points_and_points_no_rank_sees_whole(remote):
+    with pytest.raises(nt.UnknownPointError, match="model.layers.9"):
+        remote.forward(ids(9), probes=[nt.probe("model.layers.9.mlp.mul", nt.Record())])
+    with pytest.raises(nt.NeurotapError, match="once per decoder layer"):
+        remote.forward(ids(9), probes=[nt.probe("model.decoder_layer", nt.Record())])
+
+
+def test_backward_says_it_is_not_supported_yet(remote):
+    with pytest.raises(nt.NeurotapError, match="backward"):
+        remote.backward(ids(10), loss=nt.LogitDiff(3, 4))
+
+
+# -- faults ----------------------------------------------------------------------------------------
+
+
+def test_a_raising_probe_reaches_the_client_with_its_traceback(remote, local):
+    def explode(ctx, value):
+        raise ValueError("boom on rank 1")
+
+    with pytest.raises(nt.ProbeError, match="boom on rank 1") as raised:
+        remote.forward(ids(11), probes=[nt.probe("model.layers.2.mlp.mul", explode)])  # rank 1 owns layer 2
+    assert "ValueError" in (raised.value.remote_traceback or "")
+    close(remote.forward(ids(11))["logits"], local.forward(ids(11)).logits)  # every rank is still in step
+
+
+def test_a_dead_rank_gets_a_503_naming_it_and_the_server_exits(server, remote):
+    if server.ranks != 3:
+        pytest.skip("the three-rank server is the one killed: its rank 2 sees rank 1 die and tells rank 0")
+
+    def die(ctx, value):
+        import os
+
+        os._exit(3)
+
+    server.killed = True
+    with pytest.raises(nt.NeurotapError, match="rank 1 of the sharded server failed") as raised:
+        remote.forward(ids(12), probes=[nt.probe("model.layers.2.mlp.mul", die)])
+    assert raised.value.status == 503
+    assert server.wait(timeout=90) != 0
