@@ -35,11 +35,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     from ..datasets import collect
+    from ..datasets.collect import check_out_folder
     from ..errors import NeurotapError
 
     points = [p.strip() for p in args.points.split(",") if p.strip()]
     model = None
     try:
+        check_out_folder(Path(args.out))  # a mistyped --out should not cost a model load first
         model, tokenizer = _model(args)
         collect(
             model,

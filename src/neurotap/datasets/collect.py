@@ -147,9 +147,14 @@ def check_out_folder(folder: Path) -> None:
     try:
         descriptor, probe = tempfile.mkstemp(dir=existing, prefix=".neurotap-write-check-")
     except OSError as error:
-        where = f"the output folder {folder}" if existing == folder else f"{existing}, where {folder} would be made,"
+        reason = error.strerror or str(error)
+        if existing == folder:
+            raise DatasetError(
+                f"cannot write in the output folder {folder} ({reason}); give one you can write to"
+            ) from None
         raise DatasetError(
-            f"cannot write in {where} ({error.strerror or error}); give a folder you can write to"
+            f"cannot make the output folder {folder}: {existing} is not writable ({reason}); give a folder you can "
+            "write to"
         ) from None
     os.close(descriptor)
     os.unlink(probe)

@@ -6,7 +6,8 @@ A dataset is a folder::
     shard-00000.safetensors
     shard-00001.safetensors
     ...
-    .lock                      (held by a running collection, so that two never write one folder)
+    .lock                      (held by a running collection, so that two never write one folder;
+                                removed when it ends)
 
 Rows
     Every token of every packed sequence is one row. Row ``r`` of the dataset is
@@ -91,15 +92,17 @@ Integrity
       above, each with the dtype and shape the manifest implies, data offsets that
       tile the file, and the metadata above;
     - checks each shard's sha256 when the shard is first read (``verify=False``
-      skips only this).
+      skips only this), and when its text is first used, that ``text.offsets``
+      cut ``text.utf8`` into UTF-8 pieces and every row's document is among them.
 
     When resuming, ``collect`` also checks that the manifest's ``shapes`` are the
     model's and repacks the last listed shard from its ``start``: its tokens and
     the ``end`` position must come out as recorded.
 
-    Anything else raises :class:`CorruptDatasetError` (or its subclass
+    A mismatch raises :class:`CorruptDatasetError` (or its subclass
     :class:`CorruptShardError` for one shard's file), naming the file, the field,
-    what it holds and what was expected.
+    what it holds and what was expected, and what to do. A listed shard that is
+    missing is an error for a reader; ``collect`` writes it, and those after it, again.
 """
 
 from __future__ import annotations
@@ -534,16 +537,19 @@ class ShardFile:
         """Refuse a header that is not the one collect writes for ``manifest["shards"][index]``."""
         rows = manifest["shards"][index]["tokens"]
         code = SAFETENSORS_DTYPES[manifest["settings"]["dtype"]]
-        expected = {point: (code, [rows, *shape], f"shapes[{point!r}]") for point, shape in manifest["shapes"].items()}
+        expected = {
+            point: (code, [rows, *shape], f"shapes[{point!r}] and settings.dtype give")
+            for point, shape in manifest["shapes"].items()
+        }
         for name, kind in ROW_ENTRIES.items():
-            expected[name] = (kind, [rows], f"shards[{index}].tokens")
+            expected[name] = (kind, [rows], f"shards[{index}].tokens gives")
         documents = self.entries.get(TEXT_DOCUMENT, {}).get("shape", [0])
         count = documents[0] if len(documents) == 1 else 0
         utf8 = self.entries.get(TEXT_UTF8, {}).get("shape", [0])
-        expected[TEXT_DOCUMENT] = ("I64", [count], "the format")
-        expected[TEXT_CHAR_BASE] = ("I64", [count], "the format")
-        expected[TEXT_OFFSETS] = ("I64", [count + 1], "the format")
-        expected[TEXT_UTF8] = ("U8", utf8 if len(utf8) == 1 else [0], "the format")
+        expected[TEXT_DOCUMENT] = ("I64", [count], "the format gives")
+        expected[TEXT_CHAR_BASE] = ("I64", [count], "the format gives")
+        expected[TEXT_OFFSETS] = ("I64", [count + 1], "the format gives")
+        expected[TEXT_UTF8] = ("U8", utf8 if len(utf8) == 1 else [0], "the format gives")
         problems = []
         missing = [name for name in expected if name not in self.entries]
         if missing:
@@ -554,10 +560,7 @@ class ShardFile:
         for name, (kind, shape, source) in expected.items():
             entry = self.entries.get(name)
             if entry is not None and (entry["dtype"], entry["shape"]) != (kind, shape):
-                problems.append(
-                    f"its entry {name!r} is {entry['dtype']} {entry['shape']}, but {source} and settings.dtype "
-                    f"give {kind} {shape}"
-                )
+                problems.append(f"its entry {name!r} is {entry['dtype']} {entry['shape']}, but {source} {kind} {shape}")
         if self.metadata != METADATA:
             problems.append(f"its metadata is {_show(self.metadata)}, expected {METADATA}")
         if problems:
