@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,11 +19,12 @@ from hypothesis import strategies as st
 import neurotap as nt
 from conftest import VOCAB, tiny_llama
 from neurotap.transport import CrossEntropy, LogitDiff
+from neurotap.transport.client import ClientTimeoutError
 from neurotap.transport.wire import MEDIA_TYPE, PROTOCOL, PROTOCOL_HEADER, SESSION_HEADER
+from serving import LAUNCH, Server, free_port
 
 KEY = nt.Record().key
 MUL = "model.layers.0.mlp.mul"
-LAUNCH = "import sys; from neurotap.cli import main; sys.exit(main())"
 
 
 @pytest.fixture(scope="module")
@@ -37,42 +37,6 @@ def folder(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def local(folder) -> nt.Model:
     return nt.load(str(folder))
-
-
-class Server:
-    def __init__(self, folder: Path, *args: str) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-c", LAUNCH, "serve", str(folder), "--port", "0", *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        self.log: list[str] = []
-        self._drain = threading.Thread(target=self._drain_stderr, daemon=True)
-        self._drain.start()
-        line = self.process.stdout.readline()  # "neurotap: serving ... on http://127.0.0.1:PORT"
-        if " on http://" not in line:
-            self.stop()
-            raise RuntimeError(f"the server did not start: {line!r}\n{''.join(self.log)}")
-        self.url = line.split(" on ")[1].split()[0]
-
-    def _drain_stderr(self) -> None:
-        for line in self.process.stderr:
-            self.log.append(line)
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._drain.join(10)
-        self.process.stdout.close()
-        self.process.stderr.close()
-        return self.process.returncode
 
 
 @pytest.fixture(scope="module")
@@ -456,7 +420,7 @@ def test_timeout_and_disconnect_leave_the_server_healthy(code_server, tokens, lo
         assert time.monotonic() - started < 5
 
         impatient = nt.connect(code_server.url, token=tokens[1][0], timeout=0.2)
-        with pytest.raises(httpx.TimeoutException):
+        with pytest.raises(ClientTimeoutError, match="timeout="):
             impatient.forward(ids(16), probes=[nt.probe(MUL, slow)])
         impatient._http.close()
 
@@ -624,12 +588,6 @@ def test_idle_timeout_stops_the_server(folder):
         assert any("--idle-timeout" in line for line in running.log)
     finally:
         running.stop()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_launch_and_connect_starts_then_reuses(folder, tmp_path, monkeypatch, local):

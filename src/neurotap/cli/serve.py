@@ -72,7 +72,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     group = parser.add_argument_group("time")
     group.add_argument("--idle-timeout", type=float, default=None, help="stop after this many seconds without requests")
     group.add_argument(
-        "--request-timeout", type=float, default=settings.request_timeout, help="seconds a request may run"
+        "--request-timeout",
+        type=float,
+        default=settings.request_timeout,
+        help="seconds a request may run once started (it may wait as long again behind others)",
     )
     group.add_argument(
         "--session-timeout", type=float, default=settings.session_timeout, help="seconds an unused session is kept"

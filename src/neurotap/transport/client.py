@@ -36,6 +36,7 @@ from ..model.plan import unknown_point
 from ..points import Point, PointList, split_narrowing
 from ..probes import Probe, SaveContext
 from .executor import RecordingLimitError, RequestTimeoutError
+from .limits import RequestTooCostlyError
 from .wire import (
     MEDIA_TYPE,
     PROTOCOL,
@@ -49,6 +50,14 @@ from .wire import (
     encode_request,
     read_frames,
 )
+
+
+class ServerGoneError(NeurotapError, ConnectionError):
+    """The connection to the server broke: it stopped, restarted or cannot be reached."""
+
+
+class ClientTimeoutError(NeurotapError, TimeoutError):
+    """The server did not answer within the client's timeout."""
 
 
 class RemoteError(NeurotapError):
@@ -68,7 +77,32 @@ _ERRORS: dict[str, type[Exception]] = {
     "WireError": WireError,
     "RequestTimeoutError": RequestTimeoutError,
     "RecordingLimitError": RecordingLimitError,
+    "RequestTooCostlyError": RequestTooCostlyError,
 }
+
+
+def _transport() -> Any:
+    """An httpx transport whose broken connections raise :class:`ServerGoneError`, which says what to do."""
+    import httpx
+
+    class Transport(httpx.HTTPTransport):
+        def handle_request(self, request: httpx.Request) -> httpx.Response:
+            try:
+                return super().handle_request(request)
+            except httpx.TimeoutException as error:
+                raise ClientTimeoutError(
+                    f"{request.method} {request.url.path} got no answer in time ({type(error).__name__}); the "
+                    "server may be busy: wait longer with nt.connect(url, timeout=SECONDS)"
+                ) from None
+            except httpx.TransportError as error:
+                raise ServerGoneError(
+                    f"the server at {request.url.scheme}://{request.url.netloc.decode()} went away during "
+                    f"{request.method} {request.url.path} ({type(error).__name__}: {error}); it may have stopped "
+                    "or restarted: check it, then nt.connect(url) again"
+                ) from None
+
+    # without TCP_NODELAY, a body written after its headers waits ~40 ms for a delayed ACK
+    return Transport(socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
 
 
 def _raise_for(response: Any) -> None:
@@ -100,9 +134,7 @@ class RemoteModel:
         headers = {PROTOCOL_HEADER: str(PROTOCOL), "Accept-Encoding": "gzip" if compress else "identity"}
         if token:
             headers["Authorization"] = f"Bearer {token}"
-        # without TCP_NODELAY, a body written after its headers waits ~40 ms for a delayed ACK
-        transport = httpx.HTTPTransport(socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
-        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout, transport=transport)
+        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout, transport=_transport())
         self._layers: list[list[Probe]] = []
         self._known: set[str] | None = None  # point names and aliases, for checks on entering patch()
         self._session: str | None = None
@@ -118,8 +150,8 @@ class RemoteModel:
 
         try:
             health = self._http.get("/health")
-        except httpx.HTTPError as error:
-            raise NeurotapError(f"no neurotap server answers at {self.url}: {error}") from None
+        except (httpx.HTTPError, ServerGoneError) as error:
+            raise ServerGoneError(f"no neurotap server answers at {self.url}: {error}") from None
         _raise_for(health)
         protocol = health.json().get("protocol")
         if protocol != PROTOCOL:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import abc
 import collections
 import inspect
+import math
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
@@ -399,8 +400,9 @@ class InProcessExecutor(Executor):
                 return cut(output, readings.output, row_slices[k], tokens[k].length)
             return rows_of(output, row_slices[k], total) if shared else output
 
-        deadlines = [r.deadline for r in requests if r.deadline is not None]
-        self._deadline = max(deadlines) if deadlines else None
+        now = time.time()
+        ends = [min(now + (r.timeout or math.inf), r.deadline or math.inf) for r in requests]
+        self._deadline = max(ends) if max(ends) < math.inf else None
         self._running = requests
         self._check_deadline()
         self.passes += 1

@@ -286,6 +286,9 @@ def _json_error(status: int, kind: str, message: str, trace: str | None = None) 
     return JSONResponse({"error": kind, "message": message, "traceback": trace}, status_code=status)
 
 
+_BODY_RATE = 1 << 20  # bytes a second that a body must keep up, past its first --body-timeout seconds
+
+
 async def _body(request: Any, limit: int, timeout: float) -> bytes:
     """The request's body, within ``limit`` bytes and ``timeout`` seconds; gzip is inflated off the event loop."""
     declared = request.headers.get("content-length")
@@ -297,16 +300,21 @@ async def _body(request: Any, limit: int, timeout: float) -> bytes:
     if encoding not in ("gzip", "identity"):
         raise ApiError(415, "WireError", f"unsupported Content-Encoding {encoding!r}; send gzip or identity")
     chunks, size = [], 0
-    deadline = time.monotonic() + timeout
+    started = time.monotonic()
     stream = request.stream().__aiter__()
     while True:
+        # a body may take `timeout` seconds plus one second for each MiB that has arrived: large bodies on slow
+        # links get through, a body trickling in a byte at a time does not
+        remaining = started + timeout + size / _BODY_RATE - time.monotonic()
         try:
-            chunk = await asyncio.wait_for(stream.__anext__(), max(deadline - time.monotonic(), 0))
+            chunk = await asyncio.wait_for(stream.__anext__(), max(remaining, 0))
         except StopAsyncIteration:
             break
         except asyncio.TimeoutError:
             raise ApiError(
-                408, "RequestTimeoutError", f"the body did not arrive within {timeout:g} s (--body-timeout)"
+                408,
+                "RequestTimeoutError",
+                f"the body did not arrive in time: {timeout:g} s (--body-timeout) and a second per MiB received",
             ) from None
         size += len(chunk)
         if size > limit:
@@ -425,7 +433,9 @@ def create_app(executor: Executor, settings: ServerSettings) -> Any:
         run_request = await asyncio.to_thread(decode_request, data, allow_code=settings.allow_code)
         del data
         run_request.session = sid
-        run_request.deadline = time.time() + settings.request_timeout
+        # the timeout bounds the run; waiting behind other requests may take as long again
+        run_request.timeout = settings.request_timeout
+        run_request.deadline = time.time() + 2 * settings.request_timeout
         request.scope["neurotap_note"] = f"session={sid[:6]} op={run_request.op} probes={len(run_request.probes)}"
         future = worker.run(run_request)
         waiting = asyncio.ensure_future(asyncio.wrap_future(future))

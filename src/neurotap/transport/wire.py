@@ -119,7 +119,8 @@ class RunRequest:
     outputs: list[str] | None = None  # which output fields to send back; None: every tensor
     loss: Any = None  # CrossEntropy or LogitDiff, for "backward"
     session: str = ""
-    deadline: float | None = None  # time.time() after which the server gives up on it
+    timeout: float | None = None  # seconds it may run once its pass starts
+    deadline: float | None = None  # time.time() after which the server gives up on it, queued or running
     cancelled: bool = False  # set by the server when the client goes away: the request stops and keeps nothing
 
 

@@ -1,0 +1,55 @@
+"""A real ``neurotap serve`` process on 127.0.0.1 for the tests that talk to one over HTTP."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+LAUNCH = "import sys; from neurotap.cli import main; sys.exit(main())"
+
+
+class Server:
+    def __init__(self, folder: Path, *args: str) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", LAUNCH, "serve", str(folder), "--port", "0", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        self.log: list[str] = []
+        self._drain = threading.Thread(target=self._drain_stderr, daemon=True)
+        self._drain.start()
+        line = self.process.stdout.readline()  # "neurotap: serving ... on http://127.0.0.1:PORT"
+        if " on http://" not in line:
+            self.stop()
+            raise RuntimeError(f"the server did not start: {line!r}\n{''.join(self.log)}")
+        self.url = line.split(" on ")[1].split()[0]
+
+    def _drain_stderr(self) -> None:
+        for line in self.process.stderr:
+            self.log.append(line)
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._drain.join(10)
+        self.process.stdout.close()
+        self.process.stderr.close()
+        return self.process.returncode
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

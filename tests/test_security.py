@@ -1,0 +1,486 @@
+"""Attacks on a real ``neurotap serve`` process: each is refused with a 4xx JSON error while another client is served.
+
+Every attack here is bounded (a few requests, a few sockets, seconds) and goes to
+127.0.0.1 only. After each, a canary client holding another token runs a forward
+and gets exactly the local model's logits.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from safetensors.torch import save
+
+import neurotap as nt
+from conftest import VOCAB, tiny_llama
+from neurotap.transport.client import ServerGoneError
+from neurotap.transport.wire import (
+    MEDIA_TYPE,
+    PROTOCOL,
+    PROTOCOL_HEADER,
+    SESSION_HEADER,
+    ProbeSpec,
+    RunRequest,
+    WireError,
+    encode_request,
+)
+from serving import LAUNCH, Server
+
+ALPHA, BETA = "alpha-token-0123456789", "beta-token-0123456789"
+MUL = "model.layers.0.mlp.mul"
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tiny")
+    tiny_llama().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def local(folder) -> nt.Model:
+    return nt.load(str(folder))
+
+
+@pytest.fixture(scope="module")
+def token_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("auth") / "tokens.txt"
+    path.write_text(f"{ALPHA}\n{BETA}\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(folder, token_file):
+    running = Server(
+        folder,
+        *("--token-file", str(token_file), "--allow-host", "alias.test"),
+        *("--max-request-bytes", "96M", "--max-session-bytes", "200K", "--max-total-bytes", "500K"),
+        *("--max-request-memory", "8M", "--max-sessions-per-token", "8"),
+        *("--header-timeout", "1", "--body-timeout", "2", "--max-connections", "40"),
+    )
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def code_server(folder, token_file):
+    running = Server(folder, "--token-file", str(token_file), "--allow-code", "--request-timeout", "1.5")
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def canary(server):
+    with nt.connect(server.url, token=BETA) as client:
+        yield client
+
+
+def ids(seed: int, rows: int = 1, length: int = 6) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (rows, length), generator=torch.Generator().manual_seed(seed))
+
+
+def assert_served(client, local, seed: int = 0) -> None:
+    tokens = ids(1000 + seed)
+    with torch.no_grad():
+        expected = local.module(tokens).logits
+    torch.testing.assert_close(client.forward(tokens, outputs=["logits"]).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def headers(token: str | None = ALPHA, session: str | None = None, **more: str) -> dict[str, str]:
+    found = {PROTOCOL_HEADER: str(PROTOCOL), "Content-Type": MEDIA_TYPE, **more}
+    if token:
+        found["Authorization"] = f"Bearer {token}"
+    if session:
+        found[SESSION_HEADER] = session
+    return found
+
+
+def refused(response: httpx.Response, status: int | None = None) -> dict:
+    """The JSON error of a 4xx response."""
+    assert 400 <= response.status_code < 500, (response.status_code, response.text[:300])
+    if status is not None:
+        assert response.status_code == status, response.text[:300]
+    body = response.json()
+    assert set(body) == {"error", "message", "traceback"} and body["message"]
+    return body
+
+
+def raw_run(server, client, body: bytes, **kwargs) -> httpx.Response:
+    return httpx.post(
+        server.url + "/v1/run", content=body, headers=headers(session=client._session), timeout=30, **kwargs
+    )
+
+
+def message(document: dict, tensors: dict[str, torch.Tensor] | None = None) -> bytes:
+    return save(tensors or {}, metadata={"neurotap": json.dumps(document)})
+
+
+# -- code execution -----------------------------------------------------------------------------------
+
+
+def test_generate_cannot_load_code(server, canary, local, tmp_path):
+    marker = tmp_path / "ran"
+    evil = tmp_path / "evil" / "custom_generate"
+    evil.mkdir(parents=True)
+    (evil / "generate.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\ndef generate(model, **kw): pass\n")
+    with nt.connect(server.url, token=ALPHA) as rm:
+        with pytest.raises(WireError, match="custom_generate") as caught:
+            rm.generate(ids(1), max_new_tokens=1, custom_generate=str(evil.parent), trust_remote_code=True)
+        assert caught.value.status == 400
+        for name, value in [
+            ("trust_remote_code", True),
+            ("streamer", "tqdm"),
+            ("logits_processor", [1]),
+            ("stopping_criteria", "x"),
+            ("assistant_model", str(evil.parent)),
+            ("generation_config", {"max_new_tokens": 1}),
+            ("past_key_values", torch.zeros(1)),
+        ]:
+            with pytest.raises(WireError, match=name):
+                rm.generate(ids(1), max_new_tokens=1, **{name: value})
+        with pytest.raises(WireError, match="trust_remote_code"):
+            rm.forward(ids(1), trust_remote_code=True)
+        with pytest.raises(WireError, match="must be an integer tensor"):
+            rm.forward(input_ids=torch.zeros(1, 4))  # float ids: a plain-data check, not a crash
+        # a patch where the model expects a plain value: refused by name, before anything runs
+        body = encode_request(RunRequest("forward", (ids(1),), {"streamer": nt.Zero()}))
+        assert "streamer" in refused(raw_run(server, rm, body), 400)["message"]
+    assert not marker.exists()
+    assert_served(canary, local)
+
+
+def test_allowed_arguments_still_work(canary, local):
+    tokens = ids(2)
+    out = canary.generate(tokens, max_new_tokens=4, do_sample=False, num_beams=2, eos_token_id=[VOCAB - 1])
+    expected = local.module.generate(tokens, max_new_tokens=4, do_sample=False, num_beams=2, eos_token_id=[VOCAB - 1])
+    assert torch.equal(out, expected)
+
+
+# -- one request must not exhaust the machine -------------------------------------------------------------
+
+
+def test_generation_is_bounded_before_it_runs(server, canary, local):
+    with nt.connect(server.url, token=ALPHA) as rm:
+        for kwargs, flag in [
+            (dict(do_sample=True, num_return_sequences=10**6, max_new_tokens=2), "--max-return-sequences"),
+            (dict(cache_implementation="static", max_new_tokens=10**7), "--max-new-tokens"),
+            (dict(cache_implementation="paged", max_new_tokens=2), "--cache-implementations"),
+            (dict(num_beams=100, max_new_tokens=2), "--max-beams"),
+        ]:
+            with pytest.raises(nt.NeurotapError, match=flag) as caught:
+                rm.generate(ids(3), **kwargs)
+            assert caught.value.status == 413
+        with pytest.raises(nt.NeurotapError, match="--max-request-tokens") as caught:
+            rm.forward(ids(4, rows=1000, length=64))
+        assert caught.value.status == 413
+        with pytest.raises(nt.NeurotapError, match="--max-request-memory") as caught:
+            rm.forward(ids(5, rows=64, length=64))  # 4,096 positions: about 20 MiB against 8 MiB
+        assert caught.value.status == 413
+    assert_served(canary, local)
+
+
+def test_indices_are_bounded(server, canary, local):
+    with nt.connect(server.url, token=ALPHA) as rm:
+        broadcast = (torch.zeros(3000, 1, dtype=torch.long), torch.zeros(1, 3000, dtype=torch.long))
+        with pytest.raises(nt.NeurotapError, match="--max-selection-elements") as caught:
+            rm.forward(ids(6), probes=[nt.probe(MUL, nt.Record(index=broadcast))])
+        assert caught.value.status == 413
+        with pytest.raises(WireError, match="index tensor has 20000000 elements") as caught:
+            rm.forward(ids(6), probes=[nt.probe(MUL, nt.Zero(index=torch.zeros(2 * 10**7, dtype=torch.int32)))])
+        assert caught.value.status == 400
+        with pytest.raises(nt.PatchError, match="does not fit"):  # a value that would broadcast the point bigger
+            rm.forward(ids(6), probes=[nt.probe(MUL, nt.Add(torch.zeros(100_000, 1, 1)))])
+        assert rm.recordings() == {}
+    assert_served(canary, local)
+
+
+def test_recordings_are_plain_and_capped_server_wide(server, canary, local):
+    with nt.connect(server.url, token=ALPHA) as rm:
+        with pytest.raises(nt.PatchError, match="saved a DynamicCache") as caught:
+            rm.forward(ids(7), probes=[nt.probe('model.output["past_key_values"]', nt.Record())])
+        assert caught.value.status == 422
+        assert rm.recordings() == {}
+    # each session records 150 kB, under its 200 kB limit; the fourth would bring the server past 500 kB
+    point, tokens = "model.layers.1.output", ids(8, rows=10, length=60)
+    clients = [nt.connect(server.url, token=ALPHA) for _ in range(4)]
+    try:
+        for client in clients[:3]:
+            client.forward(tokens, probes=[nt.probe(point, nt.Record())], outputs=[])
+        with pytest.raises(nt.NeurotapError, match="--max-total-bytes") as caught:
+            clients[3].forward(tokens, probes=[nt.probe(point, nt.Record())], outputs=[])
+        assert caught.value.status == 413
+        with torch.no_grad():
+            local.forward(tokens, probes=[nt.probe(point, nt.Record())])
+        expected = local.recordings()[point]["record"][0]
+        local.clear_recordings()
+        torch.testing.assert_close(clients[0].recordings()[point]["record"][0], expected)
+        clients[0].clear_recordings()
+        clients[3].forward(tokens, probes=[nt.probe(point, nt.Record())], outputs=[])
+        assert len(clients[3].recordings()[point]["record"]) == 1
+    finally:
+        for client in clients:
+            client.close()
+    assert_served(canary, local)
+
+
+# -- sessions ---------------------------------------------------------------------------------------------
+
+
+def test_sessions_per_token_evict_the_oldest(server, canary, local):
+    opened = []
+    for _ in range(12):
+        response = httpx.post(server.url + "/v1/sessions", headers=headers())
+        assert response.status_code == 201
+        opened.append(response.json()["session"])
+
+    def alive(session: str) -> bool:
+        return httpx.get(server.url + "/v1/recordings", headers=headers(session=session)).status_code == 200
+
+    assert [alive(s) for s in opened] == [False] * 4 + [True] * 8  # the token's cap is 8
+    with nt.connect(server.url, token=ALPHA) as newcomer:  # a fresh client of that token still gets in
+        assert_served(newcomer, local)
+    assert_served(canary, local)  # and the other token's session was never touched
+
+
+def test_idle_sessions_expire(folder, local):
+    running = Server(folder, "--session-timeout", "1")
+    try:
+        with nt.connect(running.url) as client:
+            client.forward(ids(9), probes=[nt.probe(MUL, nt.Record())])
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                time.sleep(0.5)
+                response = httpx.get(running.url + "/v1/recordings", headers=headers(None, client._session))
+                if response.status_code == 404:
+                    break
+            assert refused(response, 404)["error"] == "SessionError"
+        with nt.connect(running.url) as newcomer:
+            assert_served(newcomer, local)
+        # a server without tokens shows its API pages; one with tokens does not (see below)
+        assert httpx.get(running.url + "/openapi.json").status_code == 200
+    finally:
+        running.stop()
+
+
+# -- the event loop and slow clients --------------------------------------------------------------------
+
+
+def test_large_documents_and_headers_are_refused(server, canary, local):
+    with nt.connect(server.url, token=ALPHA) as rm:
+        document = {"op": "forward", "args": ["x" * (2 << 20)], "kwargs": {"$dict": {}}, "probes": []}
+        assert "JSON document" in refused(raw_run(server, rm, message(document)), 400)["message"]
+        header = json.dumps({"__metadata__": {"neurotap": "{}"}}).encode() + b" " * (5 << 20)
+        body = len(header).to_bytes(8, "little") + header
+        assert "header" in refused(raw_run(server, rm, body), 400)["message"]
+        nested = "[" * 100_000 + "]" * 100_000
+        body = save({}, metadata={"neurotap": nested})
+        refused(raw_run(server, rm, body), 400)
+    assert_served(canary, local)
+
+
+def _connect(server) -> socket.socket:
+    host, port = server.url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    return sock
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    chunks = []
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except (TimeoutError, ConnectionResetError):
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_slow_headers_and_bodies_are_cut_off(server, canary, local):
+    slow_headers = _connect(server)
+    slow_headers.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # and never the blank line
+    slow_body = _connect(server)
+    session = canary._session
+    head = (
+        f"POST /v1/run HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1000\r\n"
+        f"{PROTOCOL_HEADER}: {PROTOCOL}\r\nAuthorization: Bearer {BETA}\r\n{SESSION_HEADER}: {session}\r\n\r\n"
+    )
+    slow_body.sendall(head.encode() + b"0123456789")
+    assert _read_all(slow_headers) == b""  # closed by the server after --header-timeout
+    answer = _read_all(slow_body)
+    assert b" 408 " in answer.split(b"\r\n")[0] and b"--body-timeout" in answer
+    slow_headers.close()
+    slow_body.close()
+    assert_served(canary, local)
+
+
+def test_connections_beyond_the_cap_are_refused(server, canary, local):
+    sockets = [_connect(server) for _ in range(45)]  # the cap is 40, and the canary holds one
+    try:
+        time.sleep(0.5)
+        answers = []
+        for sock in sockets:
+            sock.settimeout(0.2)
+            try:
+                answers.append(sock.recv(4096))
+            except TimeoutError:
+                answers.append(b"")
+        busy = [a for a in answers if b" 503 " in a]
+        assert len(busy) >= 5 and all(b"--max-connections" in a for a in busy)
+    finally:
+        for sock in sockets:
+            sock.close()
+    time.sleep(0.2)
+    assert_served(canary, local)
+
+
+# -- a long pass does not hold everyone -------------------------------------------------------------------
+
+
+def test_a_pass_stops_at_its_deadline_and_the_queue_moves_on(code_server, local, tmp_path):
+    marker, running = tmp_path / "layer-1-ran", tmp_path / "layer-0-runs"
+
+    def stall(ctx, value, running=str(running)):
+        open(running, "w").close()
+        time.sleep(2.5)
+
+    def touch(ctx, value, marker=str(marker)):
+        open(marker, "w").close()
+
+    with nt.connect(code_server.url, token=ALPHA) as slow, nt.connect(code_server.url, token=BETA) as queued:
+        behind: list = []
+
+        def queue_up() -> None:
+            while not running.exists():  # arrive while the slow pass runs, not with it
+                time.sleep(0.05)
+            try:
+                behind.append(queued.forward(ids(10), outputs=["logits"]))
+            except Exception as error:  # shown by the assertion below
+                behind.append(error)
+
+        thread = threading.Thread(target=queue_up)
+        thread.start()
+        probes = [nt.probe("model.layers.0.output", stall), nt.probe("model.layers.1.output", touch)]
+        with pytest.raises(nt.NeurotapError, match="request timeout") as caught:
+            slow.forward(ids(11), probes=probes)
+        thread.join(30)
+        assert caught.value.status == 504
+        assert not marker.exists()  # the pass stopped at the next layer, not at the end
+        with torch.no_grad():
+            assert not isinstance(behind[0], Exception), behind[0]
+            torch.testing.assert_close(behind[0].logits, local.module(ids(10)).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_probes_that_exit_fail_their_request_only(code_server, local):
+    def leave(ctx, value):
+        raise SystemExit(3)
+
+    def interrupt(ctx, value):
+        raise KeyboardInterrupt
+
+    with nt.connect(code_server.url, token=ALPHA) as rm:
+        for probe_fn, name in [(leave, "SystemExit"), (interrupt, "KeyboardInterrupt")]:
+            with pytest.raises(nt.ProbeError, match=name) as caught:
+                rm.forward(ids(12), probes=[nt.probe(MUL, probe_fn)])
+            assert caught.value.status == 422 and name in caught.value.remote_traceback
+        assert_served(rm, local)
+
+
+def test_a_client_that_leaves_is_cancelled_and_records_nothing(code_server, local):
+    def stall(ctx, value):
+        time.sleep(1.0)
+
+    with nt.connect(code_server.url, token=ALPHA) as rm:
+        request = RunRequest(
+            "forward",
+            (ids(13),),
+            {},
+            [ProbeSpec("model.layers.0.output", stall), ProbeSpec("model.layers.1.output", nt.Record())],
+        )
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(
+                code_server.url + "/v1/run",
+                content=encode_request(request),
+                headers=headers(session=rm._session),
+                timeout=0.3,
+            )
+        time.sleep(1.5)  # the stalled probe returns; the pass would have finished and recorded by now
+        assert rm.recordings() == {}
+        assert_served(rm, local)
+
+
+def test_a_server_that_dies_mid_request_gives_a_clear_error(folder):
+    running = Server(folder, "--allow-code")
+    try:
+
+        def die(ctx, value):
+            import os
+
+            os._exit(3)
+
+        with nt.connect(running.url) as rm, pytest.raises(ServerGoneError, match="went away"):
+            rm.forward(ids(14), probes=[nt.probe(MUL, die)])
+    finally:
+        running.stop()
+
+
+# -- browsers -------------------------------------------------------------------------------------------
+
+
+def test_other_host_names_and_origins_are_refused(server, canary, local):
+    url = server.url + "/v1/points"
+    for extra in [{"Host": "evil.example"}, {"Host": "evil.example:80"}, {"Origin": "http://evil.example"}]:
+        body = refused(httpx.get(url, headers=headers(**extra)), 403)
+        assert "--allow-" in body["message"]
+    assert httpx.get(url, headers=headers(Host="alias.test")).status_code == 200
+    own = server.url.removeprefix("http://")
+    assert httpx.get(url, headers=headers(Origin=f"http://{own}")).status_code == 200
+    assert_served(canary, local)
+
+
+def test_health_and_api_pages_follow_the_token_rule(server):
+    anonymous = httpx.get(server.url + "/health").json()
+    assert anonymous["status"] == "ok" and "pid" not in anonymous and "model" not in anonymous
+    assert "pid" in httpx.get(server.url + "/health", headers=headers()).json()
+    for path in ("/docs", "/openapi.json", "/redoc"):
+        assert httpx.get(server.url + path, headers=headers()).status_code == 404
+
+
+# -- settings -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["--max-batch", "0"], "--max-batch"),
+        (["--request-timeout", "-1"], "--request-timeout"),
+        (["--port", "99999"], "99999"),
+        (["--max-session-bytes", "8G", "--max-total-bytes", "4G"], "--max-total-bytes"),
+        (["--token-file", "BINARY"], "not UTF-8"),
+        (["--token-file", "SHORT"], "at least 16"),
+    ],
+)
+def test_bad_settings_are_refused_before_the_model_loads(args, says, tmp_path):
+    binary, short = tmp_path / "binary", tmp_path / "short"
+    binary.write_bytes(b"\xff\xfe\x00token")
+    short.write_text("abc\n")
+    args = [str(binary) if a == "BINARY" else str(short) if a == "SHORT" else a for a in args]
+    # the model folder does not exist: a setting refused first never gets to load it
+    result = subprocess.run(
+        [sys.executable, "-c", LAUNCH, "serve", str(tmp_path / "no-model"), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr
+    assert says in result.stderr.strip().splitlines()[-1] and "Traceback" not in result.stderr
