@@ -233,6 +233,32 @@ def test_generate_with_the_kv_cache_and_patches_at_every_step(remote, local):
     remote.clear_recordings()
 
 
+def test_backward_gradients_flow_back_through_every_stage(remote, local):
+    x = ids(13)
+    points = ["model.embed_tokens.output", f"{FIRST}.mlp.mul", "model.layers.2.output", f"{LAST}.mlp.mul"]
+    probes = [nt.probe(p, nt.Record(), grad=True) for p in points] + [nt.probe(f"{FIRST}.output", nt.Record())]
+    patches = {f"{LAST}.mlp.mul": nt.Scale(0.5), f"{FIRST}.mlp.mul": nt.Zero(index=(..., 3))}
+    with remote.patch(patches):
+        got = remote.backward(x, loss=nt.CrossEntropy(ids(14)), probes=probes)
+    with local.patch(patches):
+        want = local.backward(x, loss=nt.CrossEntropy(ids(14)), probes=probes)
+    assert got == pytest.approx(want, rel=1e-6)
+    recorded, expected = remote.recordings(), local_recordings(local)
+    assert set(recorded) == set(expected) == {p + ".grad" for p in points} | {f"{FIRST}.output"}
+    for name in expected:
+        close(recorded[name]["record"][0], expected[name]["record"][0])
+    remote.clear_recordings()
+
+
+def test_a_failing_gradient_patch_on_the_first_stage_fails_only_its_request(remote, local):
+    x = ids(15)
+    bad = nt.probe(f"{FIRST}.mlp.mul", nt.Replace(torch.zeros(3)), grad=True)  # raises on rank 0, last of all
+    with pytest.raises(nt.PatchError, match="grad"):
+        remote.backward(x, loss=nt.LogitDiff(3, 4), probes=[bad, nt.probe(f"{LAST}.mlp.mul", nt.Record())])
+    assert remote.recordings() == {}
+    assert remote.backward(x, loss=nt.LogitDiff(3, 4)) == pytest.approx(local.backward(x, loss=nt.LogitDiff(3, 4)))
+
+
 # -- errors ----------------------------------------------------------------------------------------
 
 
@@ -253,11 +279,6 @@ def test_unknown_points_and_points_no_rank_sees_whole(remote):
         remote.forward(ids(9), probes=[nt.probe("model.layers.9.mlp.mul", nt.Record())])
     with pytest.raises(nt.NeurotapError, match="once per decoder layer"):
         remote.forward(ids(9), probes=[nt.probe("model.decoder_layer", nt.Record())])
-
-
-def test_backward_says_it_is_not_supported_yet(remote):
-    with pytest.raises(nt.NeurotapError, match="backward"):
-        remote.backward(ids(10), loss=nt.LogitDiff(3, 4))
 
 
 # -- faults ----------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -44,7 +44,15 @@ from ..transport.executor import (
     _staged_copy,
     error_info,
 )
-from ..transport.wire import ErrorInfo, RunRequest, RunResult, WireError, decode_request, encode_request
+from ..transport.wire import (
+    ErrorInfo,
+    RunRequest,
+    RunResult,
+    WireError,
+    decode_request,
+    encode_request,
+    logits_of,
+)
 from .pipe import Aborted, Pipe, RankFailedError, _first_line
 from .stages import Stage, build_stage, peak_rss_mb, point_owners
 
@@ -73,7 +81,7 @@ class _Rank:
     # -- inventory ---------------------------------------------------------------------------------
 
     def _take_inventory(self) -> None:
-        self.pipe.begin(generating=False)
+        self.pipe.begin("forward")
         try:
             inventory = self.model.inventory()  # every rank's dry run at once: the stand-ins pass hidden states on
         finally:
@@ -147,22 +155,20 @@ class _Rank:
             probes.append(probe(raw, _writing_to(spec.fn, ctx), grad=spec.grad))
         return probes
 
-    def run(self, request: RunRequest, seed: int) -> tuple[Any, ErrorInfo | None]:
-        """One request, in step with the other ranks; rank 0's output, or the error."""
+    def run(self, request: RunRequest, seed: int) -> tuple[Any, float | None, ErrorInfo | None]:
+        """One request, in step with the other ranks: rank 0's output and the loss, or the error."""
         self.requests += 1
         staged: dict[str, SaveContext] = {}
         kept: set[str] = set()
         try:
-            if request.op == "backward":
-                raise NeurotapError("backward is not supported on a sharded server yet; use forward and generate")
             probes = self._probes(request, staged, kept)
         except NeurotapError as error:  # the same on every rank: nothing ran, nothing to exchange
-            return None, error_info(error)
+            return None, None, error_info(error)
 
-        output, failure, failed_rank = None, None, None
-        self.pipe.begin(generating=request.op == "generate")
+        output, loss, failure, failed_rank = None, None, None, None
+        self.pipe.begin(request.op)
         try:
-            output = self._call(request, probes, seed)
+            output, loss = self._call(request, probes, seed)
         except Exception as error:
             failure = error
             seen = self.pipe.drain(error)
@@ -187,6 +193,7 @@ class _Rank:
             "failed_rank": failed_rank,
             "error": error_info(failure) if failure is not None else None,
             "sizes": sizes,
+            "loss": loss,
             "kept_bytes": sum(size for name, size in ours.items() if name not in sizes),
         }
         everyone: list[Any] = [None] * self.world
@@ -200,36 +207,46 @@ class _Rank:
         errors = [e for e in everyone if not e["ok"]]
         if errors:
             chosen = next((e for e in errors if not e["aborted"]), errors[0])
-            return None, chosen["error"]
+            return None, None, chosen["error"]
         total = sum(e["kept_bytes"] + sum(e["sizes"].values()) for e in everyone)
         if total > self.max_session_bytes:
-            return None, error_info(
-                RecordingLimitError(
-                    f"this request would bring the session's recordings to {total} bytes, over the server's "
-                    f"limit of {self.max_session_bytes} (--max-session-bytes); fetch them with recordings() and "
-                    "clear_recordings(), or reduce on the server (nt.Mean, nt.TopK, index=...)"
-                )
+            return (
+                None,
+                None,
+                error_info(
+                    RecordingLimitError(
+                        f"this request would bring the session's recordings to {total} bytes, over the server's "
+                        f"limit of {self.max_session_bytes} (--max-session-bytes); fetch them with recordings() and "
+                        "clear_recordings(), or reduce on the server (nt.Mean, nt.TopK, index=...)"
+                    )
+                ),
             )
         self.sessions.setdefault(request.session, {}).update({name: staged[name] for name in kept})
         self.sizes.setdefault(request.session, {}).update(sizes)
-        return output, None
+        return output, everyone[self.stage.split.last]["loss"], None
 
-    def _call(self, request: RunRequest, probes: list, seed: int) -> Any:
+    def _call(self, request: RunRequest, probes: list, seed: int) -> tuple[Any, float | None]:
         if request.op == "generate":
             from transformers import LogitsProcessorList
 
-            devices: list[int] = []
-            with torch.random.fork_rng(devices=devices):
+            with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)  # sampling draws the same on every rank, so all pick the same tokens
-                return self.model.generate(
+                output = self.model.generate(
                     *request.args,
                     probes=probes,
                     logits_processor=LogitsProcessorList([_SharedScores(self.pipe)]),
                     **request.kwargs,
                 )
+            return output, None
+        if request.op == "backward":
+            return self._backward(request, probes)
         with torch.no_grad():
             output = self.model.forward(*request.args, probes=probes, **request.kwargs)
-        logits = output.get("logits") if isinstance(output, dict) or hasattr(output, "keys") else None
+        return self._gathered_logits(output), None
+
+    def _gathered_logits(self, output: Any) -> Any:
+        """``output`` with, on rank 0, the last rank's logits in it."""
+        logits = output.get("logits") if isinstance(output, Mapping) else None
         if self.rank == self.stage.split.last and not isinstance(logits, torch.Tensor):
             raise NeurotapError(
                 f"a sharded forward returns a model output with logits; this one is a {type(output).__name__}"
@@ -238,6 +255,33 @@ class _Rank:
         if self.rank == 0 and received is not None:
             output["logits"] = received
         return output
+
+    def _backward(self, request: RunRequest, probes: list) -> tuple[Any, float | None]:
+        """Forward down the stages, the loss on the last, its gradient back up them, rank to rank."""
+        parameters = list(self.stage.module.parameters())
+        loss = None
+        try:
+            with torch.enable_grad():
+                output = self.model.forward(*request.args, probes=probes, **request.kwargs)
+                logits = output.get("logits") if isinstance(output, Mapping) else None
+                if self.rank == self.stage.split.last:
+                    value = request.loss(logits_of(output))
+                    loss = float(value.detach())
+                    if not value.requires_grad:
+                        raise NeurotapError("the loss does not depend on anything that requires grad")
+                    self._gathered_logits(output)  # rank 0 gets them before the gradients start back
+                    value.backward()
+                else:
+                    self._gathered_logits(output)
+                    if self.pipe.sent is not None:
+                        self.pipe.sent.backward(self.pipe.gradient_in())
+                if self.rank > 0:
+                    self.pipe.gradient_out()
+                del logits
+        finally:
+            for parameter in parameters:  # the server keeps no weight gradients between requests
+                parameter.grad = None
+        return output, loss
 
     # -- sessions ----------------------------------------------------------------------------------
 
@@ -404,8 +448,8 @@ class ShardedExecutor(Executor):
         try:
             self._command("execute", [(session, body, seed) for _, session, body, seed in send])
             for index, _session, _body, seed in send:
-                output, error = self.local.run(batch[index], seed)
-                results[index] = RunResult(output=output) if error is None else RunResult(error=error)
+                output, loss, error = self.local.run(batch[index], seed)
+                results[index] = RunResult(output=output, loss=loss) if error is None else RunResult(error=error)
         except RankFailedError as error:
             if self.failed is None:
                 self.failed = error

@@ -53,20 +53,24 @@ class Pipe(Link):
         self.world = world
         self.last = world - 1
         self.group = group
-        self.generating = False
-        self.active = False
-        self._recv = self._send = self._final = False
+        self.generating = self.backward = self.active = False
+        self._recv = self._send = self._final = self._grad_recv = self._grad_send = False
+        self.received: torch.Tensor | None = None  # what came in and went out, for the backward pass
+        self.sent: torch.Tensor | None = None
 
     # -- a pass ------------------------------------------------------------------------------------
 
-    def begin(self, generating: bool) -> None:
-        self.generating = generating
+    def begin(self, op: str) -> None:
+        """A pass of ``op``: "forward", "generate" (one step per forward) or "backward"."""
+        self.generating = op == "generate"
+        self.backward = op == "backward"
         self.active = True
         self.steps = 0
 
     def end(self) -> None:
         self.active = False
-        self.generating = False
+        self.generating = self.backward = False
+        self.received = self.sent = None  # the pass's autograd graph goes with them
 
     def new_step(self, *_: Any) -> None:
         """Called before every forward of the root module: what this step will transfer."""
@@ -76,6 +80,9 @@ class Pipe(Link):
         self._recv = self.rank > 0
         self._send = self.rank < self.last
         self._final = self.generating or self.rank in (0, self.last)
+        # a backward pass then sends gradients the other way: rank r + 1 to rank r
+        self._grad_recv = self.backward and self.rank < self.last
+        self._grad_send = self.backward and self.rank > 0
 
     def drain(self, error: BaseException) -> RankFailedError | None:
         """Complete this step's transfers after ``error``; the rank failure seen, if any."""
@@ -109,6 +116,23 @@ class Pipe(Link):
             except (RankFailedError, Aborted) as seen:
                 if isinstance(seen, RankFailedError):
                     failed = failed or seen
+        if self._grad_recv:
+            self._grad_recv = False
+            try:
+                header = self._recv_header(self.rank + 1)
+                if header[0] == OK:
+                    self._recv_tensor(header, self.rank + 1)
+                elif header[0] == RANK_FAILED and failed is None:
+                    failed = RankFailedError(_rank_of(header))
+            except RankFailedError as seen:
+                failed = failed or seen
+        if self._grad_send:
+            self._grad_send = False
+            status = (RANK_FAILED, failed.rank) if failed is not None else (ABORTED, None)
+            try:
+                self._send_header(self.rank - 1, *status)
+            except RankFailedError as seen:
+                failed = failed or seen
         return failed
 
     # -- what the stand-ins call -------------------------------------------------------------------
@@ -119,13 +143,36 @@ class Pipe(Link):
         self._recv = False
         header = self._recv_header(self.rank - 1)
         self._raise_for(header)
-        return self._recv_tensor(header, self.rank - 1)
+        received = self._recv_tensor(header, self.rank - 1)
+        if self.backward:
+            self.received = received.requires_grad_(True)  # its gradient goes back to rank - 1
+        return received
 
     def send(self, hidden: torch.Tensor) -> None:
         if not self._send:
             raise NeurotapError("the pipeline sent twice in one step")
         self._send = False
+        if self.backward:
+            self.sent = hidden  # still in this rank's autograd graph: the next rank's gradient enters here
         self._send_tensor(self.rank + 1, hidden.detach())
+
+    # -- gradients, the other way --------------------------------------------------------------------
+
+    def gradient_in(self) -> torch.Tensor:
+        """The gradient at what this rank sent on, from the next rank."""
+        self._grad_recv = False
+        header = self._recv_header(self.rank + 1)
+        self._raise_for(header)
+        return self._recv_tensor(header, self.rank + 1)
+
+    def gradient_out(self) -> None:
+        """The gradient at what this rank received, to the previous rank."""
+        self._grad_send = False
+        received = self.received
+        if received is None:
+            raise NeurotapError("the backward pass has no received hidden states to send a gradient for")
+        grad = received.grad if received.grad is not None else torch.zeros_like(received)
+        self._send_tensor(self.rank - 1, grad)
 
     # -- the last transfer of a step ---------------------------------------------------------------
 
