@@ -98,7 +98,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--max-request-memory",
         type=_bytes,
         default=limits.max_request_memory,
-        help="estimated activation memory one request may take",
+        help="estimated activation memory of one pass (requests batched together share it)",
     )
     group = parser.add_argument_group("work")
     group.add_argument("--max-batch", type=int, default=settings.max_batch, help="requests batched into one pass")

@@ -301,6 +301,7 @@ class Group:
     rows: int = 0
     longest: int = 0
     tokens: int = 0
+    cost: int = 0  # estimated activation bytes of its requests together
 
 
 def pack(
@@ -310,21 +311,27 @@ def pack(
     *,
     max_rows: int,
     max_pad_ratio: float,
+    costs: Mapping[int, int] | None = None,
+    max_cost: int | None = None,
 ) -> list[Group]:
     """The passes for the requests at ``indices``, in an order that keeps each session's requests in arrival
-    order; ``tokens`` holds the requests that may share a padded pass."""
+    order; ``tokens`` holds the requests that may share a padded pass. A pass holds requests whose ``costs``
+    (estimated activation bytes) add up to at most ``max_cost``, twice that where padding may double it."""
     groups: list[Group] = []
     last_group: dict[str, int] = {}
     for index in indices:
         request = batch[index]
         found = tokens.get(index)
         size, length = request_rows(request), found.length if found is not None else 0
+        cost = costs.get(index, 0) if costs else 0
         key = ("padded", request.op, found.key) if found is not None else batch_key(request, max_rows)
         chosen = None
         if key is not None:
             for g in range(last_group.get(request.session, -1) + 1, len(groups)):
                 group = groups[g]
                 if group.key != key or group.rows + size > max_rows:
+                    continue
+                if max_cost is not None and group.cost + cost > max_cost:
                     continue
                 if found is not None:
                     cells = (group.rows + size) * max(group.longest, length)
@@ -340,6 +347,7 @@ def pack(
         group.rows += size
         group.longest = max(group.longest, length)
         group.tokens += size * length
+        group.cost += cost
         last_group[request.session] = chosen
     return groups
 

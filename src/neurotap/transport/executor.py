@@ -249,10 +249,11 @@ class InProcessExecutor(Executor):
     def _groups(self, batch: Sequence[RunRequest], results: list) -> list[Group]:
         """The passes, in an order that keeps each session's requests in arrival order."""
         tokens: dict[int, Tokens] = {}
+        costs: dict[int, int] = {}
         lengths: dict[tuple, set[int]] = collections.defaultdict(set)
         for index, request in enumerate(batch):
             try:
-                check_request(request, self.limits, self.shape)
+                costs[index] = check_request(request, self.limits, self.shape)
             except NeurotapError as error:
                 results[index] = RunResult(error=error_info(error))
                 continue
@@ -270,7 +271,16 @@ class InProcessExecutor(Executor):
                     del tokens[index]
 
         pending = [index for index in range(len(batch)) if results[index] is None]
-        return pack(batch, pending, tokens, max_rows=self.max_batch_rows, max_pad_ratio=self.max_pad_ratio)
+        # requests that share a pass share its memory: together they stay within one request's budget
+        return pack(
+            batch,
+            pending,
+            tokens,
+            max_rows=self.max_batch_rows,
+            max_pad_ratio=self.max_pad_ratio,
+            costs=costs,
+            max_cost=self.limits.max_request_memory,
+        )
 
     # -- shape readings ------------------------------------------------------------------------------
 

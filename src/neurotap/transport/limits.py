@@ -206,8 +206,8 @@ def _size(nbytes: int) -> str:
     return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
 
 
-def check_request(request: RunRequest, limits: Limits, shape: ModelShape) -> None:
-    """Refuse a request that asks for more than ``limits``; see the module docstring."""
+def check_request(request: RunRequest, limits: Limits, shape: ModelShape) -> int:
+    """Refuse a request that asks for more than ``limits``; its estimated activation bytes otherwise."""
     for value in [*request.args, *request.kwargs.values()]:
         if isinstance(value, torch.Tensor) and value.numel() > limits.max_input_elements:
             raise RequestTooCostlyError(
@@ -257,6 +257,7 @@ def check_request(request: RunRequest, limits: Limits, shape: ModelShape) -> Non
             f"this request would need about {_size(memory)} of activations; this server allows "
             f"{_size(limits.max_request_memory)} per request (--max-request-memory): send fewer rows or tokens"
         )
+    return memory
 
 
 # -- while a request runs ------------------------------------------------------------------------------
