@@ -10,7 +10,18 @@ import pytest
 import torch
 
 import neurotap as nt
-from conftest import ARCHS, assert_clean, assert_same_output, example_inputs, snapshot_state, tiny_module, wrap_tiny
+from conftest import (
+    ARCHS,
+    SEQ,
+    Toy,
+    assert_clean,
+    assert_same_output,
+    example_inputs,
+    snapshot_state,
+    tiny_module,
+    toy_by_hand,
+    wrap_tiny,
+)
 
 POINT = "model.layers.0.mlp.mul"
 
@@ -349,3 +360,43 @@ def test_core_module_points_in_a_branch_the_dry_run_skipped() -> None:
     with pytest.raises(nt.UnknownPointError, match="alt.output"):
         model.forward(x, flag=True, probes=[nt.probe("alt.outptu", nt.Record())])
     assert_clean(module, state)
+
+
+def test_core_points_of_a_plain_module_without_an_example() -> None:
+    """Without an example, the inventory is what the code names; the first forward fills in the shapes."""
+    torch.manual_seed(0)
+    module = Toy()
+    state = snapshot_state(module)
+    model = nt.wrap(module)
+    listed = model.points()
+    module_points = {
+        f"{path}.{kind}" if path else kind for path, _ in module.named_modules() for kind in ("input", "output")
+    }
+    toy_ops = {"embed", "block", "add", "gate", "mix", "sub", "head", "truediv"}  # Toy.forward, read by eye
+    assert set(listed.names()) == module_points | toy_ops
+    assert all(p.shape is None for p in listed)
+    assert listed.names()[0] == "input" and listed.names()[-1] == "output"
+    assert listed.names().index("embed.input") < listed.names().index("embed.output")
+    assert {p.kind for p in listed if p.name in toy_ops} == {"op"}
+    x = example_inputs("toy")["x"]
+    expected = toy_by_hand(module, x)
+    with torch.no_grad(), model.patch({"block.output": nt.Record()}):  # before any forward: resolved by name
+        model.forward(x, probes=[nt.probe("add", nt.Record())])
+    assert torch.equal(model.recordings()["add"]["record"][0], expected["loop_0"])
+    assert [r.shape for r in model.recordings()["block.output"]["record"]] == [(2, SEQ, 16)] * 2
+    filled = {p.name: p for p in model.points()}
+    assert filled["block.output"].shape == (2, SEQ, 16) and filled["head.output"].shape == (2, SEQ, 4)
+    assert filled["mix.mul"].shape == (2, SEQ, 32)  # a helper's op: found once the forward ran
+    assert_clean(module, state)
+
+
+def test_core_first_plain_forward_fills_in_the_shapes() -> None:
+    torch.manual_seed(0)
+    module = Toy()
+    model = nt.wrap(module)
+    assert model.points("head.output")[0].shape is None
+    x = example_inputs("toy")["x"]
+    with torch.no_grad():
+        assert torch.equal(model(x), module(x))
+    assert model.points("head.output")[0].shape == (2, SEQ, 4)
+    assert_clean(module)

@@ -298,11 +298,6 @@ def test_core_bad_wrap_and_forward_arguments(setup) -> None:
     _assert_unharmed(model, state, baseline)
 
 
-def test_core_module_without_example_asks_for_one() -> None:
-    with pytest.raises(nt.NeurotapError, match="example"):
-        nt.wrap(nn.Linear(3, 3)).points()
-
-
 # -- forwards whose source cannot be read ---------------------------------------------------------
 
 _HIDDEN_SOURCE = """

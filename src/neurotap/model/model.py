@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from ..errors import NeurotapError, UnknownPointError
-from ..points import Attachment, Inventory, PointList, take_inventory
+from ..points import Attachment, Inventory, PointList, static_inventory, take_inventory
 from ..probes import Probe, SaveContext, probe
 from .losses import LOSSES, Loss, logits_of
 from .plan import Plan, unknown_point
@@ -65,10 +65,19 @@ class Model:
         return dict(self.inventory().aliases)
 
     def inventory(self, args: tuple = (), kwargs: Mapping[str, Any] | None = None) -> Inventory:
-        """The inventory, taken on first use from one dry run on a small example input."""
+        """The inventory, taken on first use from one dry run on a small example input.
+
+        A module with no example input (none given, no config to make one from) gets
+        the points its code names, without shapes, until a forward's inputs serve as the example.
+        """
         with self._lock:
-            if self._inventory is None:
-                call_args, call_kwargs = self._example_inputs(args, dict(kwargs or {}))
+            if self._inventory is None or not self._inventory.ran:
+                example = self._example_inputs(args, dict(kwargs or {}))
+                if example is None:
+                    if self._inventory is None:
+                        self._inventory = static_inventory(self.module)
+                    return self._inventory
+                call_args, call_kwargs = example
                 buffers = [(b, b.detach().clone()) for b in self.module.buffers()]
                 self._detach()
                 devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
@@ -82,7 +91,7 @@ class Model:
                     self._reattach()
         return self._inventory
 
-    def _example_inputs(self, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+    def _example_inputs(self, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]] | None:
         if self._example is not None:
             example = self._example
             if isinstance(example, Mapping):
@@ -96,11 +105,7 @@ class Model:
             return (), {getattr(self.module, "main_input_name", "input_ids"): ids}
         if args or kwargs:
             return args, kwargs
-        raise NeurotapError(
-            "neurotap needs one example input to list this module's points: pass it as "
-            "nt.wrap(module, example=...) (a tensor, a tuple of arguments or a dict of keyword arguments), "
-            "or call forward() with probes, whose inputs then serve as the example"
-        )
+        return None
 
     # -- running ----------------------------------------------------------------------------------
 
@@ -148,6 +153,8 @@ class Model:
                 raise TypeError(f"probes must be made with nt.probe(point, fn), got {type(p).__name__}")
         with self._lock:  # hooks are per module, not per thread: one call at a time sees the right ones
             if not probes:
+                if self._inventory is not None and not self._inventory.ran:
+                    self.inventory(args, kwargs)  # the shapes, from the first call that has inputs
                 if self._layer_plan is not None:
                     self._layer_plan.state.new_call()
                 return call(*args, **kwargs)

@@ -1,7 +1,7 @@
 """Points: where values can be tapped, how they are named, and the inventory."""
 
 from .attach import Attachment, Frame
-from .inventory import Inventory, take_inventory
+from .inventory import Inventory, static_inventory, take_inventory
 from .point import Point, PointList, split_narrowing
 from .rewrite import reset_helper_frames
 
@@ -13,5 +13,6 @@ __all__ = [
     "PointList",
     "reset_helper_frames",
     "split_narrowing",
+    "static_inventory",
     "take_inventory",
 ]

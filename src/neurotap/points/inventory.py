@@ -41,7 +41,8 @@ def _members(value: Any) -> list[tuple[int | str, Any]]:
 class Inventory:
     """What the dry run saw: the points in order, and every site that could fire."""
 
-    def __init__(self) -> None:
+    def __init__(self, ran: bool = True) -> None:
+        self.ran = ran  # False: read from the code alone, without a dry run, so shapes are unknown
         self.points: dict[str, Point] = {}
         self.static: dict[str, Point] = {}  # every module's input and output, and sites in code that ran
         self.aliases: dict[str, str] = {}  # short canonical name -> raw point name
@@ -163,6 +164,37 @@ def take_inventory(root: torch.nn.Module, run: Callable[[], Any]) -> Inventory:
     for name, point in inventory.static.items():
         inventory.static[name] = inventory.points.get(name, point)
     inventory.aliases = find_aliases(set(inventory.points) | set(inventory.static), _embedding_points(root))
+    return inventory
+
+
+def static_inventory(root: torch.nn.Module) -> Inventory:
+    """The points known without running ``root``: every module's input and output, and the ops in each forward.
+
+    Helpers that a forward calls are found only when it runs, so their ops are missing here.
+    """
+    inventory = Inventory(ran=False)
+    seen: set[int] = set()
+
+    def add(point: Point) -> None:
+        inventory.points[point.name] = inventory.static[point.name] = point
+
+    def visit(path: str, module: torch.nn.Module) -> None:
+        seen.add(id(module))
+        source = _module_source(module)
+        add(Point(join(path, "input"), "input", None, None, "", source, path))
+        function = None if forward_replaced(module) else tapped_forward(module)
+        if function is not None:
+            where = os.path.basename(function.filename)
+            for site in function.sites.values():
+                name = join(path, site.name)
+                add(Point(name, "op", None, None, "", f"{where}:{site.line}  {site.code}", path, (site.name,)))
+        for child_name, child in module.named_children():
+            if id(child) not in seen:
+                visit(join(path, child_name), child)
+        add(Point(join(path, "output"), "output", None, None, "", source, path))
+
+    visit("", root)
+    inventory.aliases = find_aliases(set(inventory.points), _embedding_points(root))
     return inventory
 
 
