@@ -281,6 +281,20 @@ def test_unknown_points_and_points_no_rank_sees_whole(remote):
         remote.forward(ids(9), probes=[nt.probe("model.decoder_layer", nt.Record())])
 
 
+def test_the_servers_limits_hold(remote):
+    with pytest.raises(nt.NeurotapError, match="max_position_embeddings"):
+        remote.forward(ids(16, rows=1, length=65))
+
+    def leave(ctx, value):
+        import sys
+
+        sys.exit(0)
+
+    with pytest.raises(nt.ProbeError, match="SystemExit"):  # fails its request, not the rank that ran it
+        remote.forward(ids(16), probes=[nt.probe(f"{LAST}.mlp.mul", leave)])
+    remote.forward(ids(16))
+
+
 # -- faults ----------------------------------------------------------------------------------------
 
 

@@ -33,7 +33,7 @@ from ..errors import NeurotapError, UnknownPointError
 from ..model import Model, wrap
 from ..points import Point, split_narrowing
 from ..points.aliases import find_aliases
-from ..probes import SaveContext, probe
+from ..probes import Patch, SaveContext, probe
 from ..transport.executor import (
     Executor,
     RecordingLimitError,
@@ -44,6 +44,7 @@ from ..transport.executor import (
     _staged_copy,
     error_info,
 )
+from ..transport.limits import Limits, ModelShape, check_request, check_selection
 from ..transport.wire import (
     ErrorInfo,
     RunRequest,
@@ -62,8 +63,11 @@ DEFAULT_RANK_TIMEOUT = 60.0
 class _Rank:
     """What every rank holds: its stage, the merged inventory, its sessions' save contexts."""
 
-    def __init__(self, folder: str, *, allow_code: bool, max_session_bytes: int, rank_timeout: float) -> None:
+    def __init__(
+        self, folder: str, *, allow_code: bool, limits: Limits, max_session_bytes: int, rank_timeout: float
+    ) -> None:
         self.rank = dist.get_rank()
+        self.limits = limits
         self.world = dist.get_world_size()
         self.allow_code = allow_code
         self.max_session_bytes = max_session_bytes
@@ -152,7 +156,7 @@ class _Rank:
                 ctx = staged[name] = _staged_copy(self.sessions.get(request.session, {}).get(name), name)
             if owners[0] == self.rank:
                 kept.add(name)  # the others' copies (glue every rank computes) run but are not kept
-            probes.append(probe(raw, _writing_to(spec.fn, ctx), grad=spec.grad))
+            probes.append(probe(raw, _writing_to(spec.fn, ctx, self.limits), grad=spec.grad))
         return probes
 
     def run(self, request: RunRequest, seed: int) -> tuple[Any, float | None, ErrorInfo | None]:
@@ -310,13 +314,19 @@ class _SharedScores:
         return self.pipe.scores(scores)
 
 
-def _writing_to(fn: Callable[..., Any], ctx: SaveContext) -> Callable[..., Any]:
-    """``fn`` writing to the request's staged context rather than the plan's."""
+def _writing_to(fn: Callable[..., Any], ctx: SaveContext, limits: Limits) -> Callable[..., Any]:
+    """``fn`` writing to the request's staged context rather than the plan's, within the server's limits."""
+    is_patch = isinstance(fn, Patch)
 
     def staged(plan_ctx: SaveContext, value: Any) -> Any:
         object.__setattr__(ctx, "call", plan_ctx.call)
         object.__setattr__(ctx, "step", plan_ctx.step)
-        return fn(ctx, value)
+        if is_patch:
+            check_selection(ctx.point, fn, value, limits)
+        try:
+            return fn(ctx, value)
+        except (SystemExit, KeyboardInterrupt) as error:  # fails the request, not the rank
+            raise RuntimeError(f"the probe raised {type(error).__name__}") from error
 
     staged.__name__ = getattr(fn, "__name__", type(fn).__name__)
     return staged
@@ -348,13 +358,20 @@ class ShardedExecutor(Executor):
         folder: str,
         *,
         allow_code: bool = False,
+        limits: Limits | None = None,
         max_session_bytes: int = 1 << 30,
         rank_timeout: float = DEFAULT_RANK_TIMEOUT,
         on_failure: Callable[[RankFailedError], None] | None = None,
     ) -> None:
+        self.limits = limits or Limits()
         self.local = _Rank(
-            folder, allow_code=allow_code, max_session_bytes=max_session_bytes, rank_timeout=rank_timeout
+            folder,
+            allow_code=allow_code,
+            limits=self.limits,
+            max_session_bytes=max_session_bytes,
+            rank_timeout=rank_timeout,
         )
+        self.shape = ModelShape.of(self.local.stage.module)
         self.rank_timeout = rank_timeout
         self.failed: RankFailedError | None = None
         self.on_failure = on_failure
@@ -436,7 +453,8 @@ class ShardedExecutor(Executor):
                     # every rank runs what these bytes decode to, rank 0 included, so all hold the same request
                     body = encode_request(request)
                     decoded = decode_request(body, allow_code=self.local.allow_code)
-                except WireError as error:
+                    check_request(decoded, self.limits, self.shape)
+                except WireError as error:  # RequestTooCostlyError included
                     results[index] = RunResult(error=error_info(error))
                     continue
                 decoded.session, decoded.deadline = request.session, request.deadline
@@ -495,9 +513,11 @@ def _unavailable(error: RankFailedError) -> ErrorInfo:
     return ErrorInfo(503, "RankFailedError", str(error))
 
 
-def follow(folder: str, *, allow_code: bool, max_session_bytes: int, rank_timeout: float) -> int:
+def follow(folder: str, *, allow_code: bool, limits: Limits, max_session_bytes: int, rank_timeout: float) -> int:
     """The loop of every rank but 0: run rank 0's commands until it says stop (or is gone)."""
-    local = _Rank(folder, allow_code=allow_code, max_session_bytes=max_session_bytes, rank_timeout=rank_timeout)
+    local = _Rank(
+        folder, allow_code=allow_code, limits=limits, max_session_bytes=max_session_bytes, rank_timeout=rank_timeout
+    )
     while True:
         try:
             command = _broadcast(None)

@@ -102,11 +102,13 @@ def rank_main(argv: list[str] | None = None) -> int:
         # the launcher forwards SIGTERM to every rank at once; rank 0 finishes its requests and then says stop
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        from ..cli.serve import settings_of
         from .executor import follow
 
         return follow(
             args.model,
             allow_code=args.allow_code,
+            limits=settings_of(args, []).limits,
             max_session_bytes=args.max_session_bytes,
             rank_timeout=args.rank_timeout,
         )
@@ -128,6 +130,7 @@ def _serve(args: argparse.Namespace) -> int:
         executor = ShardedExecutor(
             args.model,
             allow_code=args.allow_code,
+            limits=settings.limits,
             max_session_bytes=args.max_session_bytes,
             rank_timeout=args.rank_timeout,
             on_failure=exit_soon(0.5, args.rank_timeout),
