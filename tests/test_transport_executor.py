@@ -391,3 +391,17 @@ def test_a_value_laid_out_otherwise_than_read_falls_back_to_its_own_length():
     ]
     run_toy(executor, batch, toy)
     assert (executor.passes, executor.padded_passes) == (3, 1), "the padded try, then each length on its own"
+
+
+def test_requests_in_one_pass_share_the_memory_budget(module):
+    from neurotap.transport.limits import Limits, ModelShape, estimate
+
+    batch = requests()
+    together = sum(estimate(r, ModelShape.of(module))[1] for r in batch)
+    executor = InProcessExecutor(nt.wrap(module), limits=Limits(max_request_memory=together - 1))
+    results = executor.execute(batch)
+    assert executor.passes == 2, "four requests that do not fit the budget together take two passes"
+    for request, result in zip(batch, results):
+        output, recordings = alone(module, request)
+        assert_same(result.output["logits"], output.logits)
+        assert_same(executor.recordings(request.session), recordings)
