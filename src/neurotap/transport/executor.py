@@ -179,6 +179,7 @@ class InProcessExecutor(Executor):
         self._pads = "attention_mask" in parameters and (self._max_positions or 8) >= PADDED_READING[1]
         self._takes_positions = "position_ids" in parameters
         self._pad_id = pad_id(config, model.tokenizer)
+        self._device = _input_device(model.module)
         self._readings: dict[tuple, Readings] = {}
         # checked before every forward and every layer, so that a long pass stops soon after its time is up
         # (or its clients left) instead of holding every request queued behind it
@@ -257,6 +258,9 @@ class InProcessExecutor(Executor):
             except NeurotapError as error:
                 results[index] = RunResult(error=error_info(error))
                 continue
+            if self._device is not None:  # inputs arrive on the CPU; the model may sit on a GPU
+                request.args = tuple(_to(v, self._device) for v in request.args)
+                request.kwargs = {k: _to(v, self._device) for k, v in request.kwargs.items()}
             found = self._tokens(request)
             if found is not None:
                 tokens[index] = found
@@ -592,6 +596,20 @@ def _staged_copy(ctx: SaveContext | None, name: str) -> SaveContext:
     if ctx is not None:
         staged._data.update({k: list(v) if isinstance(v, list) else v for k, v in ctx._data.items()})
     return staged
+
+
+def _input_device(module: torch.nn.Module) -> torch.device | None:
+    """Where the model reads its inputs (its embeddings, with accelerate's device_map); None for the CPU."""
+    embeddings = getattr(module, "get_input_embeddings", None)
+    try:
+        weight = embeddings().weight if embeddings is not None else next(module.parameters())
+    except (StopIteration, AttributeError, NotImplementedError):
+        return None
+    return None if weight.device.type in ("cpu", "meta") else weight.device
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    return value.to(device) if isinstance(value, torch.Tensor) else value
 
 
 def _checkpoints(module: torch.nn.Module) -> list[torch.nn.Module]:
