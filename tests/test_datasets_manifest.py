@@ -183,6 +183,7 @@ def test_two_shards_that_are_one_file_are_refused(acts: Path, model: nt.Model, o
         opener(acts, model)
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are a POSIX file type")
 def test_a_shard_that_is_not_a_regular_file_is_refused(acts: Path) -> None:
     (acts / "shard-00002.safetensors").unlink()
     os.mkfifo(acts / "shard-00002.safetensors")  # opening it to read would block forever
@@ -304,6 +305,33 @@ def test_resuming_checks_the_shapes_against_the_model(acts: Path, model: nt.Mode
     ActivationDataset(acts)
     with pytest.raises(CorruptDatasetError, match=r"shapes\['model\.layers\.0\.output'\] = \[8, 8\], but the model"):
         _resume(acts, model)
+
+
+# -- the folder and its lock -----------------------------------------------------------------------
+
+
+def test_a_failed_start_in_a_given_empty_folder_leaves_it_empty(model: nt.Model, tmp_path: Path) -> None:  # noqa: F811
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    with pytest.raises(nt.NeurotapError, match=r"\[batch, sequence"):  # found by the first forward, in the folder
+        collect(model, ["model.layers.0.self_attn.attention_interface.softmax"], folder, **ARGUMENTS)
+    assert folder.is_dir() and not list(folder.iterdir())
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="advisory locks are POSIX")
+def test_a_folder_locked_by_another_run_is_refused_and_its_lock_kept(model: nt.Model, tmp_path: Path) -> None:  # noqa: F811
+    import fcntl
+
+    folder = tmp_path / "acts"
+    folder.mkdir()
+    with open(folder / ".lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(nt.NeurotapError, match=f"another collect is writing to {folder}"):
+            collect(model, [LAYER0], folder, **ARGUMENTS)
+        assert (folder / ".lock").exists()
+    assert not (folder / "manifest.json").exists()
+    collect(model, [LAYER0], folder, **ARGUMENTS)  # once released, the folder is free
+    assert not (folder / ".lock").exists()
 
 
 # -- the command line ----------------------------------------------------------------------------------
