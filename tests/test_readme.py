@@ -25,3 +25,27 @@ def test_readme_local_examples_run():
     assert "nt.load(" in script and "m.patch(" in script and "grad=True" in script
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_readme_remote_example_runs_where_the_model_never_loaded():
+    from serving import Server
+
+    text = README.read_text()
+    serving = text[text.index("## Serving a model") :]
+    script = re.findall(r"```python\n(.*?)```", serving, flags=re.S)[0]
+    # the client process may not load a model: what it knows of the model comes from the server
+    guard = (
+        "import transformers\n"
+        "def refuse(*args, **kwargs):\n"
+        "    raise AssertionError('the client loaded a model')\n"
+        "transformers.PreTrainedModel.from_pretrained = classmethod(refuse)\n"
+    )
+    check = "\nassert rm.decode(out.logits[0, -1].argmax()) == ' Paris', rm.decode(out.logits[0, -1].argmax())\n"
+    server = Server("smollm2-135m")
+    try:
+        script = guard + script.replace("http://127.0.0.1:8000", server.url) + check
+        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+    finally:
+        server.stop()

@@ -27,10 +27,21 @@ KEY = nt.Record().key
 MUL = "model.layers.0.mlp.mul"
 
 
+WORDS = "the a of to and in is it that was capital france paris city river old new".split()
+
+
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
+    """The tiny Llama with a word-level tokenizer, so that text works remotely as locally."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
     path = tmp_path_factory.mktemp("tiny")
     tiny_llama().save_pretrained(path)
+    vocab = {word: i for i, word in enumerate(["<unk>", "<pad>", *WORDS])}
+    words = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>", pad_token="<pad>").save_pretrained(path)
     return path
 
 
@@ -611,3 +622,22 @@ def test_launch_and_connect_starts_then_reuses(folder, tmp_path, monkeypatch, lo
 
         while client._launched:
             client._launched.pop().wait(30)
+
+
+def test_the_server_tokenizer_and_text_inputs(remote, local):
+    texts = ["the capital of france is", "paris is an old city", "of the river"]
+    assert all(remote.tokenizer(t).input_ids == local.tokenizer(t).input_ids for t in texts)
+    ids_ = remote.encode(texts[0])
+    assert torch.equal(ids_, local.tokenizer(texts[0], return_tensors="pt").input_ids)
+    assert remote.decode(ids_) == local.tokenizer.decode(ids_[0])
+    with torch.no_grad():
+        same(remote.forward(texts[0]).logits, local.module(ids_).logits)
+        batch = local.tokenizer(texts, return_tensors="pt", padding=True)
+        same(remote.forward(texts).logits, local.module(**batch).logits)
+        local.tokenizer.padding_side = "left"
+        left = local.tokenizer(texts, return_tensors="pt", padding=True)
+        local.tokenizer.padding_side = "right"
+        expected = local.module.generate(**left, max_new_tokens=3, do_sample=False)
+    assert torch.equal(remote.generate(texts, max_new_tokens=3, do_sample=False), expected)
+    with pytest.raises(TypeError, match="token ids"):
+        remote.forward(3.5)

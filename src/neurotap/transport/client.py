@@ -14,7 +14,9 @@ Differences from a local ``nt.Model``:
 - ``get_parameter`` returns a detached copy, not the live parameter.
 - ``patch()`` validates point names when the block is entered, and its patches
   travel with every request made inside the block.
-- No tokenizer on the client side: send token ids.
+- ``rm.tokenizer`` is the server's tokenizer, rebuilt from its files (no pickle);
+  ``rm.encode(text)`` / ``rm.decode(ids)``, and text in place of token ids in
+  ``forward``, ``generate`` and ``backward``, use it.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from .wire import (
     ProbeSpec,
     RunRequest,
     WireError,
+    build_tokenizer,
     decode,
     encode_request,
     read_frames,
@@ -143,7 +146,7 @@ class RemoteModel:
         except BaseException:
             self._http.close()
             raise
-        self.tokenizer = None
+        self._tokenizer: list = []  # fetched on first use
 
     def _open(self) -> None:
         import httpx
@@ -208,6 +211,51 @@ class RemoteModel:
             if base not in self._known:
                 raise unknown_point(base, self._known)
 
+    # -- text ------------------------------------------------------------------------------------
+
+    @property
+    def tokenizer(self) -> Any:
+        """The server's tokenizer, rebuilt here from its files (no pickle); None if the model has none."""
+        if not self._tokenizer:
+            response = self._http.get("/v1/tokenizer")
+            _raise_for(response)
+            described = response.json()["tokenizer"]
+            self._tokenizer.append(build_tokenizer(described) if described is not None else None)
+        return self._tokenizer[0]
+
+    def encode(self, text: str) -> torch.Tensor:
+        """Token ids ``[1, n]`` of ``text``, as the server's model reads them."""
+        return self._require_tokenizer()(text, return_tensors="pt").input_ids
+
+    def decode(self, ids: Any) -> str:
+        """The text of token ids (a tensor or a list; the first row of a ``[1, n]`` tensor)."""
+        if isinstance(ids, torch.Tensor) and ids.dim() == 2 and ids.shape[0] == 1:
+            ids = ids[0]
+        return self._require_tokenizer().decode(ids)
+
+    def _require_tokenizer(self) -> Any:
+        if self.tokenizer is None:
+            raise NeurotapError("the server's model has no tokenizer: send token ids (a LongTensor) instead of text")
+        return self.tokenizer
+
+    def _text_to_ids(self, op: str, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+        """Text in the first argument becomes token ids (and a mask, for several texts of different lengths)."""
+        if not args or not (
+            isinstance(args[0], str)
+            or (isinstance(args[0], list) and args[0] and all(isinstance(t, str) for t in args[0]))
+        ):
+            return args, kwargs
+        tokenizer = self._require_tokenizer()
+        if isinstance(args[0], str):
+            return (tokenizer(args[0], return_tensors="pt").input_ids, *args[1:]), kwargs
+        side = tokenizer.padding_side
+        tokenizer.padding_side = "left" if op == "generate" else "right"  # generation continues every row's end
+        try:
+            encoded = tokenizer(args[0], return_tensors="pt", padding=True)
+        finally:
+            tokenizer.padding_side = side
+        return (encoded.input_ids, *args[1:]), {"attention_mask": encoded.attention_mask, **kwargs}
+
     # -- running ---------------------------------------------------------------------------------
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -247,6 +295,11 @@ class RemoteModel:
         for p in probes:
             if not isinstance(p, Probe):
                 raise TypeError(f"probes must be made with nt.probe(point, fn), got {type(p).__name__}")
+        args, kwargs = self._text_to_ids(op, tuple(args), dict(kwargs))
+        if args and not isinstance(args[0], torch.Tensor):
+            raise TypeError(
+                f"pass token ids (a LongTensor) or text as the first argument, not a {type(args[0]).__name__}"
+            )
         every = [p for layer in self._layers for p in layer] + list(probes)
         request = RunRequest(
             op,

@@ -52,7 +52,16 @@ from .batching import (
     tokens_of,
 )
 from .limits import Limits, ModelShape, RequestTooCostlyError, check_request, check_selection
-from .wire import CodeNotAllowedError, ErrorInfo, Output, RunRequest, RunResult, WireError, logits_of
+from .wire import (
+    CodeNotAllowedError,
+    ErrorInfo,
+    Output,
+    RunRequest,
+    RunResult,
+    WireError,
+    describe_tokenizer,
+    logits_of,
+)
 
 
 class RequestTimeoutError(NeurotapError, TimeoutError):
@@ -117,6 +126,10 @@ class Executor(abc.ABC):
     @abc.abstractmethod
     def aliases(self) -> dict[str, str]:
         """Short canonical point names -> raw point names."""
+
+    def tokenizer(self) -> dict[str, Any] | None:
+        """The model's tokenizer as plain JSON (:func:`.wire.describe_tokenizer`); None if it has none."""
+        return None
 
     @abc.abstractmethod
     def execute(self, batch: Sequence[RunRequest]) -> list[RunResult]:
@@ -211,6 +224,9 @@ class InProcessExecutor(Executor):
 
     def get_parameter(self, name: str) -> torch.Tensor:
         return self.model.get_parameter(name).detach()
+
+    def tokenizer(self) -> dict[str, Any] | None:
+        return describe_tokenizer(self.model.tokenizer) if self.model.tokenizer is not None else None
 
     # -- sessions ------------------------------------------------------------------------------------
 

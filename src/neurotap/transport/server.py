@@ -12,6 +12,7 @@ when the server has tokens, ``Authorization: Bearer <token>``):
 - ``GET /v1/recordings?point=``: the session's save contexts, streamed as frames
 - ``DELETE /v1/recordings``: clear them
 - ``GET /v1/parameters/{name}``: one parameter (a wire message)
+- ``GET /v1/tokenizer``: the model's tokenizer as JSON (``{"tokenizer": null}`` without one)
 - ``GET /docs``, ``GET /openapi.json``: only on a server without tokens
 
 What a client cannot do, whatever it sends:
@@ -412,6 +413,16 @@ def create_app(executor: Executor, settings: ServerSettings) -> Any:
         state.check(request)
         return await on_worker(executor.aliases)
 
+    tokenizer_json: list[str] = []  # described once: a large tokenizer takes a while to serialise
+
+    @app.get("/v1/tokenizer")
+    async def tokenizer(request: Request) -> Response:
+        state.check(request)
+        if not tokenizer_json:
+            described = await on_worker(executor.tokenizer)
+            tokenizer_json.append(await asyncio.to_thread(json.dumps, {"tokenizer": described}))
+        return Response(tokenizer_json[0], media_type="application/json")
+
     @app.post("/v1/sessions", status_code=201)
     async def open_session(request: Request) -> dict[str, str]:
         return {"session": state.open_session(state.check(request))}
@@ -607,6 +618,7 @@ def serve(executor: Executor, settings: ServerSettings, *, host: str = "127.0.0.
         log.propagate = False
     sock = bind(host, port)
     actual_port = sock.getsockname()[1]
+    executor.points(None)  # the inventory's dry run happens now, not in the first client's request
     bound = [host.strip("[]")]
     if host in ("0.0.0.0", "::"):
         bound.append(socket.gethostname())  # other names and addresses: --allow-host

@@ -41,6 +41,12 @@ bounded separately, by the server's limits (:mod:`.limits`).
 A message's safetensors header is at most :data:`MAX_HEADER_BYTES` and its JSON
 document at most :data:`MAX_DOCUMENT_BYTES`, whatever the size of its tensors.
 
+A model's tokenizer travels as plain JSON (``GET /v1/tokenizer``, see
+:func:`describe_tokenizer`): the ``tokenizers`` library's own serialisation of
+it (``tokenizer.json``), its special tokens, maximum length, padding side and
+chat template. The client rebuilds a fast tokenizer from that; nothing is
+pickled, and models whose tokenizer is not a fast one send ``null``.
+
 Every request carries the header ``X-Neurotap-Protocol: 1``; a server speaking
 another version refuses it with a message saying which side to upgrade. Errors
 come back as JSON ``{"error": type, "message": ..., "traceback": ... | null}``.
@@ -602,3 +608,36 @@ def decode_request(data: bytes, *, allow_code: bool) -> RunRequest:
                 raise WireError(f"a probe's fn must be a patch ({{'$patch': ...}}) or code, got {_short(raw['fn'])}")
         probes.append(ProbeSpec(point, fn, grad))
     return RunRequest(op, tuple(args), kwargs, probes, outputs, loss)
+
+
+# -- tokenizers -------------------------------------------------------------------------------------
+
+
+def describe_tokenizer(tokenizer: Any) -> dict[str, Any] | None:
+    """A fast tokenizer as plain JSON (see the module docstring); None for one without a ``tokenizers`` backend."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    length = getattr(tokenizer, "model_max_length", None)
+    return {
+        "tokenizer_json": backend.to_str(),
+        "special_tokens": {k: str(v) for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)},
+        "model_max_length": length if isinstance(length, int) and length < 2**31 else None,
+        "padding_side": getattr(tokenizer, "padding_side", "right"),
+        "chat_template": tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None,
+    }
+
+
+def build_tokenizer(description: Mapping[str, Any]) -> Any:
+    """The tokenizer that :func:`describe_tokenizer` described, as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    extra = {"model_max_length": description["model_max_length"]} if description.get("model_max_length") else {}
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(description["tokenizer_json"]),
+        padding_side=description.get("padding_side") or "right",
+        chat_template=description.get("chat_template"),
+        **{k: v for k, v in description.get("special_tokens", {}).items() if k.endswith("_token")},
+        **extra,
+    )
