@@ -407,7 +407,9 @@ def test_cli_and_lazy_exports() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONWARNINGS": "error"})
 
 
-def test_collect_through_a_real_server(tiny: Path, model: nt.Model, tmp_path: Path) -> None:
+def test_collect_through_a_real_server(
+    tiny: Path, model: nt.Model, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     from neurotap.cli import main
 
     server = subprocess.Popen(
@@ -437,6 +439,12 @@ def test_collect_through_a_real_server(tiny: Path, model: nt.Model, tmp_path: Pa
         assert (
             main(["collect", "--model", str(tiny), "--server", url, "--out", str(tmp_path / "remote"), *arguments]) == 0
         )
+        # refused as locally, before a folder is made
+        long = ["collect", "--model", str(tiny), "--server", url, "--out", str(tmp_path / "long"), *arguments]
+        capsys.readouterr()
+        assert main([*long, "--seq-len", "4096"]) == 2
+        assert "seq_len 4096 is longer than the model's 2048 positions" in capsys.readouterr().err
+        assert not (tmp_path / "long").exists()
     finally:
         server.terminate()
         server.wait(30)

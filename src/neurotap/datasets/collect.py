@@ -161,13 +161,25 @@ def check_out_folder(folder: Path) -> None:
 
 
 def _check_positions(model: Any, seq_len: int) -> None:
-    config = getattr(getattr(model, "module", None), "config", None) if isinstance(model, Model) else None
-    positions = getattr(config, "max_position_embeddings", None)
-    if isinstance(positions, int) and seq_len > positions:
+    positions = _max_positions(model)
+    if isinstance(positions, int) and not isinstance(positions, bool) and seq_len > positions:
         raise DatasetError(
             f"seq_len {seq_len} is longer than the model's {positions} positions (max_position_embeddings in its "
             f"config); give a seq_len (--seq-len) of at most {positions}"
         )
+
+
+def _max_positions(model: Any) -> Any:
+    if isinstance(model, Model):
+        return getattr(getattr(model.module, "config", None), "max_position_embeddings", None)
+    info = getattr(model, "info", None)  # a remote model: the server says, so that no folder is made for nothing
+    if not callable(info):
+        return None
+    try:
+        facts = info()
+    except NeurotapError:
+        return None  # the server refuses such inputs itself
+    return facts.get("max_position_embeddings") if isinstance(facts, dict) else None
 
 
 def _check_arguments(points: list[str], seq_len: int, batch_size: int, tokens: int | None, dtype: str, mb: float):
