@@ -4,10 +4,11 @@ Prints:
 - remote forward overhead on loopback over the same local call (tiny model; goal <= 5 ms)
 - throughput of 8 concurrent clients over the same requests sent one at a time (goal >= 3x), with inputs of
   one length (64) and of mixed lengths (16 to 64, run as padded passes)
+- the same for greedy generate of 16 tokens, each client zeroing its own unit (goal >= 2.5x on the tiny model)
 - bytes for "mean over positions of every layer's residual" against shipping the full activations
 
 Random models, built here; the server is a real ``neurotap serve`` process on 127.0.0.1.
-Run: python bench/bench_remote.py
+Run: python bench/bench_remote.py [overhead] [forward] [generate] [bytes]  (default: all)
 """
 
 from __future__ import annotations
@@ -91,12 +92,12 @@ def overhead(folder: str) -> None:
         server.stop()
 
 
-def throughput(folder: str, vocab: int, mixed: bool = False) -> None:
+def throughput(folder: str, vocab: int, mixed: bool = False, generate: bool = False) -> None:
     server = Server(folder)
     clients, per_client = 8, 6
 
     def length(c: int, k: int) -> int:
-        return 16 + (7 * c + 13 * k) % 49 if mixed else 64
+        return 16 + (7 * c + 13 * k) % 49 if mixed else 16 if generate else 64
 
     work = [
         [
@@ -106,16 +107,24 @@ def throughput(folder: str, vocab: int, mixed: bool = False) -> None:
         for c in range(clients)
     ]
     probes = [nt.probe("model.layers.1.mlp.mul", nt.Mean(dims=(0, 1)))]
+
+    def send(rm: nt.RemoteModel, c: int, ids: torch.Tensor) -> None:
+        if generate:
+            zero = [nt.probe("model.layers.1.mlp.mul", nt.Zero(index=(..., c)))]
+            rm.generate(ids, probes=zero, max_new_tokens=16, min_new_tokens=16, do_sample=False)
+        else:
+            rm.forward(ids, probes=probes, outputs=["logits"])
+
     try:
         remotes = [nt.connect(server.url) for _ in range(clients)]
-        for rm in remotes:
-            rm.forward(work[0][0], probes=probes, outputs=[])
+        for c, rm in enumerate(remotes):
+            send(rm, c, work[0][0])
 
         def sequential() -> float:
             start = time.perf_counter()
             for c in range(clients):
                 for ids in work[c]:
-                    remotes[0].forward(ids, probes=probes, outputs=["logits"])
+                    send(remotes[0], c, ids)
             return clients * per_client / (time.perf_counter() - start)
 
         def concurrent() -> float:
@@ -124,7 +133,7 @@ def throughput(folder: str, vocab: int, mixed: bool = False) -> None:
             def run(c: int) -> None:
                 barrier.wait()
                 for ids in work[c]:
-                    remotes[c].forward(ids, probes=probes, outputs=["logits"])
+                    send(remotes[c], c, ids)
 
             threads = [threading.Thread(target=run, args=(c,)) for c in range(clients)]
             for t in threads:
@@ -141,10 +150,12 @@ def throughput(folder: str, vocab: int, mixed: bool = False) -> None:
             rates_conc.append(concurrent())
         info = remotes[0].info()
         seq, conc = statistics.median(rates_seq), statistics.median(rates_conc)
-        shape = "[1, 16..64] (mixed)" if mixed else "[1, 64]"
+        shape = "[1, 16..64] (mixed)" if mixed else "[1, 16]" if generate else "[1, 64]"
+        what = "greedy generates of 16 tokens with a Zero patch" if generate else "forwards with a Mean probe"
         print(
-            f"throughput, {os.path.basename(folder)} model, {shape} forwards with a Mean probe: "
-            f"sequential {seq:.1f} req/s, 8 clients {conc:.1f} req/s, ratio {conc / seq:.2f}x (goal >= 3x); "
+            f"throughput, {os.path.basename(folder)} model, {shape} {what}: "
+            f"sequential {seq:.1f} req/s, 8 clients {conc:.1f} req/s, ratio {conc / seq:.2f}x "
+            f"(goal >= {2.5 if generate else 3}x); "
             f"{info['requests']} requests ran in {info['passes']} passes, {info['padded_passes']} of them padded"
         )
         for rm in remotes:
@@ -179,11 +190,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tiny = save_model(os.path.join(tmp, "tiny"), hidden=64, layers=2, vocab=128)
         small = save_model(os.path.join(tmp, "small"), hidden=256, layers=6, vocab=2048)
-        overhead(tiny)
-        for mixed in (False, True):
-            throughput(tiny, 128, mixed)
-            throughput(small, 2048, mixed)
-        wire_bytes(small, 2048, 6)
+        wanted = set(sys.argv[1:]) or {"overhead", "forward", "generate", "bytes"}
+        if "overhead" in wanted:
+            overhead(tiny)
+        if "forward" in wanted:
+            for mixed in (False, True):
+                throughput(tiny, 128, mixed)
+                throughput(small, 2048, mixed)
+        if "generate" in wanted:
+            throughput(tiny, 128, generate=True)
+            throughput(small, 2048, generate=True)
+        if "bytes" in wanted:
+            wire_bytes(small, 2048, 6)
 
 
 if __name__ == "__main__":

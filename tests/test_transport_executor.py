@@ -405,3 +405,31 @@ def test_requests_in_one_pass_share_the_memory_budget(module):
         output, recordings = alone(module, request)
         assert_same(result.output["logits"], output.logits)
         assert_same(executor.recordings(request.session), recordings)
+
+
+def test_greedy_generations_share_a_pass_and_each_stops_where_it_would_alone(module):
+    mul = "model.layers.0.mlp.mul"
+    prompts = [ids(30 + k, rows=1 + k % 2) for k in range(4)]
+    with torch.no_grad():
+        first = nt.wrap(module).generate(prompts[0], max_new_tokens=8, do_sample=False)
+    eos = [int(first[0, prompts[0].shape[1] + 2])]  # the first request ends at its third token
+    settings = {"max_new_tokens": 8, "do_sample": False, "eos_token_id": eos, "pad_token_id": 0}
+    batch = [
+        RunRequest("generate", (prompts[0],), dict(settings), [ProbeSpec(mul, nt.Record())], session="a"),
+        RunRequest("generate", (prompts[1],), dict(settings), [ProbeSpec(mul, nt.Zero(index=(..., 3)))], session="b"),
+        RunRequest("generate", (prompts[2],), dict(settings), [ProbeSpec(mul, nt.Mean(dims=(0, 1)))], session="c"),
+        RunRequest("generate", (prompts[3],), dict(settings), [], session="d"),
+    ]
+    executor = InProcessExecutor(nt.wrap(module))
+    results = executor.execute(batch)
+    assert executor.passes == 1
+    for request, result in zip(batch, results):
+        assert result.error is None, result.error
+        model = nt.wrap(module)
+        with torch.no_grad():
+            expected = model.generate(
+                *request.args, probes=[nt.probe(s.point, s.fn) for s in request.probes], **request.kwargs
+            )
+        assert torch.equal(result.output, expected)
+        assert_same(executor.recordings(request.session), {n: dict(c) for n, c in model.recordings().items()})
+    assert results[0].output.shape[1] == prompts[0].shape[1] + 3

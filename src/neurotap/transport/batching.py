@@ -24,8 +24,12 @@ A probe at a value without the batch dimension in front (rotary tables, shared
 masks) raises :class:`Unbatchable`; the executor then runs the pass's requests
 apart (those of a padded pass in unpadded passes, one per input length). Any
 other failure that cannot be pinned on one request runs each request on its own.
-Generation never shares a pass: rows that finish early would change the other
-rows' steps.
+Greedy generations of one prompt length and the same settings share a pass
+too (:func:`shared_generation`): the rows are independent, a row that finishes
+early only pads, and each request's probes stop firing, and its output is cut,
+at the step where all its rows had finished, so it gets exactly what it gets
+alone. Sampled and beam-search generations run alone, since their random draws
+and beams depend on the whole batch.
 """
 
 from __future__ import annotations
@@ -210,10 +214,25 @@ def request_length(request: RunRequest) -> int:
     return _first_size(request, 1, 0)
 
 
-def batch_key(request: RunRequest, max_rows: int) -> tuple | None:
-    """Requests with equal keys can share one pass unpadded; None: this one runs alone."""
+_GREEDY_ONLY = (
+    "return_dict_in_generate",
+    "output_scores",
+    "output_logits",
+    "output_attentions",
+    "output_hidden_states",
+)
+
+
+def batch_key(request: RunRequest, max_rows: int, *, greedy_default: bool = True) -> tuple | None:
+    """Requests with equal keys can share one pass unpadded; None: this one runs alone.
+
+    ``greedy_default``: whether the model generates greedily when a request does not say.
+    """
     if request.op == "generate":
-        return None  # rows that finish early would change the other rows' steps
+        kwargs = request.kwargs
+        sampled = kwargs.get("do_sample", not greedy_default) or (kwargs.get("num_beams") or 1) > 1
+        if sampled or (kwargs.get("num_return_sequences") or 1) > 1 or any(kwargs.get(k) for k in _GREEDY_ONLY):
+            return None
     rows = None
     signature = []
     named = [(None, v) for v in request.args] + sorted(request.kwargs.items(), key=lambda kv: kv[0])
@@ -223,7 +242,7 @@ def batch_key(request: RunRequest, max_rows: int) -> tuple | None:
                 return None
             rows = value.shape[0]
             signature.append((name, "tensor", str(value.dtype), tuple(value.shape[1:])))
-        elif _is_plain(value):
+        elif _is_plain(value) or (isinstance(value, list) and all(_is_plain(v) for v in value)):
             signature.append((name, "value", json.dumps(value)))
         else:
             return None
@@ -313,6 +332,7 @@ def pack(
     max_pad_ratio: float,
     costs: Mapping[int, int] | None = None,
     max_cost: int | None = None,
+    greedy_default: bool = True,
 ) -> list[Group]:
     """The passes for the requests at ``indices``, in an order that keeps each session's requests in arrival
     order; ``tokens`` holds the requests that may share a padded pass. A pass holds requests whose ``costs``
@@ -324,7 +344,11 @@ def pack(
         found = tokens.get(index)
         size, length = request_rows(request), found.length if found is not None else 0
         cost = costs.get(index, 0) if costs else 0
-        key = ("padded", request.op, found.key) if found is not None else batch_key(request, max_rows)
+        key = (
+            ("padded", request.op, found.key)
+            if found is not None
+            else batch_key(request, max_rows, greedy_default=greedy_default)
+        )
         chosen = None
         if key is not None:
             for g in range(last_group.get(request.session, -1) + 1, len(groups)):
@@ -394,3 +418,23 @@ def concatenated(requests: list[RunRequest]) -> tuple[tuple, dict[str, Any]]:
         for name, value in first.kwargs.items()
     }
     return args, kwargs
+
+
+def shared_generation(prompt: int, row_slices: list[slice], eos: list[int]) -> tuple[Any, list[int | None]]:
+    """A stopping criterion for a shared greedy generation that stops nothing but notes, for each request,
+    how many tokens it had generated when all its rows had produced an end-of-sequence token."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    finished: list[int | None] = [None] * len(row_slices)
+
+    class Watch(StoppingCriteria):
+        def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+            generated = input_ids[:, prompt:]
+            if eos:
+                ended = torch.isin(generated, torch.tensor(eos, device=generated.device)).any(dim=1)
+                for k, rows in enumerate(row_slices):
+                    if finished[k] is None and bool(ended[rows].all()):
+                        finished[k] = generated.shape[1]
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([Watch()]), finished

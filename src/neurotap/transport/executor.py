@@ -49,6 +49,7 @@ from .batching import (
     request_length,
     request_rows,
     rows_of,
+    shared_generation,
     tokens_of,
 )
 from .limits import Limits, ModelShape, RequestTooCostlyError, check_request, check_selection
@@ -193,6 +194,10 @@ class InProcessExecutor(Executor):
         self._takes_positions = "position_ids" in parameters
         self._pad_id = pad_id(config, model.tokenizer)
         self._device = _input_device(model.module)
+        generation = getattr(model.module, "generation_config", None)
+        self._greedy = not getattr(generation, "do_sample", False) and (getattr(generation, "num_beams", 1) or 1) == 1
+        eos = getattr(generation, "eos_token_id", None)
+        self._eos = [eos] if isinstance(eos, int) else list(eos or [])
         self._readings: dict[tuple, Readings] = {}
         # checked before every forward and every layer, so that a long pass stops soon after its time is up
         # (or its clients left) instead of holding every request queued behind it
@@ -300,6 +305,7 @@ class InProcessExecutor(Executor):
             max_pad_ratio=self.max_pad_ratio,
             costs=costs,
             max_cost=self.limits.max_request_memory,
+            greedy_default=self._greedy,
         )
 
     # -- shape readings ------------------------------------------------------------------------------
@@ -379,7 +385,7 @@ class InProcessExecutor(Executor):
                 elif isinstance(error, Unbatchable) and padded and len({request_length(batch[i]) for i in pending}) > 1:
                     by_key: dict[Any, list[int]] = {}
                     for index in pending:  # a pass's requests come from different sessions: any order will do
-                        key = batch_key(batch[index], self.max_batch_rows)
+                        key = batch_key(batch[index], self.max_batch_rows, greedy_default=self._greedy)
                         by_key.setdefault(key if key is not None else ("alone", index), []).append(index)
                     for indices in by_key.values():
                         self._run_group(batch, indices, results, False)
@@ -401,6 +407,12 @@ class InProcessExecutor(Executor):
         readings = self._readings[tokens[0].key] if padded else None
         staged: list[dict[str, SaveContext]] = [{} for _ in requests]
         meters = [_Meter(self.max_session_bytes) for _ in requests]
+        generating = shared and requests[0].op == "generate"
+        if generating:  # each request stops where it would have stopped alone
+            first = requests[0]
+            prompt = (first.args[0] if first.args else first.kwargs["input_ids"]).shape[1]
+            eos = first.kwargs.get("eos_token_id", self._eos)
+            watch, finished = shared_generation(prompt, row_slices, [eos] if isinstance(eos, int) else list(eos))
 
         probes = []
         for k, request in enumerate(requests):
@@ -412,7 +424,8 @@ class InProcessExecutor(Executor):
                 elif shared:
                     view = View(row_slices[k], total)
                 name = spec.point + ".grad" if spec.grad else spec.point
-                isolated = self._isolated(spec.fn, k, request.session, name, staged[k], view, meters[k])
+                done = (lambda k=k: finished[k] is not None) if generating else None
+                isolated = self._isolated(spec.fn, k, request.session, name, staged[k], view, meters[k], done)
                 probes.append(probe(spec.point, isolated, grad=spec.grad))
         by_name = False
         if padded:
@@ -428,6 +441,9 @@ class InProcessExecutor(Executor):
         def part_of(output: Any, k: int) -> Any:
             if padded:
                 return cut(output, readings.output, row_slices[k], tokens[k].length)
+            if generating:
+                mine = output[row_slices[k]]
+                return mine if finished[k] is None else mine[:, : prompt + finished[k]]
             return rows_of(output, row_slices[k], total) if shared else output
 
         now = time.time()
@@ -442,7 +458,8 @@ class InProcessExecutor(Executor):
         try:
             op = requests[0].op
             if op == "generate":
-                output = self.model.generate(*args, probes=probes, **kwargs)
+                extra = {"stopping_criteria": watch} if generating else {}
+                output = self.model.generate(*args, probes=probes, **kwargs, **extra)
             elif op == "forward":
                 with torch.no_grad():
                     output = self._forward(args, kwargs, by_name, probes)
@@ -516,6 +533,7 @@ class InProcessExecutor(Executor):
         staged: dict[str, SaveContext],
         view: View | None,
         meter: _Meter,
+        done: Callable[[], bool] | None = None,
     ) -> Callable[..., Any]:
         """``fn`` seeing only its request's part of each value and writing to its request's session.
 
@@ -530,6 +548,8 @@ class InProcessExecutor(Executor):
         is_patch = isinstance(fn, Patch)
 
         def isolated(plan_ctx: SaveContext, value: Any) -> Any:
+            if done is not None and done():
+                return None  # a generation that finished: alone, this step would not have run
             object.__setattr__(ctx, "call", plan_ctx.call)
             object.__setattr__(ctx, "step", plan_ctx.step)
             if view is None:
