@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import neurotap as nt
-from conftest import VOCAB, tiny_module
+from conftest import VOCAB, snapshot_state, tiny_llama, tiny_module
 
 POINT = "model.layers.1.mlp.mul"
 
@@ -60,3 +60,128 @@ def test_logit_diff_backward_and_weights_keep_their_grad(llama):
 def test_backward_takes_only_built_in_losses(llama):
     with pytest.raises(TypeError, match="CrossEntropy"):
         llama.backward(torch.zeros(1, 3, dtype=torch.long), loss=lambda logits: logits.sum())
+
+
+# -- gradient checkpointing -----------------------------------------------------------------------
+
+MUL_0 = "model.layers.0.mlp.mul"
+MLP_1 = "model.layers.1.mlp.output"
+
+
+def _checkpointed_llama(reentrant: bool | None) -> torch.nn.Module:
+    """A fresh tiny Llama in train mode (checkpointing only acts there; it has no dropout), checkpointed if asked."""
+    module = tiny_llama().train()
+    if reentrant is not None:
+        module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    return module
+
+
+def _hooks(module: torch.nn.Module) -> dict[str, tuple]:
+    return {path: (tuple(sub._forward_pre_hooks), tuple(sub._forward_hooks)) for path, sub in module.named_modules()}
+
+
+def _assert_as_before(module: torch.nn.Module, hooks: dict[str, tuple], state=None) -> None:
+    """assert_clean, for a model that has hooks of its own (checkpointing adds one on the embeddings)."""
+    assert _hooks(module) == hooks
+    for path, sub in module.named_modules():
+        assert not {"forward", "__reduce_ex__"} & sub.__dict__.keys(), path
+        assert not [key for key in sub.__dict__ if key.startswith("_neurotap")], path
+    if state is not None:
+        assert all(torch.equal(module.state_dict()[key], value) for key, value in state.items())
+
+
+def _by_hand(ids: torch.Tensor, delta: torch.Tensor):
+    """The same edits with hand-written hooks on an unwrapped, uncheckpointed copy: the loss's gradients."""
+    module = _checkpointed_llama(None)
+    layer_0, layer_1 = module.model.layers[0].mlp, module.model.layers[1].mlp
+    seen: dict[str, torch.Tensor] = {}
+
+    def zero_unit_3(_m, args):
+        seen["mul_0"] = args[0].detach().clone()
+        value = args[0].clone()
+        value[..., 3] = 0.0
+        return (value,)
+
+    def scale_and_add(_m, _args, output):
+        output = output * 0.5
+        edited = output.clone()
+        edited[0, -1] = edited[0, -1] + delta
+        return edited
+
+    def keep_mul_1(_m, args):
+        seen["mul_1"] = args[0]
+
+    handles = [
+        layer_0.down_proj.register_forward_pre_hook(zero_unit_3),
+        layer_1.register_forward_hook(scale_and_add),
+        layer_1.down_proj.register_forward_pre_hook(keep_mul_1),
+    ]
+    try:
+        loss = module(ids).logits[:, -1].pow(2).sum()
+    finally:
+        for handle in handles:
+            handle.remove()
+    parameters = dict(module.named_parameters())
+    grads = torch.autograd.grad(loss, [*parameters.values(), delta, seen["mul_1"]])
+    return dict(zip(parameters, grads[:-2], strict=True)), grads[-2], grads[-1], seen["mul_0"]
+
+
+@pytest.mark.parametrize("how", ["forward", "patch"])
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_checkpointed_layers_recompute_with_the_patches_on(reentrant, how):
+    """Backward recomputes a checkpointed layer: patches and gradient probes act there too, reads run once."""
+    ids = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(3))
+    delta = torch.linspace(-1, 1, 64, requires_grad=True)
+    expected_weights, expected_delta, expected_mul_1, expected_mul_0 = _by_hand(ids, delta)
+
+    module = _checkpointed_llama(reentrant)
+    state, hooks = snapshot_state(module), _hooks(module)
+    checkpoint = module.model.layers[0]._gradient_checkpointing_func
+    model = nt.wrap(module)
+    patches = {
+        MUL_0: nt.Zero(index=(..., 3)),
+        MLP_1: [nt.Scale(0.5), nt.Add(delta, index=(0, -1))],
+        "model.layers.1.mlp.down_proj.output": nt.Record(),
+    }
+    reads = [nt.probe(MUL_0, nt.Record()), nt.probe("model.layers.1.mlp.mul", nt.Record(), grad=True)]
+    if how == "forward":
+        probes = reads + [
+            nt.probe(point, p) for point, ps in patches.items() for p in (ps if isinstance(ps, list) else [ps])
+        ]
+        loss = model.forward(ids, probes=probes).logits[:, -1].pow(2).sum()
+        loss.backward()
+    else:
+        with model.patch(patches):
+            loss = model.forward(ids, probes=reads).logits[:, -1].pow(2).sum()
+            loss.backward()
+    for name, parameter in module.named_parameters():
+        assert torch.allclose(parameter.grad, expected_weights[name], atol=1e-6), name
+    assert torch.allclose(delta.grad, expected_delta, atol=1e-6)
+    recorded = model.recordings()
+    assert len(recorded[MUL_0]["record"]) == 1  # not again when backward recomputes layer 0
+    if how == "patch":  # the block's patches run before the call's own probes
+        expected_mul_0[..., 3] = 0.0
+    assert torch.allclose(recorded[MUL_0]["record"][0], expected_mul_0, atol=1e-6)
+    assert len(recorded["model.layers.1.mlp.mul.grad"]["record"]) == 1
+    assert len(recorded["model.layers.1.mlp.down_proj.output"]["record"]) == 1
+    assert torch.allclose(recorded["model.layers.1.mlp.mul.grad"]["record"][0], expected_mul_1, atol=1e-6)
+    module.zero_grad(set_to_none=True)
+    assert module.model.layers[0]._gradient_checkpointing_func is checkpoint
+    _assert_as_before(module, hooks, state)
+
+
+def test_a_checkpointed_backward_after_the_patch_block_keeps_its_patches():
+    """The recompute belongs to the forward that ran: leaving the block before backward changes nothing."""
+    ids = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(3))
+    delta = torch.zeros(64, requires_grad=True)
+    expected_weights, _, _, _ = _by_hand(ids, delta)
+    module = _checkpointed_llama(False)
+    hooks = _hooks(module)
+    model = nt.wrap(module)
+    with model.patch({MUL_0: nt.Zero(index=(..., 3)), MLP_1: [nt.Scale(0.5), nt.Add(delta, index=(0, -1))]}):
+        loss = model(ids).logits[:, -1].pow(2).sum()
+    _assert_as_before(module, hooks)
+    loss.backward()
+    for name, parameter in module.named_parameters():
+        assert torch.allclose(parameter.grad, expected_weights[name], atol=1e-6), name
+    _assert_as_before(module, hooks)

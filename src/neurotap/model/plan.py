@@ -8,25 +8,31 @@ probes.
 from __future__ import annotations
 
 import difflib
+import functools
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 
 from ..errors import NeurotapError, PatchError, ProbeError, UnknownPointError
 from ..points import Attachment, Frame, Inventory, Point, reset_helper_frames, split_narrowing
 from ..probes import Probe, SaveContext
 
+# torch stops a checkpoint's recompute early by raising from inside it, through any probe that runs there
+_PASS_THROUGH = (NeurotapError, *filter(None, [getattr(torch.utils.checkpoint, "_StopRecomputationError", None)]))
+
 
 class RunState:
-    """Counters shared by the taps of one plan: which forward, which step."""
+    """Counters shared by the taps of one plan: which forward, which step, and the checkpointed layer running."""
 
-    __slots__ = ("forward_id", "step", "forwards_this_call")
+    __slots__ = ("forward_id", "step", "forwards_this_call", "region")
 
     def __init__(self) -> None:
         self.forward_id = 0
         self.step = 0
         self.forwards_this_call = 0
+        self.region: _Region | None = None
 
     def new_call(self) -> None:
         self.forwards_this_call = 0
@@ -105,7 +111,7 @@ class BoundProbe:
         object.__setattr__(ctx, "step", step)
         try:
             return self.fn(ctx, value)
-        except NeurotapError:
+        except _PASS_THROUGH:
             raise
         except Exception as error:
             raise ProbeError(
@@ -155,15 +161,136 @@ class Tap:
         self.forward_id = -1
 
     def __call__(self, value: Any) -> Any:
+        if _replays:
+            return value  # backward is recomputing a checkpointed layer: the replay's own taps act there
         state = self.state
         if self.forward_id != state.forward_id:
             self.forward_id = state.forward_id
             self.calls = 0
         call = self.calls
         self.calls = call + 1
+        if state.region is not None:
+            return state.region.fire(self, value, call, state.step)
         for bound in self.bound:
             value = bound.apply(value, call, state.step)
         return value
+
+
+# How many checkpointed layers are being recomputed right now (by backward, in any thread).
+_replays = 0
+
+
+class _Region:
+    """One call of a gradient-checkpointed layer: its forward, then every recompute of it during backward.
+
+    The forward notes, per tap and call, which probes replaced the value; a
+    recompute attaches just those again (with the same call and step), so the
+    values it saves for backward are the patched ones, and probes that only read
+    are not called twice. A gradient probe in a reentrant checkpoint, whose
+    forward runs without autograd, hooks the recomputed value instead.
+    """
+
+    __slots__ = ("plan", "modules", "function", "log", "ran", "defer_gradients")
+
+    def __init__(self, plan: Plan, modules: Mapping[str, torch.nn.Module], function: Any) -> None:
+        self.plan = plan
+        self.modules = modules
+        self.function = function
+        self.log: dict[Tap, list[tuple[int, int, tuple[int, ...]]]] = {}
+        self.ran = False
+        self.defer_gradients = torch.is_grad_enabled()
+
+    def fire(self, tap: Tap, value: Any, call: int, step: int) -> Any:
+        again = []
+        for number, bound in enumerate(tap.bound):
+            if bound.grad and self.defer_gradients and not torch.is_grad_enabled():
+                again.append(number)
+                continue
+            result = bound.apply(value, call, step)
+            if result is not value:
+                again.append(number)
+            value = result
+        self.log.setdefault(tap, []).append((call, step, tuple(again)))
+        return value
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.ran:
+            return self._recompute(args, kwargs)
+        self.ran = True
+        state = self.plan.state
+        outer, state.region = state.region, self
+        try:
+            return self.function(*args, **kwargs)
+        finally:
+            state.region = outer
+
+    def _recompute(self, args: tuple, kwargs: dict[str, Any]) -> Any:
+        global _replays
+        attachment = Attachment()
+        _replays += 1
+        try:
+            attach_taps(attachment, [(tap.point, _Replay(tap, calls)) for tap, calls in self.log.items()], self.modules)
+            return self.function(*args, **kwargs)
+        finally:
+            attachment.detach()
+            _replays -= 1
+
+
+class _Replay:
+    """A tap during a recompute: the probes that changed the value at each call, run again."""
+
+    __slots__ = ("tap", "calls", "fired", "point")
+
+    def __init__(self, tap: Tap, calls: list[tuple[int, int, tuple[int, ...]]]) -> None:
+        self.tap = tap
+        self.calls = calls
+        self.fired = 0
+        self.point = tap.point
+
+    def __call__(self, value: Any) -> Any:
+        fired = self.fired
+        self.fired = fired + 1
+        if fired >= len(self.calls):
+            return value
+        call, step, again = self.calls[fired]
+        for number in again:
+            value = self.tap.bound[number].apply(value, call, step)
+        return value
+
+
+def _checkpoint_region(
+    plan: Plan, modules: Mapping[str, torch.nn.Module], checkpoint: Any, function: Any, *args: Any, **kwargs: Any
+) -> Any:
+    """Stands in for a layer's ``_gradient_checkpointing_func`` (Hugging Face's hook for torch's checkpoint)."""
+    return checkpoint(_Region(plan, modules, function), *args, **kwargs)
+
+
+def attach_taps(
+    attachment: Attachment, taps: Iterable[tuple[Point, Any]], modules: Mapping[str, torch.nn.Module]
+) -> None:
+    """Put each ``(point, fire)`` on the module tree: hooks for module points, frames for op points."""
+    frames: dict[str, Frame] = {}
+    for point, fire in taps:
+        module = modules[point.module]
+        if point.kind == "input":
+            attachment.on_input(module, fire)
+        elif point.kind == "output":
+            attachment.on_output(module, fire)
+        else:
+            frame = frames.get(point.module)
+            if frame is None:
+                frame = frames[point.module] = Frame()
+            for site in point.scope[:-1]:
+                frame = frame.children.setdefault(site, Frame())
+            frame.taps[point.scope[-1]] = fire
+    for path, frame in frames.items():
+        if not attachment.on_ops(modules[path], frame):
+            where = path or "the root module"
+            raise NeurotapError(
+                f"cannot reach the operations inside {where}: other code replaced its forward on the "
+                "instance (module.forward = ...), so neurotap's would never run. Probe its input and "
+                "output points instead, or remove that instance forward"
+            )
 
 
 def unknown_point(name: str, known: Iterable[str]) -> UnknownPointError:
@@ -207,30 +334,22 @@ class Plan:
         attachment = Attachment()
         try:
             attachment.before_forward(root, self.state.new_forward)
-            frames: dict[str, Frame] = {}
-            for tap in self.taps.values():
-                point = tap.point
-                module = modules[point.module]
-                if point.kind == "input":
-                    attachment.on_input(module, tap)
-                elif point.kind == "output":
-                    attachment.on_output(module, tap)
-                else:
-                    frame = frames.get(point.module)
-                    if frame is None:
-                        frame = frames[point.module] = Frame()
-                    for site in point.scope[:-1]:
-                        frame = frame.children.setdefault(site, Frame())
-                    frame.taps[point.scope[-1]] = tap
-            for path, frame in frames.items():
-                if not attachment.on_ops(modules[path], frame):
-                    where = path or "the root module"
-                    raise NeurotapError(
-                        f"cannot reach the operations inside {where}: other code replaced its forward on the "
-                        "instance (module.forward = ...), so neurotap's would never run. Probe its input and "
-                        "output points instead, or remove that instance forward"
-                    )
+            attach_taps(attachment, [(tap.point, tap) for tap in self.taps.values()], modules)
+            self._through_checkpoints(attachment, modules)
         except BaseException:
             attachment.detach()
             raise
         return attachment
+
+    def _through_checkpoints(self, attachment: Attachment, modules: Mapping[str, torch.nn.Module]) -> None:
+        """Make each gradient-checkpointed layer above a tap recompute with the taps on (see ``_Region``)."""
+        layers: set[str] = set()
+        for tap in self.taps.values():
+            parts = tap.point.module.split(".") if tap.point.module else []
+            layers.update(".".join(parts[:depth]) for depth in range(len(parts)))
+        for path in layers:
+            module = modules[path]
+            own = module.__dict__
+            if own.get("gradient_checkpointing") is True and "_gradient_checkpointing_func" in own:
+                wrapped = functools.partial(_checkpoint_region, self, modules, own["_gradient_checkpointing_func"])
+                attachment.swap(module, "_gradient_checkpointing_func", wrapped)

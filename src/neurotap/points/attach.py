@@ -128,9 +128,10 @@ def first_parameter(module: torch.nn.Module) -> str | None:
     return _first_parameter[cls]
 
 
+_MISSING = object()
 _HOOK_MARK = "_neurotap_hook"  # set on every hook neurotap registers, so copies can leave them out
 _REDUCE = "__reduce_ex__"
-_PRISTINE = "_neurotap_pristine"  # the instance attributes a tapped forward stands in for
+_PRISTINE = "_neurotap_pristine"  # what the instance attributes neurotap replaced were before
 _HOOK_DICTS = (
     "_forward_pre_hooks",
     "_forward_hooks",
@@ -179,6 +180,22 @@ class Attachment:
         self._handles: list[Any] = []
         self._tapped_modules: list[tuple[torch.nn.Module, Any, Any, Any]] = []
         self._claimed: dict[int, tuple[torch.nn.Module, Any]] = {}
+        self._remembered: list[tuple[torch.nn.Module, str]] = []
+        self._swapped: list[tuple[torch.nn.Module, str, Any]] = []
+
+    def _remember(self, module: torch.nn.Module, name: str) -> None:
+        """Keep what ``name`` was before neurotap, for copies made while it is replaced."""
+        self._claim(module)
+        pristine = module.__dict__.setdefault(_PRISTINE, {})
+        if name not in pristine:
+            pristine[name] = module.__dict__.get(name)
+            self._remembered.append((module, name))
+
+    def swap(self, module: torch.nn.Module, name: str, value: Any) -> None:
+        """Set the instance attribute ``name`` of ``module`` to ``value`` until ``detach()``."""
+        self._remember(module, name)
+        self._swapped.append((module, name, module.__dict__.get(name, _MISSING)))
+        module.__dict__[name] = value
 
     def _claim(self, module: torch.nn.Module) -> None:
         if id(module) not in self._claimed:
@@ -232,9 +249,7 @@ class Attachment:
         # another attachment (a second wrapper of the same module) may be on it already: restore it on detach
         previous_frame = module.__dict__.get(FRAME_ATTR)
         self._tapped_modules.append((module, slot, module.__dict__.get(slot), previous_frame))
-        self._claim(module)
-        if previous_frame is None:
-            module.__dict__[_PRISTINE] = {slot: module.__dict__.get(slot)}
+        self._remember(module, slot)
         if combine and previous_frame is not None:
             frame = Frame.merged(previous_frame, frame)
         module.__dict__[FRAME_ATTR] = frame
@@ -250,7 +265,15 @@ class Attachment:
                     module.__dict__.pop(name, None)
                 else:
                     module.__dict__[name] = previous
-            if previous_frame is None:
+        for module, name, previous in reversed(self._swapped):
+            if previous is _MISSING:
+                module.__dict__.pop(name, None)
+            else:
+                module.__dict__[name] = previous
+        for module, name in self._remembered:
+            pristine = module.__dict__.get(_PRISTINE, {})
+            pristine.pop(name, None)
+            if not pristine:
                 module.__dict__.pop(_PRISTINE, None)
         for module, previous in reversed(self._claimed.values()):
             if previous is None:
@@ -260,3 +283,5 @@ class Attachment:
         self._handles.clear()
         self._tapped_modules.clear()
         self._claimed.clear()
+        self._remembered.clear()
+        self._swapped.clear()
