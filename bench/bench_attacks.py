@@ -165,8 +165,8 @@ class Raw:
         sent = {"Content-Type": MEDIA_TYPE, SESSION_HEADER: session or self.session, **(headers or {})}
         return self.http.post("/v1/run", content=body, headers=sent)
 
-    def get(self, path: str, **kwargs: Any) -> httpx.Response:
-        return self.http.get(path, headers={SESSION_HEADER: self.session}, **kwargs)
+    def get(self, path: str, headers: dict[str, str] | None = None, **kwargs: Any) -> httpx.Response:
+        return self.http.get(path, headers={SESSION_HEADER: self.session, **(headers or {})}, **kwargs)
 
     def delete(self, path: str, session: str | None = None) -> httpx.Response:
         return self.http.delete(path, headers={SESSION_HEADER: session or self.session})
@@ -390,6 +390,10 @@ class Bench:
         clean = True
         print()
         for r in self.rows:
+            for what, _, detail in r.checks:
+                if "(info)" in what:
+                    print(f"NOTE [{r.name}] {what.replace('(info)', '').strip()}: {detail}")
+        for r in self.rows:
             for finding in r.findings():
                 clean = False
                 print(f"FINDING [{r.name}] {finding}")
@@ -414,6 +418,8 @@ def status_of(result: Any) -> Any:
 
 
 def brief(result: Any) -> str:
+    if isinstance(result, httpx.Response) and result.status_code < 300:
+        return f"{result.status_code} ({len(result.content)} bytes)"
     if isinstance(result, httpx.Response):
         try:
             return f"{result.status_code} {result.json().get('error')}: {result.json().get('message', '')[:160]}"
@@ -486,6 +492,27 @@ def attack_code_arguments(server: Server, tally: Tally, workdir: str) -> list:
     )
     time.sleep(0.3)
     expect(checks, "the marker file never appears", not marker.exists(), marker)
+    raw.close()
+    return checks
+
+
+def attack_code_arguments_allowed(server: Server, tally: Tally, workdir: str) -> list:
+    """On a server started with --allow-code, plain-data arguments outside the allow-list pass on, by design."""
+    checks: list = []
+    folder = Path(workdir) / "hub-repo-b"
+    (folder / "custom_generate").mkdir(parents=True, exist_ok=True)
+    marker = Path(workdir) / "MARKER-allow-code"
+    code = f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
+    (folder / "custom_generate" / "generate.py").write_text(code + "def generate(model, *a, **k):\n    return None\n")
+    raw = Raw(server)
+    doc = run_doc("generate", {"custom_generate": str(folder), "trust_remote_code": True, "max_new_tokens": 2})
+    result = tally.send("custom_generate on --allow-code", lambda: raw.run(message(doc, {"ids": ids()})))
+    expect(
+        checks,
+        "(info) custom_generate + trust_remote_code on an --allow-code server",
+        True,
+        f"{brief(result)}; the folder's code ran: {marker.exists()} (by design: its clients may run code anyway)",
+    )
     raw.close()
     return checks
 
@@ -1030,10 +1057,10 @@ def attack_long_pass(server: Server, tally: Tally, sleep: float, queued_op: str 
         results["long"] = tally.send("long", lambda: long_client.run(body), (504,))
 
     queued = [Raw(server) for _ in range(6)]
-    if queued_op == "generate":
-        small = request("generate", (ids(),), max_new_tokens=2)
+    if queued_op == "generate":  # of different lengths, so that they cannot share one pass
+        smalls = [request("generate", (ids(1, 5 + k),), max_new_tokens=2) for k in range(len(queued))]
     else:
-        small = request("forward", (ids(),), outputs=[])
+        smalls = [request("forward", (ids(),), outputs=[])] * len(queued)
     thread = threading.Thread(target=send_long)
     thread.start()
     time.sleep(0.3)
@@ -1042,7 +1069,8 @@ def attack_long_pass(server: Server, tally: Tally, sleep: float, queued_op: str 
 
         def send(k: int = k, client: Raw = client) -> None:
             t = time.monotonic()
-            results[k] = (tally.send(f"queued {k}", lambda: client.run(small), (504,)), time.monotonic() - t)
+            result = tally.send(f"queued {k}", lambda: client.run(smalls[k]), (504,))
+            results[k] = (result, time.monotonic() - t)
 
         threads.append(threading.Thread(target=send))
         threads[-1].start()
@@ -1455,6 +1483,36 @@ def attack_races(server: Server, tally: Tally) -> list:
     return checks
 
 
+def attack_gzip_answers(server: Server, tally: Tally) -> list:
+    """Answers compressed because the client asks: what a few requests cost the server's CPU."""
+    checks: list = []
+    raw = Raw(server)
+    name = "model.embed_tokens.weight"
+    results: list = []
+
+    def fetch() -> None:
+        t = time.monotonic()
+        result = tally.send(
+            "gzip parameter", lambda: raw.get(f"/v1/parameters/{name}", headers={"Accept-Encoding": "gzip"})
+        )
+        results.append((status_of(result), time.monotonic() - t, len(getattr(result, "content", b""))))
+
+    threads = [threading.Thread(target=fetch) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    expect(
+        checks,
+        f"3 requests for {name} with Accept-Encoding: gzip answer within {SLOW:g} s",
+        len(results) == 3 and all(seconds < SLOW for _, seconds, _ in results),
+        ", ".join(f"{status} in {seconds:.1f} s ({size >> 20} MiB)" for status, seconds, size in results)
+        + " (starlette GZipMiddleware compresses at level 9)",
+    )
+    raw.close()
+    return checks
+
+
 def attack_open_server_eviction(server: Server, tally: Tally) -> list:
     """On a server without tokens every client shares one session cap."""
     checks: list = []
@@ -1521,8 +1579,13 @@ def main() -> int:
                 ("5b 16 x 32 MiB bodies at once", "A", lambda s, t: attack_parallel_bodies(s, t, 16, 32 << 20)),
                 ("6 slowloris + conn cap", "A", attack_slowloris),
                 ("6b slow readers x190", "A", lambda s, t: attack_slow_reader(s, t, 190)),
+                ("1b code kwargs, --allow-code (info)", "B", lambda s, t: attack_code_arguments_allowed(s, t, workdir)),
                 ("7 long pass, forwards queue", "B", lambda s, t: attack_long_pass(s, t, 3.0)),
-                ("7b long pass, generates queue", "B", lambda s, t: attack_long_pass(s, t, 3.0, "generate")),
+                (
+                    "7b long pass, generates of 6 lengths queue",
+                    "B",
+                    lambda s, t: attack_long_pass(s, t, 3.0, "generate"),
+                ),
                 ("8 host/origin", "A", attack_host_origin),
                 ("9a gzip/JSON/encodings", "A", attack_encodings),
                 ("9b odd values/points/paths", "A", lambda s, t: attack_values(s, t, 128)),
@@ -1539,6 +1602,7 @@ def main() -> int:
                         lambda s, t: attack_slow_reader(s, t, 8, "/v1/parameters/model.embed_tokens.weight"),
                     ),
                     ("S9b odd values", "S", lambda s, t: attack_values(s, t, 49152)),
+                    ("S9f gzip of a parameter x3", "S", attack_gzip_answers),
                 ]
             for name, server, fn in attacks:
                 if only and not ({name.split()[0], name} & only):
