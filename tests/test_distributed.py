@@ -1,7 +1,9 @@
 """``neurotap serve --ranks N``: a model split over N gloo ranks, against the same model in this process.
 
 One server per rank count serves the whole module (starting ranks is the slow
-part); the last test kills a rank of the three-rank server.
+part); the last test kills a rank of each (the two-rank server loses one, the
+three-rank server's middle rank hangs), and the test on the real SmolLM2 stops
+its server cleanly.
 """
 
 from __future__ import annotations
@@ -100,10 +102,11 @@ class Server:
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["2-ranks", "3-ranks"])
 def server(request, folder):
-    running = Server(folder, request.param, "--allow-code", "--rank-timeout", "20")
+    running = Server(folder, request.param, "--allow-code", "--rank-timeout", "8")
     yield running
     code = running.stop()
-    assert running.killed or code == 0, "".join(running.log)  # SIGTERM: every rank finished and exited cleanly
+    assert running.killed, "the last test stops the server"
+    assert code != 0, "".join(running.log)
 
 
 @pytest.fixture
@@ -308,17 +311,54 @@ def test_a_raising_probe_reaches_the_client_with_its_traceback(remote, local):
     close(remote.forward(ids(11))["logits"], local.forward(ids(11)).logits)  # every rank is still in step
 
 
-def test_a_dead_rank_gets_a_503_naming_it_and_the_server_exits(server, remote):
-    if server.ranks != 3:
-        pytest.skip("the three-rank server is the one killed: its rank 2 sees rank 1 die and tells rank 0")
-
-    def die(ctx, value):
-        import os
-
-        os._exit(3)
-
+def test_a_rank_that_dies_or_hangs_gets_a_503_naming_it_and_the_server_exits(server, remote):
     server.killed = True
-    with pytest.raises(nt.NeurotapError, match="rank 1 of the sharded server failed") as raised:
-        remote.forward(ids(12), probes=[nt.probe("model.layers.2.mlp.mul", die)])
+    if server.ranks == 2:
+
+        def die(ctx, value):
+            import os
+
+            os._exit(3)
+
+        with pytest.raises(nt.NeurotapError, match="rank 1 of the sharded server failed") as raised:
+            remote.forward(ids(12), probes=[nt.probe("model.layers.2.mlp.mul", die)])  # rank 1 dies mid-pass
+    else:
+        pid = server.info()["ranks"][1]["pid"]
+        os.kill(pid, signal.SIGSTOP)  # the middle rank hangs: it answers nothing and closes nothing
+        try:
+            with pytest.raises(nt.NeurotapError, match="rank 1 of the sharded server failed") as raised:
+                remote.forward(ids(12))  # within about --rank-timeout
+        finally:
+            os.kill(pid, signal.SIGCONT)
     assert raised.value.status == 503
     assert server.wait(timeout=90) != 0
+
+
+@pytest.mark.slow
+def test_smollm2_over_two_ranks_equals_one_process_and_stops_cleanly():
+    local = nt.load("smollm2-135m")
+    server = Server(Path("smollm2-135m"), 2)
+    try:
+        ranks = server.info()["ranks"]
+        assert [row["layers"] for row in ranks] == [[0, 15], [15, 30]]
+        x = local.tokenizer("The capital of France is", return_tensors="pt").input_ids
+        probes = [
+            nt.probe("model.layers.3.mlp.mul", nt.Mean(dims=(0, 1))),
+            nt.probe("blocks.29.resid_post", nt.Record()),
+        ]
+        with nt.connect(server.url) as remote:
+            got = remote.forward(x, probes=probes)["logits"]
+            recorded = remote.recordings()
+            assert torch.equal(remote.encode("The capital of France is"), x)  # the tokenizer, from rank 0
+            assert remote.decode(got[0, -1].argmax()) == " Paris"
+        want = local.forward(x, probes=probes).logits
+        expected = local_recordings(local)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        for name, key in (("model.layers.3.mlp.mul", "mean"), ("blocks.29.resid_post", "record")):
+            got_value, want_value = recorded[name][key], expected[name][key]
+            if key == "record":
+                got_value, want_value = got_value[0], want_value[0]
+            torch.testing.assert_close(got_value, want_value, rtol=1e-4, atol=1e-4)
+    finally:
+        code = server.stop()
+    assert code == 0, "".join(server.log)  # SIGTERM: rank 0 finished, told the others to stop, all exited

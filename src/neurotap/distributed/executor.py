@@ -51,10 +51,11 @@ from ..transport.wire import (
     RunResult,
     WireError,
     decode_request,
+    describe_tokenizer,
     encode_request,
     logits_of,
 )
-from .pipe import Aborted, Pipe, RankFailedError, _first_line
+from .pipe import Aborted, Liveness, Pipe, RankFailedError, _first_line
 from .stages import Stage, build_stage, peak_rss_mb, point_owners
 
 DEFAULT_RANK_TIMEOUT = 60.0
@@ -85,6 +86,7 @@ class _Rank:
     # -- inventory ---------------------------------------------------------------------------------
 
     def _take_inventory(self) -> None:
+        dist.barrier()  # ranks load at different speeds; the default group waits as long as loading takes
         self.pipe.begin("forward")
         try:
             inventory = self.model.inventory()  # every rank's dry run at once: the stand-ins pass hidden states on
@@ -344,9 +346,9 @@ def resolve_folder(name: str) -> Any:
 # -- commands ----------------------------------------------------------------------------------------
 
 
-def _broadcast(command: Any) -> Any:
+def _broadcast(command: Any, group: Any) -> Any:
     box = [command]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=group)
     return box[0]
 
 
@@ -363,6 +365,7 @@ class ShardedExecutor(Executor):
         rank_timeout: float = DEFAULT_RANK_TIMEOUT,
         on_failure: Callable[[RankFailedError], None] | None = None,
     ) -> None:
+        self.folder = folder
         self.limits = limits or Limits()
         self.local = _Rank(
             folder,
@@ -376,22 +379,51 @@ class ShardedExecutor(Executor):
         self.failed: RankFailedError | None = None
         self.on_failure = on_failure
         self._seed = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+        self.liveness = Liveness(0, self.local.world)
+        # every transfer times out, the wait for the next command included: while idle, rank 0 sends a
+        # no-op often enough that the others never time out and that a hung rank is found within the timeout
+        self._lock = threading.RLock()
+        self._stopped = False
+        self._last_command = time.monotonic()
+        threading.Thread(target=self._keep_alive, name="neurotap-keep-alive", daemon=True).start()
 
     # -- driving the other ranks -------------------------------------------------------------------
+
+    def _keep_alive(self) -> None:
+        interval = max(0.1, self.rank_timeout / 4)
+        while True:
+            time.sleep(interval / 2)
+            with self._lock:
+                if self.failed is not None or self._stopped:
+                    return
+                if time.monotonic() - self._last_command >= interval:
+                    try:
+                        self._command("noop")
+                    except RankFailedError:
+                        return
 
     def _command(self, *command: Any) -> None:
         if self.failed is not None:
             raise self.failed
+        self._last_command = time.monotonic()
         try:
-            _broadcast(command)
+            _broadcast(command, self.local.data)
         except RuntimeError as error:
             self._fail(RankFailedError(None, _first_line(error)))
 
+    def _record(self, error: RankFailedError) -> None:
+        """The first rank failure ends the server; a rank that went silent is the one named."""
+        if self.failed is not None:
+            return
+        silent = self.liveness.silent()
+        if silent and error.rank not in silent:
+            error = RankFailedError(silent[0], "it stopped answering")
+        self.failed = error
+        if self.on_failure is not None:
+            self.on_failure(error)
+
     def _fail(self, error: RankFailedError) -> None:
-        if self.failed is None:
-            self.failed = error
-            if self.on_failure is not None:
-                self.on_failure(error)
+        self._record(error)
         raise self.failed
 
     def _gather(self, value: Any) -> list[Any]:
@@ -405,12 +437,14 @@ class ShardedExecutor(Executor):
     # -- the Executor interface --------------------------------------------------------------------
 
     def describe(self) -> dict[str, Any]:
-        self._command("describe")
-        rss = self._gather(peak_rss_mb())
+        with self._lock:
+            self._command("describe")
+            facts = self._gather((peak_rss_mb(), os.getpid()))
         module = self.local.stage.module
         config = getattr(module, "config", None)
         ranks = self.local.stage.split.describe()
-        for row, now, startup in zip(ranks, rss, self.local.startup_rss):
+        for row, (now, pid), startup in zip(ranks, facts, self.local.startup_rss):
+            row["pid"] = pid
             row["peak_rss_mb"] = round(now, 1)
             row["peak_rss_mb_after_load"] = round(startup, 1)
         return {
@@ -438,6 +472,16 @@ class ShardedExecutor(Executor):
     def aliases(self) -> dict[str, str]:
         return dict(self.local.aliases)
 
+    def tokenizer(self) -> dict[str, Any] | None:
+        from ..model.load import _has_tokenizer
+
+        folder = resolve_folder(self.folder)
+        if not _has_tokenizer(folder):
+            return None
+        import transformers
+
+        return describe_tokenizer(transformers.AutoTokenizer.from_pretrained(folder))
+
     def execute(self, batch: Sequence[RunRequest]) -> list[RunResult]:
         batch = list(batch)
         results: list[RunResult | None] = [None] * len(batch)
@@ -463,50 +507,58 @@ class ShardedExecutor(Executor):
                 send.append((index, request.session, body, seed))
         if not send:
             return [r or RunResult(error=error_info(NeurotapError("not run"))) for r in results]
+        with self._lock:
+            self._execute(batch, send, results)
+        return [r or RunResult(error=error_info(NeurotapError("not run"))) for r in results]
+
+    def _execute(self, batch: list[RunRequest], send: list, results: list) -> None:
         try:
             self._command("execute", [(session, body, seed) for _, session, body, seed in send])
             for index, _session, _body, seed in send:
                 output, loss, error = self.local.run(batch[index], seed)
                 results[index] = RunResult(output=output, loss=loss) if error is None else RunResult(error=error)
         except RankFailedError as error:
-            if self.failed is None:
-                self.failed = error
-                if self.on_failure is not None:
-                    self.on_failure(error)
+            self._record(error)
             for index, *_ in send:
                 if results[index] is None:
                     results[index] = RunResult(error=_unavailable(self.failed))
-        return [r or RunResult(error=error_info(NeurotapError("not run"))) for r in results]
 
     def recordings(self, session: str) -> dict[str, dict[str, Any]]:
-        self._command("recordings", session)
+        with self._lock:
+            self._command("recordings", session)
+            parts = self._gather(self.local.recordings(session))
         merged: dict[str, dict[str, Any]] = {}
-        for part in self._gather(self.local.recordings(session)):
+        for part in parts:
             for name, data in (part or {}).items():
                 merged.setdefault(name, data)
         return merged
 
     def clear_recordings(self, session: str) -> None:
-        self._command("clear", session)
-        self.local.clear(session)
+        with self._lock:
+            self._command("clear", session)
+            self.local.clear(session)
 
     def close_session(self, session: str) -> None:
         self.clear_recordings(session)
 
     def get_parameter(self, name: str) -> torch.Tensor:
-        self._command("parameter", name)
-        for tensor in self._gather(self.local.parameter(name)):
+        with self._lock:
+            self._command("parameter", name)
+            tensors = self._gather(self.local.parameter(name))
+        for tensor in tensors:
             if tensor is not None:
                 return tensor
         raise UnknownPointError(f"no parameter named {name!r}")
 
     def stop(self) -> None:
         """Tell the other ranks to exit; they also exit if this rank disappears."""
-        if self.failed is None:
-            try:
-                _broadcast(("stop",))
-            except RuntimeError:
-                pass
+        with self._lock:
+            self._stopped = True
+            if self.failed is None:
+                try:
+                    _broadcast(("stop",), self.local.data)
+                except RuntimeError:
+                    pass
 
 
 def _unavailable(error: RankFailedError) -> ErrorInfo:
@@ -518,13 +570,16 @@ def follow(folder: str, *, allow_code: bool, limits: Limits, max_session_bytes: 
     local = _Rank(
         folder, allow_code=allow_code, limits=limits, max_session_bytes=max_session_bytes, rank_timeout=rank_timeout
     )
+    Liveness(local.rank, local.world)
     while True:
         try:
-            command = _broadcast(None)
+            command = _broadcast(None, local.data)
         except RuntimeError:
-            return 1  # rank 0 is gone
+            return 1  # rank 0 is gone, or stopped sending even its no-ops
         kind = command[0]
         try:
+            if kind == "noop":
+                continue
             if kind == "stop":
                 return 0
             if kind == "execute":
@@ -533,7 +588,7 @@ def follow(folder: str, *, allow_code: bool, limits: Limits, max_session_bytes: 
                     request.session = session
                     local.run(request, seed)
             elif kind == "describe":
-                dist.gather_object(peak_rss_mb(), None, dst=0, group=local.data)
+                dist.gather_object((peak_rss_mb(), os.getpid()), None, dst=0, group=local.data)
             elif kind == "recordings":
                 dist.gather_object(local.recordings(command[1]), None, dst=0, group=local.data)
             elif kind == "clear":

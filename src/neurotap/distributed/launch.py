@@ -58,8 +58,14 @@ def launch(args: argparse.Namespace) -> int:
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     from .executor import resolve_folder
+    from .stages import check_folder
 
-    resolve_folder(args.model)  # a built-in model is converted once here, not by every rank at once
+    try:
+        # a built-in model is converted once here, not by every rank at once
+        check_folder(resolve_folder(args.model))
+    except NeurotapError as error:
+        print(f"neurotap serve: {error}", file=sys.stderr)
+        return 2
     # one machine: everything on loopback, the rendezvous store included
     os.environ["MASTER_ADDR"] = LOOPBACK
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"

@@ -16,6 +16,8 @@ So a pass ends on every rank, and every rank then learns what happened.
 
 from __future__ import annotations
 
+import threading
+import time
 from typing import Any
 
 import torch
@@ -249,6 +251,47 @@ class Pipe(Link):
             run()
         except RuntimeError as error:  # gloo: the peer closed the connection, or the group's timeout passed
             raise RankFailedError(peer, _first_line(error)) from error
+
+
+class Liveness:
+    """Each rank stamps the time into the rendezvous store every second, so that rank 0 can name a rank
+    that stopped answering (a timeout alone says only that some transfer did not finish)."""
+
+    def __init__(self, rank: int, world: int, interval: float = 1.0) -> None:
+        self.rank, self.world, self.interval = rank, world, interval
+        try:
+            self.store = dist.distributed_c10d._get_default_store()
+        except (AttributeError, RuntimeError, ValueError):
+            self.store = None  # naming a hung rank is then left to the transfer that timed out
+            return
+        threading.Thread(target=self._beat, name="neurotap-liveness", daemon=True).start()
+
+    def _key(self, rank: int) -> str:
+        return f"neurotap/alive/{rank}"
+
+    def _beat(self) -> None:
+        while True:
+            try:
+                self.store.set(self._key(self.rank), repr(time.time()))
+            except Exception:  # the store went away with the launcher: nothing left to tell
+                return
+            time.sleep(self.interval)
+
+    def silent(self, after: float = 3.0) -> list[int]:
+        """The other ranks that have not stamped the store for ``after`` seconds."""
+        if self.store is None:
+            return []
+        now, silent = time.time(), []
+        for rank in range(self.world):
+            if rank == self.rank:
+                continue
+            key = self._key(rank)
+            try:
+                if not self.store.check([key]) or float(self.store.get(key)) < now - after:
+                    silent.append(rank)
+            except Exception:
+                return []
+        return silent
 
 
 def _header(status: int, failed: int | None, tensor: torch.Tensor | None) -> torch.Tensor:

@@ -40,7 +40,7 @@ LAYOUTS = {
     # Llama, SmolLM2, Mistral, Qwen2: model.layers, embed_tokens, norm, rotary_emb, lm_head
     "llama": Layout("model.layers", ("model.embed_tokens",), ("model.norm", "lm_head"), ("model.rotary_emb",)),
 }
-FAMILIES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "llama"}
+FAMILIES = {"llama": "llama", "mistral": "llama", "qwen2": "llama"}  # config.model_type -> layout
 
 
 @dataclass(frozen=True)
@@ -206,12 +206,30 @@ def peak_rss_mb() -> float:
 
 
 def family_of(config: Any) -> str:
-    architecture = (getattr(config, "architectures", None) or [""])[0]
-    family = FAMILIES.get(architecture)
+    family = FAMILIES.get(getattr(config, "model_type", ""))
     if family is None:
         known = ", ".join(sorted(FAMILIES))
-        raise NeurotapError(f"sharded serving supports {known} so far, not {architecture or type(config).__name__}")
+        raise NeurotapError(
+            f"sharded serving supports the model types {known} so far, not {getattr(config, 'model_type', '?')!r}"
+        )
     return family
+
+
+def model_class(config: Any) -> type:
+    """The class that saved the model (``architectures``), else the causal LM of its model type."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    saved_as = getattr(transformers, (getattr(config, "architectures", None) or [""])[0], None)
+    return saved_as if saved_as is not None else MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+
+
+def check_folder(folder: Path) -> None:
+    """Fail before any rank starts on a model that cannot be sharded."""
+    import transformers
+
+    family_of(transformers.AutoConfig.from_pretrained(folder))
+    _tensor_files(folder)
 
 
 def build_stage(folder: Path, rank: int, world: int, link: Link, *, attn_implementation: str = "eager") -> Stage:
@@ -220,7 +238,7 @@ def build_stage(folder: Path, rank: int, world: int, link: Link, *, attn_impleme
 
     config = transformers.AutoConfig.from_pretrained(folder)
     layout = LAYOUTS[family_of(config)]
-    cls = getattr(transformers, config.architectures[0])
+    cls = model_class(config)
     with torch.device("meta"):
         module = cls._from_config(config, attn_implementation=attn_implementation)
     module.eval()
