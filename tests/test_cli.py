@@ -22,3 +22,12 @@ def test_help_lists_every_command():
     assert result.returncode == 0
     for command in ("demo", "points", "serve", "collect"):
         assert command in result.stdout
+
+
+def test_version_and_every_help_shows_defaults():
+    import neurotap
+
+    assert run("--version").stdout.strip() == f"neurotap {neurotap.__version__}"
+    for command in ("demo", "points", "serve", "collect"):
+        result = run(command, "--help")
+        assert result.returncode == 0 and ("(default:" in result.stdout or command == "points"), command

@@ -106,7 +106,8 @@ def test_demo_runs_and_the_taboo_works():
     )
     before = next(line for line in result.stdout.splitlines() if line.strip().startswith("before:"))
     after = next(line for line in result.stdout.splitlines() if line.strip().startswith("after:"))
-    assert "Paris" in before and "Paris" not in after
+    assert "Paris" in before.split("…")[1] and "Paris" not in after.split("…")[1]
+    assert "= 0.000" in after and "= 0.000" not in before  # the word's probability, before and after
     assert "model.layers.15.mlp.mul" in result.stdout
 
 

@@ -11,11 +11,15 @@ COMMANDS = ("demo", "points", "serve", "collect")
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .. import __version__
+
     parser = argparse.ArgumentParser(prog="neurotap", description="Probe, record and patch every value inside a model.")
+    parser.add_argument("--version", action="version", version=f"neurotap {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         module = importlib.import_module(f".{name}", __name__)
         command = module.add_parser(subparsers)
+        command.formatter_class = argparse.ArgumentDefaultsHelpFormatter  # every --help shows the defaults
         command.set_defaults(run=module.run)
     args = parser.parse_args(argv)
     try:

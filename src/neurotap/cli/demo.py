@@ -7,7 +7,7 @@ import time
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser("demo", help="zero a logit during generation, then record an MLP on SmolLM2-135M")
+    parser = subparsers.add_parser("demo", help="forbid a word during generation, then record an MLP, on SmolLM2-135M")
     parser.add_argument("--model", default="smollm2-135m", help="built-in model name or local Hugging Face folder")
     parser.add_argument("--layer", type=int, default=15, help="the layer whose MLP product is recorded")
     return parser
@@ -36,17 +36,23 @@ def run(args: argparse.Namespace) -> int:
         out = m.generate(**inputs, max_new_tokens=16, do_sample=False)
         return tok.decode(out[0, n_prompt:], skip_special_tokens=True)
 
-    taboo = {"lm_head.output": nt.Zero(index=(..., word_id))}
-    print("Taboo: zero the logit of", repr(word), f"(token {word_id}) at lm_head.output, at every generation step.")
+    def chance() -> float:  # of the word as the next token
+        return m.forward(**inputs).logits[0, -1].softmax(-1)[word_id].item()
+
+    # a logit of -inf gives the word probability 0 at every step, whatever the other logits are
+    taboo = {"lm_head.output": nt.Replace(float("-inf"), index=(..., word_id))}
+    print(f"Taboo: set the logit of {word!r} (token {word_id}) to -inf at lm_head.output, at every generation step.")
     print(f"  {prompt!r}")
-    print(f"  before: …{complete()!r}")
-    with m.patch(taboo):
-        print(f"  after:  …{complete()!r}\n")
+    with torch.no_grad():
+        print(f"  before: P({word!r} next) = {chance():.3f}  …{complete()!r}")
+        with m.patch(taboo):
+            print(f"  after:  P({word!r} next) = {chance():.3f}  …{complete()!r}\n")
 
     point = f"model.layers.{args.layer}.mlp.mul"
     text = "The capital of France is Paris, and the capital of Italy is Rome."
     ids = tok(text, return_tensors="pt").input_ids
-    m.forward(ids, probes=[nt.probe(point, nt.Record())])
+    with torch.no_grad():
+        m.forward(ids, probes=[nt.probe(point, nt.Record())])
     acts = m.recordings()[point]["record"][0][0]  # [tokens, units]
     tokens = [tok.decode(t) for t in ids[0]]
     print(f"Recorded {point} on {text!r}: shape {tuple(acts.shape)}.")

@@ -37,7 +37,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="serve a model to remote clients (nt.connect)",
         description="Serve a model over HTTP: clients run forward, generate and backward passes with probes "
         "and patches through nt.connect(url). Every limit below bounds what one client can make the server do.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument(
         "model", nargs="?", default="smollm2-135m", help='"smollm2-135m" or a local Hugging Face model folder'
