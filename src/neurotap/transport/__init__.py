@@ -6,7 +6,7 @@ passes as ``batching`` describes, ``worker`` is the thread that feeds it,
 ``server`` is the HTTP layer and ``client`` the remote model.
 """
 
-from .client import ClientTimeoutError, RemoteError, RemoteModel, ServerGoneError, connect, launch_and_connect
+from .client import ClientTimeoutError, RemoteError, RemoteModel, ServerGoneError, connect, launch_and_connect, stop
 from .wire import PROTOCOL, CrossEntropy, LogitDiff, Output
 
 __all__ = [
@@ -20,4 +20,5 @@ __all__ = [
     "ServerGoneError",
     "connect",
     "launch_and_connect",
+    "stop",
 ]

@@ -185,6 +185,15 @@ class RemoteModel:
             self._session = None
         self._http.close()
 
+    def shutdown(self, timeout: float = 60.0) -> None:
+        """Stop the server, if it runs on this machine (as one started by ``launch_and_connect`` does)."""
+        host = self._http.base_url.host
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            raise NeurotapError(f"the server at {self.url} runs on another machine: stop it there")
+        pid = self._http.get("/health").json().get("pid")
+        self.close()
+        _terminate(pid, self.url, timeout)
+
     def info(self) -> dict[str, Any]:
         response = self._http.get("/v1/info")
         _raise_for(response)
@@ -365,6 +374,46 @@ def connect(url: str = "http://127.0.0.1:8000", token: str | None = None, **kwar
 _launched: list[subprocess.Popen] = []
 
 
+def _terminate(pid: Any, url: str, timeout: float) -> None:
+    if not isinstance(pid, int):
+        raise NeurotapError(
+            f"the server at {url} does not say its process id (it needs a token): stop it where it runs"
+        )
+    import signal
+
+    try:
+        os.kill(pid, signal.SIGTERM)  # it finishes running requests, then exits
+    except ProcessLookupError:
+        return
+    except PermissionError:
+        raise NeurotapError(f"the server at {url} (pid {pid}) belongs to another user: stop it as that user") from None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for process in list(_launched):
+            if process.pid == pid and process.poll() is not None:
+                _launched.remove(process)
+                return
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    raise NeurotapError(f"the server at {url} (pid {pid}) did not stop within {timeout:g} s")
+
+
+def stop(port: int = 8000, *, token: str | None = None, timeout: float = 60.0) -> None:
+    """Stop the ``neurotap serve`` process on 127.0.0.1:``port`` (one ``launch_and_connect`` started, say)."""
+    import httpx
+
+    url = f"http://127.0.0.1:{port}"
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        health = httpx.get(url + "/health", headers=headers, timeout=5.0).json()
+    except (httpx.HTTPError, ValueError):
+        return  # nothing serves there
+    _terminate(health.get("pid"), url, timeout)
+
+
 def launch_and_connect(
     model: str = "smollm2-135m",
     *,
@@ -418,6 +467,12 @@ def launch_and_connect(
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
             )
         _launched.append(process)  # it outlives this call on purpose; keep the handle
+        print(
+            f"neurotap: starting `neurotap serve {model}` on {url} (log: {logfile}); it stops after "
+            f"{idle_timeout:g} s without requests (idle_timeout=...), or with rm.shutdown() or nt.stop({port})",
+            file=sys.stderr,
+            flush=True,
+        )
         deadline = time.monotonic() + start_timeout
         while health is None:
             if process.poll() is not None:
