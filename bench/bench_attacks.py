@@ -1560,12 +1560,17 @@ def main() -> int:
         servers = {"A": Server("A", tiny, main_args, workdir, TOKENS[0])}
         canaries: dict[str, Canary] = {}
         try:
+            if options.smollm2:  # loading it would slow the canaries of the first attacks: wait for it here
+                servers["S"] = Server("S", "smollm2-135m", main_args, workdir, TOKENS[0])
             servers["A"].wait()
             print(f"server A up in {time.monotonic() - started:.0f} s: {servers['A'].url}")
-            # B (code allowed, open) and S start now and are waited for at their first attack
-            servers["B"] = Server("B", tiny, ["--allow-code", "--request-timeout", "2", *common], workdir, None)
             if options.smollm2:
-                servers["S"] = Server("S", "smollm2-135m", main_args, workdir, TOKENS[0])
+                servers["S"].wait()
+                canaries["S"] = Canary(servers["S"], TOKENS[1])
+                canaries["S"].start()
+                print(f"server S up in {time.monotonic() - started:.0f} s: {servers['S'].url}")
+            # B (code allowed, no tokens) starts now and is waited for at its first attack
+            servers["B"] = Server("B", tiny, ["--allow-code", "--request-timeout", "2", *common], workdir, None)
             canaries["A"] = Canary(servers["A"], TOKENS[1])
             canaries["A"].start()
             time.sleep(1.0)
