@@ -1189,6 +1189,25 @@ def attack_encodings(server: Server, tally: Tally) -> list:
     refused("probes = dict", message({**run_doc("forward"), "probes": {"a": 1}}, one))
     refused("tensor name not in message", message({**run_doc("forward"), "args": [{"$tensor": "nope"}]}, one))
     refused("tensor name not a string", message({**run_doc("forward"), "args": [{"$tensor": ["ids"]}]}, one))
+    # framing that could smuggle a second request past the checks
+    auth = f"Authorization: Bearer {server.token}\r\n{SESSION_HEADER}: {raw.session}\r\nX-Neurotap-Protocol: 1\r\n"
+    smuggled = {
+        "Content-Length and Transfer-Encoding": "Content-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        "two Content-Lengths": "Content-Length: 4\r\nContent-Length: 40\r\n\r\nabcd",
+        "negative Content-Length": "Content-Length: -1\r\n\r\n",
+        "Content-Length 2**70": f"Content-Length: {2**70}\r\n\r\n",
+    }
+    for what, rest in smuggled.items():
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        sock.sendall(f"POST /v1/run HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n{auth}{rest}".encode())
+        try:
+            line = sock.recv(200).split(b"\r\n", 1)[0].decode("latin-1")
+        except OSError as error:
+            line = type(error).__name__
+        sock.close()
+        status = int(line[9:12]) if line.startswith("HTTP/") else 0
+        tally.add(what, status)
+        expect(checks, f"{what} is refused (400/413)", status in (400, 413), line)
     raw.close()
     return checks
 
