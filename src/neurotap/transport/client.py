@@ -406,7 +406,7 @@ def stop(port: int = 8000, *, token: str | None = None, timeout: float = 60.0) -
     import httpx
 
     url = f"http://127.0.0.1:{port}"
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    headers = {PROTOCOL_HEADER: str(PROTOCOL), **({"Authorization": f"Bearer {token}"} if token else {})}
     try:
         health = httpx.get(url + "/health", headers=headers, timeout=5.0).json()
     except (httpx.HTTPError, ValueError):
