@@ -498,6 +498,9 @@ def create_app(executor: Executor, settings: ServerSettings) -> Any:
         tensor = await on_worker(executor.get_parameter, name)
         return Response(await asyncio.to_thread(encode, {"parameter": tensor}), media_type=MEDIA_TYPE)
 
+    from .web import mount  # the inspector page (GET /) and the endpoints it needs; imported here: it imports us
+
+    mount(app, state, executor, settings)
     app.add_middleware(GZipMiddleware, minimum_size=4096)
     app.add_middleware(_RequestLog, state=state)
     hosts = {"127.0.0.1", "localhost", "::1", *settings.allowed_hosts}
