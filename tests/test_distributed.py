@@ -334,6 +334,41 @@ def test_a_rank_that_dies_or_hangs_gets_a_503_naming_it_and_the_server_exits(ser
     assert server.wait(timeout=90) != 0
 
 
+def test_gpt2_over_three_ranks_equals_one_process(tmp_path):
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        vocab_size=VOCAB, n_embd=64, n_layer=4, n_head=4, n_positions=64, pad_token_id=0, bos_token_id=1
+    )
+    transformers.GPT2LMHeadModel(config).eval().save_pretrained(tmp_path)
+    local = nt.load(str(tmp_path))
+    server = Server(tmp_path, 3)
+    try:
+        with nt.connect(server.url) as remote:
+            assert remote.points() == local.points()
+            x = ids(17)
+            points = ["transformer.wte.output", "transformer.h.0.mlp.act", "transformer.h.2.output", "lm_head.output"]
+            probes = [nt.probe(p, nt.Record()) for p in points]
+            probes.append(nt.probe("transformer.h.2.mlp.act", nt.Scale(2.0)))
+            close(remote.forward(x, probes=probes)["logits"], local.forward(x, probes=probes).logits)
+            recorded, expected = remote.recordings(), local_recordings(local)
+            for point in points:
+                close(recorded[point]["record"][0], expected[point]["record"][0])
+            prompt = ids(18, rows=1, length=5)
+            with remote.patch({"transformer.h.3.mlp.act": nt.Scale(2.0)}):
+                generated = remote.generate(prompt, max_new_tokens=5, do_sample=False)
+            with local.patch({"transformer.h.3.mlp.act": nt.Scale(2.0)}):
+                assert torch.equal(generated, local.generate(prompt, max_new_tokens=5, do_sample=False))
+            grad = [nt.probe("transformer.h.0.output", nt.Record(), grad=True)]
+            loss = remote.backward(x, loss=nt.LogitDiff(3, 4), probes=grad)
+            assert loss == pytest.approx(local.backward(x, loss=nt.LogitDiff(3, 4), probes=grad), rel=1e-6)
+            got, want = remote.recordings(), local_recordings(local)
+            close(got["transformer.h.0.output.grad"]["record"][0], want["transformer.h.0.output.grad"]["record"][0])
+    finally:
+        assert server.stop() == 0, "".join(server.log)
+
+
 @pytest.mark.slow
 def test_smollm2_over_two_ranks_equals_one_process_and_stops_cleanly():
     local = nt.load("smollm2-135m")

@@ -39,8 +39,9 @@ class Layout:
 LAYOUTS = {
     # Llama, SmolLM2, Mistral, Qwen2: model.layers, embed_tokens, norm, rotary_emb, lm_head
     "llama": Layout("model.layers", ("model.embed_tokens",), ("model.norm", "lm_head"), ("model.rotary_emb",)),
+    "gpt2": Layout("transformer.h", ("transformer.wte", "transformer.wpe"), ("transformer.ln_f", "lm_head"), ()),
 }
-FAMILIES = {"llama": "llama", "mistral": "llama", "qwen2": "llama"}  # config.model_type -> layout
+FAMILIES = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "gpt2": "gpt2"}  # config.model_type -> layout
 
 
 @dataclass(frozen=True)
@@ -134,7 +135,10 @@ class AbsentLayer(nn.Module):
         self.role = role
         self.link = link
 
-    def forward(self, hidden_states: torch.Tensor, *args: Any, past_key_values: Any = None, **kwargs: Any) -> Any:
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        past_key_values = kwargs.get("past_key_values")
+        if past_key_values is None:  # GPT-2 passes its cache positionally
+            past_key_values = next((a for a in args if hasattr(a, "get_seq_length")), None)
         if past_key_values is not None:
             rows, length = hidden_states.shape[0], hidden_states.shape[1]
             empty = hidden_states.new_zeros(rows, 1, length, 1)
