@@ -2,10 +2,11 @@
 
 Rank 0 holds the HTTP server and the batch worker, whose thread calls
 :class:`ShardedExecutor`; each call is broadcast to the other ranks (running
-:func:`follow`) as a command over a control group, and all ranks then run it
-together over a data group whose operations time out. A request travels as its
-wire-format bytes (``encode_request``), so every rank decodes it with the same
-checks.
+:func:`follow`) as a command, and all ranks then run it together. Every
+operation of the process group they share times out (``--rank-timeout``), the
+wait for the next command included, so rank 0 sends a no-op while idle. A
+request travels as its wire-format bytes (``encode_request``), so every rank
+decodes it with the same checks.
 
 For each request every rank builds the probes at the points it owns (the owning
 rank's, or every rank's for glue before the decoder layers, which each computes

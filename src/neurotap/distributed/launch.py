@@ -100,8 +100,8 @@ def rank_main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
 
     args = _parser().parse_args(["serve", *(sys.argv[1:] if argv is None else argv)])
-    # the control group waits between requests for as long as researchers stay away
-    dist.init_process_group("gloo", timeout=datetime.timedelta(days=30))
+    # the default group only sets the ranks up (loading may take long); requests use one with --rank-timeout
+    dist.init_process_group("gloo", timeout=datetime.timedelta(hours=1))
     try:
         if dist.get_rank() == 0:
             return _serve(args)
