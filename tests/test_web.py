@@ -1,0 +1,283 @@
+"""The web inspector in a real headless Chromium, against a real ``neurotap serve`` with tokens.
+
+Values the page draws are read back from its DOM (the heat map cells' data
+attributes) and compared with the same values computed here by the plain
+transformers model, without neurotap. Screenshots of each view are saved under
+the test's temporary folder.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from conftest import tiny_llama
+from neurotap.transport.wire import PROTOCOL, PROTOCOL_HEADER
+from serving import Server
+
+webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is missing: pip install -r requirements-dev.txt")
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
+
+WORDS = "the a of to and in is it that was capital france paris city river old new".split()
+TOKEN = "inspector-token-0123456789"
+PROMPT = "the old capital of france is paris"
+MUL = "model.layers.0.mlp.mul"
+WAIT = 60  # seconds a page may take to reach a state; a wait, never an assertion on time
+
+
+def browser_paths() -> tuple[str, str]:
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if not chromium or not driver:
+        pytest.skip("no browser here (apt-get install chromium chromium-driver), as .ci/run does")
+    return chromium, driver
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    path = tmp_path_factory.mktemp("tiny")
+    tiny_llama().save_pretrained(path)
+    vocab = {word: i for i, word in enumerate(["<unk>", "<pad>", *WORDS])}
+    words = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>", pad_token="<pad>").save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(folder, tmp_path_factory):
+    tokens = tmp_path_factory.mktemp("auth") / "tokens.txt"
+    tokens.write_text(TOKEN + "\n")
+    running = Server(folder, "--token-file", str(tokens))
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def plain(folder):
+    """The same model as plain transformers, and its tokenizer: the independent reference."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
+    return model, AutoTokenizer.from_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("screenshots")
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    chromium, driver = browser_paths()
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    options = Options()
+    options.binary_location = chromium
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=1400,1000",
+        f"--user-data-dir={tmp_path_factory.mktemp('chromium')}",
+    ):
+        options.add_argument(flag)
+    session = webdriver.Chrome(service=Service(driver), options=options)
+    yield session
+    session.quit()
+
+
+def wait(browser, condition, message: str):
+    return WebDriverWait(browser, WAIT).until(lambda b: condition(b), message)
+
+
+def shown(browser, element_id: str) -> bool:
+    return browser.execute_script(f"return !document.getElementById({element_id!r}).hidden")
+
+
+def cells(browser, selector: str) -> list[list]:
+    return browser.execute_script(
+        "return Array.from(document.querySelectorAll(arguments[0]))"
+        ".map(r => [Number(r.dataset.row), Number(r.dataset.col), Number(r.dataset.value)])",
+        selector,
+    )
+
+
+def as_matrix(found: list[list]) -> torch.Tensor:
+    rows = 1 + max(r for r, _, _ in found)
+    cols = 1 + max(c for _, c, _ in found)
+    matrix = torch.full((rows, cols), float("nan"))
+    for r, c, v in found:
+        matrix[r, c] = v
+    return matrix
+
+
+def errors_of(browser) -> str:
+    return browser.execute_script("return document.getElementById('error').textContent")
+
+
+@pytest.fixture(scope="module")
+def signed_in(browser, server):
+    """The page, signed in with the token, with PROMPT tokenized."""
+    browser.get(server.url + "/")
+    wait(browser, lambda b: shown(b, "login"), "the page did not ask for a token")
+    browser.find_element(By.ID, "token").send_keys(TOKEN)
+    browser.find_element(By.CSS_SELECTOR, "#login-form button").click()
+    wait(browser, lambda b: b.find_elements(By.CSS_SELECTOR, "#tokens .token"), "no tokens after signing in")
+    prompt = browser.find_element(By.ID, "prompt")
+    prompt.clear()
+    prompt.send_keys(PROMPT)
+    browser.find_element(By.ID, "run").click()
+    wait(browser, lambda b: len(b.find_elements(By.CSS_SELECTOR, "#tokens .token")) == len(PROMPT.split()), "tokens")
+    return browser
+
+
+# -- without a browser ----------------------------------------------------------------------------------
+
+
+def test_page_loads_without_a_token_but_no_data_does(server, plain):
+    headers = {PROTOCOL_HEADER: str(PROTOCOL)}
+    with httpx.Client(base_url=server.url) as http:
+        page = http.get("/")
+        assert page.status_code == 200 and "app.js" in page.text
+        assert "default-src 'none'" in page.headers["content-security-policy"]
+        assert http.get("/static/app.js").status_code == 200
+        assert http.get("/static/..%2Fweb.py").status_code == 404
+        assert http.post("/v1/tokenize", json={"text": PROMPT}, headers=headers).status_code == 401
+        assert http.get("/v1/points", headers=headers).status_code == 401
+        authorized = {**headers, "Authorization": f"Bearer {TOKEN}"}
+        answer = http.post("/v1/tokenize", json={"text": PROMPT}, headers=authorized)
+        assert answer.status_code == 200
+        assert answer.json()["ids"] == plain[1](PROMPT).input_ids
+        assert answer.json()["tokens"] == PROMPT.split()
+        too_long = http.post("/v1/tokenize", json={"text": "a " * 5000}, headers=authorized)
+        assert too_long.status_code == 413 and "at most 8000" in too_long.json()["message"]
+        assert http.post("/v1/tokenize", content=b"[1]", headers=authorized).status_code == 400
+        other_page = {**authorized, "Origin": "http://attacker.example"}
+        assert http.post("/v1/tokenize", json={"text": "a"}, headers=other_page).status_code == 403
+
+
+# -- in the browser ------------------------------------------------------------------------------------
+
+
+def test_without_the_token_the_page_shows_a_login_prompt_and_no_data(browser, server, artifacts):
+    browser.get(server.url + "/")
+    wait(browser, lambda b: shown(b, "login"), "the page did not ask for a token")
+    assert not shown(browser, "main")
+    assert browser.find_elements(By.CSS_SELECTOR, "#tree *") == []
+    assert browser.find_elements(By.CSS_SELECTOR, "#tokens *") == []
+    assert browser.find_element(By.ID, "model").text == ""
+    # what a script on the page could fetch without the token: nothing
+    status = browser.execute_async_script(
+        "const done = arguments[0];"
+        "fetch('/v1/points', {headers: {'X-Neurotap-Protocol': '1'}}).then(r => done(r.status));"
+    )
+    assert status == 401
+    browser.save_screenshot(str(artifacts / "login.png"))
+
+    browser.find_element(By.ID, "token").send_keys("wrong-token-0123456789")
+    browser.find_element(By.CSS_SELECTOR, "#login-form button").click()
+    wait(browser, lambda b: "refused" in b.find_element(By.ID, "login-error").text, "a wrong token was not refused")
+    assert not shown(browser, "main")
+    assert browser.find_elements(By.CSS_SELECTOR, "#tree *") == []
+
+
+def test_tokens_and_points_tree(signed_in, plain, server):
+    browser = signed_in
+    ids = [int(t.get_attribute("data-id")) for t in browser.find_elements(By.CSS_SELECTOR, "#tokens .token")]
+    assert ids == plain[1](PROMPT).input_ids
+    search = browser.find_element(By.ID, "search")
+    search.clear()
+    search.send_keys("mlp.mul")
+    wait(browser, lambda b: b.find_elements(By.CSS_SELECTOR, f'#tree .point[data-name="{MUL}"]'), "search")
+    names = [row.get_attribute("data-name") for row in browser.find_elements(By.CSS_SELECTOR, "#tree .point")]
+    assert names == [f"model.layers.{i}.mlp.mul" for i in range(len(names))] and len(names) >= 2
+    row = browser.find_element(By.CSS_SELECTOR, f'#tree .point[data-name="{MUL}"]')
+    assert row.find_element(By.CSS_SELECTOR, ".kind").text == "op"
+    assert row.find_element(By.CSS_SELECTOR, ".dtype").text == "float32"
+    assert "act_fn" in row.find_element(By.CSS_SELECTOR, ".source").get_attribute("title")
+
+
+def test_a_point_heat_map_holds_the_values_the_model_computes(signed_in, plain, artifacts):
+    browser = signed_in
+    model, tokenizer = plain
+    search = browser.find_element(By.ID, "search")
+    search.clear()
+    search.send_keys(MUL)
+    row = wait(browser, lambda b: b.find_elements(By.CSS_SELECTOR, f'#tree .point[data-name="{MUL}"]'), "search")[0]
+    row.click()
+    wait(
+        browser,
+        lambda b: (
+            b.execute_script(
+                "const m = document.getElementById('point-map'); return m.dataset.state === 'ready' && m.dataset.point"
+            )
+            == MUL
+        ),
+        f"the heat map of {MUL} did not appear: {errors_of(browser)}",
+    )
+    shown_values = as_matrix(cells(browser, "#point-map rect.cell"))
+    norms = as_matrix([[r, 0, v] for r, _, v in cells(browser, "#point-map rect.extra-cell")])[:, 0]
+
+    captured = {}
+    mlp = model.model.layers[0].mlp
+    handle = mlp.register_forward_hook(lambda m, args, out: captured.setdefault("x", args[0]))
+    with torch.no_grad():
+        model(torch.tensor([tokenizer(PROMPT).input_ids]))
+        expected = (mlp.act_fn(mlp.gate_proj(captured["x"])) * mlp.up_proj(captured["x"]))[0]
+    handle.remove()
+    torch.testing.assert_close(shown_values, expected[:, :256], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(norms, expected.norm(dim=-1), rtol=1e-5, atol=1e-6)
+
+    browser.execute_script(
+        'document.querySelector(\'#point-map rect.cell[data-row="2"][data-col="3"]\')'
+        ".dispatchEvent(new MouseEvent('mouseover', {bubbles: true}))"
+    )
+    hover = browser.find_element(By.ID, "hover").text
+    assert "unit 3" in hover and f"{expected[2, 3].item():.5g}"[:5] in hover
+    browser.save_screenshot(str(artifacts / "point.png"))
+
+
+def test_an_attention_head_is_the_softmax_the_model_computes(signed_in, plain, artifacts):
+    browser = signed_in
+    model, tokenizer = plain
+    layer, head = 1, 2
+    browser.find_element(By.CSS_SELECTOR, '#tabs button[data-view="attention"]').click()
+    wait(browser, lambda b: b.find_elements(By.CSS_SELECTOR, "#layer option"), "no layers to pick")
+    Select(browser.find_element(By.ID, "layer")).select_by_visible_text(str(layer))
+    Select(browser.find_element(By.ID, "head")).select_by_visible_text(str(head))
+    name = f"model.layers.{layer}.self_attn.attention_interface.softmax"
+    wait(
+        browser,
+        lambda b: (
+            b.execute_script(
+                "const m = document.getElementById('attention-map');"
+                "return m.dataset.state === 'ready' ? m.dataset.point + '/' + m.dataset.head : ''"
+            )
+            == f"{name}/{head}"
+        ),
+        f"the attention pattern did not appear: {errors_of(browser)}",
+    )
+    pattern = as_matrix(cells(browser, "#attention-map rect.cell"))
+    with torch.no_grad():
+        attentions = model(torch.tensor([tokenizer(PROMPT).input_ids]), output_attentions=True).attentions
+    torch.testing.assert_close(pattern, attentions[layer][0, head], rtol=1e-5, atol=1e-6)
+    labels = browser.execute_script(
+        "return Array.from(document.querySelectorAll('#attention-map .row-label')).map(t => t.textContent)"
+    )
+    assert labels == PROMPT.split()
+    browser.save_screenshot(str(artifacts / "attention.png"))
