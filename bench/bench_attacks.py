@@ -417,6 +417,11 @@ def status_of(result: Any) -> Any:
     return result.status_code if isinstance(result, httpx.Response) else result
 
 
+def code(result: Any) -> int:
+    """The HTTP status of a result, 0 where no answer came."""
+    return result.status_code if isinstance(result, httpx.Response) else 0
+
+
 def brief(result: Any) -> str:
     if isinstance(result, httpx.Response) and result.status_code < 300:
         return f"{result.status_code} ({len(result.content)} bytes)"
@@ -838,6 +843,22 @@ def _closed_or_answered(sock: socket.socket) -> str:
     return data.split(b"\r\n", 1)[0].decode("latin-1")
 
 
+def _still_open(sock: socket.socket, budget: int = 1 << 16) -> str:
+    """Read what is waiting (at most ``budget`` bytes): 'open' if the server keeps the connection, else 'closed'."""
+    seen = 0
+    while seen < budget:
+        try:
+            data = sock.recv(4096)
+        except BlockingIOError:
+            return "open"
+        except OSError:
+            return "closed"
+        if not data:
+            return "closed"
+        seen += len(data)
+    return "open"  # still more to come
+
+
 def _fresh_health(server: Server, tally: Tally | None = None) -> int:
     try:
         status = httpx.get(server.url + "/health", timeout=5).status_code
@@ -1010,12 +1031,15 @@ def attack_slow_reader(server: Server, tally: Tally, count: int, path: str | Non
         sock = _socket(server, rcvbuf=4096)
         sock.send(head)
         socks.append(sock)
+    control = _socket(server, rcvbuf=4096)  # a small answer: the server closes this one after --header-timeout
+    control.send(f"GET /health HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n\r\n".encode())
+    time.sleep(3.0)
     raw.delete("/v1/recordings")  # the session's recordings are gone; the answers being written are not
-    time.sleep(6.0)  # past --header-timeout (2 s) and uvicorn's keep-alive timeout (5 s)
+    time.sleep(3.0)  # 6 s in all: past --header-timeout (2 s) and uvicorn's keep-alive timeout (5 s)
     rss1 = server.status("VmRSS")
-    states = collections.Counter(
-        "open" if _closed_or_answered(s).startswith("HTTP/1.1 200") else _closed_or_answered(s) for s in socks
-    )
+    states = collections.Counter(_still_open(s) for s in socks)
+    control_state = _still_open(control)
+    control.close()
     probes = [_fresh_health(server, tally) for _ in range(3)]
     for sock in socks:
         tally.add("slow reader", 200)
@@ -1031,6 +1055,12 @@ def attack_slow_reader(server: Server, tally: Tally, count: int, path: str | Non
         f"fresh /health meanwhile {probes}",
     )
     expect(checks, "fresh connections are still served while they are held", all(p == 200 for p in probes), probes)
+    expect(
+        checks,
+        "(control) a client that read its small answer is closed after 6 s",
+        control_state == "closed",
+        control_state,
+    )
     raw.close()
     return checks
 
@@ -1532,6 +1562,39 @@ def attack_gzip_answers(server: Server, tally: Tally) -> list:
     return checks
 
 
+def attack_web_routes(server: Server, tally: Tally) -> list:
+    """The inspector's routes: POST /v1/tokenize with hostile JSON, GET / and its files."""
+    checks: list = []
+    raw = Raw(server)
+    fresh = httpx.Client(  # a connection a request: one answer's fate does not decide the next one's
+        base_url=server.url, headers=server.headers(), timeout=60, limits=httpx.Limits(max_keepalive_connections=0)
+    )
+    bodies = {
+        "JSON nested 30000 deep": b"[" * 30000 + b"]" * 30000,
+        "JSON object nested 10000 deep": b'{"a":' * 10000 + b"1" + b"}" * 10000,
+        "lone surrogate text": b'{"text": "\\ud800\\udfff x \\udc80"}',
+        "8000 combining marks": json.dumps({"text": "a" + "\u0301" * 7999}).encode(),
+        "8000 emoji ZWJ": json.dumps({"text": "\U0001f469\u200d" * 4000}).encode(),
+        "text = list": b'{"text": ["a"]}',
+        "int of 5000 digits": b'{"text": "a", "n": ' + b"9" * 5000 + b"}",
+        "not UTF-8": b'{"text": "\xff\xfe"}',
+        "NaN": b'{"text": NaN}',
+        "64 KiB + 1": b'{"text": "' + b"a" * (64 << 10) + b'"}',
+    }
+    for what, body in bodies.items():
+        result = tally.send(
+            f"tokenize {what}",
+            lambda b=body: fresh.post("/v1/tokenize", content=b, headers={"Content-Type": "application/json"}),
+        )
+        expect(checks, f"POST /v1/tokenize {what}: a 2xx/4xx answer", 0 < code(result) < 500, brief(result))
+    for path in ("/", "/static/app.js", "/static/..%2f..%2fserver.py", "/static/%2e%2e", "/v1/tokenizer"):
+        result = tally.send(f"GET {path}", lambda p=path: raw.get(p))
+        expect(checks, f"GET {path}: a 2xx/4xx answer", 0 < code(result) < 500, brief(result))
+    fresh.close()
+    raw.close()
+    return checks
+
+
 def attack_open_server_eviction(server: Server, tally: Tally) -> list:
     """On a server without tokens every client shares one session cap."""
     checks: list = []
@@ -1615,6 +1678,7 @@ def main() -> int:
                 ("9b odd values/points/paths", "A", lambda s, t: attack_values(s, t, 128)),
                 ("9c 1000 probes at a point", "A", lambda s, t: attack_many_probes(s, t, 1000)),
                 ("9d open-server session cap", "B", attack_open_server_eviction),
+                ("9f web routes (tokenize)", "A", attack_web_routes),
                 ("9e races + closed mid-body", "A", attack_races),
             ]
             if options.smollm2:
@@ -1627,6 +1691,7 @@ def main() -> int:
                     ),
                     ("S9b odd values", "S", lambda s, t: attack_values(s, t, 49152)),
                     ("S9f gzip of a parameter x3", "S", attack_gzip_answers),
+                    ("S9g web routes (tokenize)", "S", attack_web_routes),
                 ]
             for name, server, fn in attacks:
                 if only and not ({name.split()[0], name} & only):
