@@ -1,4 +1,6 @@
-"""The web inspector in a real headless Chromium, against a real ``neurotap serve`` with tokens.
+"""The web inspector in a real headless Chromium, against a real ``neurotap inspect`` with tokens.
+
+``neurotap inspect`` is ``neurotap serve`` (the same code) that also opens the page in a browser.
 
 Values the page draws are read back from its DOM (the heat map cells' data
 attributes) and compared with the same values computed here by the plain
@@ -8,7 +10,12 @@ the test's temporary folder.
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -17,7 +24,7 @@ import torch
 
 from conftest import tiny_llama
 from neurotap.transport.wire import PROTOCOL, PROTOCOL_HEADER
-from serving import Server
+from serving import LAUNCH
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is missing: pip install -r requirements-dev.txt")
 from selenium.webdriver.common.by import By  # noqa: E402
@@ -52,11 +59,44 @@ def folder(tmp_path_factory) -> Path:
     return path
 
 
+class Inspecting:
+    """``neurotap inspect`` (which serves as ``neurotap serve`` does) in its own process, with a token file.
+
+    Its "browser" is a script that writes down the address it was asked to open.
+    """
+
+    def __init__(self, folder: Path, where: Path) -> None:
+        (where / "tokens.txt").write_text(TOKEN + "\n")
+        (where / "browser.py").write_text("import pathlib, sys\npathlib.Path(sys.argv[1]).write_text(sys.argv[2])\n")
+        self.where = where
+        self.opened = where / "opened.txt"
+        command = [sys.executable, "-c", LAUNCH, "inspect", str(folder), "--port", "0"]
+        command += ["--token-file", str(where / "tokens.txt")]
+        browser = f"{sys.executable} {where / 'browser.py'} {self.opened} %s"
+        with open(where / "out.txt", "w") as out, open(where / "err.txt", "w") as err:
+            self.process = subprocess.Popen(
+                command, stdout=out, stderr=err, env={**os.environ, "BROWSER": browser, "PYTHONUNBUFFERED": "1"}
+            )
+        deadline = time.monotonic() + 300  # how long the model may take to load; not an assertion on speed
+        while not self.opened.exists() and self.process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if not self.opened.exists():
+            self.stop()
+            raise RuntimeError(f"neurotap inspect opened no browser:\n{self.log()}")
+        self.url = self.opened.read_text().rstrip("/")
+
+    def log(self) -> str:
+        return (self.where / "out.txt").read_text() + (self.where / "err.txt").read_text()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            self.process.wait(30)
+
+
 @pytest.fixture(scope="module")
 def server(folder, tmp_path_factory):
-    tokens = tmp_path_factory.mktemp("auth") / "tokens.txt"
-    tokens.write_text(TOKEN + "\n")
-    running = Server(folder, "--token-file", str(tokens))
+    running = Inspecting(folder, tmp_path_factory.mktemp("inspect"))
     yield running
     running.stop()
 
@@ -281,3 +321,9 @@ def test_an_attention_head_is_the_softmax_the_model_computes(signed_in, plain, a
     )
     assert labels == PROMPT.split()
     browser.save_screenshot(str(artifacts / "attention.png"))
+
+
+def test_inspect_serves_and_opens_the_page(server):
+    serving = next(line for line in server.log().splitlines() if line.startswith("neurotap: serving"))
+    assert server.url == serving.split(" on ")[1].split()[0]  # it opened the address it serves on
+    assert server.opened.read_text() == server.url + "/"
