@@ -7,6 +7,18 @@ sockets where the client library would refuse to send the request. Meanwhile a
 canary thread per server (``nt.connect``) keeps sending a small forward and a
 ``/health`` on a fresh connection, and records their latencies.
 
+Servers: A (tokens, --header-timeout 2, --body-timeout 3, --max-connections 200,
+--max-request-bytes 128M, 4 MiB a session, 16 MiB in all, --request-timeout 10);
+B (--allow-code, no tokens, --request-timeout 2; started in the background); S
+(smollm2-135m with A's settings). Attacks: model arguments that load code (1),
+work and memory bounds (2), recordings of non-tensors and of --max-total-bytes
+(3), session floods (4), large and malformed messages and many large bodies at
+once (5), slowloris, slow bodies, the connection cap and clients that never read
+their answer (6), a long pass with requests queued behind it (7), Host/Origin
+(8), then compressed bodies, request framing, odd values, point names and paths,
+many probes at one point, the shared session cap of a server without tokens, the
+web inspector's routes, concurrent clears and a session closed mid-body (9).
+
 One row per attack: requests sent, responses by status class, 5xx (those by
 design, 503 for the connection cap and 504 for the request timeout, counted
 apart), whether the server is alive after it, the server's peak RSS (VmHWM)
