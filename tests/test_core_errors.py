@@ -298,6 +298,94 @@ def test_core_bad_wrap_and_forward_arguments(setup) -> None:
     _assert_unharmed(model, state, baseline)
 
 
+# -- points the call never reached ----------------------------------------------------------------
+
+
+class Branches(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.main = nn.Linear(4, 4)
+        self.alt = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor, flag: bool = False) -> torch.Tensor:
+        return self.alt(x) * 2 if flag else self.main(x) + 1
+
+
+def test_core_a_point_the_forward_never_reached_fails_the_call() -> None:
+    torch.manual_seed(0)
+    module = Branches()
+    x = torch.randn(3, 4)
+    state = snapshot_state(module)
+    model = nt.wrap(module, example=x)
+    with torch.no_grad():
+        expected = module(x)
+        probes = [nt.probe("main.output", nt.Record()), nt.probe("alt.output", nt.Zero()), nt.probe("mul", nt.Record())]
+        with pytest.raises(nt.MissedPointError) as raised:
+            model.forward(x, probes=probes)
+    assert raised.value.points == ["alt.output", "mul"]
+    assert "'alt.output', 'mul'" in str(raised.value) and "optional=True" in str(raised.value)
+    assert "main.output" not in str(raised.value)
+    assert torch.equal(model.recordings()["main.output"]["record"][0], module.main(x))  # what did run is kept
+    assert_clean(module, state)
+    with torch.no_grad():
+        optional = [nt.probe("alt.output", nt.Zero(), optional=True), nt.probe("mul", nt.Record(), optional=True)]
+        assert torch.equal(model.forward(x, probes=optional), expected)
+        assert torch.equal(model.forward(x, flag=True, probes=optional), torch.zeros(3, 4))
+    assert_clean(module, state)
+
+
+def test_core_a_patch_block_point_never_reached_fails_each_call() -> None:
+    torch.manual_seed(0)
+    module = Branches()
+    x = torch.randn(3, 4)
+    model = nt.wrap(module, example=x)
+    with torch.no_grad():
+        expected = module(x)
+        with model.patch({"alt.output": nt.Zero()}):
+            with pytest.raises(nt.MissedPointError, match="alt.output"):
+                model(x)
+            assert torch.equal(model(x, flag=True), torch.zeros(3, 4))
+            with pytest.raises(nt.MissedPointError, match="alt.output"):
+                model.forward(x, probes=[nt.probe("main.output", nt.Record())])
+            assert torch.equal(module(x), expected)  # a direct call on the module cannot be checked
+        with model.patch({"alt.output": nt.Zero()}, optional=True):
+            assert torch.equal(model(x), expected)
+    assert_clean(module)
+
+
+def test_core_generate_warns_once_about_points_it_never_reached(setup) -> None:
+    model, state, _ = setup
+    prompt = example_inputs("llama", batch=1)
+    expected = model.module.generate(**prompt, max_new_tokens=3, do_sample=False)
+    with pytest.warns(nt.MissedPointWarning, match="'loss_function'") as warned:
+        tokens = model.generate(
+            **prompt,
+            max_new_tokens=3,
+            do_sample=False,
+            probes=[nt.probe("loss_function", nt.Record()), nt.probe(POINT, nt.Record())],
+        )
+    assert len([w for w in warned if issubclass(w.category, nt.MissedPointWarning)]) == 1
+    assert torch.equal(tokens, expected)
+    assert len(model.recordings()[POINT]["record"]) == 3
+    assert_clean(model.module, state)
+
+
+def test_core_a_point_reached_only_with_some_inputs(setup) -> None:
+    """The loss is computed only when labels are given: so is the point ``loss_function``."""
+    model, state, baseline = setup
+    inputs = example_inputs("llama")
+    with torch.no_grad(), pytest.raises(nt.MissedPointError, match="loss_function"):
+        model.forward(**inputs, probes=[nt.probe("loss_function", nt.Record())])
+    with torch.no_grad():
+        output = model.forward(**inputs, labels=inputs["input_ids"], probes=[nt.probe("loss_function", nt.Record())])
+    assert torch.equal(model.recordings()["loss_function"]["record"][0], output.loss)
+    targets = inputs["input_ids"].roll(-1, dims=1)
+    with pytest.raises(nt.MissedPointError, match="loss_function"):
+        model.backward(**inputs, loss=nt.CrossEntropy(targets), probes=[nt.probe("loss_function", nt.Record())])
+    assert all(p.grad is None for p in model.module.parameters())
+    _assert_unharmed(model, state, baseline)
+
+
 # -- forwards whose source cannot be read ---------------------------------------------------------
 
 _HIDDEN_SOURCE = """
@@ -380,6 +468,8 @@ PUBLIC = [
     "LogitDiff",
     "Max",
     "Mean",
+    "MissedPointError",
+    "MissedPointWarning",
     "Model",
     "NeurotapError",
     "Norm",
@@ -415,6 +505,7 @@ def test_core_public_surface_is_the_documented_list() -> None:
     assert len(nt.__all__) == len(set(nt.__all__))
     for name in PUBLIC:
         assert hasattr(nt, name), name
-    errors = (nt.UnknownPointError, nt.PatchError, nt.ProbeError)
+    errors = (nt.UnknownPointError, nt.PatchError, nt.ProbeError, nt.MissedPointError)
     assert all(issubclass(error, nt.NeurotapError) for error in errors)
     assert issubclass(nt.SourceUnavailableWarning, UserWarning)
+    assert issubclass(nt.MissedPointWarning, UserWarning)

@@ -3,7 +3,15 @@
 import importlib
 from typing import Any
 
-from .errors import NeurotapError, PatchError, ProbeError, SourceUnavailableWarning, UnknownPointError
+from .errors import (
+    MissedPointError,
+    MissedPointWarning,
+    NeurotapError,
+    PatchError,
+    ProbeError,
+    SourceUnavailableWarning,
+    UnknownPointError,
+)
 from .model import CrossEntropy, LogitDiff, Model, load, wrap
 from .points import Point, PointList
 from .probes import (
@@ -35,6 +43,8 @@ __all__ = [
     "LogitDiff",
     "Max",
     "Mean",
+    "MissedPointError",
+    "MissedPointWarning",
     "Model",
     "NeurotapError",
     "Norm",

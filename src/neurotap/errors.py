@@ -22,5 +22,20 @@ class ProbeError(NeurotapError, RuntimeError):
     """A probe function raised; the original exception is chained as __cause__."""
 
 
+class MissedPointError(NeurotapError):
+    """A call finished without reaching a point that a probe or patch was waiting at.
+
+    ``points`` lists their names as given.
+    """
+
+    def __init__(self, message: str, points: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.points = list(points)
+
+
+class MissedPointWarning(UserWarning):
+    """``generate`` finished without reaching a point that a probe or patch was waiting at."""
+
+
 class SourceUnavailableWarning(UserWarning):
     """A forward whose source cannot be rewritten: only its module points exist."""

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 
-from ..errors import NeurotapError, UnknownPointError
+from ..errors import MissedPointError, MissedPointWarning, NeurotapError, UnknownPointError
 from ..points import Attachment, Inventory, PointList, static_inventory, take_inventory
 from ..probes import Probe, SaveContext, probe
 from .losses import LOSSES, Loss, logits_of
@@ -18,14 +19,14 @@ from .plan import Plan, unknown_point
 PatchSpec = Mapping[str, Callable[..., Any] | Sequence[Callable[..., Any]]]
 
 
-def patches_to_probes(patches: PatchSpec) -> list[Probe]:
+def patches_to_probes(patches: PatchSpec, *, optional: bool = False) -> list[Probe]:
     """``{point: patch or [patches]}`` -> probes, in order."""
     if not isinstance(patches, Mapping):
         raise TypeError("patch() takes a dict {point name: patch or list of patches}")
     probes = []
     for point, value in patches.items():
         for fn in value if isinstance(value, (list, tuple)) else [value]:
-            probes.append(probe(point, fn))
+            probes.append(probe(point, fn, optional=optional))
     return probes
 
 
@@ -155,28 +156,52 @@ class Model:
             if not probes:
                 if self._inventory is not None and not self._inventory.ran:
                     self.inventory(args, kwargs)  # the shapes, from the first call that has inputs
-                if self._layer_plan is not None:
-                    self._layer_plan.state.new_call()
-                return call(*args, **kwargs)
-            inventory = self.inventory(args, kwargs)
-            plan = Plan([p for layer in self._layers for p in layer] + list(probes), inventory, self._contexts)
-            self._detach()
-            try:
-                self._attached = plan.attach(self.module, self._named_modules())
+                plan = self._layer_plan
+                if plan is None:
+                    return call(*args, **kwargs)
                 plan.state.new_call()
-                return call(*args, **kwargs)
-            finally:
+                since = plan.state.forward_id
+                result = call(*args, **kwargs)
+            else:
+                inventory = self.inventory(args, kwargs)
+                plan = Plan([p for layer in self._layers for p in layer] + list(probes), inventory, self._contexts)
                 self._detach()
-                self._reattach()
+                try:
+                    self._attached = plan.attach(self.module, self._named_modules())
+                    plan.state.new_call()
+                    since = plan.state.forward_id
+                    result = call(*args, **kwargs)
+                finally:
+                    self._detach()
+                    self._reattach()
+        missed = plan.missed(since)
+        if missed:
+            self._missed(missed, generating=call is not self.module)
+        return result
+
+    def _missed(self, points: list[str], *, generating: bool) -> None:
+        names = ", ".join(map(repr, points))
+        message = (
+            f"{'generate' if generating else 'the forward'} finished without reaching {names}, so the probes "
+            "and patches there did nothing. The points exist, but these inputs do not run them (a branch not "
+            "taken, a module skipped, a loss computed only with labels). Give inputs that reach them, or mark a "
+            "probe that may miss with nt.probe(point, fn, optional=True) (m.patch(..., optional=True) for a block)"
+        )
+        if generating:  # a generation may stop before a step that would have reached them: say so, keep the tokens
+            warnings.warn(message, MissedPointWarning, stacklevel=4)
+        else:
+            raise MissedPointError(message, tuple(points))
 
     @contextlib.contextmanager
-    def patch(self, patches: PatchSpec) -> Iterator[Model]:
+    def patch(self, patches: PatchSpec, *, optional: bool = False) -> Iterator[Model]:
         """Apply ``{point: patch or [patches]}`` to every forward inside the ``with`` block.
 
         Nested blocks compose: inner patches run after outer ones at the same
-        point, and each block's patches come off when it exits.
+        point, and each block's patches come off when it exits. A ``forward`` or
+        ``generate`` in the block that does not reach a patched point fails as it
+        would with that probe, unless the block is ``optional``.
         """
-        layer = patches_to_probes(patches)
+        layer = patches_to_probes(patches, optional=optional)
         with self._lock:
             plan = Plan([p for lay in self._layers for p in lay] + layer, self.inventory(), self._contexts)
             self._detach()

@@ -96,7 +96,7 @@ def _check_replacement(point: str, original: Any, result: Any) -> None:
 class BoundProbe:
     """A probe with its save context and the narrowing of its point name."""
 
-    __slots__ = ("fn", "ctx", "keys", "grad", "point")
+    __slots__ = ("fn", "ctx", "keys", "grad", "point", "optional")
 
     def __init__(self, probe: Probe, ctx: SaveContext, keys: tuple) -> None:
         self.fn = probe.fn
@@ -104,6 +104,7 @@ class BoundProbe:
         self.keys = keys
         self.grad = probe.grad
         self.point = probe.point
+        self.optional = probe.optional
 
     def _call(self, value: Any, call: int, step: int) -> Any:
         ctx = self.ctx
@@ -329,6 +330,14 @@ class Plan:
             if base not in self.taps:
                 self.taps[base] = Tap(point, self.state)
             self.taps[base].bound.append(BoundProbe(probe, ctx, keys))
+
+    def missed(self, since: int) -> list[str]:
+        """The points, as the probes name them, that no forward after forward number ``since`` reached."""
+        names: dict[str, None] = {}
+        for tap in self.taps.values():
+            if tap.forward_id <= since:
+                names.update((bound.point, None) for bound in tap.bound if not bound.optional)
+        return list(names)
 
     def attach(self, root: torch.nn.Module, modules: Mapping[str, torch.nn.Module]) -> Attachment:
         attachment = Attachment()

@@ -128,8 +128,8 @@ def take_inventory(root: torch.nn.Module, run: Callable[[], Any]) -> Inventory:
 
                 return fire
 
-            for kind in ("input", "output"):  # known by name even where the dry run does not reach the module
-                name = join(path, kind)
+            for kind in ("input", "output") if _has_own_forward(module) else ():  # a ModuleList is never called
+                name = join(path, kind)  # known by name even where the dry run does not reach the module
                 inventory.static[name] = Point(name, kind, None, None, "", source, path)  # type: ignore[arg-type]
             attachment.on_input(module, recorder(join(path, "input"), "input"))
             if forward_replaced(module):
@@ -181,7 +181,9 @@ def static_inventory(root: torch.nn.Module) -> Inventory:
     def visit(path: str, module: torch.nn.Module) -> None:
         seen.add(id(module))
         source = _module_source(module)
-        add(Point(join(path, "input"), "input", None, None, "", source, path))
+        called = _has_own_forward(module)  # a ModuleList has no forward and no points of its own
+        if called:
+            add(Point(join(path, "input"), "input", None, None, "", source, path))
         function = None if forward_replaced(module) else tapped_forward(module)
         if function is not None:
             where = os.path.basename(function.filename)
@@ -191,7 +193,8 @@ def static_inventory(root: torch.nn.Module) -> Inventory:
         for child_name, child in module.named_children():
             if id(child) not in seen:
                 visit(join(path, child_name), child)
-        add(Point(join(path, "output"), "output", None, None, "", source, path))
+        if called:
+            add(Point(join(path, "output"), "output", None, None, "", source, path))
 
     visit("", root)
     inventory.aliases = find_aliases(set(inventory.points), _embedding_points(root))

@@ -18,21 +18,28 @@ class Probe:
     ``fn(ctx, value)`` returns a replacement for the value, or None to keep it.
     With ``grad=True`` it gets the gradient at the point during backward instead,
     may return a replacement gradient, and saves to the context ``point + ".grad"``.
+    A call in which the point never fires raises ``MissedPointError`` unless the
+    probe is ``optional``.
     """
 
     point: str
     fn: ProbeFn
     grad: bool = False
+    optional: bool = False
 
     @property
     def context_name(self) -> str:
         return self.point + ".grad" if self.grad else self.point
 
 
-def probe(point: str, fn: ProbeFn, *, grad: bool = False) -> Probe:
-    """Make a probe: ``nt.probe("model.layers.0.mlp.mul", fn)``."""
+def probe(point: str, fn: ProbeFn, *, grad: bool = False, optional: bool = False) -> Probe:
+    """Make a probe: ``nt.probe("model.layers.0.mlp.mul", fn)``.
+
+    ``optional=True`` where the forward may not reach the point (a branch that is
+    not always taken): the call then does not fail when it never fires.
+    """
     if not isinstance(point, str):
         raise TypeError(f"a probe's point must be a point name (str), got {type(point).__name__}")
     if not callable(fn):
         raise TypeError(f"a probe's fn must be callable as fn(ctx, value), got {type(fn).__name__}")
-    return Probe(point, fn, grad)
+    return Probe(point, fn, grad, optional)
