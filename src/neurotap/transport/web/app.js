@@ -16,6 +16,7 @@ const state = {
   selectors: {}, // dim -> index, for the dims before the last two
   unitStart: 0,
   view: 'point',
+  drawing: 0, // the latest draw: an answer to an older one is dropped
 };
 
 const $ = (id) => document.getElementById(id);
@@ -285,7 +286,7 @@ function heatmap(target, rows, { rowLabels, colLabels, colStart = 0, signed = tr
   const top = 44;
   const extraWidth = extra ? 40 : 0;
   const room = Math.max(320, (target.clientWidth || 900) - left - extraWidth - 16);
-  const cell = Math.max(3, Math.min(26, Math.floor(room / Math.max(m, 1))));
+  const cell = Math.max(2, Math.min(26, Math.floor(room / Math.max(m, 1))));
   const width = left + m * cell + extraWidth + 10;
   const image = svg('svg', { width, height: top + n * height + 4, class: 'map' });
   let scale = 0;
@@ -349,7 +350,7 @@ function pointRow(point, label) {
   const row = el('div', { class: 'point', role: 'button', tabindex: '0' });
   row.dataset.name = point.name;
   row.append(
-    el('span', { class: 'name' }, label),
+    el('span', { class: 'name', title: point.name }, label),
     el('span', { class: 'kind' }, point.kind),
     el('span', { class: 'shape' }, point.shape ? `[${point.shape.join(', ')}]` : point.type),
     el('span', { class: 'dtype' }, point.dtype || ''),
@@ -465,9 +466,10 @@ async function drawPoint() {
   const point = state.point;
   const map = $('point-map');
   if (!point || !state.tokens) return;
+  const ticket = ++state.drawing;
   map.dataset.state = 'loading';
   $('point-title').textContent = point.name;
-  $('point-facts').textContent = `${point.kind} · ${point.shape ? `[${point.shape.join(', ')}]` : point.type} · ${point.dtype || ''} · ${point.source}`;
+  $('point-facts').textContent = `${point.kind} · ${point.shape ? `[${point.shape.join(', ')}] at the example input` : point.type} · ${point.dtype || ''} · ${point.source}`;
   $('point-controls').replaceChildren();
   if (!point.shape || !isFloat(point.dtype)) {
     map.replaceChildren(el('p', { class: 'note' }, `this point holds a ${point.type}, not a float tensor: nothing to draw`));
@@ -487,7 +489,7 @@ async function drawPoint() {
   setStatus('running…');
   try {
     const recorded = (await probe(probes))[point.name];
-    if (state.point !== point) return;
+    if (ticket !== state.drawing) return;
     const value = recorded.record[0];
     const rows = ndim === 0 ? [[value.values[0]]] : value.rows();
     let extra;
@@ -545,12 +547,14 @@ async function drawAttention() {
   }
   if (!state.tokens) return;
   const head = Number($('head').value || 0);
+  const ticket = ++state.drawing;
   map.dataset.state = 'loading';
   $('attention-facts').textContent = `${name}, head ${head}: rows attend to columns`;
   setStatus('running…');
   try {
     const index = tuple(0, head, slice(0, MAX_POSITIONS), slice(0, MAX_POSITIONS));
     const recorded = (await probe([{ point: name, fn: patch('Record', { index, key: 'record' }) }]))[name];
+    if (ticket !== state.drawing) return;
     const rows = recorded.record[0].rows();
     const labels = state.tokens.pieces.map(shortLabel);
     heatmap(map, rows, { rowLabels: labels, colLabels: labels, signed: false, attrs: { point: name, head: String(head) } });

@@ -1,0 +1,105 @@
+"""Remake the README's screenshots of the web inspector: ``python docs/screenshots.py``.
+
+Starts ``neurotap serve`` (the built-in SmolLM2-135M) with a token on a free
+port, drives headless Chromium through each view for the README's prompt, and
+writes ``docs/inspector-*.png``. Needs Debian's chromium and chromium-driver.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from selenium import webdriver
+from selenium.webdriver.chrome.options import Options
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import Select, WebDriverWait
+
+PROMPT = "The Eiffel Tower is located in the city of"
+HERE = Path(__file__).parent
+LAUNCH = "import sys; from neurotap.cli import main; sys.exit(main())"
+
+
+def ready(browser, map_id: str, point: str, head: str = "") -> None:
+    script = (
+        f"const m = document.getElementById('{map_id}');"
+        "return m.dataset.state === 'ready' && m.dataset.point + '/' + (m.dataset.head || '')"
+    )
+    drawn = f"{point}/{head}"
+    WebDriverWait(browser, 300).until(lambda b: b.execute_script(script) == drawn, f"{drawn} was not drawn")
+
+
+def main() -> None:
+    scratch = Path(tempfile.mkdtemp())
+    token = secrets.token_urlsafe(24)
+    (scratch / "tokens.txt").write_text(token + "\n")
+    server = subprocess.Popen(
+        [sys.executable, "-c", LAUNCH, "serve", "--port", "0", "--token-file", str(scratch / "tokens.txt")],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    options = Options()
+    options.binary_location = shutil.which("chromium")
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run"):
+        options.add_argument(flag)
+    for flag in ("--disable-background-networking", "--disable-component-update", "--disable-sync"):
+        options.add_argument(flag)
+    options.add_argument("--window-size=1280,760")
+    options.add_argument(f"--user-data-dir={scratch / 'chromium'}")
+    browser = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+    try:
+        line = server.stdout.readline()
+        url = line.split(" on ")[1].split()[0]
+        browser.get(url + "/")
+        WebDriverWait(browser, 60).until(lambda b: b.find_element(By.ID, "login").is_displayed())
+        browser.save_screenshot(str(HERE / "inspector-login.png"))
+        browser.find_element(By.ID, "token").send_keys(token)
+        browser.find_element(By.CSS_SELECTOR, "#login-form button").click()
+        WebDriverWait(browser, 60).until(lambda b: b.find_elements(By.CSS_SELECTOR, "#tokens .token"))
+
+        for group in ("layers", "0", "self_attn"):  # open the tree down to layer 0's attention
+            summaries = browser.find_elements(By.XPATH, f"//details[not(@open)]/summary[text()='{group}']")
+            summaries[0].click()
+        point = "model.layers.0.self_attn.o_proj"
+        row = browser.find_element(By.CSS_SELECTOR, f'#tree .point[data-name="{point}"]')
+        row.click()
+        ready(browser, "point-map", point)
+        browser.execute_script("arguments[0].scrollIntoView({block: 'center'}); window.scrollTo(0, 0)", row)
+        browser.save_screenshot(str(HERE / "inspector-tree.png"))
+
+        search = browser.find_element(By.ID, "search")
+        search.send_keys("layers.3.mlp")
+        point = "model.layers.3.mlp.mul"
+        browser.find_element(By.CSS_SELECTOR, f'#tree .point[data-name="{point}"]').click()
+        ready(browser, "point-map", point)
+        browser.save_screenshot(str(HERE / "inspector-point.png"))
+
+        search.clear()
+        search.send_keys("layers.9.output")
+        point = "model.layers.9.output"
+        browser.find_element(By.CSS_SELECTOR, f'#tree .point[data-name="{point}"]').click()
+        ready(browser, "point-map", point)
+        browser.save_screenshot(str(HERE / "inspector-residual.png"))
+
+        browser.find_element(By.CSS_SELECTOR, '#tabs button[data-view="attention"]').click()
+        Select(browser.find_element(By.ID, "layer")).select_by_visible_text("5")
+        Select(browser.find_element(By.ID, "head")).select_by_visible_text("3")
+        ready(browser, "attention-map", "model.layers.5.self_attn.attention_interface.softmax", "3")
+        browser.save_screenshot(str(HERE / "inspector-attention.png"))
+    finally:
+        browser.quit()
+        server.send_signal(signal.SIGTERM)
+        server.wait(60)
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
