@@ -327,3 +327,47 @@ def test_inspect_serves_and_opens_the_page(server):
     serving = next(line for line in server.log().splitlines() if line.startswith("neurotap: serving"))
     assert server.url == serving.split(" on ")[1].split()[0]  # it opened the address it serves on
     assert server.opened.read_text() == server.url + "/"
+
+
+def test_the_logit_lens_is_each_layer_through_the_final_norm_and_unembedding(signed_in, plain, server, artifacts):
+    browser = signed_in
+    model, tokenizer = plain
+    browser.find_element(By.CSS_SELECTOR, '#tabs button[data-view="lens"]').click()
+    wait(
+        browser,
+        lambda b: b.execute_script("return document.getElementById('lens-map').dataset.state") == "ready",
+        f"the logit lens did not appear: {errors_of(browser)}",
+    )
+    found = browser.execute_script(
+        "return Array.from(document.querySelectorAll('#lens-map rect.lens-cell')).map(r =>"
+        " [Number(r.dataset.layer), Number(r.dataset.pos), Number(r.dataset.id), Number(r.dataset.prob)])"
+    )
+    layers = model.model.layers
+    residuals = {}
+
+    def keeper(i):
+        return lambda m, args, out: residuals.setdefault(i, out[0] if isinstance(out, tuple) else out)
+
+    handles = [layer.register_forward_hook(keeper(i)) for i, layer in enumerate(layers)]
+    with torch.no_grad():
+        model(torch.tensor([tokenizer(PROMPT).input_ids]))
+        logits = [model.lm_head(model.model.norm(residuals[i]))[0] for i in range(len(layers))]
+        probs = torch.softmax(torch.stack(logits), dim=-1)
+    for handle in handles:
+        handle.remove()
+    best, ids = probs.max(dim=-1)  # [layers, positions]
+    assert len(found) == ids.numel()
+    shown_ids = torch.zeros_like(ids)
+    shown_probs = torch.zeros_like(best)
+    for layer, position, token, prob in found:
+        shown_ids[layer, position] = token
+        shown_probs[layer, position] = prob
+    assert torch.equal(shown_ids, ids)
+    torch.testing.assert_close(shown_probs, best, rtol=1e-5, atol=1e-6)
+    browser.save_screenshot(str(artifacts / "logit-lens.png"))
+
+    headers = {PROTOCOL_HEADER: str(PROTOCOL), "Authorization": f"Bearer {TOKEN}"}
+    with httpx.Client(base_url=server.url, headers=headers) as http:
+        assert http.post("/v1/logit_lens", json={"text": PROMPT, "top": 9}).status_code == 400
+        assert http.post("/v1/logit_lens", json={"text": "the " * 65}).status_code == 413
+        assert http.post("/v1/logit_lens", json={"text": PROMPT}, headers={"Authorization": ""}).status_code == 401

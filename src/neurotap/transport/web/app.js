@@ -565,16 +565,75 @@ async function drawAttention() {
   }
 }
 
+// rows: [{layer, ids: [[id] per position], probs, pieces}]; the server computed all of it
+function lensGrid(target, rows, labels) {
+  target.replaceChildren();
+  const width = 64;
+  const height = 18;
+  const left = 70;
+  const top = 44;
+  const positions = labels.length;
+  const image = svg('svg', { width: left + positions * width + 8, height: top + rows.length * height + 4, class: 'map' });
+  labels.forEach((label, j) => {
+    const text = svg('text', { x: left + j * width + 4, y: top - 6, class: 'col-label' });
+    text.setAttribute('transform', `rotate(-30 ${left + j * width + 4} ${top - 6})`);
+    text.textContent = label;
+    image.append(text);
+  });
+  rows.forEach((row, i) => {
+    const name = svg('text', { x: left - 6, y: top + i * height + 13, class: 'row-label' });
+    name.textContent = `layer ${row.layer}`;
+    image.append(name);
+    row.ids.forEach((ids, j) => {
+      const prob = row.probs[j][0];
+      const rect = svg('rect', { x: left + j * width, y: top + i * height, width, height, fill: color(prob, 1, false) });
+      rect.setAttribute('class', 'lens-cell');
+      Object.assign(rect.dataset, { layer: String(row.layer), pos: String(j), id: String(ids[0]), prob: String(prob) });
+      rect.dataset.piece = row.pieces[j][0];
+      const text = svg('text', { x: left + j * width + 3, y: top + i * height + 13, class: 'lens-text' });
+      text.textContent = shortLabel(row.pieces[j][0]).slice(0, 9);
+      image.append(rect, text);
+    });
+  });
+  image.addEventListener('mouseover', (event) => {
+    const data = event.target.dataset || {};
+    if (data.prob === undefined) return;
+    $('hover').textContent = `layer ${data.layer}, after ${JSON.stringify(labels[Number(data.pos)])}: ${JSON.stringify(data.piece)} p=${Number(data.prob).toFixed(4)}`;
+  });
+  target.append(image);
+}
+
+async function drawLens() {
+  const map = $('lens-map');
+  if (!state.tokens) return;
+  const ticket = ++state.drawing;
+  map.dataset.state = 'loading';
+  setStatus('running…');
+  try {
+    const body = JSON.stringify({ text: state.text, top: 1 });
+    const lens = await json('/v1/logit_lens', { method: 'POST', body, type: 'application/json' });
+    if (ticket !== state.drawing) return;
+    lensGrid(map, lens.layers, lens.pieces.map(shortLabel));
+    map.dataset.state = 'ready';
+    setStatus(`logit lens over ${lens.layers.length} layers`);
+    showError('');
+  } catch (error) {
+    fail(error, map);
+  }
+}
+
 function setView(view) {
   state.view = view;
   for (const button of document.querySelectorAll('#tabs button')) button.classList.toggle('active', button.dataset.view === view);
   $('point-view').hidden = view !== 'point';
   $('attention-view').hidden = view !== 'attention';
+  $('lens-view').hidden = view !== 'lens';
   $('hover').textContent = '';
 }
 
 function redraw() {
   if (state.view === 'attention') drawAttention();
+  else if (state.view === 'lens') drawLens();
   else drawPoint();
 }
 
@@ -604,6 +663,7 @@ async function tokenize() {
   const text = $('prompt').value;
   const body = JSON.stringify({ text });
   state.tokens = await json('/v1/tokenize', { method: 'POST', body, type: 'application/json' });
+  state.text = text;
   renderTokens();
 }
 
