@@ -149,6 +149,8 @@ def test_float16_and_bfloat16_store_the_rounded_values(model: nt.Model, tmp_path
         assert values.dtype == torch_dtype
         assert torch.equal(values, reference.read(LAYER0).to(torch_dtype))
         assert torch.equal(ds.gather(LAYER0, [3, 1]), values[[3, 1]])
+        batch, rows = next(ds.stream(LAYER0, 50, rows=True))
+        assert batch.dtype == torch_dtype and torch.equal(batch, values[rows])
 
 
 def _cli(tiny: Path, data: Path, out: Path) -> list[str]:
@@ -270,6 +272,81 @@ def test_shuffled_batches_cover_every_row_once(model: nt.Model, tmp_path: Path) 
     assert not torch.equal(torch.cat(list(ds.batches(MUL1, 96, shuffle=True, seed=4))), shuffled)
     assert torch.equal(torch.cat(list(ds.batches(MUL1, 100))), everything)
     assert all(len(b) == 100 for b in ds.batches(MUL1, 100, shuffle=True, drop_last=True))
+
+
+@pytest.fixture(scope="module")
+def small(model: nt.Model, tmp_path_factory: pytest.TempPathFactory) -> ActivationDataset:
+    """1008 rows of the MLP product over several shards, for the readers."""
+    folder = tmp_path_factory.mktemp("small") / "acts"
+    return collect(model, [MUL1], folder, seq_len=16, batch_size=2, tokens=1000, shard_mb=0.03, progress=False)
+
+
+def test_stream_reads_whole_blocks_and_gives_every_row_once(small: ActivationDataset) -> None:
+    ds = small
+    everything = ds.read(MUL1)
+    total = len(ds)  # 63 sequences of 16: 1008 rows, 21 blocks of 48, across several shards
+    assert total == 1008 and ds.num_shards > 5
+
+    def epoch(**arguments) -> tuple[list[torch.Tensor], torch.Tensor]:
+        items = list(ds.stream(MUL1, rows=True, **arguments))
+        for values, rows in items:
+            assert torch.equal(values, everything[rows])  # each value is the row it says it is
+        return [rows for _, rows in items], torch.cat([rows for _, rows in items])
+
+    # one block per buffer: each batch is one block of 48 contiguous rows (rows within a batch come ascending)
+    batches, rows = epoch(batch_size=48, chunk_rows=48, buffer_rows=48, seed=1)
+    assert sorted(rows.tolist()) == list(range(total))
+    starts = []
+    for batch in batches:
+        first = int(batch.min())
+        assert first % 48 == 0 and sorted(batch.tolist()) == list(range(first, first + 48))
+        starts.append(first)
+    assert starts != sorted(starts)
+
+    # a larger buffer mixes blocks; batches stay full but the last
+    batches, rows = epoch(batch_size=100, chunk_rows=48, buffer_rows=200, seed=1)
+    assert [len(b) for b in batches] == [100] * 10 + [8]
+    assert sorted(rows.tolist()) == list(range(total))
+    assert len({int(r) // 48 for r in batches[0]}) > 2
+    assert torch.equal(epoch(batch_size=100, chunk_rows=48, buffer_rows=200, seed=1)[1], rows)
+    assert not torch.equal(epoch(batch_size=100, chunk_rows=48, buffer_rows=200, seed=2)[1], rows)
+
+    # epochs: each a new order, each every row once
+    _, two = epoch(batch_size=100, chunk_rows=48, buffer_rows=200, seed=1, epochs=2)
+    assert torch.equal(two[:total], rows) and sorted(two[total:].tolist()) == list(range(total))
+    assert not torch.equal(two[total:], rows)
+    forever = ds.stream(MUL1, 500, epochs=None)
+    assert [len(next(forever)) for _ in range(7)] == [500, 500, 8] * 2 + [500]  # each epoch ends with its rest
+
+    # in order, and the fully random mode's order is the seed's permutation, as batches() gives it
+    assert torch.equal(torch.cat(list(ds.stream(MUL1, 100, shuffle=None))), everything)
+    order = torch.randperm(total, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(torch.cat(list(ds.stream(MUL1, 100, shuffle="rows", seed=5))), everything[order])
+    assert all(len(b) == 100 for b in ds.stream(MUL1, 100, drop_last=True))
+    assert torch.equal(torch.cat(list(ds.stream("tokens", 64, shuffle=None))), ds.read("tokens"))
+    with pytest.raises(DatasetError, match="shuffle must be"):
+        next(ds.stream(MUL1, 10, shuffle=True))
+
+
+def test_stream_ranks_get_disjoint_blocks_and_equal_batch_counts(small: ActivationDataset) -> None:
+    ds = small
+    everything = ds.read(MUL1)
+    arguments = dict(chunk_rows=48, buffer_rows=96, world_size=3, rows=True)
+    for shuffle in ("chunks", "rows", None):
+        parts = []
+        for rank in range(3):
+            items = list(ds.stream(MUL1, 64, shuffle=shuffle, rank=rank, **arguments))
+            assert all(len(values) == 64 and torch.equal(values, everything[rows]) for values, rows in items)
+            parts.append(torch.cat([rows for _, rows in items]))
+        assert len({len(rows) for rows in parts}) == 1, shuffle  # the same number of (full) batches on every rank
+        seen = torch.cat(parts)
+        assert len(set(seen.tolist())) == len(seen)  # disjoint
+        assert len(seen) > len(ds) - 3 * (48 + 64)  # at most a block and a batch per rank left out
+        if shuffle != "rows":  # each rank reads its own blocks
+            blocks = [{int(r) // 48 for r in rows} for rows in parts]
+            assert not (blocks[0] & blocks[1]) and not (blocks[0] & blocks[2]) and not (blocks[1] & blocks[2])
+    with pytest.raises(DatasetError, match="rank must lie"):
+        next(ds.stream(MUL1, 10, rank=3, world_size=3))
 
 
 def test_top_examples_match_a_brute_force_search(model: nt.Model, tmp_path: Path) -> None:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -194,6 +197,165 @@ class ActivationDataset:
             end = min(start + batch_size, total)
             yield self.gather(point, order[start:end]) if shuffle else self.read(point, start, end)
 
+    def stream(
+        self,
+        point: str,
+        batch_size: int,
+        *,
+        shuffle: str | None = "chunks",
+        chunk_rows: int | None = None,
+        buffer_rows: int = 1 << 16,
+        seed: int = 0,
+        epochs: int | None = 1,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = False,
+        rows: bool = False,
+    ) -> Iterator[torch.Tensor] | Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``[batch_size, *shape]`` batches of a point's rows for a training loop, epoch after epoch.
+
+        ``shuffle``:
+
+        - ``"chunks"`` (the default): the rows are cut into blocks of ``chunk_rows``
+          contiguous rows (default: one sequence of the dataset, at least 256 rows); each epoch
+          visits the blocks in a new random order, reading each with one sequential read,
+          into a mixing buffer of ``buffer_rows`` rows, from which each batch takes a random
+          sample (its rows come in ascending order within the batch). Blocks are read ahead
+          sequentially and each value is copied once, straight into its batch, so this runs
+          near the speed of a plain read of the files; rows whose blocks lie within one
+          buffer of each other in the block order can meet in a batch.
+        - ``"rows"``: a uniform random order of all rows, each batch gathered row by row
+          (as :meth:`batches` with ``shuffle=True``): the best mixing, the slowest reads.
+        - ``None``: rows in order.
+
+        Each epoch uses ``seed + epoch`` (epochs count from 0); ``epochs=None`` repeats
+        forever. Every row comes exactly once per epoch, summed over the ranks.
+
+        ``rank`` and ``world_size`` split each epoch for data-parallel training: every
+        rank computes the same order and takes every ``world_size``-th block (row, in
+        ``"rows"`` mode) of it, so the ranks' parts are disjoint. With ``world_size > 1``
+        every rank yields the same number of batches, as data-parallel training needs:
+        only full batches, as many as the rank with the fewest rows has that epoch (so a
+        few rows per rank are left out of each epoch, different ones each epoch).
+
+        With ``rows=True`` each item is ``(batch, row_indices)``: the dataset rows the
+        batch holds, for :meth:`example` and :meth:`text`.
+        """
+        self._entry(point)
+        if batch_size < 1:
+            raise DatasetError(f"batch_size must be at least 1 (got {batch_size})")
+        if shuffle not in ("chunks", "rows", None):
+            raise DatasetError(f"shuffle must be 'chunks', 'rows' or None (got {shuffle!r})")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise DatasetError(f"rank must lie in [0, world_size) with world_size >= 1 (got {rank}, {world_size})")
+        if epochs is not None and epochs < 0:
+            raise DatasetError(f"epochs must be a count of at least 0, or None to repeat forever (got {epochs})")
+        chunk = chunk_rows if chunk_rows is not None else max(self.seq_len, 256)
+        if chunk < 1:
+            raise DatasetError(f"chunk_rows must be at least 1 (got {chunk})")
+        if buffer_rows < 1:
+            raise DatasetError(f"buffer_rows must be at least 1 (got {buffer_rows})")
+        epoch = 0
+        while epochs is None or epoch < epochs:
+            plan = _StreamPlan(len(self), shuffle, chunk, seed + epoch, rank, world_size)
+            limit = None
+            if world_size > 1:
+                limit = min(plan.rows_of(r) for r in range(world_size)) // batch_size * batch_size
+            elif drop_last:
+                limit = plan.rows_of(rank) // batch_size * batch_size
+            yield from self._stream_epoch(point, batch_size, plan, buffer_rows, seed + epoch, limit, rows)
+            epoch += 1
+
+    def _stream_epoch(
+        self,
+        point: str,
+        batch_size: int,
+        plan: _StreamPlan,
+        buffer_rows: int,
+        seed: int,
+        limit: int | None,
+        with_rows: bool,
+    ) -> Iterator[Any]:
+        given = 0
+
+        def emit(values: torch.Tensor, indices: torch.Tensor) -> Iterator[Any]:
+            nonlocal given
+            for start in range(0, len(values), batch_size):
+                stop = min(start + batch_size, len(values))
+                if limit is not None:
+                    stop = min(stop, start + limit - given)
+                if stop <= start:
+                    return
+                batch = values[start:stop]
+                given += stop - start
+                yield (batch, indices[start:stop]) if with_rows else batch
+
+        if plan.mode == "rows":
+            for start in range(0, len(plan.order), batch_size):
+                if limit is not None and given >= limit:
+                    return
+                picked = plan.order[start : start + batch_size]
+                yield from emit(self.gather(point, picked), torch.from_numpy(picked))
+            return
+        blocks = plan.blocks()
+        # The mixing buffer holds row numbers, not values: each batch is gathered from the memory maps in one copy,
+        # as the raw read makes one; the blocks entering the buffer are read ahead sequentially by the kernel.
+        generator = torch.Generator().manual_seed(seed)
+        fill_to = max(buffer_rows, batch_size)
+        pending = np.empty(0, dtype=np.int64)
+        cursor = 0
+        while cursor < len(blocks) or len(pending):
+            entering = []
+            while cursor < len(blocks) and len(pending) + sum(hi - lo for lo, hi in entering) < fill_to:
+                entering.append(blocks[cursor])
+                cursor += 1
+            self._read_ahead(point, entering)
+            pool = np.concatenate([pending, *(np.arange(lo, hi, dtype=np.int64) for lo, hi in entering)])
+            if plan.mode:
+                pool = pool[torch.randperm(len(pool), generator=generator).numpy()]
+            handed = len(pool) if cursor == len(blocks) else len(pool) - len(pool) % batch_size
+            for start in range(0, handed, batch_size):
+                if limit is not None and given >= limit:
+                    return
+                picked = np.sort(pool[start : min(start + batch_size, handed)])
+                yield from emit(self._gather_sorted(point, picked), torch.from_numpy(picked))
+            pending = pool[handed:]
+
+    def _gather_sorted(self, name: str, rows: np.ndarray) -> torch.Tensor:
+        """Rows (ascending) of an entry, copied once from the memory maps into a new tensor."""
+        template = self._empty(name)
+        out = np.empty((len(rows), *template.shape[1:]), dtype=_as_numpy(template).dtype)
+        owners = np.searchsorted(self._first_rows, rows, side="right") - 1
+        cuts = np.flatnonzero(np.diff(owners)) + 1
+        for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, len(rows)]):
+            index = int(owners[lo])
+            local = rows[lo:hi] - self._first_rows[index]
+            source = self.shard(index).array(name)
+            if local[-1] - local[0] + 1 == len(local):  # one run: a plain slice copy
+                out[lo:hi] = source[local[0] : local[-1] + 1]
+            else:
+                np.take(source, local, axis=0, out=out[lo:hi], mode="clip")  # "clip": no buffered copy
+        return _from_numpy(out, template.dtype)
+
+    def _read_ahead(self, name: str, blocks: list[tuple[int, int]]) -> None:
+        """Ask the kernel to read these blocks of an entry into the page cache, each as one sequential read."""
+        advise = getattr(os, "posix_fadvise", None)
+        if advise is None or not blocks:
+            return
+        row_bytes = int(np.prod(self._empty(name).shape[1:], dtype=np.int64)) * self._empty(name).element_size()
+        for lo, hi in blocks:
+            index = int(np.searchsorted(self._first_rows, lo, side="right") - 1)
+            while lo < hi:
+                first = int(self._first_rows[index])
+                end = min(hi, first + self.manifest["shards"][index]["tokens"])
+                shard = self.shard(index)
+                begin = shard.data_start + shard.entries[name]["data_offsets"][0]
+                with contextlib.suppress(OSError), open(shard.path, "rb") as file:
+                    advise(
+                        file.fileno(), begin + (lo - first) * row_bytes, (end - lo) * row_bytes, os.POSIX_FADV_WILLNEED
+                    )
+                lo, index = end, index + 1
+
     # -- text --------------------------------------------------------------------------------------
 
     def _shard_texts(self, index: int) -> dict[int, tuple[int, str]]:
@@ -328,6 +490,44 @@ class ActivationDataset:
         else:
             values = np.asarray(column, dtype=np.float64)
         return np.where(np.isnan(values), -np.inf, values)  # NaN never ranks
+
+
+def _as_numpy(tensor: torch.Tensor) -> np.ndarray:
+    """A numpy view of ``tensor``'s memory (numpy has no bfloat16: such tensors are viewed as uint16)."""
+    return (tensor.view(torch.uint16) if tensor.dtype == torch.bfloat16 else tensor).numpy()
+
+
+def _from_numpy(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    tensor = torch.from_numpy(array)
+    return tensor.view(torch.bfloat16) if dtype == torch.bfloat16 else tensor
+
+
+class _StreamPlan:
+    """Which rows one rank reads in one epoch, in which order (the same on every rank)."""
+
+    def __init__(self, total: int, mode: str | None, chunk: int, seed: int, rank: int, world_size: int) -> None:
+        self.mode, self.chunk, self.total, self.world_size = mode, chunk, total, world_size
+        generator = torch.Generator().manual_seed(seed)
+        if mode == "rows":
+            self.all = torch.randperm(total, generator=generator).numpy()
+            self.order = self.all[rank::world_size]
+            return
+        count = -(-total // chunk)
+        self.all = torch.randperm(count, generator=generator).numpy() if mode == "chunks" else np.arange(count)
+        self.order = self.all[rank::world_size]
+
+    def block(self, number: int) -> tuple[int, int]:
+        return number * self.chunk, min((number + 1) * self.chunk, self.total)
+
+    def blocks(self) -> list[tuple[int, int]]:
+        return [self.block(int(number)) for number in self.order]
+
+    def rows_of(self, rank: int) -> int:
+        """How many rows ``rank`` gets this epoch."""
+        mine = self.all[rank :: self.world_size]
+        if self.mode == "rows":
+            return len(mine)
+        return sum(hi - lo for lo, hi in (self.block(int(number)) for number in mine))
 
 
 def _largest(values: np.ndarray, k: int) -> np.ndarray:
