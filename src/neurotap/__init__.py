@@ -25,6 +25,7 @@ from .probes import (
     Project,
     Record,
     Replace,
+    SAE,
     SaveContext,
     Scale,
     Sum,

@@ -3,6 +3,7 @@
 from .context import SaveContext
 from .patches import PATCHES, Add, Custom, Max, Mean, Norm, Patch, Project, Record, Replace, Scale, Sum, TopK, Zero
 from .probe import Probe, ProbeFn, probe
+from .sae import SAE
 
 __all__ = [
     "PATCHES",
@@ -17,6 +18,7 @@ __all__ = [
     "Project",
     "Record",
     "Replace",
+    "SAE",
     "SaveContext",
     "Scale",
     "Sum",
