@@ -207,6 +207,8 @@ def test_page_loads_without_a_token_but_no_data_does(server, plain):
         too_long = http.post("/v1/tokenize", json={"text": "a " * 5000}, headers=authorized)
         assert too_long.status_code == 413 and "at most 8000" in too_long.json()["message"]
         assert http.post("/v1/tokenize", content=b"[1]", headers=authorized).status_code == 400
+        huge = http.post("/v1/tokenize", content=b" " * (65 << 10), headers=authorized)
+        assert huge.status_code == 413
         other_page = {**authorized, "Origin": "http://attacker.example"}
         assert http.post("/v1/tokenize", json={"text": "a"}, headers=other_page).status_code == 403
 

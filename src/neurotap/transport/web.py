@@ -35,7 +35,7 @@ from fastapi.responses import JSONResponse, Response
 
 from ..errors import NeurotapError
 from ..probes import probe
-from .server import ApiError, _body
+from .server import ApiError
 from .wire import build_tokenizer
 
 MAX_TEXT_CHARACTERS = 8000
@@ -133,7 +133,7 @@ def mount(app: Any, state: Any, executor: Any, settings: Any) -> None:
 
     async def text_of(request: Request) -> tuple[str, dict[str, Any]]:
         state.check(request)
-        data = await _body(request, _MAX_JSON_BYTES, settings.body_timeout)
+        data = await _small_body(request, settings.body_timeout)
         try:
             body = json.loads(data)
         except ValueError:
@@ -159,3 +159,30 @@ def mount(app: Any, state: Any, executor: Any, settings: Any) -> None:
         if not isinstance(top, int) or isinstance(top, bool) or not 1 <= top <= MAX_LENS_TOP:
             raise ApiError(400, "RequestError", f"top must be an integer from 1 to {MAX_LENS_TOP}")
         return JSONResponse(await asyncio.wrap_future(state.worker.call(logit_lens, text, top)))
+
+
+async def _small_body(request: Request, timeout: float) -> bytes:
+    """A JSON body of at most ``_MAX_JSON_BYTES``, arriving within ``timeout`` seconds."""
+    too_large = ApiError(413, "RequestTooLarge", f"the body is over {_MAX_JSON_BYTES} bytes")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > _MAX_JSON_BYTES:
+        raise too_large
+    if request.headers.get("content-encoding", "identity").lower() != "identity":
+        raise ApiError(415, "WireError", "send this JSON body without a Content-Encoding")
+    chunks: list[bytes] = []
+
+    async def read() -> None:
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > _MAX_JSON_BYTES:
+                raise too_large
+            chunks.append(chunk)
+
+    try:
+        await asyncio.wait_for(read(), timeout)
+    except asyncio.TimeoutError:
+        raise ApiError(
+            408, "RequestTimeoutError", f"the body did not arrive in {timeout:g} s (--body-timeout)"
+        ) from None
+    return b"".join(chunks)
