@@ -102,7 +102,17 @@ class Server:
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["2-ranks", "3-ranks"])
 def server(request, folder):
-    running = Server(folder, request.param, "--allow-code", "--rank-timeout", "8")
+    running = Server(
+        folder,
+        request.param,
+        "--allow-code",
+        "--rank-timeout",
+        "8",
+        "--max-session-bytes",
+        "300000",
+        "--max-total-bytes",
+        "450000",
+    )
     yield running
     code = running.stop()
     assert running.killed, "the last test stops the server"
@@ -296,6 +306,22 @@ def test_the_servers_limits_hold(remote):
     with pytest.raises(nt.ProbeError, match="SystemExit"):  # fails its request, not the rank that ran it
         remote.forward(ids(16), probes=[nt.probe(f"{LAST}.mlp.mul", leave)])
     remote.forward(ids(16))
+
+
+def test_recording_limits_hold_for_all_ranks_together(server, local):
+    x = ids(19, rows=8, length=64)  # each of these values: 8 x 64 x 128 float32, 262144 bytes
+    first, last = nt.probe(f"{FIRST}.mlp.mul", nt.Record()), nt.probe("lm_head.output", nt.Record())
+    with nt.connect(server.url) as one, nt.connect(server.url) as other:
+        one.forward(x, probes=[first])  # rank 0 alone could keep both: the limit is for the session
+        with pytest.raises(nt.NeurotapError, match="max-session-bytes"):
+            one.forward(x, probes=[last])
+        assert list(one.recordings()) == [f"{FIRST}.mlp.mul"]
+        with pytest.raises(nt.NeurotapError, match="max-total-bytes"):  # 2 x 262144 over 450000
+            other.forward(x, probes=[last])
+        assert other.recordings() == {}
+        one.clear_recordings()
+        other.forward(x, probes=[last])
+        assert list(other.recordings()) == ["lm_head.output"]
 
 
 # -- faults ----------------------------------------------------------------------------------------

@@ -66,10 +66,18 @@ class _Rank:
     """What every rank holds: its stage, the merged inventory, its sessions' save contexts."""
 
     def __init__(
-        self, folder: str, *, allow_code: bool, limits: Limits, max_session_bytes: int, rank_timeout: float
+        self,
+        folder: str,
+        *,
+        allow_code: bool,
+        limits: Limits,
+        max_session_bytes: int,
+        max_total_bytes: int,
+        rank_timeout: float,
     ) -> None:
         self.rank = dist.get_rank()
         self.limits = limits
+        self.max_total_bytes = max_total_bytes
         self.world = dist.get_world_size()
         self.allow_code = allow_code
         self.max_session_bytes = max_session_bytes
@@ -202,6 +210,8 @@ class _Rank:
             "sizes": sizes,
             "loss": loss,
             "kept_bytes": sum(size for name, size in ours.items() if name not in sizes),
+            "before": sum(ours.values()),
+            "server_bytes": sum(sum(session.values()) for session in self.sizes.values()),
         }
         everyone: list[Any] = [None] * self.world
         try:
@@ -215,19 +225,24 @@ class _Rank:
         if errors:
             chosen = next((e for e in errors if not e["aborted"]), errors[0])
             return None, None, chosen["error"]
+        # the limits hold for the session's recordings on all ranks together
         total = sum(e["kept_bytes"] + sum(e["sizes"].values()) for e in everyone)
+        before = sum(e["before"] for e in everyone)
+        server = sum(e["server_bytes"] for e in everyone) - before + total
+        refusal = None
         if total > self.max_session_bytes:
-            return (
-                None,
-                None,
-                error_info(
-                    RecordingLimitError(
-                        f"this request would bring the session's recordings to {total} bytes, over the server's "
-                        f"limit of {self.max_session_bytes} (--max-session-bytes); fetch them with recordings() and "
-                        "clear_recordings(), or reduce on the server (nt.Mean, nt.TopK, index=...)"
-                    )
-                ),
+            refusal = (
+                f"this request would bring the session's recordings to {total} bytes, over the server's "
+                f"limit of {self.max_session_bytes} (--max-session-bytes)"
             )
+        elif total > before and server > self.max_total_bytes:
+            refusal = (
+                f"the server's recordings would reach {server} bytes, over its limit of {self.max_total_bytes} "
+                "for all sessions together (--max-total-bytes)"
+            )
+        if refusal is not None:
+            advice = "; fetch them with recordings() and clear_recordings(), or reduce on the server (nt.Mean, ...)"
+            return None, None, error_info(RecordingLimitError(refusal + advice))
         self.sessions.setdefault(request.session, {}).update({name: staged[name] for name in kept})
         self.sizes.setdefault(request.session, {}).update(sizes)
         return output, everyone[self.stage.split.last]["loss"], None
@@ -363,6 +378,7 @@ class ShardedExecutor(Executor):
         allow_code: bool = False,
         limits: Limits | None = None,
         max_session_bytes: int = 1 << 30,
+        max_total_bytes: int = 4 << 30,
         rank_timeout: float = DEFAULT_RANK_TIMEOUT,
         on_failure: Callable[[RankFailedError], None] | None = None,
     ) -> None:
@@ -373,6 +389,7 @@ class ShardedExecutor(Executor):
             allow_code=allow_code,
             limits=self.limits,
             max_session_bytes=max_session_bytes,
+            max_total_bytes=max_total_bytes,
             rank_timeout=rank_timeout,
         )
         self.shape = ModelShape.of(self.local.stage.module)
@@ -566,10 +583,17 @@ def _unavailable(error: RankFailedError) -> ErrorInfo:
     return ErrorInfo(503, "RankFailedError", str(error))
 
 
-def follow(folder: str, *, allow_code: bool, limits: Limits, max_session_bytes: int, rank_timeout: float) -> int:
+def follow(
+    folder: str, *, allow_code: bool, limits: Limits, max_session_bytes: int, max_total_bytes: int, rank_timeout: float
+) -> int:
     """The loop of every rank but 0: run rank 0's commands until it says stop (or is gone)."""
     local = _Rank(
-        folder, allow_code=allow_code, limits=limits, max_session_bytes=max_session_bytes, rank_timeout=rank_timeout
+        folder,
+        allow_code=allow_code,
+        limits=limits,
+        max_session_bytes=max_session_bytes,
+        max_total_bytes=max_total_bytes,
+        rank_timeout=rank_timeout,
     )
     Liveness(local.rank, local.world)
     while True:

@@ -116,6 +116,7 @@ def rank_main(argv: list[str] | None = None) -> int:
             allow_code=args.allow_code,
             limits=settings_of(args, []).limits,
             max_session_bytes=args.max_session_bytes,
+            max_total_bytes=args.max_total_bytes,
             rank_timeout=args.rank_timeout,
         )
     finally:
@@ -137,7 +138,8 @@ def _serve(args: argparse.Namespace) -> int:
             args.model,
             allow_code=args.allow_code,
             limits=settings.limits,
-            max_session_bytes=args.max_session_bytes,
+            max_session_bytes=settings.max_session_bytes,
+            max_total_bytes=settings.max_total_bytes,
             rank_timeout=args.rank_timeout,
             on_failure=exit_soon(0.5, args.rank_timeout),
         )
