@@ -94,6 +94,12 @@ def main() -> None:
         Select(browser.find_element(By.ID, "head")).select_by_visible_text("3")
         ready(browser, "attention-map", "model.layers.5.self_attn.attention_interface.softmax", "3")
         browser.save_screenshot(str(HERE / "inspector-attention.png"))
+
+        browser.find_element(By.CSS_SELECTOR, '#tabs button[data-view="lens"]').click()
+        script = "return document.getElementById('lens-map').dataset.state"
+        WebDriverWait(browser, 300).until(lambda b: b.execute_script(script) == "ready", "no logit lens")
+        browser.set_window_size(1280, 900)
+        browser.save_screenshot(str(HERE / "inspector-lens.png"))
     finally:
         browser.quit()
         server.send_signal(signal.SIGTERM)

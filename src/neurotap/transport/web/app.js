@@ -263,8 +263,8 @@ function color(value, scale, signed) {
   if (!Number.isFinite(value)) return '#888';
   const t = Math.max(-1, Math.min(1, scale ? value / scale : 0));
   if (!signed) {
-    const k = Math.round(255 * (1 - Math.max(t, 0)));
-    return `rgb(${k},${Math.round(120 + 0.53 * k)},255)`;
+    const k = Math.round(255 - 175 * Math.max(t, 0)); // light enough at 1 for a label on top to stay readable
+    return `rgb(${k},${Math.round(140 + 0.45 * k)},255)`;
   }
   const k = Math.round(255 * (1 - Math.abs(t)));
   return t >= 0 ? `rgb(255,${k},${k})` : `rgb(${k},${k},255)`;
@@ -580,7 +580,7 @@ function lensGrid(target, rows, labels) {
     text.textContent = label;
     image.append(text);
   });
-  rows.forEach((row, i) => {
+  [...rows].reverse().forEach((row, i) => { // the last layer on top, where the prediction ends up
     const name = svg('text', { x: left - 6, y: top + i * height + 13, class: 'row-label' });
     name.textContent = `layer ${row.layer}`;
     image.append(name);
