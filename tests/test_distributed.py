@@ -112,6 +112,8 @@ def server(request, folder):
         "300000",
         "--max-total-bytes",
         "450000",
+        "--request-timeout",
+        "8",
     )
     yield running
     code = running.stop()
@@ -322,6 +324,17 @@ def test_recording_limits_hold_for_all_ranks_together(server, local):
         one.clear_recordings()
         other.forward(x, probes=[last])
         assert list(other.recordings()) == ["lm_head.output"]
+
+
+def test_a_generate_past_the_request_timeout_stops_between_steps(remote, local):
+    def slow(ctx, value):
+        import time
+
+        time.sleep(0.5)
+
+    with pytest.raises(nt.NeurotapError, match="request timeout"):  # 40 steps of 0.5 s, 8 s allowed
+        remote.generate(ids(20, rows=1, length=4), max_new_tokens=40, probes=[nt.probe(f"{LAST}.mlp.mul", slow)])
+    close(remote.forward(ids(20))["logits"], local.forward(ids(20)).logits)
 
 
 # -- faults ----------------------------------------------------------------------------------------

@@ -87,6 +87,10 @@ class _Rank:
         self.stage: Stage = build_stage(resolve_folder(folder), self.rank, self.world, self.pipe)
         self.model: Model = wrap(self.stage.module)
         self.stage.module.register_forward_pre_hook(self.pipe.new_step, prepend=True)
+        # rank 0 alone holds a request's deadline: once it passes, rank 0 fails the next step and the others
+        # follow as after any failure, so a long generate stops between steps
+        self.deadline: float | None = None
+        self.stage.module.register_forward_pre_hook(self._check_deadline)
         self.sessions: dict[str, dict[str, SaveContext]] = {}
         self.sizes: dict[str, dict[str, int]] = {}
         self.requests = 0
@@ -101,6 +105,7 @@ class _Rank:
             inventory = self.model.inventory()  # every rank's dry run at once: the stand-ins pass hidden states on
         finally:
             self.pipe.end()
+            self.deadline = None
         points, static, between = point_owners(inventory, self.stage.split, self.rank)
         mine = {
             "points": [p.to_dict() for p in points],
@@ -130,6 +135,10 @@ class _Rank:
             loaded.update(part["parameters"])
         self.parameter_count = sum(loaded.values())
         self.startup_rss = [part["peak_rss_mb"] for part in everyone]
+
+    def _check_deadline(self, *_: Any) -> None:
+        if self.deadline is not None and time.time() > self.deadline:
+            raise RequestTimeoutError("the request ran past the server's request timeout (--request-timeout)")
 
     # -- a request on this rank --------------------------------------------------------------------
 
@@ -182,6 +191,7 @@ class _Rank:
 
         output, loss, failure, failed_rank = None, None, None, None
         self.pipe.begin(request.op)
+        self.deadline = request.deadline
         try:
             output, loss = self._call(request, probes, seed)
         except Exception as error:
