@@ -91,7 +91,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--max-session-bytes", type=_bytes, default=settings.max_session_bytes, help="recordings one session keeps"
     )
     group.add_argument(
-        "--max-total-bytes", type=_bytes, default=settings.max_total_bytes, help="recordings all sessions keep"
+        "--max-total-bytes",
+        type=_bytes,
+        default=settings.max_total_bytes,
+        help="recordings all sessions keep, shared equally among the tokens",
+    )
+    group.add_argument(
+        "--max-inflight-bytes",
+        type=_bytes,
+        default=settings.max_inflight_bytes,
+        help="request bodies being received at once, all connections together",
     )
     group.add_argument(
         "--max-request-memory",
@@ -110,6 +119,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     group.add_argument(
         "--max-input-elements", type=int, default=limits.max_input_elements, help="elements of one input tensor"
     )
+    group.add_argument("--max-probes", type=int, default=limits.max_probes, help="probes and patches in one request")
     group.add_argument(
         "--max-selection-elements",
         type=int,
@@ -161,6 +171,7 @@ def settings_of(args: argparse.Namespace, tokens: list[str]):
         max_request_tokens=args.max_request_tokens,
         max_request_memory=args.max_request_memory,
         max_input_elements=args.max_input_elements,
+        max_probes=args.max_probes,
         max_selection_elements=args.max_selection_elements,
     )
     return ServerSettings(
@@ -175,6 +186,7 @@ def settings_of(args: argparse.Namespace, tokens: list[str]):
         max_request_bytes=args.max_request_bytes,
         max_session_bytes=args.max_session_bytes,
         max_total_bytes=args.max_total_bytes,
+        max_inflight_bytes=args.max_inflight_bytes,
         max_sessions_per_token=args.max_sessions_per_token,
         max_batch=args.max_batch,
         max_connections=args.max_connections,
@@ -215,6 +227,7 @@ def run(args: argparse.Namespace) -> int:
             limits=settings.limits,
             max_session_bytes=settings.max_session_bytes,
             max_total_bytes=settings.max_total_bytes,
+            max_owner_bytes=settings.max_total_bytes // max(len(settings.tokens), 1),
         )
         serve(executor, settings, host=args.host, port=args.port)
     except NeurotapError as error:

@@ -155,8 +155,10 @@ class InProcessExecutor(Executor):
 
     ``max_pad_ratio`` bounds the work padding adds: a padded pass computes at most
     that many times the positions its requests hold. ``limits`` bound what one
-    request may ask for (:mod:`.limits`); ``max_session_bytes`` and
-    ``max_total_bytes`` what one session and all sessions together keep recorded.
+    request may ask for (:mod:`.limits`); ``max_session_bytes``,
+    ``max_owner_bytes`` and ``max_total_bytes`` what one session, one owner's
+    sessions (a token's, see ``RunRequest.owner``) and all sessions together keep
+    recorded.
     """
 
     def __init__(
@@ -166,6 +168,7 @@ class InProcessExecutor(Executor):
         limits: Limits | None = None,
         max_session_bytes: int = 1 << 30,
         max_total_bytes: int = 4 << 30,
+        max_owner_bytes: int | None = None,
         max_batch_rows: int = 64,
         max_pad_ratio: float = 2.0,
     ) -> None:
@@ -174,6 +177,8 @@ class InProcessExecutor(Executor):
         self.shape = ModelShape.of(model.module)
         self.max_session_bytes = max_session_bytes
         self.max_total_bytes = max_total_bytes
+        self.max_owner_bytes = max_owner_bytes or max_total_bytes
+        self._owners: dict[str, str] = {}  # session -> the owner whose share its recordings take
         self.max_batch_rows = max_batch_rows
         self.max_pad_ratio = max_pad_ratio
         self._sessions: dict[str, dict[str, SaveContext]] = {}
@@ -241,10 +246,15 @@ class InProcessExecutor(Executor):
     def clear_recordings(self, session: str) -> None:
         self._sessions.pop(session, None)
         self._session_bytes.pop(session, None)
+        self._owners.pop(session, None)
 
-    def recorded_bytes(self) -> int:
-        """What all sessions keep recorded, in bytes."""
-        return sum(sum(sizes.values()) for sizes in self._session_bytes.values())
+    def recorded_bytes(self, owner: str | None = None) -> int:
+        """What all sessions (or ``owner``'s) keep recorded, in bytes."""
+        return sum(
+            sum(sizes.values())
+            for session, sizes in self._session_bytes.items()
+            if owner is None or self._owners.get(session) == owner
+        )
 
     def close_session(self, session: str) -> None:
         self.clear_recordings(session)
@@ -480,7 +490,7 @@ class InProcessExecutor(Executor):
             mine = parts[k] if parts else part_of(output, k)
             try:
                 mine = _selected(_sendable(mine), request.outputs)
-                self._commit(request.session, staged[k])
+                self._commit(request.session, staged[k], request.owner)
             except NeurotapError as error:
                 results[index] = RunResult(error=error_info(error))
                 continue
@@ -550,6 +560,7 @@ class InProcessExecutor(Executor):
         def isolated(plan_ctx: SaveContext, value: Any) -> Any:
             if done is not None and done():
                 return None  # a generation that finished: alone, this step would not have run
+            self._check_deadline()  # many probes between two layers must not outlast the timeout either
             object.__setattr__(ctx, "call", plan_ctx.call)
             object.__setattr__(ctx, "step", plan_ctx.step)
             if view is None:
@@ -591,7 +602,7 @@ class InProcessExecutor(Executor):
         isolated.__name__ = getattr(fn, "__name__", type(fn).__name__)
         return isolated
 
-    def _commit(self, session: str, staged: dict[str, SaveContext]) -> None:
+    def _commit(self, session: str, staged: dict[str, SaveContext], owner: str = "") -> None:
         if not staged:
             return
         sizes = self._session_bytes.get(session, {})
@@ -604,13 +615,18 @@ class InProcessExecutor(Executor):
                 f"limit of {self.max_session_bytes} (--max-session-bytes); fetch them with recordings() and "
                 "clear_recordings(), or reduce on the server (nt.Mean, nt.TopK, index=...)"
             )
-        everyone = self.recorded_bytes() - before + total
-        if total > before and everyone > self.max_total_bytes:
-            raise RecordingLimitError(
-                f"the server's recordings would reach {everyone} bytes, over its limit of {self.max_total_bytes} "
-                "for all sessions together (--max-total-bytes); fetch yours with recordings() and "
-                "clear_recordings(), or reduce on the server (nt.Mean, nt.TopK, index=...)"
-            )
+        if total > before:
+            for limit, held, whose in (
+                (self.max_owner_bytes, self.recorded_bytes(owner), "your token's sessions"),
+                (self.max_total_bytes, self.recorded_bytes(), "all sessions"),
+            ):
+                if held - before + total > limit:
+                    raise RecordingLimitError(
+                        f"the recordings of {whose} would reach {held - before + total} bytes, over the server's "
+                        f"limit of {limit} (--max-total-bytes, shared equally among the tokens); fetch yours with "
+                        "recordings() and clear_recordings(), or reduce on the server (nt.Mean, nt.TopK, index=...)"
+                    )
+        self._owners[session] = owner
         self._sessions.setdefault(session, {}).update(staged)
         self._session_bytes.setdefault(session, {}).update(new_sizes)
 
@@ -681,20 +697,27 @@ class _Meter:
 
     def __init__(self, budget: int) -> None:
         self.budget = budget
-        self._sizes: dict[tuple[str, str], tuple[int, int]] = {}  # (context, key) -> (list length seen, bytes)
+        self.total = 0
+        # (context, key) -> (the value, its length if a list, its bytes)
+        self._sizes: dict[tuple[str, str], tuple[Any, int, int]] = {}
 
     def measure(self, name: str, ctx: SaveContext) -> None:
         for key, value in ctx._data.items():
-            seen, size = self._sizes.get((name, key), (0, 0))
-            if isinstance(value, list) and seen <= len(value) and seen:
-                size += _nbytes(value[seen:], name)
+            seen_value, seen, size = self._sizes.get((name, key), (None, 0, 0))
+            if value is seen_value and not isinstance(value, dict):  # a dict may have changed inside: measure it
+                if not isinstance(value, list):
+                    continue  # unchanged since the last call: running reductions replace their tensors
+                if len(value) == seen:
+                    continue
+                grown = size + _nbytes(value[seen:], name) - 8 if len(value) > seen else _nbytes(value, name)
             else:
-                size = _nbytes(value, name)
-            self._sizes[(name, key)] = (len(value) if isinstance(value, list) else 0, size)
-        total = sum(size for _, size in self._sizes.values())
-        if total > self.budget:
+                grown = _nbytes(value, name)
+            self._sizes[(name, key)] = (value, len(value) if isinstance(value, list) else 0, grown)
+            self.total += grown - size
+        if self.total > self.budget:
             raise RecordingLimitError(
-                f"the probes of this request recorded over {self.budget} bytes, the server's limit for a session "
+                f"the probes of this request recorded {self.total} bytes, over the server's limit for a session, "
+                f"{self.budget} "
                 "(--max-session-bytes); record less (index=...) or reduce on the server (nt.Mean, nt.TopK)"
             )
 

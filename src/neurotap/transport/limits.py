@@ -42,6 +42,7 @@ class Limits:
     max_request_tokens: int = 32768  # positions computed by one request: rows x (prompt + new tokens)
     max_request_memory: int = 4 << 30  # estimated activation bytes of one request
     max_input_elements: int = 1 << 16  # of one input tensor
+    max_probes: int = 512  # probes (and patches) in one request
     max_selection_elements: int = 1 << 24  # what an index= may select, beyond the value's own size
 
     def to_dict(self) -> dict[str, Any]:
@@ -56,6 +57,7 @@ class ServerSettings:
     request_timeout: float = 120.0
     idle_timeout: float | None = None
     max_request_bytes: int = 256 << 20
+    max_inflight_bytes: int = 1 << 30  # request bodies being received at once, all connections together
     max_session_bytes: int = 1 << 30
     max_total_bytes: int = 4 << 30
     max_sessions_per_token: int = 64
@@ -76,6 +78,8 @@ class ServerSettings:
             "--header-timeout": self.header_timeout,
             "--body-timeout": self.body_timeout,
             "--max-request-bytes": self.max_request_bytes,
+            "--max-inflight-bytes": self.max_inflight_bytes,
+            "--max-probes": self.limits.max_probes,
             "--max-session-bytes": self.max_session_bytes,
             "--max-total-bytes": self.max_total_bytes,
             "--max-sessions-per-token": self.max_sessions_per_token,
@@ -98,6 +102,11 @@ class ServerSettings:
             raise NeurotapError(
                 f"--max-session-bytes ({self.max_session_bytes}) is more than --max-total-bytes "
                 f"({self.max_total_bytes}), the limit for all sessions together"
+            )
+        if self.max_request_bytes > self.max_inflight_bytes:
+            raise NeurotapError(
+                f"--max-request-bytes ({self.max_request_bytes}) is more than --max-inflight-bytes "
+                f"({self.max_inflight_bytes}), the limit for all bodies being received at once"
             )
         for token in self.tokens:
             if len(token) < MIN_TOKEN_LENGTH:
@@ -208,6 +217,11 @@ def _size(nbytes: int) -> str:
 
 def check_request(request: RunRequest, limits: Limits, shape: ModelShape) -> int:
     """Refuse a request that asks for more than ``limits``; its estimated activation bytes otherwise."""
+    if len(request.probes) > limits.max_probes:
+        raise RequestTooCostlyError(
+            f"this request has {len(request.probes)} probes; this server takes {limits.max_probes} (--max-probes): "
+            "probe fewer points, or record several values with one probe's index="
+        )
     for value in [*request.args, *request.kwargs.values()]:
         if isinstance(value, torch.Tensor) and value.numel() > limits.max_input_elements:
             raise RequestTooCostlyError(

@@ -46,7 +46,7 @@ import time
 import zlib
 from collections.abc import Iterable, Iterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -114,6 +114,7 @@ class ApiError(Exception):
 class _Session:
     token: str | None
     last_used: float
+    running: dict = field(default_factory=dict)  # its requests under way, by id: closing the session cancels them
 
 
 def _reply(status: int, kind: str, message: str) -> tuple[dict, dict]:
@@ -254,11 +255,21 @@ class ServerState:
         return True
 
     def open_session(self, token: str | None) -> str:
-        """A new session for ``token``; at its cap, the token's least recently used session is closed."""
+        """A new session for ``token``; at its cap, the token's least recently used session makes way if it has
+        been idle a while (a minute, or half the session timeout), else the token is told to close one."""
         mine = sorted((s.last_used, sid) for sid, s in self.sessions.items() if s.token == token)
-        for _, sid in mine[: max(len(mine) - self.settings.max_sessions_per_token + 1, 0)]:
-            log.info("session %s closed: its token opened more than %d", sid[:6], self.settings.max_sessions_per_token)
-            self.close_session(sid)
+        if len(mine) >= self.settings.max_sessions_per_token:
+            last_used, oldest = mine[0]
+            idle = time.monotonic() - last_used
+            if idle < min(60.0, self.settings.session_timeout / 2) or self.sessions[oldest].running:
+                raise ApiError(
+                    429,
+                    "TooManySessions",
+                    f"this token holds {len(mine)} sessions in use (--max-sessions-per-token); close one "
+                    "(rm.close()) or wait a minute for an idle one to make way",
+                )
+            log.info("session %s closed: its token opened more than %d", oldest[:6], len(mine))
+            self.close_session(oldest)
         sid = secrets.token_urlsafe(18)
         self.sessions[sid] = _Session(token, time.monotonic())
         return sid
@@ -274,8 +285,15 @@ class ServerState:
         return sid
 
     def close_session(self, sid: str) -> None:
-        if self.sessions.pop(sid, None) is not None:
+        session = self.sessions.pop(sid, None)
+        if session is not None:
+            for request in session.running.values():  # nothing of them may outlive the session
+                request.cancelled = True
             self.worker.call(self.executor.close_session, sid)
+
+    def owner(self, token: str | None) -> str:
+        """A name for the token's share of the server-wide recording limit (never the token itself)."""
+        return "" if token is None else f"token-{self.settings.tokens.index(token)}"
 
     def expire_sessions(self) -> None:
         cutoff = time.monotonic() - self.settings.session_timeout
@@ -290,8 +308,32 @@ def _json_error(status: int, kind: str, message: str, trace: str | None = None) 
 _BODY_RATE = 1 << 20  # bytes a second that a body must keep up, past its first --body-timeout seconds
 
 
-async def _body(request: Any, limit: int, timeout: float) -> bytes:
-    """The request's body, within ``limit`` bytes and ``timeout`` seconds; gzip is inflated off the event loop."""
+class _Budget:
+    """Bytes of request bodies the server holds at once, across all connections."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+
+    def take(self, size: int) -> None:
+        if self.held + size > self.limit:
+            raise ApiError(
+                503,
+                "ServerBusy",
+                f"the server is receiving {self.held} bytes of other requests, near its {self.limit} "
+                "(--max-inflight-bytes); retry in a moment",
+            )
+        self.held += size
+
+    def give(self, size: int) -> None:
+        self.held -= size
+
+
+async def _body(request: Any, limit: int, timeout: float, budget: _Budget) -> bytes:
+    """The request's body, within ``limit`` bytes and ``timeout`` seconds; gzip is inflated off the event loop.
+
+    What it returns is held against ``budget``: the caller gives it back once the body is decoded.
+    """
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ApiError(
@@ -300,29 +342,42 @@ async def _body(request: Any, limit: int, timeout: float) -> bytes:
     encoding = request.headers.get("content-encoding", "identity").lower()
     if encoding not in ("gzip", "identity"):
         raise ApiError(415, "WireError", f"unsupported Content-Encoding {encoding!r}; send gzip or identity")
-    chunks, size = [], 0
+    chunks, size, held = [], 0, 0
     started = time.monotonic()
     stream = request.stream().__aiter__()
-    while True:
-        # a body may take `timeout` seconds plus one second for each MiB that has arrived: large bodies on slow
-        # links get through, a body trickling in a byte at a time does not
-        remaining = started + timeout + size / _BODY_RATE - time.monotonic()
-        try:
-            chunk = await asyncio.wait_for(stream.__anext__(), max(remaining, 0))
-        except StopAsyncIteration:
-            break
-        except asyncio.TimeoutError:
-            raise ApiError(
-                408,
-                "RequestTimeoutError",
-                f"the body did not arrive in time: {timeout:g} s (--body-timeout) and a second per MiB received",
-            ) from None
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, "RequestTooLarge", f"the body is over {limit} bytes (--max-request-bytes)")
-        chunks.append(chunk)
-    data = b"".join(chunks)
-    return await asyncio.to_thread(_inflate, data, limit) if encoding == "gzip" else data
+    try:
+        while True:
+            # a body may take `timeout` seconds plus one second for each MiB that has arrived: large bodies on
+            # slow links get through, a body trickling in a byte at a time does not
+            remaining = started + timeout + size / _BODY_RATE - time.monotonic()
+            try:
+                chunk = await asyncio.wait_for(stream.__anext__(), max(remaining, 0))
+            except StopAsyncIteration:
+                break
+            except asyncio.TimeoutError:
+                raise ApiError(
+                    408,
+                    "RequestTimeoutError",
+                    f"the body did not arrive in time: {timeout:g} s (--body-timeout) and a second per MiB received",
+                ) from None
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, "RequestTooLarge", f"the body is over {limit} bytes (--max-request-bytes)")
+            budget.take(len(chunk))
+            held += len(chunk)
+            chunks.append(chunk)
+        data = b"".join(chunks)
+        if encoding == "gzip":
+            inflated = await asyncio.to_thread(_inflate, data, limit)
+            budget.take(len(inflated))
+            held += len(inflated)
+            budget.give(len(data))
+            held -= len(data)
+            data = inflated
+        return data
+    except BaseException:
+        budget.give(held)
+        raise
 
 
 def _inflate(data: bytes, limit: int) -> bytes:
@@ -436,20 +491,29 @@ def create_app(executor: Executor, settings: ServerSettings) -> Any:
         state.close_session(sid)
         return {"closed": True}
 
+    bodies = _Budget(settings.max_inflight_bytes)
+
     @app.post("/v1/run")
     async def run(request: Request) -> Response:
         token = state.check(request)
-        sid = state.session(request, token)
-        data = await _body(request, settings.max_request_bytes, settings.body_timeout)
-        run_request = await asyncio.to_thread(decode_request, data, allow_code=settings.allow_code)
-        del data
+        state.session(request, token)
+        data = await _body(request, settings.max_request_bytes, settings.body_timeout, bodies)
+        try:
+            run_request = await asyncio.to_thread(decode_request, data, allow_code=settings.allow_code)
+        finally:
+            bodies.give(len(data))
+            del data
+        sid = state.session(request, token)  # again: the session may have closed while the body arrived
         run_request.session = sid
+        run_request.owner = state.owner(token)
         # the timeout bounds the run; waiting behind other requests may take as long again
         run_request.timeout = settings.request_timeout
         run_request.deadline = time.time() + 2 * settings.request_timeout
         request.scope["neurotap_note"] = f"session={sid[:6]} op={run_request.op} probes={len(run_request.probes)}"
         future = worker.run(run_request)
         waiting = asyncio.ensure_future(asyncio.wrap_future(future))
+        running = state.sessions[sid].running
+        running[id(run_request)] = run_request
         try:
             while not waiting.done():
                 await asyncio.wait([waiting], timeout=0.25)
@@ -464,6 +528,7 @@ def create_app(executor: Executor, settings: ServerSettings) -> Any:
             result = waiting.result()
         finally:
             waiting.cancel()
+            running.pop(id(run_request), None)
         if result.error is not None:
             error = result.error
             return _json_error(error.status, error.type, error.message, error.traceback)
@@ -501,7 +566,8 @@ def create_app(executor: Executor, settings: ServerSettings) -> Any:
     from .web import mount  # the inspector page (GET /) and the endpoints it needs; imported here: it imports us
 
     mount(app, state, executor, settings)
-    app.add_middleware(GZipMiddleware, minimum_size=4096)
+    # level 1: compressing hundreds of MiB of tensors at the default level 9 would hold a core for a minute
+    app.add_middleware(GZipMiddleware, minimum_size=4096, compresslevel=1)
     app.add_middleware(_RequestLog, state=state)
     hosts = {"127.0.0.1", "localhost", "::1", *settings.allowed_hosts}
     app.add_middleware(_OriginGuard, hosts={h.lower() for h in hosts}, origins=set(settings.allowed_origins))
@@ -526,10 +592,15 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def _guarded_protocol(settings: ServerSettings) -> type:
-    """uvicorn's HTTP/1.1 protocol with a deadline for each request's headers and a cap on connections.
+    """uvicorn's HTTP/1.1 protocol with deadlines for a request's headers and for a stalled answer, and a cap
+    on connections.
 
     uvicorn times out idle keep-alive connections but not a client that sends its
-    headers a byte at a time, and accepts any number of connections.
+    headers a byte at a time, nor one that never reads its answer (which would
+    hold that answer in memory for ever), and accepts any number of connections.
+    At the cap, a new connection takes the place of the oldest one that has no
+    request under way (an idle or half-sent one); only when every connection is
+    busy is it refused.
     """
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -548,14 +619,34 @@ def _guarded_protocol(settings: ServerSettings) -> type:
 
     class GuardedH11Protocol(H11Protocol):
         _header_timer: asyncio.TimerHandle | None = None
+        _write_timer: asyncio.TimerHandle | None = None
+        _opened = 0.0
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
+            self._opened = time.monotonic()
             if len(self.connections) > settings.max_connections:
-                transport.write(busy)
-                transport.close()
-                return
+                idle = [c for c in self.connections if c is not self and c._idle()]
+                if not idle:
+                    transport.write(busy)
+                    transport.close()
+                    return
+                min(idle, key=lambda c: c._opened).transport.abort()
             self._arm()
+
+        def _idle(self) -> bool:
+            return self.cycle is None or self.cycle.response_complete
+
+        def pause_writing(self) -> None:
+            super().pause_writing()
+            if self._write_timer is None:
+                self._write_timer = self.loop.call_later(settings.body_timeout, self.transport.abort)
+
+        def resume_writing(self) -> None:
+            super().resume_writing()
+            if self._write_timer is not None:
+                self._write_timer.cancel()
+                self._write_timer = None
 
         def data_received(self, data: bytes) -> None:
             cycle = self.cycle
@@ -570,6 +661,9 @@ def _guarded_protocol(settings: ServerSettings) -> type:
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
+            if self._write_timer is not None:
+                self._write_timer.cancel()
+                self._write_timer = None
             super().connection_lost(exc)
 
         def _arm(self) -> None:

@@ -128,6 +128,7 @@ class RunRequest:
     timeout: float | None = None  # seconds it may run once its pass starts
     deadline: float | None = None  # time.time() after which the server gives up on it, queued or running
     cancelled: bool = False  # set by the server when the client goes away: the request stops and keeps nothing
+    owner: str = ""  # whose share of the server-wide recording limit its recordings take (a token's label)
 
 
 class Output(dict):
