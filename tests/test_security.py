@@ -603,3 +603,10 @@ def test_bad_settings_are_refused_before_the_model_loads(args, says, tmp_path):
     )
     assert result.returncode == 2, result.stderr
     assert says in result.stderr.strip().splitlines()[-1] and "Traceback" not in result.stderr
+
+
+def test_malformed_text_for_the_inspector_is_refused(server, canary, local):
+    url = server.url + "/v1/tokenize"
+    for body in [b"[" * 30_000, b'{"a":' * 10_000, b'{"text": "\\ud800 x \\udc80"}']:
+        refused(httpx.post(url, content=body, headers=headers(**{"Content-Type": "application/json"})), 400)
+    assert_served(canary, local)

@@ -136,11 +136,17 @@ def mount(app: Any, state: Any, executor: Any, settings: Any) -> None:
         data = await _small_body(request, settings.body_timeout)
         try:
             body = json.loads(data)
-        except ValueError:
+        except (ValueError, RecursionError):  # deep nesting is malformed too
             body = None
         text = body.get("text") if isinstance(body, dict) else None
         if not isinstance(text, str):
             raise ApiError(400, "RequestError", 'the body must be JSON: {"text": "..."}')
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ApiError(
+                400, "RequestError", "the text holds lone surrogates (\\ud800 ...): send UTF-8 text"
+            ) from None
         if len(text) > MAX_TEXT_CHARACTERS:
             raise ApiError(
                 413, "RequestTooLarge", f"the text has {len(text)} characters; at most {MAX_TEXT_CHARACTERS} are read"
