@@ -39,11 +39,11 @@ from ..transport.executor import (
     Executor,
     RecordingLimitError,
     RequestTimeoutError,
-    _nbytes,
-    _selected,
-    _sendable,
-    _staged_copy,
     error_info,
+    recorded_size,
+    selected_fields,
+    sendable,
+    staged_copy,
 )
 from ..transport.limits import Limits, ModelShape, check_request, check_selection
 from ..transport.wire import (
@@ -173,7 +173,7 @@ class _Rank:
             name = spec.point + ".grad" if spec.grad else spec.point
             ctx = staged.get(name)
             if ctx is None:
-                ctx = staged[name] = _staged_copy(self.sessions.get(request.session, {}).get(name), name)
+                ctx = staged[name] = staged_copy(self.sessions.get(request.session, {}).get(name), name)
             if owners[0] == self.rank:
                 kept.add(name)  # the others' copies (glue every rank computes) run but are not kept
             probes.append(probe(raw, _writing_to(spec.fn, ctx, self.limits), grad=spec.grad))
@@ -206,10 +206,10 @@ class _Rank:
         sizes = {}
         if failure is None:
             try:
-                output = _selected(_sendable(output), request.outputs) if self.rank == 0 else None
+                output = selected_fields(sendable(output), request.outputs) if self.rank == 0 else None
             except NeurotapError as error:
                 failure = error
-            sizes = {name: _nbytes(staged[name]._data) for name in kept}
+            sizes = {name: recorded_size(staged[name]._data) for name in kept}
         ours = self.sizes.get(request.session, {})
         mine = {
             "ok": failure is None,

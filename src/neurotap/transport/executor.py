@@ -489,7 +489,7 @@ class InProcessExecutor(Executor):
                 continue
             mine = parts[k] if parts else part_of(output, k)
             try:
-                mine = _selected(_sendable(mine), request.outputs)
+                mine = selected_fields(sendable(mine), request.outputs)
                 self._commit(request.session, staged[k], request.owner)
             except NeurotapError as error:
                 results[index] = RunResult(error=error_info(error))
@@ -553,7 +553,7 @@ class InProcessExecutor(Executor):
         """
         ctx = staged.get(name)
         if ctx is None:
-            ctx = staged[name] = _staged_copy(self._sessions.get(session, {}).get(name), name)
+            ctx = staged[name] = staged_copy(self._sessions.get(session, {}).get(name), name)
         limits = self.limits
         is_patch = isinstance(fn, Patch)
 
@@ -606,7 +606,7 @@ class InProcessExecutor(Executor):
         if not staged:
             return
         sizes = self._session_bytes.get(session, {})
-        new_sizes = {name: _nbytes(ctx._data, name) for name, ctx in staged.items()}
+        new_sizes = {name: recorded_size(ctx._data, name) for name, ctx in staged.items()}
         before = sum(sizes.values())
         total = sum(size for name, size in sizes.items() if name not in staged) + sum(new_sizes.values())
         if total > self.max_session_bytes:
@@ -642,7 +642,7 @@ def _as_probe_error(error: Exception, fn: Any, name: str, ctx: SaveContext) -> N
     return wrapped
 
 
-def _staged_copy(ctx: SaveContext | None, name: str) -> SaveContext:
+def staged_copy(ctx: SaveContext | None, name: str) -> SaveContext:
     """A context to write to; lists are copied because Record and Norm append in place."""
     staged = SaveContext(name)
     if ctx is not None:
@@ -673,7 +673,7 @@ def _checkpoints(module: torch.nn.Module) -> list[torch.nn.Module]:
     return found
 
 
-def _nbytes(value: Any, point: str = "") -> int:
+def recorded_size(value: Any, point: str = "") -> int:
     """What a recorded value takes; only plain values (tensors, numbers, strings and containers of them) are kept."""
     if isinstance(value, torch.Tensor):
         return value.numel() * value.element_size()
@@ -682,9 +682,9 @@ def _nbytes(value: Any, point: str = "") -> int:
     if isinstance(value, str):
         return len(value)
     if isinstance(value, (list, tuple)):
-        return 8 + sum(_nbytes(v, point) for v in value)
+        return 8 + sum(recorded_size(v, point) for v in value)
     if isinstance(value, Mapping):
-        return 8 + sum(len(str(k)) + _nbytes(v, point) for k, v in value.items())
+        return 8 + sum(len(str(k)) + recorded_size(v, point) for k, v in value.items())
     raise PatchError(
         f"a probe at {point!r} saved a {type(value).__name__}; a server keeps only tensors, numbers, strings "
         "and lists, tuples and dicts of them: narrow the point to a tensor (e.g. "
@@ -709,9 +709,11 @@ class _Meter:
                     continue  # unchanged since the last call: running reductions replace their tensors
                 if len(value) == seen:
                     continue
-                grown = size + _nbytes(value[seen:], name) - 8 if len(value) > seen else _nbytes(value, name)
+                grown = (
+                    size + recorded_size(value[seen:], name) - 8 if len(value) > seen else recorded_size(value, name)
+                )
             else:
-                grown = _nbytes(value, name)
+                grown = recorded_size(value, name)
             self._sizes[(name, key)] = (value, len(value) if isinstance(value, list) else 0, grown)
             self.total += grown - size
         if self.total > self.budget:
@@ -722,15 +724,15 @@ class _Meter:
             )
 
 
-def _sendable(value: Any) -> Any:
+def sendable(value: Any) -> Any:
     """The parts of a model output that travel: tensors and numbers; caches and other objects are left out."""
     if value is None or isinstance(value, (bool, int, float, str, torch.Tensor)):
         return value
     if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
-        items = [_sendable(v) for v in value]
+        items = [sendable(v) for v in value]
         return items if isinstance(value, list) else tuple(items)
     if isinstance(value, Mapping):
-        kept = {k: _sendable(v) for k, v in value.items() if isinstance(k, str)}
+        kept = {k: sendable(v) for k, v in value.items() if isinstance(k, str)}
         kept = {k: v for k, v in kept.items() if v is not _DROPPED}
         return kept if type(value) is dict else Output(kept)
     return _DROPPED
@@ -739,7 +741,7 @@ def _sendable(value: Any) -> Any:
 _DROPPED = object()
 
 
-def _selected(output: Any, names: list[str] | None) -> Any:
+def selected_fields(output: Any, names: list[str] | None) -> Any:
     if names is None:
         return output
     if not names:
