@@ -13,7 +13,27 @@ from pathlib import Path
 LAUNCH = "import sys; from neurotap.cli import main; sys.exit(main())"
 
 
+WORDS = "the a of to and in is it that was capital france paris city river old new".split()
+
+
+def save_with_word_tokenizer(module, path: Path) -> Path:
+    """``module`` saved as a model folder with a word-level tokenizer of :data:`WORDS`, so that text works."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    module.save_pretrained(path)
+    vocab = {word: i for i, word in enumerate(["<unk>", "<pad>", *WORDS])}
+    words = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>", pad_token="<pad>").save_pretrained(path)
+    return path
+
+
 class Server:
+    """``neurotap serve FOLDER --port 0 ARGS`` in a subprocess; ``url`` once it listens."""
+
+    stop_timeout = 30.0
+
     def __init__(self, folder: Path, *args: str) -> None:
         self.process = subprocess.Popen(
             [sys.executable, "-c", LAUNCH, "serve", str(folder), "--port", "0", *args],
@@ -39,7 +59,7 @@ class Server:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
-                self.process.wait(30)
+                self.process.wait(self.stop_timeout)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()

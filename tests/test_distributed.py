@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import httpx
@@ -20,10 +18,10 @@ import pytest
 import torch
 
 import neurotap as nt
+import serving
 from conftest import VOCAB, tiny_llama
 from neurotap.transport.wire import PROTOCOL, PROTOCOL_HEADER
 
-LAUNCH = "import sys; from neurotap.cli import main; sys.exit(main())"
 LAYERS = 4  # 2 ranks: layers 0-1 and 2-3; 3 ranks: 0-1, 2 and 3
 FIRST, LAST = "model.layers.0", f"model.layers.{LAYERS - 1}"
 
@@ -50,31 +48,15 @@ def local(folder) -> nt.Model:
     return nt.load(str(folder))
 
 
-class Server:
+class Server(serving.Server):
     """``neurotap serve FOLDER --ranks N`` in a subprocess; ``url`` once rank 0 listens."""
+
+    stop_timeout = 60.0
 
     def __init__(self, folder: Path, ranks: int, *args: str) -> None:
         self.ranks = ranks
         self.killed = False
-        self.process = subprocess.Popen(
-            [sys.executable, "-c", LAUNCH, "serve", str(folder), "--port", "0", "--ranks", str(ranks), *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        self.log: list[str] = []
-        self._drain = threading.Thread(target=self._drain_stderr, daemon=True)
-        self._drain.start()
-        line = self.process.stdout.readline()  # "neurotap: serving ... on http://127.0.0.1:PORT"
-        if " on http://" not in line:
-            self.stop()
-            raise RuntimeError(f"the server did not start: {line!r}\n{''.join(self.log)}")
-        self.url = line.split(" on ")[1].split()[0]
-
-    def _drain_stderr(self) -> None:
-        for line in self.process.stderr:
-            self.log.append(line)
+        super().__init__(folder, "--ranks", str(ranks), *args)
 
     def info(self) -> dict:
         return httpx.get(self.url + "/v1/info", headers={PROTOCOL_HEADER: str(PROTOCOL)}).json()
@@ -85,19 +67,6 @@ class Server:
         finally:
             self.stop()
         return code
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._drain.join(10)
-        self.process.stdout.close()
-        self.process.stderr.close()
-        return self.process.returncode
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["2-ranks", "3-ranks"])
@@ -301,7 +270,6 @@ def test_the_servers_limits_hold(remote):
         remote.forward(ids(16, rows=1, length=65))
 
     def leave(ctx, value):
-        import sys
 
         sys.exit(0)
 

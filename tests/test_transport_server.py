@@ -21,28 +21,16 @@ from conftest import VOCAB, tiny_llama
 from neurotap.transport import CrossEntropy, LogitDiff
 from neurotap.transport.client import ClientTimeoutError
 from neurotap.transport.wire import MEDIA_TYPE, PROTOCOL, PROTOCOL_HEADER, SESSION_HEADER
-from serving import LAUNCH, Server, free_port
+from serving import LAUNCH, Server, free_port, save_with_word_tokenizer
 
 KEY = nt.Record().key
 MUL = "model.layers.0.mlp.mul"
 
 
-WORDS = "the a of to and in is it that was capital france paris city river old new".split()
-
-
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
     """The tiny Llama with a word-level tokenizer, so that text works remotely as locally."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    path = tmp_path_factory.mktemp("tiny")
-    tiny_llama().save_pretrained(path)
-    vocab = {word: i for i, word in enumerate(["<unk>", "<pad>", *WORDS])}
-    words = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    words.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>", pad_token="<pad>").save_pretrained(path)
-    return path
+    return save_with_word_tokenizer(tiny_llama(), tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="module")

@@ -24,13 +24,12 @@ import torch
 
 from conftest import tiny_llama
 from neurotap.transport.wire import PROTOCOL, PROTOCOL_HEADER
-from serving import LAUNCH
+from serving import LAUNCH, save_with_word_tokenizer
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is missing: pip install -r requirements-dev.txt")
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
-WORDS = "the a of to and in is it that was capital france paris city river old new".split()
 TOKEN = "inspector-token-0123456789"
 PROMPT = "the old capital of france is paris"
 MUL = "model.layers.0.mlp.mul"
@@ -47,16 +46,7 @@ def browser_paths() -> tuple[str, str]:
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    path = tmp_path_factory.mktemp("tiny")
-    tiny_llama().save_pretrained(path)
-    vocab = {word: i for i, word in enumerate(["<unk>", "<pad>", *WORDS])}
-    words = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    words.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>", pad_token="<pad>").save_pretrained(path)
-    return path
+    return save_with_word_tokenizer(tiny_llama(), tmp_path_factory.mktemp("tiny"))
 
 
 class Inspecting:
