@@ -13,6 +13,12 @@ ratio (the goal: collect >= 0.85 x plain) and the MiB/s written.
 Collect stops each forward after the last requested point, so points early in the
 model run faster than the full forward; the "late" rows, at the last layer, show
 the cost of collecting when almost nothing can be skipped.
+
+``--ranks`` adds, for the tiny model: ``neurotap collect`` run as a command with
+``--ranks 1`` and ``--ranks 2`` (interleaved; each start, the model loads and the
+merge included), in tokens/s; and the resume overhead: what rerunning the command
+costs beyond the one shard it has left to write (checking the listed shards'
+hashes, repacking the last one), against the uninterrupted run's time per shard.
 """
 
 from __future__ import annotations
@@ -106,15 +112,84 @@ def measure(model: nt.Model, points: list[str], seq_len: int, batch: int, tokens
     )
 
 
+def measure_ranks(folder: Path, tokens: int, rounds: int) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    data = folder / "corpus.jsonl"
+    texts = [p for path in sorted(bundled_corpus().glob("*.txt")) for p in path.read_text().split("\n\n") if p.strip()]
+    with open(data, "w") as file:
+        written = 0
+        while written < tokens * 1.2:
+            for text in texts:
+                file.write(json.dumps({"text": text}) + "\n")
+                written += len(text.split())
+    points = "model.layers.1.output,model.layers.1.mlp.mul"
+    arguments = ["--model", str(folder), "--points", points, "--data", str(data), "--seq-len", "64", "--batch", "8",
+                 "--tokens", str(tokens), "--dtype", "float16", "--shard-mb", "2", "--quiet"]  # fmt: skip
+    work = Path(tempfile.mkdtemp(prefix="bench-ranks-"))
+    environment = {key: value for key, value in os.environ.items() if key != "OMP_NUM_THREADS"}
+
+    def command(ranks: int) -> float:
+        out = work / f"acts-{ranks}"
+        shutil.rmtree(out, ignore_errors=True)
+        start = time.perf_counter()
+        subprocess.run(
+            [sys.executable, "-m", "neurotap.cli", "collect", *arguments, "--out", str(out), "--ranks", str(ranks)],
+            check=True,
+            env=environment,
+            stderr=subprocess.DEVNULL,
+        )
+        return tokens / (time.perf_counter() - start)
+
+    try:
+        samples: dict[int, list[float]] = {1: [], 2: []}
+        for _ in range(rounds):
+            for ranks in samples:
+                samples[ranks].append(command(ranks))
+        one, two = (statistics.median(samples[r]) for r in (1, 2))
+        print(f"collect command, {tokens} tok: 1 rank {one:,.0f} tok/s, 2 ranks {two:,.0f} tok/s (x{two / one:.2f})")
+
+        model = nt.load(str(folder))
+        settings = dict(data=data, seq_len=64, batch_size=8, tokens=tokens, dtype="float16", shard_mb=0.5)
+        out = work / "resume"
+        whole, again = [], []
+        for _ in range(rounds):
+            shutil.rmtree(out, ignore_errors=True)
+            start = time.perf_counter()
+            collect(model, points.split(","), out, progress=False, **settings)
+            whole.append(time.perf_counter() - start)
+            manifest = json.loads((out / "manifest.json").read_text())
+            shards = len(manifest["shards"])
+            (out / manifest["shards"][-1]["file"]).unlink()  # a run killed while writing its last shard
+            start = time.perf_counter()
+            collect(model, points.split(","), out, progress=False, **settings)
+            again.append(time.perf_counter() - start)
+        per_shard = statistics.median(whole) / shards
+        print(
+            f"resume: rerun {statistics.median(again):.2f} s for its last shard of {shards}; one shard of the "
+            f"uninterrupted run {per_shard:.2f} s; overhead {statistics.median(again) - per_shard:.2f} s "
+            f"({(statistics.median(again) - per_shard) / statistics.median(whole):.1%} of the whole run)"
+        )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=4096, help="tokens per run (the bundled corpus caps it)")
     parser.add_argument("--smollm2", action="store_true", help="also SmolLM2-135M (batch 8 x 128)")
+    parser.add_argument("--ranks", action="store_true", help="also 1 and 2 ranks, and the resume overhead")
+    parser.add_argument("--rank-tokens", type=int, default=40960, help="tokens per run for --ranks")
     args = parser.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as folder:
         tiny = tiny_model(Path(folder))
+        if args.ranks:
+            measure_ranks(Path(folder), args.rank_tokens, args.rounds)
         measure(
             tiny,
             ["model.layers.1.output", "model.layers.1.mlp.mul"],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -30,20 +31,46 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--tokenizer", default=None, help="a folder holding the tokenizer (default: the model's)")
     parser.add_argument("--device", default=None, help="move a local model to this device, e.g. cuda")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    parser.add_argument(
+        "--ranks",
+        type=int,
+        default=1,
+        help="collect with this many processes on this machine (torch.distributed, gloo on loopback); the dataset "
+        "is the one a single process writes. Across machines, launch `torchrun ... -m neurotap.cli collect ...`",
+    )
     return parser
 
 
+_OPTIONS = ("model", "points", "out", "text_field", "seq_len", "batch", "tokens", "dtype", "shard_mb", "server",
+            "tokenizer", "device")  # fmt: skip
+
+
+def _arguments(args: argparse.Namespace) -> list[str]:
+    """The command line of this collect, for each rank to parse again."""
+    arguments = []
+    for name in _OPTIONS:
+        value = getattr(args, name)
+        if value is not None:
+            arguments += [f"--{name.replace('_', '-')}", str(value)]
+    if args.data is not None:
+        arguments += ["--data", *map(str, args.data)]
+    return arguments + (["--quiet"] if args.quiet else [])
+
+
 def run(args: argparse.Namespace) -> int:
-    from ..datasets import collect
+    from ..datasets import collect, parallel
     from ..datasets.collect import check_out_folder
     from ..errors import NeurotapError
 
     points = [p.strip() for p in args.points.split(",") if p.strip()]
     model = None
+    distributed = parallel.launched_by_torchrun()
     try:
         check_out_folder(Path(args.out))  # a mistyped --out should not cost a model load first
+        if args.ranks != 1 and not distributed:
+            return parallel.launch(_arguments(args), args.ranks)
         model, tokenizer = _model(args)
-        collect(
+        (parallel.collect_rank if distributed else collect)(
             model,
             points,
             args.out,
@@ -76,7 +103,10 @@ def _model(args: argparse.Namespace):
     if args.server is None:
         model = model_layer.load(args.model)
         if args.device:
-            model.module.to(args.device)
+            device = args.device
+            if device == "cuda" and "LOCAL_RANK" in os.environ:  # one GPU per rank of a torchrun launch
+                device = f"cuda:{os.environ['LOCAL_RANK']}"
+            model.module.to(device)
         return model, tokenizer
     import neurotap
 

@@ -6,6 +6,7 @@ See :mod:`neurotap.datasets.format` for what is written and how a killed run res
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import json
 import os
@@ -83,6 +84,65 @@ def collect(
     in shards of about ``shard_mb`` MiB. Run again with the same arguments after
     an interruption and it carries on where the last complete shard ended.
     """
+    job = prepare(
+        model, points, out, data, text_field, seq_len, batch_size, tokens, dtype, shard_mb, tokenizer, model_name
+    )
+    folder, runner, settings, documents, tokenizer = (
+        job.folder,
+        job.runner,
+        job.settings,
+        job.documents,
+        job.tokenizer,
+    )
+    try:
+        with _locked(folder):
+            refuse_parallel_leftovers(folder)
+            manifest = _open_manifest(folder, settings)
+            resumed = manifest is not None
+            if manifest is None:
+                manifest = _new_manifest(settings, _model_shapes(runner, documents(), tokenizer, seq_len))
+                write_manifest(folder, manifest)
+            _verify_listed_shards(folder, manifest)
+            _clear_leftovers(folder, len(manifest["shards"]))
+            if not manifest["complete"]:
+                if resumed:
+                    _check_shapes(folder, manifest, _model_shapes(runner, documents(), tokenizer, seq_len))
+                packer = _resume(folder, manifest, documents(), tokenizer)
+                _Collection(folder, manifest, runner, packer, progress).run()
+            elif progress:
+                print(
+                    f"{folder} already holds this collection, complete: {manifest['tokens']:,} tokens", file=sys.stderr
+                )
+    except OSError as error:  # a full disk, a folder made read-only meanwhile: the message says which file
+        raise DatasetError(f"collect into {folder} stopped: {error}") from error
+    return ActivationDataset(folder)
+
+
+@dataclasses.dataclass
+class Job:
+    """A collection's arguments, checked, and what they give: the runner, the settings, the documents."""
+
+    folder: Path
+    runner: Any
+    settings: dict[str, Any]
+    documents: Any  # () -> Iterator[Document], restarted for each pass over the data
+    tokenizer: Any
+
+
+def prepare(
+    model: Any,
+    points: Sequence[str] | str,
+    out: str | Path,
+    data: Any,
+    text_field: str,
+    seq_len: int,
+    batch_size: int,
+    tokens: int | None,
+    dtype: str,
+    shard_mb: float,
+    tokenizer: Any,
+    model_name: str | None,
+) -> Job:
     points = [points] if isinstance(points, str) else list(points)
     _check_arguments(points, seq_len, batch_size, tokens, dtype, shard_mb)
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
@@ -106,28 +166,22 @@ def collect(
         "tokenizer": tokenizer_description(tokenizer),
     }
     settings = json.loads(json.dumps(settings))  # as the manifest will hold them: tuples become lists
-    documents = lambda: read_documents(sources, text_field)  # noqa: E731 - restarted for the shape probe
-    try:
-        with _locked(folder):
-            manifest = _open_manifest(folder, settings)
-            resumed = manifest is not None
-            if manifest is None:
-                manifest = _new_manifest(settings, _model_shapes(runner, documents(), tokenizer, seq_len))
-                write_manifest(folder, manifest)
-            _verify_listed_shards(folder, manifest)
-            _clear_leftovers(folder, len(manifest["shards"]))
-            if not manifest["complete"]:
-                if resumed:
-                    _check_shapes(folder, manifest, _model_shapes(runner, documents(), tokenizer, seq_len))
-                packer = _resume(folder, manifest, documents(), tokenizer)
-                _Collection(folder, manifest, runner, packer, progress).run()
-            elif progress:
-                print(
-                    f"{folder} already holds this collection, complete: {manifest['tokens']:,} tokens", file=sys.stderr
-                )
-    except OSError as error:  # a full disk, a folder made read-only meanwhile: the message says which file
-        raise DatasetError(f"collect into {folder} stopped: {error}") from error
-    return ActivationDataset(folder)
+    return Job(folder, runner, settings, lambda: read_documents(sources, text_field), tokenizer)
+
+
+RANK_MANIFEST = re.compile(r"manifest\.rank-(\d+)\.json")
+
+
+def refuse_parallel_leftovers(folder: Path) -> None:
+    """A single process must not write into a parallel collection that is still in progress."""
+    if not folder.is_dir():
+        return
+    ranks = sorted(p.name for p in folder.iterdir() if RANK_MANIFEST.fullmatch(p.name))
+    if ranks:
+        raise DatasetError(
+            f"{folder} holds a parallel collection in progress ({', '.join(ranks[:3])}); resume it with the same "
+            "--ranks (or torchrun world size) it was started with"
+        )
 
 
 def check_out_folder(folder: Path) -> None:
@@ -597,6 +651,19 @@ class _Collection:
 
     def _shard(self, index: int, wanted: int, bar: Any) -> tuple[int, int]:
         """Fill and write shard ``index``; returns its size in bytes and how many sequences it holds."""
+        entry = self.write_shard(index, wanted, self.manifest["tokens"], bar)
+        if entry is None:
+            return 0, 0
+        self.manifest["shards"].append(entry)
+        self.manifest["tokens"] = entry["first_row"] + entry["tokens"]
+        write_manifest(self.folder, self.manifest)
+        if bar is not None:
+            bar.set_postfix_str(f"{index + 1} shards", refresh=False)
+        return entry["bytes"], entry["sequences"]
+
+    def write_shard(self, index: int, wanted: int, first_row: int, bar: Any) -> dict[str, Any] | None:
+        """Fill shard ``index`` with up to ``wanted`` sequences from the packer and write it; its manifest
+        entry, or None when the data had run out."""
         start = self.packer.position
         packs: list[Packed] = []
         sequences = 0
@@ -616,30 +683,22 @@ class _Collection:
             if count < asked:
                 break  # the data ran out inside this batch
         if sequences == 0:
-            return 0, 0
+            return None
         data = _serialise(self.buffers, packs, sequences * self.seq_len)
         name = shard_name(index)
         write_atomic(self.folder / name, data)
-        first_row = self.manifest["tokens"]
         end = self.packer.position
-        self.manifest["shards"].append(
-            {
-                "file": name,
-                "index": index,
-                "sequences": sequences,
-                "tokens": sequences * self.seq_len,
-                "first_row": first_row,
-                "bytes": len(data),
-                "sha256": sha256_bytes(data),
-                "start": {"document": start[0], "token": start[1]},
-                "end": {"document": end[0], "token": end[1]},
-            }
-        )
-        self.manifest["tokens"] = first_row + sequences * self.seq_len
-        write_manifest(self.folder, self.manifest)
-        if bar is not None:
-            bar.set_postfix_str(f"{index + 1} shards", refresh=False)
-        return len(data), sequences
+        return {
+            "file": name,
+            "index": index,
+            "sequences": sequences,
+            "tokens": sequences * self.seq_len,
+            "first_row": first_row,
+            "bytes": len(data),
+            "sha256": sha256_bytes(data),
+            "start": {"document": start[0], "token": start[1]},
+            "end": {"document": end[0], "token": end[1]},
+        }
 
     def _summary(self, seconds: float, tokens: int, written: int) -> None:
         manifest = self.manifest

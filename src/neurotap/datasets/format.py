@@ -65,6 +65,20 @@ Atomic writes and resuming
     packing and batching are deterministic, so the result equals an uninterrupted
     run byte for byte.
 
+Parallel collection
+    With several ranks (``neurotap collect --ranks N``, or torchrun), shard ``i`` is
+    written by rank ``i % N``, with exactly the bytes a single process writes, and the
+    ranks share ``manifest.json`` as a single process starts it (no shards). While they
+    run, rank ``r`` lists its finished shards in ``manifest.rank-<r>.json``
+    (``format``, ``format_version``, ``rank``, ``world_size``, ``settings`` as the
+    manifest's, ``shards`` with the manifest's entries, ``exhausted``), written
+    atomically after each of its shards, and holds ``.lock.rank-<r>`` (rank 0 holds
+    ``.lock``). A restart with the same settings and world size resumes each rank from
+    its own list. When every rank is done, rank 0 merges the lists into ``manifest.json``
+    (checked in full, as a reader does) and deletes the rank manifests: the finished
+    folder is the single-process one, byte for byte. A folder that still holds rank
+    manifests is refused by a single-process ``collect``.
+
 Integrity
     A dataset folder may come from anyone, so a reader trusts nothing in it
     unchecked. Opening a dataset (``ActivationDataset``, or ``collect`` resuming one)
