@@ -7,7 +7,7 @@ import importlib
 
 from ..errors import NeurotapError
 
-COMMANDS = ("demo", "points", "serve", "inspect", "collect")
+COMMANDS = ("demo", "points", "serve", "inspect", "collect", "export")
 
 
 def main(argv: list[str] | None = None) -> int:
