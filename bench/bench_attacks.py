@@ -722,11 +722,15 @@ def attack_sessions(server: Server, tally: Tally) -> list:
     http = httpx.Client(base_url=server.url, headers=server.headers(TOKENS[0]), timeout=30)
     t = time.monotonic()
     statuses: collections.Counter = collections.Counter()
+    opened_ids: list[str] = []
 
     def open_many(n: int) -> None:
         with httpx.Client(base_url=server.url, headers=server.headers(TOKENS[0]), timeout=30) as mine:
             for _ in range(n):
-                statuses[tally.add("open", mine.post("/v1/sessions"))] += 1
+                response = mine.post("/v1/sessions")
+                statuses[tally.add("open", response)] += 1
+                if response.status_code == 201:
+                    opened_ids.append(response.json()["session"])
 
     threads = [threading.Thread(target=open_many, args=(275,)) for _ in range(4)]
     for thread in threads:
@@ -734,22 +738,26 @@ def attack_sessions(server: Server, tally: Tally) -> list:
     for thread in threads:
         thread.join(60)
     opened = time.monotonic() - t
-    expect(checks, "1,100 opens of one token are answered 201", statuses == {201: 1100}, dict(statuses))
+    expect(
+        checks,
+        "1,100 opens of one token: 201 up to its cap, then 429 (its sessions are in use)",
+        set(statuses) <= {201, 429} and statuses[201] < 64,
+        dict(statuses),
+    )
     other = server.connect(TOKENS[1])
-    fresh = server.connect(TOKENS[0])
-    for who, remote in (("the other token's new client", other), ("a fresh client of the same token", fresh)):
-        try:
-            remote.forward(ids(), outputs=[])
-            expect(checks, f"{who} works", True)
-        except Exception as error:  # noqa: BLE001
-            expect(checks, f"{who} works", False, error)
-        tally.add(who, 200)
+    try:
+        other.forward(ids(), outputs=[])
+        expect(checks, "the other token's new client works", True)
+    except Exception as error:  # noqa: BLE001
+        expect(checks, "the other token's new client works", False, error)
+    tally.add("the other token's new client", 200)
     try:
         before.forward(ids(), outputs=[])
-        note = "still open"
+        expect(checks, "the token's first session is still open (the flood could not close it)", True)
     except Exception as error:  # noqa: BLE001
-        note = f"closed (least recently used): {type(error).__name__}"
-    expect(checks, "the token's old session is closed by design (info)", True, note)
+        expect(checks, "the token's first session is still open (the flood could not close it)", False, error)
+    for sid in opened_ids:  # the flood's own sessions, so that later attacks of this token get in
+        http.delete(f"/v1/sessions/{sid}")
     # another token's session cannot be closed or used
     sid = other._session
     result = tally.send("DELETE other token's session", lambda: http.delete(f"/v1/sessions/{sid}"))
@@ -768,7 +776,7 @@ def attack_sessions(server: Server, tally: Tally) -> list:
     except Exception as error:  # noqa: BLE001
         expect(checks, "the other token's session survives", False, error)
     expect(checks, f"opening took {opened:.1f} s (info)", True)
-    for remote in (before, other, fresh):
+    for remote in (before, other):
         remote.close()
     http.close()
     return checks
@@ -1017,8 +1025,8 @@ def attack_slowloris(server: Server, tally: Tally) -> list:
     after = _fresh_health(server, tally)
     expect(
         checks,
-        "250 idle connections: those over 200 get 503, a fresh one meanwhile 503, after 200",
-        states.get("503", 0) >= 45 and after == 200,
+        "250 idle connections past the cap of 200: the oldest idle ones make way, a fresh client gets in",
+        states.get("503", 0) == 0 and refused_now == 200 and after == 200,
         f"{dict(states)}; during {refused_now}, after {after}",
     )
     raw.close()

@@ -729,7 +729,6 @@ def serve(executor: Executor, settings: ServerSettings, *, host: str = "127.0.0.
         access_log=False,
         timeout_graceful_shutdown=60,
         timeout_keep_alive=5,
-        limit_concurrency=settings.max_connections + 1,  # connections beyond the cap are refused above
         h11_max_incomplete_event_size=64 << 10,  # the request line and headers
         lifespan="on",
     )
