@@ -373,8 +373,12 @@ def test_core_points_of_a_plain_module_without_an_example() -> None:
         f"{path}.{kind}" if path else kind for path, _ in module.named_modules() for kind in ("input", "output")
     }
     toy_ops = {"embed", "block", "add", "gate", "mix", "sub", "head", "truediv"}  # Toy.forward, read by eye
-    assert set(listed.names()) == module_points | toy_ops
-    assert all(p.shape is None for p in listed)
+    weights = {name for name, _ in module.named_parameters()}  # their shapes are known without a forward
+    assert set(listed.names()) == module_points | toy_ops | weights
+    assert all(p.shape is None for p in listed if p.name not in weights)
+    assert {p.name: p.shape for p in listed if p.name in weights} == {
+        n: tuple(w.shape) for n, w in module.named_parameters()
+    }
     assert listed.names()[0] == "input" and listed.names()[-1] == "output"
     assert listed.names().index("embed.input") < listed.names().index("embed.output")
     assert {p.kind for p in listed if p.name in toy_ops} == {"op"}
@@ -399,4 +403,66 @@ def test_core_first_plain_forward_fills_in_the_shapes() -> None:
     with torch.no_grad():
         assert torch.equal(model(x), module(x))
     assert model.points("head.output")[0].shape == (2, SEQ, 4)
+    assert_clean(module)
+
+
+def test_core_stop_at_a_point(llama) -> None:
+    """The forward ends once the point has fired: its value comes back, later layers never run."""
+    module = llama.module
+    inputs = example_inputs("llama")
+    llama.points()
+    kept: dict[str, torch.Tensor] = {}
+    layer_0 = module.get_submodule("model.layers.0")
+
+    def keep(name: str, pick):
+        def hook(_m, _args, out) -> None:
+            kept[name] = pick(out)
+
+        return hook
+
+    handles = [
+        layer_0.register_forward_hook(keep("layer_0", lambda out: out)),
+        layer_0.self_attn.register_forward_hook(keep("attn_0", lambda out: out[0])),
+    ]
+    try:
+        with torch.no_grad():
+            module(**inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    later: list[str] = []
+    handles = [
+        module.get_submodule("model.layers.1").register_forward_pre_hook(lambda *_: later.append("layer 1")),
+        module.lm_head.register_forward_pre_hook(lambda *_: later.append("lm_head")),
+    ]
+    try:
+        with torch.no_grad():
+            value = llama.forward(
+                **inputs,
+                stop_at="blocks.0.resid_post",
+                probes=[nt.probe(POINT, nt.Record()), nt.probe("model.layers.1.output", nt.Record())],
+            )
+            attention = llama.forward(**inputs, stop_at="blocks.0.attn.out")
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert later == []
+    assert torch.equal(value, kept["layer_0"])
+    assert torch.equal(attention, kept["attn_0"])
+    assert llama.recordings()[POINT]["record"][0].shape == (2, SEQ, 128)
+    assert "model.layers.1.output" not in llama.recordings()  # after the stop: not reached, by request
+    assert_clean(module)
+
+
+def test_core_stop_at_a_point_never_reached_or_unknown() -> None:
+    torch.manual_seed(0)
+    module = Branches()
+    x = torch.randn(3, 4)
+    model = nt.wrap(module, example=x)
+    with torch.no_grad():
+        with pytest.raises(nt.MissedPointError, match="alt.output"):
+            model.forward(x, stop_at="alt.output")
+        assert torch.equal(model.forward(x, flag=True, stop_at="alt.output"), module.alt(x))
+        with pytest.raises(nt.UnknownPointError, match="alt.outptu"):
+            model.forward(x, stop_at="alt.outptu")
     assert_clean(module)

@@ -485,6 +485,7 @@ PUBLIC = [
     "Replace",
     "SaveContext",
     "Scale",
+    "Skip",
     "SourceUnavailableWarning",
     "Sum",
     "TopK",

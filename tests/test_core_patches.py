@@ -3,6 +3,8 @@ and optimising a patch value (ROME-style) through the model."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -420,8 +422,232 @@ def test_core_patches_are_plain_data() -> None:
         "Norm",
         "Project",
         "TopK",
+        "Skip",
         "Custom",
     }
     patch = nt.Zero(index=(..., 3))
     with pytest.raises(AttributeError):
         patch.index = 4  # frozen: a patch cannot change under a running plan
+
+
+# -- skipping a module ----------------------------------------------------------------------------
+
+
+def test_core_skip_a_decoder_layer(llama) -> None:
+    """Skip() at a layer's output passes its input on, and nothing inside the layer runs."""
+    module = llama.module
+    inputs = example_inputs("llama")
+    layer = module.get_submodule("model.layers.1")
+    state = snapshot_state(module)
+    llama.points()  # the dry run, which runs every layer, before counting
+    entered: list[str] = []
+    counter = layer.self_attn.register_forward_pre_hook(lambda *_: entered.append("attention"))
+    try:
+        kept = {}
+
+        def keep_input(_m, args, kwargs) -> None:
+            kept["x"] = args[0] if args else kwargs["hidden_states"]
+
+        handles = [
+            layer.register_forward_pre_hook(keep_input, with_kwargs=True),
+            layer.register_forward_hook(lambda *_: kept["x"]),
+        ]
+        try:
+            with torch.no_grad():
+                by_hand = module(**inputs)
+        finally:
+            for handle in handles:
+                handle.remove()
+        entered.clear()
+        with torch.no_grad():
+            skipped = llama.forward(
+                **inputs,
+                probes=[nt.probe("model.layers.1.output", nt.Skip()), nt.probe("model.layers.1.output", nt.Record())],
+            )
+            with llama.patch({"model.layers.1.input": nt.Skip()}):
+                in_block = llama(**inputs)
+    finally:
+        counter.remove()
+    assert entered == []
+    assert_same_output(skipped, by_hand)
+    assert_same_output(in_block, by_hand)
+    assert torch.equal(llama.recordings()["model.layers.1.output"]["record"][0], kept["x"])
+    assert_clean(module, state)
+
+
+def test_core_skip_with_a_value_every_call(toy) -> None:
+    """The toy calls ``block`` twice; Skip(value) stands in for both calls."""
+    x = example_inputs("toy")["x"]
+    module = toy.module
+    with torch.no_grad():
+        skipped = toy.forward(x, probes=[nt.probe("block.output", nt.Skip(value=torch.zeros(16)))])
+        h = module.embed(x)  # h = h + 0 twice
+        gated = torch.tanh(h) * 2.0 + 1.0
+        by_hand = module.head(gated - module.down(torch.relu(module.up(gated)) * 0.5)) / 3.0
+    assert torch.equal(skipped, by_hand)
+    assert_clean(module)
+
+
+@pytest.mark.parametrize(
+    "point, message",
+    [(POINT, "output point"), ("model.layers.1.self_attn.output[0]", "narrowing")],
+    ids=["op-point", "narrowed"],
+)
+def test_core_skip_only_at_a_module_point(llama, point, message) -> None:
+    state = snapshot_state(llama.module)
+    llama.points()  # the dry run, before counting forwards
+    calls = []
+    handle = llama.module.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        with pytest.raises(nt.PatchError, match=message):
+            llama.forward(**example_inputs("llama"), probes=[nt.probe(point, nt.Skip())])
+    finally:
+        handle.remove()
+    assert calls == []  # refused before the forward
+    assert_clean(llama.module, state)
+
+
+def test_core_points_inside_a_skipped_module_are_missed(llama) -> None:
+    with torch.no_grad(), pytest.raises(nt.MissedPointError, match="model.layers.1.mlp.mul"):
+        llama.forward(
+            **example_inputs("llama"),
+            probes=[nt.probe("model.layers.1.output", nt.Skip()), nt.probe("model.layers.1.mlp.mul", nt.Record())],
+        )
+    assert_clean(llama.module)
+
+
+# -- parameters and buffers -----------------------------------------------------------------------
+
+WEIGHT = "model.layers.0.mlp.down_proj.weight"  # [64, 128]
+
+
+def _functional(module, replaced: dict[str, torch.Tensor], inputs) -> torch.Tensor:
+    """The module run with some parameters or buffers replaced, by torch.func: the independent reference."""
+    return torch.func.functional_call(module, replaced, (), inputs).logits
+
+
+def test_core_parameters_and_buffers_are_points(llama) -> None:
+    points = {p.name: p for p in llama.points()}
+    weight = llama.module.get_parameter(WEIGHT)
+    assert (points[WEIGHT].kind, points[WEIGHT].shape, points[WEIGHT].dtype) == ("parameter", (64, 128), "float32")
+    assert points["model.rotary_emb.inv_freq"].kind == "buffer"
+    names = llama.points("model.layers.0.mlp.down_proj").names()
+    assert names[:2] == ["model.layers.0.mlp.down_proj.input", WEIGHT]
+    with torch.no_grad():
+        llama.forward(**example_inputs("llama"), probes=[nt.probe(WEIGHT, nt.Record())])
+    assert torch.equal(llama.recordings()[WEIGHT]["record"][0], weight)
+
+
+@pytest.mark.parametrize(
+    "patch, edit",
+    [
+        (nt.Zero(index=(..., 3)), lambda w: _set(w.clone(), (..., 3), 0.0)),
+        (nt.Scale(0.5), lambda w: w * 0.5),
+        (nt.Add(value=torch.ones(128), index=(2,)), lambda w: _set(w.clone(), 2, w[2] + 1.0)),
+        (nt.Replace(value=0.25, index=(slice(0, 4),)), lambda w: _set(w.clone(), slice(0, 4), 0.25)),
+    ],
+    ids=["zero", "scale", "add", "replace"],
+)
+def test_core_patch_a_parameter_for_one_call(llama, patch, edit) -> None:
+    module = llama.module
+    inputs = example_inputs("llama")
+    state = snapshot_state(module)
+    weight = module.get_parameter(WEIGHT)
+    with torch.no_grad():
+        expected = _functional(module, {WEIGHT: edit(weight.detach())}, inputs)
+        patched = llama.forward(**inputs, probes=[nt.probe(WEIGHT, patch)])
+        with llama.patch({WEIGHT: patch}):
+            in_block = llama(**inputs)
+            assert module.get_parameter(WEIGHT) is weight  # between forwards the real parameter is back
+            copied = copy.deepcopy(module)
+        plain = module(**inputs)
+    assert torch.equal(patched.logits, expected) and torch.equal(in_block.logits, expected)
+    assert not torch.equal(plain.logits, expected)
+    assert module.get_parameter(WEIGHT) is weight
+    assert_clean(module, state)
+    assert_clean(copied, state)
+
+
+def test_core_rank_one_edit_of_a_weight_is_optimised(llama) -> None:
+    """ROME-style: an Add of u v^T on a weight, trained through the model; gradients as torch.func gives them."""
+    module = llama.module
+    state = snapshot_state(module)
+    inputs = example_inputs("llama", batch=1)
+    weight = module.get_parameter(WEIGHT)
+    u = torch.zeros(64, requires_grad=True)
+    v = torch.linspace(-1, 1, 128)
+    optimiser = torch.optim.SGD([u], lr=0.5)
+    target = 17
+    history = []
+    with llama.patch({WEIGHT: nt.Custom(lambda ctx, w: w + torch.outer(u, v))}):
+        for _ in range(4):
+            optimiser.zero_grad()
+            logit = llama(**inputs).logits[0, -1, target]
+            (-logit).backward()
+            expected = torch.autograd.grad(
+                -_functional(module, {WEIGHT: weight + torch.outer(u, v)}, inputs)[0, -1, target], u
+            )[0]
+            assert torch.allclose(u.grad, expected, atol=1e-6) and u.grad.abs().sum() > 0
+            optimiser.step()
+            history.append(logit.item())
+    module.zero_grad(set_to_none=True)
+    assert all(b > a for a, b in zip(history[:-1], history[1:], strict=True))
+    assert_clean(module, state)
+
+
+def test_core_add_patch_on_a_weight_carries_autograd(llama) -> None:
+    module = llama.module
+    inputs = example_inputs("llama", batch=1)
+    delta = torch.zeros(64, 128, requires_grad=True)
+    output = llama.forward(**inputs, probes=[nt.probe(WEIGHT, nt.Add(value=delta))])
+    output.logits[0, -1, 5].backward()
+    weight = module.get_parameter(WEIGHT)
+    expected = torch.autograd.grad(_functional(module, {WEIGHT: weight + delta}, inputs)[0, -1, 5], delta)[0]
+    module.zero_grad(set_to_none=True)
+    assert torch.allclose(delta.grad, expected, atol=1e-6)
+    assert_clean(module)
+
+
+def test_core_patch_a_buffer(llama) -> None:
+    module = llama.module
+    inputs = example_inputs("llama")
+    name = "model.rotary_emb.inv_freq"
+    buffer = module.get_buffer(name)
+    with torch.no_grad():
+        expected = _functional(module, {name: buffer * 2.0}, inputs)
+        patched = llama.forward(**inputs, probes=[nt.probe(name, nt.Scale(2.0))])
+    assert torch.equal(patched.logits, expected)
+    assert module.get_buffer(name) is buffer
+    assert_clean(module)
+
+
+def test_core_gradient_at_a_parameter(llama) -> None:
+    module = llama.module
+    inputs = example_inputs("llama", batch=1)
+    weight = module.get_parameter(WEIGHT)
+    expected = torch.autograd.grad(module(**inputs).logits[0, -1, 5], weight)[0]
+    output = llama.forward(**inputs, probes=[nt.probe(WEIGHT, nt.Record(), grad=True)])
+    output.logits[0, -1, 5].backward()
+    module.zero_grad(set_to_none=True)
+    assert torch.allclose(llama.recordings()[WEIGHT + ".grad"]["record"][0], expected, atol=1e-7)
+    assert not weight._backward_hooks  # the hook went on a view for that call, not on the parameter
+    assert_clean(module)
+
+
+@pytest.mark.parametrize(
+    "probe_fn, error",
+    [
+        (lambda ctx, w: 1 / 0, nt.ProbeError),
+        (lambda ctx, w: w[:3], nt.PatchError),
+        (nt.Replace(value=torch.zeros(3)), nt.PatchError),
+    ],
+    ids=["raises", "wrong-shape", "patch-does-not-fit"],
+)
+def test_core_a_failing_parameter_patch_leaves_the_weight(llama, probe_fn, error) -> None:
+    module = llama.module
+    state = snapshot_state(module)
+    weight = module.get_parameter(WEIGHT)
+    with torch.no_grad(), pytest.raises(error, match=WEIGHT):
+        llama.forward(**example_inputs("llama"), probes=[nt.probe(WEIGHT, probe_fn)])
+    assert module.get_parameter(WEIGHT) is weight
+    assert_clean(module, state)

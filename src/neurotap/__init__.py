@@ -15,6 +15,7 @@ from .errors import (
 from .model import CrossEntropy, LogitDiff, Model, load, wrap
 from .points import Point, PointList
 from .probes import (
+    SAE,
     Add,
     Custom,
     Max,
@@ -25,9 +26,9 @@ from .probes import (
     Project,
     Record,
     Replace,
-    SAE,
     SaveContext,
     Scale,
+    Skip,
     Sum,
     TopK,
     Zero,
@@ -61,6 +62,7 @@ __all__ = [
     "Replace",
     "SaveContext",
     "Scale",
+    "Skip",
     "SourceUnavailableWarning",
     "Sum",
     "TopK",

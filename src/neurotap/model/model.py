@@ -14,7 +14,7 @@ from ..errors import MissedPointError, MissedPointWarning, NeurotapError, Unknow
 from ..points import Attachment, Inventory, PointList, static_inventory, take_inventory
 from ..probes import Probe, SaveContext, probe
 from .losses import LOSSES, Loss, logits_of
-from .plan import Plan, unknown_point
+from .plan import Plan, Stopped, stopping_probe, unknown_point
 
 PatchSpec = Mapping[str, Callable[..., Any] | Sequence[Callable[..., Any]]]
 
@@ -113,9 +113,14 @@ class Model:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.forward(*args, **kwargs)
 
-    def forward(self, *args: Any, probes: Sequence[Probe] = (), **kwargs: Any) -> Any:
-        """The module's forward, with ``probes`` active for this call (and any patches)."""
-        return self._run(self.module, args, kwargs, probes)
+    def forward(self, *args: Any, probes: Sequence[Probe] = (), stop_at: str | None = None, **kwargs: Any) -> Any:
+        """The module's forward, with ``probes`` active for this call (and any patches).
+
+        With ``stop_at`` (a point name or alias), the forward ends as soon as that
+        point has fired and its probes have run, and returns the value there; what
+        the probes recorded so far is kept, and nothing after the point runs.
+        """
+        return self._run(self.module, args, kwargs, probes, stop_at)
 
     def generate(self, *args: Any, probes: Sequence[Probe] = (), **kwargs: Any) -> Any:
         """The module's ``generate``; probes and patches fire at every step (``ctx.step``)."""
@@ -148,10 +153,20 @@ class Model:
                 parameter.grad = grad
         return float(value.detach())
 
-    def _run(self, call: Callable[..., Any], args: tuple, kwargs: dict[str, Any], probes: Sequence[Probe]) -> Any:
+    def _run(
+        self,
+        call: Callable[..., Any],
+        args: tuple,
+        kwargs: dict[str, Any],
+        probes: Sequence[Probe],
+        stop_at: str | None = None,
+    ) -> Any:
         for p in probes:
             if not isinstance(p, Probe):
                 raise TypeError(f"probes must be made with nt.probe(point, fn), got {type(p).__name__}")
+        if stop_at is not None:
+            probes = [*probes, stopping_probe(stop_at)]  # last: the point's other probes run before it stops
+        stopped = None
         with self._lock:  # hooks are per module, not per thread: one call at a time sees the right ones
             if not probes:
                 if self._inventory is not None and not self._inventory.ran:
@@ -171,10 +186,12 @@ class Model:
                     plan.state.new_call()
                     since = plan.state.forward_id
                     result = call(*args, **kwargs)
+                except Stopped as stop:
+                    result, stopped = stop.value, plan.bases[stop_at]  # type: ignore[index]
                 finally:
                     self._detach()
                     self._reattach()
-        missed = plan.missed(since)
+        missed = plan.missed(since, stopped, self._inventory)
         if missed:
             self._missed(missed, generating=call is not self.module)
         return result

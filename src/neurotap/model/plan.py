@@ -16,11 +16,36 @@ import torch
 import torch.utils.checkpoint
 
 from ..errors import NeurotapError, PatchError, ProbeError, UnknownPointError
-from ..points import Attachment, Frame, Inventory, Point, reset_helper_frames, split_narrowing
-from ..probes import Probe, SaveContext
+from ..points import Attachment, Frame, Inventory, Point, first_parameter, reset_helper_frames, split_narrowing
+from ..probes import Probe, SaveContext, Skip
 
 # torch stops a checkpoint's recompute early by raising from inside it, through any probe that runs there
 _PASS_THROUGH = (NeurotapError, *filter(None, [getattr(torch.utils.checkpoint, "_StopRecomputationError", None)]))
+
+
+_TENSOR_KINDS = ("parameter", "buffer")
+
+
+def _put_back(held: list[tuple[Any, dict[str, Any], torch.Tensor]]) -> None:
+    """Between forwards the real parameters are in place (get_parameter, optimisers, state_dict see them)."""
+    for tap, table, original in held:
+        table[tap.point.scope[0]] = original
+
+
+class Stopped(NeurotapError):
+    """Ends a forward at its ``stop_at`` point, carrying the value there (caught by the model, never seen)."""
+
+    def __init__(self, value: Any) -> None:
+        super().__init__("the forward stopped at its stop_at point")
+        self.value = value
+
+
+def _stop(ctx: SaveContext, value: Any) -> None:
+    raise Stopped(value)
+
+
+def stopping_probe(point: str) -> Probe:
+    return Probe(point, _stop)
 
 
 class RunState:
@@ -306,12 +331,58 @@ def unknown_point(name: str, known: Iterable[str]) -> UnknownPointError:
     return UnknownPointError(f"no point named {name!r} in this model{hint}. List them with model.points(prefix).")
 
 
+class _Skipping:
+    """Stands in for a skipped module's forward; counts as its point firing."""
+
+    __slots__ = ("point", "bound", "state", "forward_id", "skip", "keyword")
+
+    def __init__(self, point: Point, bound: BoundProbe, state: RunState, skip: Skip) -> None:
+        self.point = point
+        self.bound = [bound]
+        self.state = state
+        self.forward_id = -1
+        self.skip = skip
+        self.keyword: str | None = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.forward_id = self.state.forward_id
+        if self.skip.value is not None:
+            return self.skip.value
+        if args:
+            return args[0]
+        if self.keyword is not None and self.keyword in kwargs:
+            return kwargs[self.keyword]
+        raise PatchError(
+            f"Skip at {self.bound[0].point!r}: the module was called without an input to pass on in its place; "
+            "give the output it should have, Skip(value=...)"
+        )
+
+
+def _checked_skip(probe: Probe, skip: Skip, point: Point) -> Skip:
+    if point.kind not in ("input", "output") or probe.grad:
+        what = "a gradient probe" if probe.grad else f"the {point.kind} point {point.name!r}"
+        raise PatchError(
+            f"Skip at {probe.point!r}: a skip stands in for a whole module call, so it goes at a module's "
+            f"output point ({point.module + '.output' if point.module else 'output'}), not at {what}"
+        )
+    if split_narrowing(probe.point)[1]:
+        raise PatchError(f"Skip at {probe.point!r}: a skip replaces the whole output; leave out the narrowing")
+    if skip.value is not None and not isinstance(skip.value, torch.Tensor):
+        try:
+            return Skip(value=torch.as_tensor(skip.value))
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise PatchError(f"Skip at {probe.point!r}: value {skip.value!r} is not a tensor: {error}") from None
+    return skip
+
+
 class Plan:
     """Probes resolved to taps; ``attach`` puts them on the module tree."""
 
     def __init__(self, probes: Iterable[Probe], inventory: Inventory, contexts: dict[str, SaveContext]) -> None:
         self.state = RunState()
         self.taps: dict[str, Tap] = {}
+        self.skips: dict[str, _Skipping] = {}  # module path -> what runs in place of its forward
+        self.bases: dict[str, str] = {}  # each probe's point name, as given -> the raw point it resolved to
         for probe in probes:
             try:
                 base, keys = split_narrowing(probe.point)
@@ -323,18 +394,31 @@ class Plan:
             point = inventory.points.get(base) or inventory.static.get(base)
             if point is None:
                 raise unknown_point(base, dict.fromkeys([*inventory.points, *inventory.static, *inventory.aliases]))
+            self.bases[probe.point] = base
             name = probe.context_name
             ctx = contexts.get(name)
             if ctx is None:
                 ctx = contexts[name] = SaveContext(name)
+            if isinstance(probe.fn, Skip):
+                skip = _checked_skip(probe, probe.fn, point)
+                self.skips.setdefault(point.module, _Skipping(point, BoundProbe(probe, ctx, ()), self.state, skip))
+                continue
             if base not in self.taps:
                 self.taps[base] = Tap(point, self.state)
             self.taps[base].bound.append(BoundProbe(probe, ctx, keys))
 
-    def missed(self, since: int) -> list[str]:
-        """The points, as the probes name them, that no forward after forward number ``since`` reached."""
+    def missed(self, since: int, stopped_at: str | None = None, inventory: Inventory | None = None) -> list[str]:
+        """The points, as the probes name them, that no forward after forward number ``since`` reached.
+
+        A forward that stopped at ``stopped_at`` is expected to have reached only
+        the points that the dry run saw before it.
+        """
+        order = {name: number for number, name in enumerate(inventory.points)} if stopped_at and inventory else {}
+        end = order.get(stopped_at, -1) if stopped_at else None
         names: dict[str, None] = {}
-        for tap in self.taps.values():
+        for tap in (*self.taps.values(), *self.skips.values()):
+            if end is not None and order.get(tap.point.name, end) >= end:
+                continue
             if tap.forward_id <= since:
                 names.update((bound.point, None) for bound in tap.bound if not bound.optional)
         return list(names)
@@ -342,13 +426,34 @@ class Plan:
     def attach(self, root: torch.nn.Module, modules: Mapping[str, torch.nn.Module]) -> Attachment:
         attachment = Attachment()
         try:
-            attachment.before_forward(root, self.state.new_forward)
-            attach_taps(attachment, [(tap.point, tap) for tap in self.taps.values()], modules)
+            tensors = [tap for tap in self.taps.values() if tap.point.kind in _TENSOR_KINDS]
+            if tensors:
+                held = [
+                    (tap, *attachment.hold_tensor(modules[tap.point.module], tap.point.scope[0])) for tap in tensors
+                ]
+                attachment.before_forward(root, functools.partial(self._new_forward_with, held))
+                attachment.after_forward(root, functools.partial(_put_back, held))
+            else:
+                attachment.before_forward(root, self.state.new_forward)
+            taps = [(tap.point, tap) for tap in self.taps.values() if tap.point.kind not in _TENSOR_KINDS]
+            attach_taps(attachment, taps, modules)
+            for path, skipping in self.skips.items():
+                skipping.keyword = first_parameter(modules[path])
+                attachment.skip(modules[path], skipping)
             self._through_checkpoints(attachment, modules)
         except BaseException:
             attachment.detach()
             raise
         return attachment
+
+    def _new_forward_with(self, held: list[tuple[Tap, dict[str, Any], torch.Tensor]]) -> None:
+        """Each forward starts from the real parameters and buffers, patched anew (a delta may have changed)."""
+        self.state.new_forward()
+        grad = torch.is_grad_enabled()
+        for tap, table, original in held:
+            # a gradient probe hooks a view, never the parameter itself, whose hooks would outlive the call
+            seed = original.view_as(original) if grad and any(b.grad for b in tap.bound) else original
+            table[tap.point.scope[0]] = tap(seed)
 
     def _through_checkpoints(self, attachment: Attachment, modules: Mapping[str, torch.nn.Module]) -> None:
         """Make each gradient-checkpointed layer above a tap recompute with the taps on (see ``_Region``)."""

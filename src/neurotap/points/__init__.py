@@ -1,6 +1,6 @@
 """Points: where values can be tapped, how they are named, and the inventory."""
 
-from .attach import Attachment, Frame
+from .attach import Attachment, Frame, first_parameter
 from .inventory import Inventory, static_inventory, take_inventory
 from .point import Point, PointList, split_narrowing
 from .rewrite import reset_helper_frames
@@ -11,6 +11,7 @@ __all__ = [
     "Inventory",
     "Point",
     "PointList",
+    "first_parameter",
     "reset_helper_frames",
     "split_narrowing",
     "static_inventory",

@@ -156,7 +156,10 @@ def _untapped_reduce(module: torch.nn.Module, _protocol: int) -> tuple:
     for name in (_REDUCE, FRAME_ATTR, _PRISTINE):
         state.pop(name, None)
     for slot, value in module.__dict__.get(_PRISTINE, {}).items():
-        if value is None:
+        if isinstance(slot, tuple):  # a parameter or buffer: (its table, its name)
+            table, name = slot
+            state[table] = {**state[table], name: value}
+        elif value is None:
             state.pop(slot, None)
         else:
             state[slot] = value
@@ -180,16 +183,29 @@ class Attachment:
         self._handles: list[Any] = []
         self._tapped_modules: list[tuple[torch.nn.Module, Any, Any, Any]] = []
         self._claimed: dict[int, tuple[torch.nn.Module, Any]] = {}
-        self._remembered: list[tuple[torch.nn.Module, str]] = []
+        self._remembered: list[tuple[torch.nn.Module, str | tuple[str, str]]] = []
         self._swapped: list[tuple[torch.nn.Module, str, Any]] = []
+        self._held: list[tuple[dict[str, Any], str, torch.Tensor]] = []
 
-    def _remember(self, module: torch.nn.Module, name: str) -> None:
+    def _remember(self, module: torch.nn.Module, name: str | tuple[str, str], value: Any = _MISSING) -> None:
         """Keep what ``name`` was before neurotap, for copies made while it is replaced."""
         self._claim(module)
         pristine = module.__dict__.setdefault(_PRISTINE, {})
         if name not in pristine:
-            pristine[name] = module.__dict__.get(name)
+            pristine[name] = module.__dict__.get(name) if value is _MISSING else value  # type: ignore[arg-type]
             self._remembered.append((module, name))
+
+    def hold_tensor(self, module: torch.nn.Module, name: str) -> tuple[dict[str, Any], torch.Tensor]:
+        """The table holding parameter or buffer ``name`` and its tensor; the tensor goes back there on detach.
+
+        The caller may put a stand-in into the table (a patched weight) for each forward.
+        """
+        table_name = "_parameters" if name in module._parameters else "_buffers"
+        table = module.__dict__[table_name]
+        original = table[name]
+        self._remember(module, (table_name, name), original)
+        self._held.append((table, name, original))
+        return table, original
 
     def swap(self, module: torch.nn.Module, name: str, value: Any) -> None:
         """Set the instance attribute ``name`` of ``module`` to ``value`` until ``detach()``."""
@@ -234,6 +250,15 @@ class Attachment:
         handle = module.register_forward_pre_hook(_ours(lambda *_: callback()), prepend=True)
         self._handles.append(handle)
 
+    def after_forward(self, module: torch.nn.Module, callback: Callable[[], None]) -> None:
+        """Run ``callback`` after every forward of ``module``, also one that raised."""
+        self._claim(module)
+
+        def hook(*_: Any) -> None:
+            callback()
+
+        self._handles.append(module.register_forward_hook(_ours(hook), always_call=True))
+
     def on_ops(self, module: torch.nn.Module, frame: Frame, *, combine: bool = True) -> bool:
         """Run ``module``'s tapped forward with ``frame``; False if it has none.
 
@@ -256,20 +281,26 @@ class Attachment:
         module.__dict__[slot] = types.MethodType(result.function, module)
         return True
 
+    def skip(self, module: torch.nn.Module, forward: Callable[..., Any]) -> None:
+        """Run ``forward(*args, **kwargs)`` in place of the module's own (after its pre-hooks, before its hooks)."""
+        self.swap(module, "_old_forward" if "_old_forward" in module.__dict__ else "forward", forward)
+
     def detach(self) -> None:
         for handle in self._handles:
             handle.remove()
+        for module, name, previous in reversed(self._swapped):  # a skip goes on after a tapped forward
+            if previous is _MISSING:
+                module.__dict__.pop(name, None)
+            else:
+                module.__dict__[name] = previous
         for module, slot, previous_forward, previous_frame in reversed(self._tapped_modules):
             for name, previous in ((FRAME_ATTR, previous_frame), (slot, previous_forward)):
                 if previous is None:
                     module.__dict__.pop(name, None)
                 else:
                     module.__dict__[name] = previous
-        for module, name, previous in reversed(self._swapped):
-            if previous is _MISSING:
-                module.__dict__.pop(name, None)
-            else:
-                module.__dict__[name] = previous
+        for table, name, original in reversed(self._held):
+            table[name] = original
         for module, name in self._remembered:
             pristine = module.__dict__.get(_PRISTINE, {})
             pristine.pop(name, None)
@@ -285,3 +316,4 @@ class Attachment:
         self._claimed.clear()
         self._remembered.clear()
         self._swapped.clear()
+        self._held.clear()

@@ -163,8 +163,46 @@ def take_inventory(root: torch.nn.Module, run: Callable[[], Any]) -> Inventory:
         )
     for name, point in inventory.static.items():
         inventory.static[name] = inventory.points.get(name, point)
+    _add_tensors(inventory, root)
     inventory.aliases = find_aliases(set(inventory.points) | set(inventory.static), _embedding_points(root))
     return inventory
+
+
+def tensor_points(root: torch.nn.Module) -> dict[str, list[Point]]:
+    """Each module's own parameters and buffers as points, by module path."""
+    found: dict[str, list[Point]] = {}
+    for path, module in root.named_modules():
+        own = [
+            *(("parameter", name, value) for name, value in module._parameters.items()),
+            *(("buffer", name, value) for name, value in module._buffers.items()),
+        ]
+        for kind, name, value in own:
+            if isinstance(value, torch.Tensor):
+                shape, dtype, type_name = describe(value)
+                point = Point(join(path, name), kind, shape, dtype, type(value).__name__, "", path, (name,))  # type: ignore[arg-type]
+                found.setdefault(path, []).append(point)
+    return found
+
+
+def _add_tensors(inventory: Inventory, root: torch.nn.Module) -> None:
+    """Put each module's parameters and buffers right after its input point (at the end if it never ran)."""
+    tensors = tensor_points(root)
+    ordered: dict[str, Point] = {}
+    placed: set[str] = set()
+    for name, point in inventory.points.items():
+        ordered[name] = point
+        if point.kind == "input" and name == join(point.module, "input") and point.module not in placed:
+            placed.add(point.module)
+            for tensor in tensors.get(point.module, ()):
+                ordered.setdefault(tensor.name, tensor)
+    for path, points in tensors.items():
+        if path not in placed:
+            for tensor in points:
+                ordered.setdefault(tensor.name, tensor)
+    inventory.points = ordered
+    for points in tensors.values():
+        for tensor in points:
+            inventory.static.setdefault(tensor.name, ordered[tensor.name])
 
 
 def static_inventory(root: torch.nn.Module) -> Inventory:
@@ -197,6 +235,7 @@ def static_inventory(root: torch.nn.Module) -> Inventory:
             add(Point(join(path, "output"), "output", None, None, "", source, path))
 
     visit("", root)
+    _add_tensors(inventory, root)
     inventory.aliases = find_aliases(set(inventory.points), _embedding_points(root))
     return inventory
 

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-Kind = Literal["input", "output", "op"]
+Kind = Literal["input", "output", "op", "parameter", "buffer"]
 Key = int | str  # one step of narrowing: output[0], output["logits"]
 
 _NARROWING = re.compile(r"\[(-?\d+|\"[^\"]*\"|'[^']*')\]")

@@ -1,7 +1,23 @@
 """Probes and patches: what happens at a point."""
 
 from .context import SaveContext
-from .patches import PATCHES, Add, Custom, Max, Mean, Norm, Patch, Project, Record, Replace, Scale, Sum, TopK, Zero
+from .patches import (
+    PATCHES,
+    Add,
+    Custom,
+    Max,
+    Mean,
+    Norm,
+    Patch,
+    Project,
+    Record,
+    Replace,
+    Scale,
+    Skip,
+    Sum,
+    TopK,
+    Zero,
+)
 from .probe import Probe, ProbeFn, probe
 from .sae import SAE
 
@@ -21,6 +37,7 @@ __all__ = [
     "SAE",
     "SaveContext",
     "Scale",
+    "Skip",
     "Sum",
     "TopK",
     "Zero",

@@ -305,6 +305,25 @@ class TopK(Patch):
 
 
 @dataclass(frozen=True, eq=False)
+class Skip(Patch):
+    """Do not run the module at all: its output is ``value``, or its first input when ``value`` is None.
+
+    Only at a module point (``P.output`` or ``P.input``, both meaning module ``P``).
+    The default suits residual-shaped modules such as a decoder layer: skipping
+    it passes the residual stream on unchanged, and costs nothing. Probes at
+    ``P.output`` see ``value``; nothing inside ``P`` fires.
+    """
+
+    value: Any = None
+
+    def __call__(self, ctx: SaveContext, value: Any) -> Any:
+        raise PatchError(f"Skip at {ctx.point!r}: a skip acts on the call of a module, not on a value")
+
+    def output(self, first_input: Any) -> Any:
+        return first_input if self.value is None else self.value
+
+
+@dataclass(frozen=True, eq=False)
 class Custom(Patch):
     """Any probe function ``fn(ctx, value)``; not plain data, so remote only with code allowed."""
 
@@ -315,5 +334,5 @@ class Custom(Patch):
 
 
 PATCHES: dict[str, type[Patch]] = {
-    cls.__name__: cls for cls in (Zero, Add, Replace, Scale, Record, Mean, Sum, Max, Norm, Project, TopK, Custom)
+    cls.__name__: cls for cls in (Zero, Add, Replace, Scale, Record, Mean, Sum, Max, Norm, Project, TopK, Skip, Custom)
 }
