@@ -223,16 +223,9 @@ def test_load_reads_saelens_folders(tmp_path: Path) -> None:
 
 
 def test_remote_equals_local(tmp_path: Path) -> None:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from serving import Server, save_with_word_tokenizer
 
-    from serving import Server
-
-    folder = tmp_path / "tiny"
-    tiny_llama().save_pretrained(folder)
-    words = Tokenizer(models.WordLevel({"<unk>": 0, "<pad>": 1, "the": 2}, unk_token="<unk>"))
-    words.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>", pad_token="<pad>").save_pretrained(folder)
+    folder = save_with_word_tokenizer(tiny_llama(), tmp_path / "tiny")
     local = nt.load(str(folder))
     ids = torch.randint(2, VOCAB, (2, 7), generator=torch.Generator().manual_seed(4))
     probes = [nt.probe(POINT, SAE(**_weights(), examples=2))]
@@ -243,12 +236,7 @@ def test_remote_equals_local(tmp_path: Path) -> None:
     try:
         remote = nt.connect(server.url)
         try:
-            try:
-                out = remote.forward(ids, probes=probes)
-            except nt.NeurotapError as error:
-                if "SAE" not in str(error):
-                    raise
-                pytest.skip(f"the server refuses nt.SAE until transport/wire.py accepts it: {error}")
+            out = remote.forward(ids, probes=probes)
             torch.testing.assert_close(out.logits, expected, rtol=1e-6, atol=1e-6)
             got = remote.recordings()[POINT]
             for key in ("sae_fired", "sae_max", "sae_top_values", "sae_top_where", "sae_squared_error"):

@@ -433,3 +433,17 @@ def test_greedy_generations_share_a_pass_and_each_stops_where_it_would_alone(mod
         assert torch.equal(result.output, expected)
         assert_same(executor.recordings(request.session), {n: dict(c) for n, c in model.recordings().items()})
     assert results[0].output.shape[1] == prompts[0].shape[1] + 3
+
+
+def test_a_request_that_patches_a_weight_runs_alone(module):
+    weight = "model.layers.0.mlp.down_proj.weight"
+    batch = requests()
+    batch[1].probes.append(ProbeSpec(weight, nt.Scale(0.5)))
+    executor = InProcessExecutor(nt.wrap(module))
+    results = executor.execute(batch)
+    assert executor.passes == 2, "the others share a pass; the weight's request runs on its own"
+    for request, result in zip(batch, results):
+        assert result.error is None, result.error
+        output, recordings = alone(module, request)
+        assert_same(result.output["logits"], output.logits)
+        assert_same(executor.recordings(request.session), recordings)

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from ..errors import NeurotapError, PatchError, ProbeError, UnknownPointError
+from ..errors import MissedPointError, NeurotapError, PatchError, ProbeError, UnknownPointError
 from ..model.model import PatchSpec, patches_to_probes
 from ..model.plan import unknown_point
 from ..points import Point, PointList, split_narrowing
@@ -74,6 +74,7 @@ class RemoteError(NeurotapError):
 
 _ERRORS: dict[str, type[Exception]] = {
     "UnknownPointError": UnknownPointError,
+    "MissedPointError": MissedPointError,
     "PatchError": PatchError,
     "ProbeError": ProbeError,
     "CodeNotAllowedError": CodeNotAllowedError,
@@ -314,7 +315,7 @@ class RemoteModel:
             op,
             tuple(args),
             dict(kwargs),
-            [ProbeSpec(p.point, p.fn, p.grad) for p in every],
+            [ProbeSpec(p.point, p.fn, p.grad, p.optional) for p in every],
             None if outputs is None else list(outputs),
             loss,
         )

@@ -29,6 +29,7 @@ import torch
 
 from ..errors import NeurotapError, PatchError, ProbeError, UnknownPointError
 from ..model import Model
+from ..points import split_narrowing
 from ..probes import Patch, SaveContext, probe
 from .batching import (
     ALONE_READING,
@@ -307,7 +308,7 @@ class InProcessExecutor(Executor):
 
         pending = [index for index in range(len(batch)) if results[index] is None]
         # requests that share a pass share its memory: together they stay within one request's budget
-        return pack(
+        groups = pack(
             batch,
             pending,
             tokens,
@@ -317,6 +318,21 @@ class InProcessExecutor(Executor):
             max_cost=self.limits.max_request_memory,
             greedy_default=self._greedy,
         )
+        # a parameter or buffer has no rows to share out: a request that probes one runs alone
+        points = self.model.inventory().points
+        flat: list[Group] = []
+        for group in groups:
+            alone = [i for i in group.indices if len(group.indices) > 1 and self._probes_weights(batch[i], points)]
+            rest = [i for i in group.indices if i not in alone]
+            if rest:
+                flat.append(group if not alone else Group(rest, group.key, group.padded))
+            flat.extend(Group([i], None, False) for i in alone)
+        return flat
+
+    @staticmethod
+    def _probes_weights(request: RunRequest, points: Mapping[str, Any]) -> bool:
+        found = (points.get(split_narrowing(spec.point)[0]) for spec in request.probes)
+        return any(p is not None and p.kind in ("parameter", "buffer") for p in found)
 
     # -- shape readings ------------------------------------------------------------------------------
 
@@ -367,7 +383,7 @@ class InProcessExecutor(Executor):
 
             return record_shape
 
-        probes = [probe(p, recorder(shapes[p])) for p in points]
+        probes = [probe(p, recorder(shapes[p]), optional=True) for p in points]  # the real run tells of misses
         devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
         with torch.no_grad(), torch.random.fork_rng(devices=devices):
             output = self._forward((ids,), kwargs, tokens.by_name, probes)
@@ -436,7 +452,7 @@ class InProcessExecutor(Executor):
                 name = spec.point + ".grad" if spec.grad else spec.point
                 done = (lambda k=k: finished[k] is not None) if generating else None
                 isolated = self._isolated(spec.fn, k, request.session, name, staged[k], view, meters[k], done)
-                probes.append(probe(spec.point, isolated, grad=spec.grad))
+                probes.append(probe(spec.point, isolated, grad=spec.grad, optional=spec.optional))
         by_name = False
         if padded:
             args, kwargs = padded_inputs(

@@ -21,7 +21,8 @@ a loss (CrossEntropy)    ``{"$loss": "CrossEntropy", "fields": {...}}``
 a model output mapping   ``{"$output": {...}}`` (transformers' ModelOutput and the like)
 =======================  ===========================================================
 
-A probe is ``{"point": name, "grad": bool, "fn": <patch>}``, or, only for servers
+A probe is ``{"point": name, "grad": bool, "fn": <patch>}`` (and ``"optional": true``
+for one the pass may not reach), or, only for servers
 started with ``--allow-code``, ``{"point", "grad", "fn": {"$code": <uint8 tensor>}}``
 holding the function pickled with cloudpickle. The server never unpickles
 anything unless it was started with ``--allow-code``; the client never unpickles
@@ -66,9 +67,9 @@ from typing import Any
 
 import torch
 
-from ..errors import NeurotapError
+from ..errors import NeurotapError, PatchError
 from ..model.losses import LOSSES, CrossEntropy, LogitDiff, logits_of  # noqa: F401  (re-exported)
-from ..probes import PATCHES, Custom, Patch
+from ..probes import PATCHES, SAE, Custom, Patch
 
 PROTOCOL = 1
 PROTOCOL_HEADER = "X-Neurotap-Protocol"
@@ -112,6 +113,7 @@ class ProbeSpec:
     point: str
     fn: Callable[..., Any]
     grad: bool = False
+    optional: bool = False  # the pass may not reach the point (a branch not taken) without failing
 
 
 @dataclass
@@ -266,7 +268,7 @@ class _Decoder:
         raise WireError(f"unknown tagged value {_short(value)}")
 
     def dataclass(self, tag: str, name: Any, fields: Any, depth: int) -> Any:
-        table = LOSSES if tag == "$loss" else {k: v for k, v in PATCHES.items() if v is not Custom}
+        table = LOSSES if tag == "$loss" else {k: v for k, v in {**PATCHES, "SAE": SAE}.items() if v is not Custom}
         if not isinstance(name, str) or name not in table:
             raise WireError(f"unknown {tag[1:]} {_short(name)}; known: {', '.join(sorted(table))}")
         cls = table[name]
@@ -276,7 +278,10 @@ class _Decoder:
         values = {k: self.value(v, depth + 1) for k, v in fields.items()}
         for key, item in values.items():
             _check_field(name, key, item)
-        return cls(**values)
+        try:
+            return cls(**values)
+        except (PatchError, TypeError, ValueError) as error:  # a patch that checks its own fields (SAE shapes)
+            raise WireError(f"{name}: {error}") from None
 
 
 def _is_int(value: Any) -> bool:
@@ -306,12 +311,27 @@ def _check_field(cls: str, key: str, value: Any) -> None:
         parts = value if isinstance(value, (tuple, list)) else [value]
         if not (value is None or all(_is_int(d) for d in parts)):
             raise WireError(f"{where} must be an int, a list of ints or null, got {_short(value)}")
+    elif key in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"):
+        if value is None and key == "threshold":
+            return
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point() or not 1 <= value.ndim <= 2:
+            raise WireError(f"{where} must be a floating-point tensor of 1 or 2 dimensions")
+    elif key in ("apply_b_dec_to_input", "error_term", "record"):
+        if not isinstance(value, bool):
+            raise WireError(f"{where} must be true or false")
+    elif key == "examples":
+        if not _is_int(value) or not 0 <= value <= 10_000:
+            raise WireError(f"{where} must be an integer from 0 to 10000")
+    elif key == "k" and value is None and cls == "SAE":
+        return
     elif key in ("k", "dim", "position", "ignore_index", "correct", "wrong"):
         if not _is_int(value) or (key == "k" and not 1 <= value <= 10_000):
             raise WireError(f"{where} must be an integer" + (" from 1 to 10000" if key == "k" else ""))
     elif key == "key":
         if not isinstance(value, str) or not 0 < len(value) <= 200:
             raise WireError(f"{where} must be a non-empty string")
+    elif key == "value" and value is None and cls == "Skip":
+        return  # the module's first input
     elif key in ("p", "factor", "value", "direction", "targets"):
         numbers = (int, float, torch.Tensor)
         if not (isinstance(value, numbers) and not isinstance(value, bool)) and not (
@@ -544,7 +564,10 @@ def encode_request(request: RunRequest) -> bytes:
             fn = {"$code": encoder.tensor(fn["$code"])}
         else:
             fn = encoder.value(fn)
-        probes.append({"point": described["point"], "grad": described["grad"], "fn": fn})
+        probe = {"point": described["point"], "grad": described["grad"], "fn": fn}
+        if spec.optional:
+            probe["optional"] = True
+        probes.append(probe)
     body = {
         "op": request.op,
         "args": encoder.value(list(request.args)),
@@ -586,9 +609,12 @@ def decode_request(data: bytes, *, allow_code: bool) -> RunRequest:
         raise WireError("probes must be a list")
     probes = []
     for raw in raw_probes:
-        if not isinstance(raw, dict) or set(raw) != {"point", "grad", "fn"}:
+        if not isinstance(raw, dict) or not {"point", "grad", "fn"} <= set(raw) <= {"point", "grad", "fn", "optional"}:
             raise WireError(f"a probe is {{point, grad, fn}}, got {_short(raw)}")
         point, grad, fn = raw["point"], raw["grad"], raw["fn"]
+        optional = raw.get("optional", False)
+        if not isinstance(optional, bool):
+            raise WireError(f"a probe's optional must be a boolean, got {_short(raw)}")
         if not isinstance(point, str) or not isinstance(grad, bool):
             raise WireError(f"a probe's point must be a string and grad a boolean, got {_short(raw)}")
         if isinstance(fn, dict) and set(fn) == {"$code"}:
@@ -607,7 +633,7 @@ def decode_request(data: bytes, *, allow_code: bool) -> RunRequest:
             fn = decoder.value(fn)
             if not isinstance(fn, Patch):
                 raise WireError(f"a probe's fn must be a patch ({{'$patch': ...}}) or code, got {_short(raw['fn'])}")
-        probes.append(ProbeSpec(point, fn, grad))
+        probes.append(ProbeSpec(point, fn, grad, optional))
     return RunRequest(op, tuple(args), kwargs, probes, outputs, loss)
 
 
