@@ -485,6 +485,7 @@ PUBLIC = [
     "Replace",
     "SaveContext",
     "Scale",
+    "SAE",
     "Skip",
     "SourceUnavailableWarning",
     "Sum",

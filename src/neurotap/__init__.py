@@ -62,6 +62,7 @@ __all__ = [
     "Replace",
     "SaveContext",
     "Scale",
+    "SAE",
     "Skip",
     "SourceUnavailableWarning",
     "Sum",
