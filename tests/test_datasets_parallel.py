@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -15,44 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
+import test_datasets
 from neurotap.cli import main
-from neurotap.datasets import ActivationDataset, bundled_corpus
+from neurotap.datasets import ActivationDataset
 
 POINTS = "model.layers.0.output,model.layers.1.mlp.mul"
-
-
-def _paragraphs() -> list[str]:
-    docs = []
-    for path in sorted(bundled_corpus().glob("*.txt")):
-        docs += [p.strip() for p in re.split(r"\n[ \t]*\n", path.read_text()) if p.strip()]
-    return docs
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random two-layer Llama and a word-level tokenizer, saved as a model folder."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    folder = tmp_path_factory.mktemp("tiny-model")
-    words = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    words.pre_tokenizer = pre_tokenizers.Whitespace()
-    words.train_from_iterator(_paragraphs(), trainers.WordLevelTrainer(special_tokens=["<unk>", "<bos>", "<eos>"]))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    LlamaForCausalLM(config).eval().save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+tiny = test_datasets.tiny  # the same model folder and tokenizer as the single-process tests
+_paragraphs = test_datasets._paragraphs
 
 
 @contextlib.contextmanager
