@@ -495,6 +495,7 @@ PUBLIC = [
     "__version__",
     "collect",
     "connect",
+    "experiments",
     "launch_and_connect",
     "load",
     "probe",

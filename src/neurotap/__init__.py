@@ -3,6 +3,7 @@
 import importlib
 from typing import Any
 
+from . import experiments
 from .errors import (
     MissedPointError,
     MissedPointWarning,
@@ -72,6 +73,7 @@ __all__ = [
     "__version__",
     "collect",
     "connect",
+    "experiments",
     "launch_and_connect",
     "load",
     "probe",

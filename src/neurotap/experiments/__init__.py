@@ -1,0 +1,9 @@
+"""The standard experiments as functions, each batched and returning a labelled result.
+
+They use only the public model API, so each takes an ``nt.Model`` or an ``nt.RemoteModel``.
+"""
+
+from .patching import activation_patching, causal_trace
+from .results import PatchingResult
+
+__all__ = ["PatchingResult", "activation_patching", "causal_trace"]

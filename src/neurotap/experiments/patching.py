@@ -1,0 +1,320 @@
+"""Activation patching and causal tracing, batched: each row of a forward is one patched run.
+
+Everything here goes through the public model API (``forward`` with probes,
+``aliases``, ``tokenizer``), so the same calls run on an ``nt.Model`` and on an
+``nt.RemoteModel``. A cell's patch is an ``nt.Replace`` whose ``index`` names the
+rows and positions it restores, so a forward of ``batch`` rows measures ``batch``
+cells, and only plain data travels to a server.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from ..errors import NeurotapError
+from ..model import LogitDiff, Model
+from ..model.losses import logits_of
+from ..probes import Add, Probe, Record, Replace, probe
+from .results import PatchingResult
+
+Metric = Callable[[torch.Tensor], torch.Tensor] | LogitDiff
+_KEY = "experiment"  # where a server keeps the clean values an experiment reads back
+
+
+class Runner:
+    """One experiment's view of a model: its inputs, its forwards, and what it needs to know of it."""
+
+    def __init__(self, model: Any) -> None:
+        if not hasattr(model, "forward") or not hasattr(model, "aliases"):
+            raise NeurotapError(
+                f"experiments take an nt.Model (nt.wrap, nt.load) or an nt.RemoteModel (nt.connect), "
+                f"got {type(model).__name__}"
+            )
+        self.model = model
+        self.local = isinstance(model, Model)
+        self.aliases = model.aliases()
+
+    # -- inputs -----------------------------------------------------------------------------------
+
+    def tokenizer(self, what: str) -> Any:
+        tokenizer = self.model.tokenizer
+        if tokenizer is None:
+            raise NeurotapError(f"the model has no tokenizer, so {what} must be given as token ids")
+        return tokenizer
+
+    def ids(self, prompt: Any, name: str = "the prompt") -> torch.Tensor:
+        """``[1, seq]`` token ids of text or ids."""
+        if isinstance(prompt, str):
+            return self.tokenizer(name)(prompt, return_tensors="pt").input_ids
+        ids = torch.as_tensor(prompt)
+        if ids.dim() == 1:
+            ids = ids.unsqueeze(0)
+        if ids.dim() != 2 or ids.shape[0] != 1 or ids.is_floating_point() or ids.shape[1] == 0:
+            raise NeurotapError(
+                f"{name} must be text or the token ids of one prompt ([seq] or [1, seq] integers), "
+                f"got a {ids.dtype} tensor of shape {tuple(ids.shape)}"
+            )
+        return ids.long()
+
+    def token(self, target: Any) -> int:
+        """A token id: an int, or the first token of a text (``" Paris"``)."""
+        if isinstance(target, str):
+            ids = self.tokenizer("the target")(target, add_special_tokens=False).input_ids
+            if not ids:
+                raise NeurotapError(f"the target {target!r} has no tokens")
+            return int(ids[0])
+        if isinstance(target, int) and not isinstance(target, bool):
+            return target
+        raise NeurotapError(f"the target must be a token id (int) or text, got {type(target).__name__}")
+
+    def tokens(self, ids: torch.Tensor) -> tuple[str, ...]:
+        tokenizer = self.model.tokenizer
+        if tokenizer is None:
+            return tuple(str(int(i)) for i in ids[0])
+        return tuple(tokenizer.decode([int(i)]) for i in ids[0])
+
+    def positions(self, positions: Any, length: int) -> list[int]:
+        if positions is None:
+            return list(range(length))
+        chosen = [positions] if isinstance(positions, int) else list(positions)
+        for t in chosen:
+            if not isinstance(t, int) or not -length <= t < length:
+                raise NeurotapError(f"position {t!r} is outside the prompt's {length} tokens")
+        return [t % length for t in chosen]
+
+    def layers(self) -> list[str]:
+        """Every ``blocks.N.resid_post``, in layer order."""
+        found = sorted(int(m[1]) for m in map(re.compile(r"blocks\.(\d+)\.resid_post").fullmatch, self.aliases) if m)
+        if not found:
+            raise NeurotapError(
+                "this model has no blocks.N.resid_post aliases (see m.aliases()); pass the points of the "
+                "hidden states to restore, points=[...]"
+            )
+        return [f"blocks.{i}.resid_post" for i in found]
+
+    # -- running ----------------------------------------------------------------------------------
+
+    def logits(self, ids: torch.Tensor, probes: Sequence[Probe] = ()) -> torch.Tensor:
+        """The last position's logits of every row, ``[rows, vocab]``, float32 on the CPU."""
+        kwargs: dict[str, Any] = {}
+        if "logits" in self.aliases:  # a causal LM: compute (and send) only the logits that are read
+            kwargs.update(logits_to_keep=1, use_cache=False)
+        if not self.local:
+            kwargs["outputs"] = ["logits"]
+        with torch.no_grad():
+            output = self.model.forward(ids, probes=list(probes), **kwargs)
+        return logits_of(output)[:, -1].detach().float().cpu()
+
+    def capture(self, ids: torch.Tensor, points: Sequence[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The last position's logits and the value at each point (its first row), in one forward."""
+        if self.local:
+            values: dict[str, torch.Tensor] = {}
+
+            def keeper(point: str) -> Callable[[Any, Any], None]:
+                def keep(_ctx: Any, value: Any) -> None:
+                    values[point] = _tensor(point, value)[0].detach()
+
+                return keep
+
+            logits = self.logits(ids, [probe(p, keeper(p)) for p in points])
+            return logits, values
+        logits = self.logits(ids, [probe(p, Record(index=0, key=_KEY)) for p in points])
+        saved = self.model.recordings(list(points))
+        return logits, {p: _tensor(p, saved[p][_KEY][-1]) for p in points}
+
+
+def _tensor(point: str, value: Any) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise NeurotapError(
+            f"the value at {point!r} is a {type(value).__name__}, not a tensor; narrow the point to a tensor in "
+            f"it, e.g. {point + '[0]'!r}"
+        )
+    return value
+
+
+def _chunks(items: list, size: int) -> list[list]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def _restoring(cells: list[tuple[str, int]], clean: dict[str, torch.Tensor], copies: int = 1) -> list[Probe]:
+    """One ``Replace`` per point: row ``k * copies + c`` gets the clean value of cell ``k`` at its position."""
+    by_point: dict[str, tuple[list[int], list[int]]] = {}
+    for k, (point, position) in enumerate(cells):
+        rows, positions = by_point.setdefault(point, ([], []))
+        rows.extend(range(k * copies, (k + 1) * copies))
+        positions.extend([position] * copies)
+    return [
+        probe(point, Replace(clean[point][positions], index=(torch.tensor(rows), torch.tensor(positions))))
+        for point, (rows, positions) in by_point.items()
+    ]
+
+
+def _scorer(metric: Metric, runner: Runner) -> tuple[Callable[[torch.Tensor], torch.Tensor], str]:
+    """``metric`` as a function of the last position's logits ``[rows, vocab] -> [rows]``, and its name."""
+    if isinstance(metric, LogitDiff):
+        if metric.position != -1:
+            raise NeurotapError("experiments read the last position's logits: use nt.LogitDiff(correct, wrong)")
+        correct, wrong = metric.correct, metric.wrong
+        names = runner.tokens(torch.tensor([[correct, wrong]]))
+        return (lambda logits: logits[:, correct] - logits[:, wrong]), f"logit diff {names[0]!r} - {names[1]!r}"
+    if callable(metric):
+        return metric, getattr(metric, "__name__", type(metric).__name__)
+    raise NeurotapError(
+        "metric must be nt.LogitDiff(correct, wrong) or a function of the last position's logits "
+        f"[rows, vocab] returning [rows], got {type(metric).__name__}"
+    )
+
+
+def _scored(score: Callable[[torch.Tensor], torch.Tensor], logits: torch.Tensor) -> torch.Tensor:
+    values = torch.as_tensor(score(logits)).detach().float().cpu()
+    if tuple(values.shape) != (logits.shape[0],):
+        raise NeurotapError(
+            f"the metric must return one number per row, shape ({logits.shape[0]},), for logits of shape "
+            f"{tuple(logits.shape)}; it returned shape {tuple(values.shape)}"
+        )
+    return values
+
+
+def _point_names(points: Any) -> list[str]:
+    names = [points] if isinstance(points, str) else list(points)
+    if not names or not all(isinstance(p, str) for p in names):
+        raise NeurotapError("points must be a point name or a non-empty list of point names")
+    return names
+
+
+def activation_patching(
+    model: Any,
+    clean: Any,
+    corrupt: Any,
+    metric: Metric,
+    points: str | Sequence[str],
+    positions: int | Sequence[int] | None = None,
+    *,
+    batch: int = 64,
+) -> PatchingResult:
+    """The metric on the corrupted prompt with each (point, position) restored from the clean one.
+
+    ``clean`` and ``corrupt`` are text or token ids of the same length; ``metric``
+    is ``nt.LogitDiff(correct, wrong)`` or a function of the last position's logits
+    ``[rows, vocab] -> [rows]``; ``positions`` (default: all) index each point's
+    second dimension, the sequence for residual-stream points. Each forward runs
+    ``batch`` patched copies of the corrupted prompt, one cell each.
+    """
+    runner = Runner(model)
+    clean_ids, corrupt_ids = runner.ids(clean, "the clean prompt"), runner.ids(corrupt, "the corrupted prompt")
+    if clean_ids.shape != corrupt_ids.shape:
+        raise NeurotapError(
+            f"the clean and corrupted prompts must have the same number of tokens, got {clean_ids.shape[1]} "
+            f"and {corrupt_ids.shape[1]}; reword one of them"
+        )
+    names = _point_names(points)
+    chosen = runner.positions(positions, clean_ids.shape[1])
+    score, metric_name = _scorer(metric, runner)
+    _check_batch(batch)
+    clean_logits, values = runner.capture(clean_ids, names)
+    corrupt_logits = runner.logits(corrupt_ids)
+    cells = [(point, position) for point in names for position in chosen]
+    scores = [
+        _scored(score, runner.logits(corrupt_ids.expand(len(chunk), -1), _restoring(chunk, values)))
+        for chunk in _chunks(cells, batch)
+    ]
+    return PatchingResult(
+        "activation_patching",
+        torch.cat(scores).view(len(names), len(chosen)),
+        tuple(names),
+        tuple(chosen),
+        tuple(runner.tokens(clean_ids)[t] for t in chosen),
+        metric_name,
+        float(_scored(score, clean_logits)[0]),
+        float(_scored(score, corrupt_logits)[0]),
+    )
+
+
+def _check_batch(batch: Any) -> None:
+    if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
+        raise NeurotapError(f"batch (rows per forward) must be a positive integer, got {batch!r}")
+
+
+def subject_span(runner: Runner, prompt: Any, ids: torch.Tensor, subject: Any) -> tuple[int, int]:
+    """The positions ``[start, end)`` of the subject: its text within a text prompt, or positions given."""
+    length = ids.shape[1]
+    if isinstance(subject, str):
+        if not isinstance(prompt, str):
+            raise NeurotapError("a subject given as text needs the prompt as text; or pass its positions")
+        start = prompt.find(subject)
+        if not subject or start < 0:
+            raise NeurotapError(f"the subject {subject!r} is not in the prompt {prompt!r}")
+        end = start + len(subject)
+        offsets = runner.tokenizer("the prompt")(prompt, return_offsets_mapping=True)["offset_mapping"]
+        inside = [t for t, (a, b) in enumerate(offsets) if a < end and b > start and b > a]
+        return inside[0], inside[-1] + 1
+    chosen = runner.positions(subject, length)
+    if not chosen or chosen != list(range(chosen[0], chosen[-1] + 1)):
+        raise NeurotapError(f"the subject's positions must be consecutive, got {subject!r}")
+    return chosen[0], chosen[-1] + 1
+
+
+def causal_trace(
+    model: Any,
+    prompt: Any,
+    subject: Any,
+    target: Any,
+    noise: float = 3.0,
+    samples: int = 10,
+    seed: int = 0,
+    *,
+    points: Sequence[str] | None = None,
+    batch: int = 64,
+) -> PatchingResult:
+    """Causal tracing (Meng et al. 2022): which hidden states carry the fact that the prompt recalls.
+
+    The subject's token embeddings (``subject``: its text in the prompt, or its
+    positions) get Gaussian noise of ``noise`` times the standard deviation of the
+    prompt's embeddings, ``samples`` draws from ``seed``; then each hidden state
+    (``points``, default every ``blocks.N.resid_post``) at each position is restored
+    from the clean run, and ``values[layer, position]`` is the probability of
+    ``target`` (a token id, or the first token of a text) at the last position,
+    averaged over the draws. The same draws serve every cell.
+    """
+    runner = Runner(model)
+    ids = runner.ids(prompt)
+    start, end = subject_span(runner, prompt, ids, subject)
+    token = runner.token(target)
+    layers = list(points) if points is not None else runner.layers()
+    if "embed" not in runner.aliases:
+        raise NeurotapError("causal_trace noises the token embeddings, and this model has no 'embed' alias")
+    if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
+        raise NeurotapError(f"samples must be a positive integer, got {samples!r}")
+    _check_batch(batch)
+    clean_logits, clean = runner.capture(ids, [*layers, "embed"])
+    embeddings = clean["embed"]
+    draws = torch.randn(samples, end - start, embeddings.shape[-1], generator=torch.Generator().manual_seed(seed))
+    noises = draws * (float(noise) * embeddings.float().std())
+
+    def corrupted(copies: int) -> Probe:
+        return probe("embed", Add(noises.repeat(copies, 1, 1), index=(slice(None), slice(start, end))))
+
+    def probability(logits: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(logits, dim=-1)[:, token]
+
+    corrupt = probability(runner.logits(ids.expand(samples, -1), [corrupted(1)])).mean()
+    cells = [(layer, position) for layer in layers for position in range(ids.shape[1])]
+    scores = []
+    for chunk in _chunks(cells, max(1, batch // samples)):
+        rows = len(chunk) * samples
+        logits = runner.logits(ids.expand(rows, -1), [corrupted(len(chunk)), *_restoring(chunk, clean, samples)])
+        scores.append(probability(logits).view(len(chunk), samples).mean(1))
+    return PatchingResult(
+        "causal_trace",
+        torch.cat(scores).view(len(layers), ids.shape[1]),
+        tuple(layers),
+        tuple(range(ids.shape[1])),
+        runner.tokens(ids),
+        f"p({runner.tokens(torch.tensor([[token]]))[0]!r})",
+        float(probability(clean_logits)[0]),
+        float(corrupt),
+    )

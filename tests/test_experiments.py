@@ -1,0 +1,204 @@
+"""nt.experiments against hand-written loops: one forward per cell on the unwrapped model, plain torch hooks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import neurotap as nt
+from conftest import assert_clean, snapshot_state, tiny_llama
+from serving import Server, save_with_word_tokenizer
+
+PROMPT = "the capital of france is"
+CORRUPT = "the capital of paris is"
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return save_with_word_tokenizer(tiny_llama(seed=3), tmp_path_factory.mktemp("experiments") / "llama")
+
+
+@pytest.fixture(scope="module")
+def local(folder):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    module = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
+    return nt.wrap(module, AutoTokenizer.from_pretrained(folder))
+
+
+@pytest.fixture(scope="module")
+def remote(folder):
+    server = Server(folder)
+    try:
+        with nt.connect(server.url) as rm:
+            yield rm
+    finally:
+        server.stop()
+
+
+def ids_of(model, text):
+    return model.tokenizer(text, return_tensors="pt").input_ids
+
+
+def last_logits(module, ids, hooks):
+    """One plain forward with ``{module path: forward hook}`` attached; the last position's logits."""
+    handles = [module.get_submodule(path).register_forward_hook(hook) for path, hook in hooks.items()]
+    try:
+        with torch.no_grad():
+            return module(ids).logits[:, -1]
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def outputs_of(module, ids, paths):
+    seen = {}
+
+    def keeper(path):
+        def keep(_module, _args, output):
+            seen[path] = output.detach().clone()
+
+        return keep
+
+    last_logits(module, ids, {path: keeper(path) for path in paths})
+    return seen
+
+
+def restore(clean, position, rows=slice(None)):
+    def hook(_module, _args, output):
+        output = output.clone()
+        output[rows, position] = clean[0, position]
+        return output
+
+    return hook
+
+
+def test_activation_patching_equals_one_hooked_forward_per_cell(local):
+    module = local.module
+    state = snapshot_state(module)
+    clean, corrupt = ids_of(local, PROMPT), ids_of(local, CORRUPT)
+    paris, france = (local.tokenizer.convert_tokens_to_ids(w) for w in ("paris", "france"))
+    paths = ["model.layers.0", "model.layers.1", "model.layers.1.mlp"]
+    result = nt.experiments.activation_patching(
+        local,
+        PROMPT,
+        CORRUPT,
+        nt.LogitDiff(paris, france),
+        ["blocks.0.resid_post", "blocks.1.resid_post", "model.layers.1.mlp.output"],
+        positions=[1, 3, -1],
+        batch=4,  # cells spread over several forwards, a point's cells split between two
+    )
+    recorded = outputs_of(module, clean, paths)
+    expected = torch.zeros(3, 3)
+    for i, path in enumerate(paths):
+        for j, position in enumerate([1, 3, 4]):
+            logits = last_logits(module, corrupt, {path: restore(recorded[path], position)})
+            expected[i, j] = logits[0, paris] - logits[0, france]
+    torch.testing.assert_close(result.values, expected, rtol=0, atol=1e-5)
+    assert result.points == ("blocks.0.resid_post", "blocks.1.resid_post", "model.layers.1.mlp.output")
+    assert result.positions == (1, 3, 4)
+    assert result.tokens == ("capital", "france", "is")
+    clean_logits, corrupt_logits = last_logits(module, clean, {}), last_logits(module, corrupt, {})
+    assert result.clean == pytest.approx(float(clean_logits[0, paris] - clean_logits[0, france]), abs=1e-5)
+    assert result.corrupt == pytest.approx(float(corrupt_logits[0, paris] - corrupt_logits[0, france]), abs=1e-5)
+    torch.testing.assert_close(
+        result.normalized(), (expected - result.corrupt) / (result.clean - result.corrupt), rtol=0, atol=1e-4
+    )
+    assert_clean(module, state)
+
+
+def test_activation_patching_takes_a_metric_function(local):
+    paris = local.tokenizer.convert_tokens_to_ids("paris")
+
+    def log_prob_paris(logits):
+        return logits.log_softmax(-1)[:, paris]
+
+    result = nt.experiments.activation_patching(local, PROMPT, CORRUPT, log_prob_paris, "blocks.1.resid_post")
+    module = local.module
+    recorded = outputs_of(module, ids_of(local, PROMPT), ["model.layers.1"])["model.layers.1"]
+    for position in range(5):
+        logits = last_logits(module, ids_of(local, CORRUPT), {"model.layers.1": restore(recorded, position)})
+        assert result.values[0, position].item() == pytest.approx(logits.log_softmax(-1)[0, paris].item(), abs=1e-5)
+    assert result.metric == "log_prob_paris"
+
+
+def causal_trace_by_hand(module, ids, start, end, target, noise, samples, seed):
+    """Meng et al.'s causal trace, one forward per (layer, position, sample)."""
+    layers = [f"model.layers.{i}" for i in range(len(module.model.layers))]
+    clean = outputs_of(module, ids, [*layers, "model.embed_tokens"])
+    embeddings = clean["model.embed_tokens"]
+    draws = torch.randn(samples, end - start, embeddings.shape[-1], generator=torch.Generator().manual_seed(seed))
+    noises = draws * noise * embeddings.std()
+
+    def noised(sample):
+        def hook(_module, _args, output):
+            output = output.clone()
+            output[:, start:end] += noises[sample]
+            return output
+
+        return hook
+
+    def probability(hooks, sample):
+        return last_logits(module, ids, {"model.embed_tokens": noised(sample), **hooks}).softmax(-1)[0, target]
+
+    table = torch.zeros(len(layers), ids.shape[1])
+    for i, layer in enumerate(layers):
+        for position in range(ids.shape[1]):
+            table[i, position] = (
+                sum(probability({layer: restore(clean[layer], position)}, s) for s in range(samples)) / samples
+            )
+    corrupt = sum(probability({}, s) for s in range(samples)) / samples
+    return table, float(last_logits(module, ids, {}).softmax(-1)[0, target]), float(corrupt)
+
+
+def test_causal_trace_equals_a_hand_written_trace(local):
+    state = snapshot_state(local.module)
+    result = nt.experiments.causal_trace(local, PROMPT, "france", "paris", noise=3.0, samples=3, seed=5, batch=8)
+    paris = local.tokenizer.convert_tokens_to_ids("paris")
+    table, clean, corrupt = causal_trace_by_hand(local.module, ids_of(local, PROMPT), 3, 4, paris, 3.0, 3, 5)
+    torch.testing.assert_close(result.values, table, rtol=0, atol=1e-5)
+    assert result.clean == pytest.approx(clean, abs=1e-6)
+    assert result.corrupt == pytest.approx(corrupt, abs=1e-6)
+    assert result.points == ("blocks.0.resid_post", "blocks.1.resid_post")
+    assert result.tokens == ("the", "capital", "of", "france", "is")
+    assert result.metric == "p('paris')"
+    assert_clean(local.module, state)
+
+
+def test_causal_trace_subject_by_positions_and_batch_size_do_not_change_it(local):
+    by_text = nt.experiments.causal_trace(local, PROMPT, "capital of", "paris", samples=2, batch=64)
+    paris = local.tokenizer.convert_tokens_to_ids("paris")
+    by_positions = nt.experiments.causal_trace(local, ids_of(local, PROMPT), [1, 2], paris, samples=2, batch=1)
+    torch.testing.assert_close(by_text.values, by_positions.values, rtol=0, atol=1e-5)
+
+
+def test_experiments_through_a_server_equal_local(local, remote):
+    paris, france = (local.tokenizer.convert_tokens_to_ids(w) for w in ("paris", "france"))
+    points = ["blocks.0.resid_post", "blocks.1.attn.out"]
+    here = nt.experiments.activation_patching(local, PROMPT, CORRUPT, nt.LogitDiff(paris, france), points)
+    there = nt.experiments.activation_patching(remote, PROMPT, CORRUPT, nt.LogitDiff(paris, france), points)
+    torch.testing.assert_close(there.values, here.values, rtol=0, atol=1e-5)
+    assert (there.points, there.positions, there.tokens) == (here.points, here.positions, here.tokens)
+    here = nt.experiments.causal_trace(local, PROMPT, "france", "paris", samples=3)
+    there = nt.experiments.causal_trace(remote, PROMPT, "france", "paris", samples=3)
+    torch.testing.assert_close(there.values, here.values, rtol=0, atol=1e-5)
+    assert there.clean == pytest.approx(here.clean, abs=1e-6)
+
+
+def test_experiments_refuse_bad_input_clearly_and_leave_the_model_clean(local):
+    state = snapshot_state(local.module)
+    with pytest.raises(nt.NeurotapError, match="same number of tokens"):
+        nt.experiments.activation_patching(local, PROMPT, "the capital", nt.LogitDiff(1, 2), "blocks.0.resid_post")
+    with pytest.raises(nt.NeurotapError, match="one number per row"):
+        nt.experiments.activation_patching(local, PROMPT, CORRUPT, lambda logits: logits, "blocks.0.resid_post")
+    with pytest.raises(nt.UnknownPointError):
+        nt.experiments.activation_patching(local, PROMPT, CORRUPT, nt.LogitDiff(1, 2), "blocks.9.resid_post")
+    with pytest.raises(nt.NeurotapError, match="outside the prompt"):
+        nt.experiments.activation_patching(local, PROMPT, CORRUPT, nt.LogitDiff(1, 2), "blocks.0.resid_post", [7])
+    with pytest.raises(nt.NeurotapError, match="not in the prompt"):
+        nt.experiments.causal_trace(local, PROMPT, "river", "paris")
+    with pytest.raises(nt.NeurotapError, match="consecutive"):
+        nt.experiments.causal_trace(local, PROMPT, [1, 3], "paris")
+    with pytest.raises(nt.NeurotapError, match="samples"):
+        nt.experiments.causal_trace(local, PROMPT, "france", "paris", samples=0)
+    assert_clean(local.module, state)
