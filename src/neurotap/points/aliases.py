@@ -74,7 +74,45 @@ _GPT_NEOX = Family(
     },
     top={"embed": "embed_in.output", "ln_final": "final_layer_norm.output", "logits": "/lm_head.output"},
 )
-FAMILIES = (_GPT_NEOX, _GPT2, _LLAMA_LIKE)
+_BERT_LIKE = Family(  # BERT, RoBERTa, XLM-RoBERTa, ELECTRA: post-norm, so the stream is read after each LayerNorm
+    bases=("bert.", "roberta.", "electra.", ""),
+    stack="encoder.layer",
+    marker="attention.self.input",
+    per_layer={
+        "resid_pre": "input",
+        "resid_mid": "attention.output.output",
+        "resid_post": "output",
+        "attn.q": "attention.self.query.output",
+        "attn.k": "attention.self.key.output",
+        "attn.v": "attention.self.value.output",
+        "attn.pattern": "attention.self.attention_interface.softmax",
+        "attn.out": "attention.output.dense.output",
+        "mlp.pre": "intermediate.dense.output",
+        "mlp.post": "intermediate.output",
+        "mlp.out": "output.dense.output",
+    },
+    top={"embed": "embeddings.word_embeddings.output", "pos_embed": "embeddings.position_embeddings.output"},
+)
+_DISTILBERT = Family(
+    bases=("distilbert.", ""),
+    stack="transformer.layer",
+    marker="attention.q_lin.input",
+    per_layer={
+        "resid_pre": "input",
+        "resid_mid": "sa_layer_norm.output",
+        "resid_post": "output",
+        "attn.q": "attention.q_lin.output",
+        "attn.k": "attention.k_lin.output",
+        "attn.v": "attention.v_lin.output",
+        "attn.pattern": "attention.attention_interface.softmax",
+        "attn.out": "attention.out_lin.output",
+        "mlp.pre": "ffn.lin1.output",
+        "mlp.post": "ffn.activation.output",
+        "mlp.out": "ffn.lin2.output",
+    },
+    top={"embed": "embeddings.word_embeddings.output", "pos_embed": "embeddings.position_embeddings.output"},
+)
+FAMILIES = (_GPT_NEOX, _GPT2, _LLAMA_LIKE, _BERT_LIKE, _DISTILBERT)
 
 
 EMBEDDINGS = ("embed", "logits")  # the aliases that the model's embedding getters decide, where it has them
