@@ -202,3 +202,88 @@ def test_experiments_refuse_bad_input_clearly_and_leave_the_model_clean(local):
     with pytest.raises(nt.NeurotapError, match="samples"):
         nt.experiments.causal_trace(local, PROMPT, "france", "paris", samples=0)
     assert_clean(local.module, state)
+
+
+def test_unembed_of_the_last_layer_is_the_models_logits_in_every_aliased_family(decoder):
+    from conftest import example_inputs, tiny_module, wrap_tiny
+
+    model, module = wrap_tiny(decoder.name), tiny_module(decoder.name)
+    stack = module.transformer.h if decoder.name == "gpt2" else module.base_model.layers
+    seen = []
+    handle = stack[-1].register_forward_hook(lambda _m, _a, out: seen.append(out[0] if isinstance(out, tuple) else out))
+    with torch.no_grad():
+        logits = module(**example_inputs(decoder.name)).logits
+        handle.remove()
+        torch.testing.assert_close(model.unembed(seen[0]), logits, rtol=0, atol=1e-6)
+    assert_clean(module)
+
+
+def test_unembed_refuses_a_model_without_a_final_norm_and_head(toy):
+    with pytest.raises(nt.NeurotapError, match="no ln_final alias"):
+        toy.unembed(torch.zeros(16))
+
+
+def lens_by_hand(module, ids, positions, top, token):
+    layers = module.model.layers
+    seen = {}
+    handles = [
+        layer.register_forward_hook(lambda _m, _a, out, i=i: seen.setdefault(i, out)) for i, layer in enumerate(layers)
+    ]
+    with torch.no_grad():
+        module(ids)
+        probs = torch.stack(
+            [module.lm_head(module.model.norm(seen[i][0, positions])).softmax(-1) for i in range(len(layers))]
+        )
+    for handle in handles:
+        handle.remove()
+    best, best_ids = probs.topk(top, dim=-1)
+    ranks = torch.tensor([[sorted(row.tolist(), reverse=True).index(row[token].item()) for row in p] for p in probs])
+    return best, best_ids, ranks, probs[..., token]
+
+
+def test_logit_lens_reads_each_layer_through_the_final_norm_and_head(local):
+    state = snapshot_state(local.module)
+    ids = ids_of(local, PROMPT)
+    paris = local.tokenizer.convert_tokens_to_ids("paris")
+    lens = local.logit_lens(ids, positions=[0, -1], top=3, token="paris")
+    best, best_ids, ranks, prob = lens_by_hand(local.module, ids, [0, 4], 3, paris)
+    assert torch.equal(lens.top_ids, best_ids)
+    torch.testing.assert_close(lens.top_probs, best, rtol=1e-5, atol=1e-7)
+    assert torch.equal(lens.token_rank, ranks)
+    torch.testing.assert_close(lens.token_prob, prob, rtol=1e-5, atol=1e-7)
+    assert lens.points == ("blocks.0.resid_post", "blocks.1.resid_post")
+    assert lens.positions == (0, 4) and lens.tokens == ("the", "is") and lens.token == paris
+    assert lens.top_tokens[1][0] == tuple(local.tokenizer.decode([i]) for i in best_ids[1, 0].tolist())
+    assert nt.experiments.logit_lens(local, PROMPT, None).top_ids.shape == (2, 5, 5)  # text; every position
+    assert lens.token_prob is not None and local.logit_lens(ids).token_rank is None
+    with pytest.raises(nt.NeurotapError, match="outside the prompt"):
+        local.logit_lens(ids, positions=5)
+    with pytest.raises(nt.NeurotapError, match="not a token id"):
+        local.logit_lens(ids, token=10**6)
+    with pytest.raises(nt.NeurotapError, match="has no such aliases"):
+        nt.wrap(torch.nn.Linear(2, 2)).logit_lens(torch.tensor([[1]]))
+    assert_clean(local.module, state)
+
+
+def test_logit_lens_and_unembed_through_a_server_equal_local(local, remote):
+    ids = ids_of(local, PROMPT)
+    here = local.logit_lens(ids, positions=[1, 2, -1], top=4, token="paris")
+    there = remote.logit_lens(PROMPT, positions=[1, 2, -1], top=4, token="paris")
+    assert torch.equal(there.top_ids, here.top_ids) and torch.equal(there.token_rank, here.token_rank)
+    torch.testing.assert_close(there.top_probs, here.top_probs, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(there.token_prob, here.token_prob, rtol=1e-5, atol=1e-7)
+    assert (there.points, there.positions, there.tokens, there.top_tokens, there.token) == (
+        here.points,
+        here.positions,
+        here.tokens,
+        here.top_tokens,
+        here.token,
+    )
+    assert remote.logit_lens(ids).token_prob is None
+    residual = torch.randn(2, 3, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(remote.unembed(residual), local.unembed(residual), rtol=1e-5, atol=1e-5)
+    with pytest.raises(nt.NeurotapError, match="top must be"):
+        remote.logit_lens(ids, top=11)
+    with pytest.raises(nt.NeurotapError, match="at most 64 positions"):
+        remote.logit_lens(torch.randint(2, 19, (1, 80)), positions=list(range(65)))

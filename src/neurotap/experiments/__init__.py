@@ -3,7 +3,9 @@
 They use only the public model API, so each takes an ``nt.Model`` or an ``nt.RemoteModel``.
 """
 
+from ..model.lens import LogitLens
+from .lens import logit_lens
 from .patching import activation_patching, causal_trace
 from .results import PatchingResult
 
-__all__ = ["PatchingResult", "activation_patching", "causal_trace"]
+__all__ = ["LogitLens", "PatchingResult", "activation_patching", "causal_trace", "logit_lens"]

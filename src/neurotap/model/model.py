@@ -13,6 +13,7 @@ import torch
 from ..errors import MissedPointError, MissedPointWarning, NeurotapError, UnknownPointError
 from ..points import Attachment, Inventory, PointList, static_inventory, take_inventory
 from ..probes import Probe, SaveContext, probe
+from .lens import LogitLens, logit_lens, unembed
 from .losses import LOSSES, Loss, logits_of
 from .plan import Plan, Stopped, stopping_probe, unknown_point
 
@@ -248,6 +249,24 @@ class Model:
     def _reattach(self) -> None:
         if self._layer_plan is not None and self._attached is None:
             self._attached = self._layer_plan.attach(self.module, self._named_modules())
+
+    def unembed(self, residual: torch.Tensor) -> torch.Tensor:
+        """Logits of a residual-stream value ``[..., hidden]``: the model's final norm, then its output embeddings.
+
+        For every aliased family (``ln_final`` and output embeddings); other models raise a NeurotapError.
+        """
+        return unembed(self, residual)
+
+    def logit_lens(
+        self, ids: Any, positions: int | Sequence[int] | None = -1, *, top: int = 5, token: int | str | None = None
+    ) -> LogitLens:
+        """Every layer's residual (``blocks.N.resid_post``) at ``positions`` (None: all) read as logits.
+
+        One forward, stopped after the last layer; returns an ``nt.LogitLens`` with each
+        layer's ``top`` tokens and, given a ``token`` (an id, or the first token of a
+        text), its rank and probability. ``ids``: token ids of one prompt, or text.
+        """
+        return logit_lens(self, ids, positions, top=top, token=token)
 
     # -- results ----------------------------------------------------------------------------------
 

@@ -33,10 +33,11 @@ from typing import Any
 import torch
 
 from ..errors import MissedPointError, NeurotapError, PatchError, ProbeError, UnknownPointError
+from ..model.lens import LogitLens, check_lens_arguments, text_tokens
 from ..model.model import PatchSpec, patches_to_probes
 from ..model.plan import unknown_point
 from ..points import Point, PointList, split_narrowing
-from ..probes import Probe, SaveContext
+from ..probes import Probe, Replace, SaveContext, probe
 from .executor import RecordingLimitError, RequestTimeoutError
 from .limits import RequestTooCostlyError
 from .wire import (
@@ -329,6 +330,51 @@ class RemoteModel:
         response = self._http.post("/v1/run", content=body, headers=headers)
         _raise_for(response)
         return decode(response.content)
+
+    def unembed(self, residual: torch.Tensor) -> torch.Tensor:
+        """Logits of a residual-stream value ``[..., hidden]`` through the served model's final norm and head.
+
+        One forward on the server, of placeholder tokens, with ``residual`` put in
+        front of the final norm; the logits ``[..., vocab]`` come back.
+        """
+        aliases = self.aliases()
+        if "ln_final" not in aliases or "logits" not in aliases:
+            raise NeurotapError(
+                "unembed needs a final norm and output embeddings (the ln_final and logits aliases), "
+                "and the served model has none; apply your own head to the residual instead"
+            )
+        flat = torch.as_tensor(residual).reshape(1, -1, residual.shape[-1])
+        probes = [probe(aliases["ln_final"].removesuffix(".output") + ".input", Replace(flat))]
+        dummy = torch.zeros(flat.shape[:2], dtype=torch.long)
+        logits = self.forward(dummy, probes=probes, outputs=["logits"], use_cache=False)["logits"]
+        return logits.reshape(*residual.shape[:-1], logits.shape[-1])
+
+    def logit_lens(
+        self, ids: Any, positions: int | Sequence[int] | None = -1, *, top: int = 5, token: int | str | None = None
+    ) -> LogitLens:
+        """``nt.Model.logit_lens`` on the server: only the top tokens (and ``token``'s rank) come back."""
+        if isinstance(ids, str):
+            ids = self.encode(ids)
+        if isinstance(token, str):
+            token = text_tokens(self.tokenizer, token, "the token", special=False)[0]
+        ids, chosen = check_lens_arguments(ids, positions, top)
+        body = {"ids": ids[0].tolist(), "positions": chosen, "top": top, "token": token}
+        response = self._http.post("/v1/logit_lens", json=body)
+        _raise_for(response)
+        data = response.json()
+        rows = data["layers"]
+        ranked = token is not None
+        return LogitLens(
+            tuple(row["point"] for row in rows),
+            tuple(data["positions"]),
+            tuple(data["pieces"][t] for t in data["positions"]),
+            torch.tensor([row["ids"] for row in rows], dtype=torch.int64),
+            torch.tensor([row["probs"] for row in rows], dtype=torch.float32),
+            tuple(tuple(tuple(cell) for cell in row["pieces"]) for row in rows),
+            data["token"],
+            torch.tensor([row["token_rank"] for row in rows], dtype=torch.int64) if ranked else None,
+            torch.tensor([row["token_prob"] for row in rows], dtype=torch.float32) if ranked else None,
+        )
 
     @contextlib.contextmanager
     def patch(self, patches: PatchSpec) -> Iterator[RemoteModel]:
