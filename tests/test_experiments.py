@@ -287,3 +287,60 @@ def test_logit_lens_and_unembed_through_a_server_equal_local(local, remote):
         remote.logit_lens(ids, top=11)
     with pytest.raises(nt.NeurotapError, match="at most 64 positions"):
         remote.logit_lens(torch.randint(2, 19, (1, 80)), positions=list(range(65)))
+
+
+def attribution_by_hand(module, clean, corrupt, paths, positions, metric):
+    """(clean - corrupt) . d metric / d value on the corrupted run, by torch.autograd.grad."""
+    recorded = outputs_of(module, clean, paths)
+    kept = {}
+
+    def keeper(path):
+        def keep(_module, _args, output):
+            kept[path] = output
+
+        return keep
+
+    handles = [module.get_submodule(path).register_forward_hook(keeper(path)) for path in paths]
+    try:
+        value = metric(module(corrupt).logits[:, -1])[0]
+    finally:
+        for handle in handles:
+            handle.remove()
+    grads = torch.autograd.grad(value, [kept[path] for path in paths])
+    table = torch.stack(
+        [((recorded[p] - kept[p]) * g)[0, positions].sum(-1) for p, g in zip(paths, grads, strict=True)]
+    )
+    return table.detach() + value.item(), value.item()
+
+
+def test_attribution_patching_equals_autograd_on_the_unwrapped_model(local, remote):
+    module = local.module
+    state = snapshot_state(module)
+    paris, france = (local.tokenizer.convert_tokens_to_ids(w) for w in ("paris", "france"))
+    clean, corrupt = ids_of(local, PROMPT), ids_of(local, CORRUPT)
+    paths = ["model.layers.0", "model.layers.1.mlp", "model.layers.1"]
+    points = ["blocks.0.resid_post", "model.layers.1.mlp.output", "blocks.1.resid_post"]
+
+    def logit_diff(logits):
+        return logits[:, paris] - logits[:, france]
+
+    expected, corrupt_metric = attribution_by_hand(module, clean, corrupt, paths, [0, 2, 3], logit_diff)
+    for model, metric in (
+        (local, nt.LogitDiff(paris, france)),
+        (local, logit_diff),
+        (remote, nt.LogitDiff(paris, france)),
+    ):
+        result = nt.experiments.attribution_patching(model, PROMPT, CORRUPT, metric, points, positions=[0, 2, 3])
+        torch.testing.assert_close(result.values, expected, rtol=1e-4, atol=1e-5)
+        assert result.corrupt == pytest.approx(corrupt_metric, abs=1e-5)
+        assert result.points == tuple(points) and result.positions == (0, 2, 3)
+    assert all(p.grad is None for p in module.parameters())  # no weight gradients accumulated
+    module.requires_grad_(False)
+    try:  # frozen weights: the gradient still reaches the probed values
+        frozen = nt.experiments.attribution_patching(local, PROMPT, CORRUPT, logit_diff, points, positions=[0, 2, 3])
+    finally:
+        module.requires_grad_(True)
+    torch.testing.assert_close(frozen.values, expected, rtol=1e-4, atol=1e-5)
+    with pytest.raises(nt.NeurotapError, match="nt.LogitDiff"):
+        nt.experiments.attribution_patching(remote, PROMPT, CORRUPT, logit_diff, points)
+    assert_clean(module, state)
