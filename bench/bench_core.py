@@ -9,7 +9,8 @@ medians of per-forward times, ratios printed.
 
 The task timed in "probe" variants: record every decoder layer's output, read the
 MLP product of layer 0 (``model.layers.0.mlp.mul``, which hand hooks and nnsight
-reach as the input of ``down_proj``) and zero-ablate unit 3 of it.
+reach as the input of ``down_proj``) and zero-ablate unit 3 of it. "run" is
+``m.run(ids, record="blocks.*.resid_post")``: a trace of every layer's residual.
 """
 
 from __future__ import annotations
@@ -118,11 +119,20 @@ def forward_variants(module: torch.nn.Module, ids: torch.Tensor, use_nnsight: bo
         m.forward(ids, probes=probes)
         m.clear_recordings()
 
+    _, trace = m.run(ids, record="blocks.*.resid_post")
+    outputs: list = []
+    handles = [layer.register_forward_hook(lambda _m, _a, out: outputs.append(out)) for layer in module.model.layers]
+    module(ids)
+    for handle in handles:
+        handle.remove()
+    expected = torch.stack([out[0] if isinstance(out, tuple) else out for out in outputs])
+    assert torch.equal(trace.stack("blocks.*.resid_post"), expected), "the trace and hand hooks disagree"
     variants: dict[str, Callable[[], Any]] = {
         "plain module": lambda: module(ids),
         "wrapped, no probes": lambda: m(ids),
         "hand hooks": hooks_per_call,
         "neurotap": neurotap_per_call,
+        "run, every resid_post": lambda: m.run(ids, record="blocks.*.resid_post"),
     }
     if use_nnsight:
         from nnsight import NNsight
@@ -170,7 +180,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     transformers.utils.logging.disable_progress_bar()
-    pairs = [("neurotap", "hand hooks"), ("neurotap", "nnsight 0.8"), ("wrapped, no probes", "plain module")]
+    pairs = [
+        ("neurotap", "hand hooks"),
+        ("neurotap", "nnsight 0.8"),
+        ("wrapped, no probes", "plain module"),
+        ("run, every resid_post", "plain module"),
+    ]
 
     with torch.no_grad():
         tiny = tiny_llama()

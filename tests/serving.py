@@ -16,16 +16,21 @@ LAUNCH = "import sys; from neurotap.cli import main; sys.exit(main())"
 WORDS = "the a of to and in is it that was capital france paris city river old new".split()
 
 
-def save_with_word_tokenizer(module, path: Path) -> Path:
-    """``module`` saved as a model folder with a word-level tokenizer of :data:`WORDS`, so that text works."""
+def word_tokenizer():
+    """A word-level tokenizer of :data:`WORDS` (ids 2 and up; 0 unknown, 1 padding)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    module.save_pretrained(path)
     vocab = {word: i for i, word in enumerate(["<unk>", "<pad>", *WORDS])}
     words = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     words.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>", pad_token="<pad>").save_pretrained(path)
+    return PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>", pad_token="<pad>")
+
+
+def save_with_word_tokenizer(module, path: Path) -> Path:
+    """``module`` saved as a model folder with a word-level tokenizer of :data:`WORDS`, so that text works."""
+    module.save_pretrained(path)
+    word_tokenizer().save_pretrained(path)
     return path
 
 

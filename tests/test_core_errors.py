@@ -490,6 +490,7 @@ PUBLIC = [
     "SourceUnavailableWarning",
     "Sum",
     "TopK",
+    "Trace",
     "UnknownPointError",
     "Zero",
     "__version__",

@@ -441,6 +441,16 @@ def test_bad_requests_fail_clearly_and_write_nothing(model: nt.Model, tmp_path: 
         assert not (tmp_path / name).exists(), name
 
 
+def test_patterns_collect_every_match_in_layer_order(model: nt.Model, tmp_path: Path) -> None:
+    ds = collect(model, ["model.layers.*.mlp.mul", LAYER0], tmp_path / "p", seq_len=16, tokens=64, progress=False)
+    assert ds.points == ["model.layers.0.mlp.mul", "model.layers.1.mlp.mul", LAYER0]
+    named = collect(model, [MUL1], tmp_path / "n", seq_len=16, tokens=64, progress=False)
+    assert torch.equal(ds.read(MUL1), named.read(MUL1))
+    with pytest.raises(nt.UnknownPointError, match="no point matches 'model.layers.*.mul'"):
+        collect(model, ["model.layers.*.mul"], tmp_path / "q", tokens=64, progress=False)
+    assert not (tmp_path / "q").exists()
+
+
 def test_running_out_of_data_ends_the_collection_early(model: nt.Model, tmp_path: Path) -> None:
     ds = collect(model, [LAYER0], tmp_path / "acts", seq_len=64, batch_size=8, shard_mb=0.4, progress=False)
     total = sum(len(model.tokenizer(p, add_special_tokens=False)["input_ids"]) + 1 for p in _paragraphs())

@@ -629,3 +629,128 @@ def test_the_server_tokenizer_and_text_inputs(remote, local):
     assert torch.equal(remote.generate(texts, max_new_tokens=3, do_sample=False), expected)
     with pytest.raises(TypeError, match="token ids"):
         remote.forward(3.5)
+
+
+# -- traces and patterns ------------------------------------------------------------------------------
+
+
+def hand_trace(module, tokens, loss_fn=None):
+    """Each layer's output and MLP product by plain hooks on the unwrapped model; their gradients under ``loss_fn``."""
+    hidden, products, handles = {}, {}, []
+    for i, layer in enumerate(module.model.layers):
+        handles.append(layer.register_forward_hook(lambda _m, _a, out, i=i: hidden.setdefault(i, out)))
+        handles.append(layer.mlp.down_proj.register_forward_pre_hook(lambda _m, a, i=i: products.setdefault(i, a[0])))
+    try:
+        with torch.enable_grad():
+            logits = module(tokens).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+    layers = range(len(hidden))
+    hidden = [hidden[i][0] if isinstance(hidden[i], tuple) else hidden[i] for i in layers]
+    products = [products[i] for i in layers]
+    if loss_fn is None:
+        return logits, hidden, products, None, None
+    loss = loss_fn(logits)
+    return logits, hidden, products, torch.autograd.grad(loss, products), loss.item()
+
+
+def test_run_traces_remotely_in_one_request(remote, local):
+    tokens = ids(40, rows=2)
+    remote.clear_recordings()
+    remote.forward(tokens, probes=[nt.probe(MUL, nt.Mean(dims=(0, 1)))])
+    before = remote.recordings()
+    out, trace = remote.run(
+        tokens,
+        record=["blocks.*.resid_post", "model.layers.*.mlp.mul"],
+        probes=[nt.probe("model.layers.1.output", nt.Norm())],
+    )
+    logits, hidden, products, _, _ = hand_trace(local.module, tokens)
+    same(out.logits, logits)
+    in_order = [(f"model.layers.{i}.mlp.mul", f"blocks.{i}.resid_post") for i in range(2)]
+    assert trace.points == [name for pair in in_order for name in pair]
+    same(trace.stack("blocks.*.resid_post"), torch.stack(hidden))
+    same(trace.stack("model.layers.*.mlp.mul"), torch.stack(products))
+    assert trace.loss is None and len(trace.grad) == 0
+    # the trace went back with the answer; the session holds what it held, and the request's own probe
+    after = remote.recordings()
+    assert set(after) == {MUL, "model.layers.1.output"}
+    same(after[MUL]["mean"], before[MUL]["mean"])
+    same(after["model.layers.1.output"]["norm"], [hidden[1].norm(dim=-1)])
+    remote.clear_recordings()
+
+
+def test_run_with_a_loss_remotely(remote, local):
+    tokens = ids(41, rows=2)
+    targets = torch.roll(tokens, -1, dims=1)
+    out, trace = remote.run(
+        tokens, record="blocks.{0..1}.resid_post", grad="model.layers.*.mlp.mul", loss=CrossEntropy(targets)
+    )
+
+    def cross_entropy(logits):
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+    logits, hidden, _, grads, loss = hand_trace(local.module, tokens, cross_entropy)
+    assert trace.loss == pytest.approx(loss, rel=1e-5)
+    same(out.logits, logits)
+    same(trace.stack("blocks.*.resid_post"), torch.stack(hidden))
+    assert trace.grad.points == ["model.layers.0.mlp.mul", "model.layers.1.mlp.mul"]
+    same(trace.grad.stack("model.layers.*.mlp.mul"), torch.stack(grads))
+    assert remote.recordings() == {}
+    with pytest.raises(nt.NeurotapError, match="loss=nt.CrossEntropy"):
+        remote.run(tokens, grad="blocks.0.resid_post")
+
+
+def test_traces_of_concurrent_clients_are_their_own(server, local):
+    """Requests of several lengths may share a padded pass: each trace holds its own rows at 1e-5."""
+    clients = 4
+    got, errors = {}, []
+    barrier = threading.Barrier(clients)
+
+    def work(c: int) -> None:
+        try:
+            with nt.connect(server.url) as rm:
+                barrier.wait()
+                got[c] = rm.run(ids(500 + c, rows=1 + c % 2, length=4 + 3 * c), record="blocks.*.resid_post")[1]
+        except Exception as error:  # surfaced below
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(c,)) for c in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    for c in range(clients):
+        _, hidden, _, _, _ = hand_trace(local.module, ids(500 + c, rows=1 + c % 2, length=4 + 3 * c))
+        same(got[c].stack("blocks.*.resid_post"), torch.stack(hidden))
+
+
+def test_patterns_remotely(remote, local):
+    tokens = ids(42)
+    zero = {"model.layers.*.mlp.mul": nt.Zero()}
+    remote.clear_recordings()
+    with remote.patch(zero):
+        out = remote.forward(tokens, probes=[nt.probe("blocks.{0..1}.resid_post", nt.Record())])
+    handles = [
+        layer.mlp.down_proj.register_forward_pre_hook(lambda _m, a: (torch.zeros_like(a[0]),))
+        for layer in local.module.model.layers
+    ]
+    try:
+        _, hidden, _, _, _ = hand_trace(local.module, tokens)
+        with torch.no_grad():
+            expected = local.module(tokens).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+    same(out.logits, expected)
+    recorded = remote.recordings()
+    assert list(recorded) == ["blocks.0.resid_post", "blocks.1.resid_post"]  # the concrete names
+    same([recorded[f"blocks.{i}.resid_post"][KEY][0] for i in range(2)], hidden)
+    assert remote.points("model.layers.*.mlp.mul") == local.points("model.layers.*.mlp.mul")
+    with pytest.raises(nt.UnknownPointError, match="closest: model.layers"):
+        with remote.patch({"model.layers.*.mlp.mull": nt.Zero()}):
+            pass
+    with pytest.raises(nt.UnknownPointError, match="no point matches 'model.layers.*.mul'"):
+        remote.forward(tokens, probes=[nt.probe("model.layers.*.mul", nt.Record())])
+    remote.clear_recordings()

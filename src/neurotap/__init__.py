@@ -13,7 +13,7 @@ from .errors import (
     SourceUnavailableWarning,
     UnknownPointError,
 )
-from .model import CrossEntropy, LogitDiff, Model, load, wrap
+from .model import CrossEntropy, LogitDiff, Model, Trace, load, wrap
 from .points import Point, PointList
 from .probes import (
     SAE,
@@ -68,6 +68,7 @@ __all__ = [
     "SourceUnavailableWarning",
     "Sum",
     "TopK",
+    "Trace",
     "UnknownPointError",
     "Zero",
     "__version__",

@@ -16,7 +16,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "Run the same command again after an interruption to continue where it stopped.",
     )
     parser.add_argument("--model", required=True, help='"smollm2-135m" or a local Hugging Face model folder')
-    parser.add_argument("--points", required=True, help="comma-separated point names, e.g. model.layers.6.output")
+    parser.add_argument(
+        "--points",
+        required=True,
+        help="comma-separated point names or patterns, e.g. model.layers.6.output or 'model.layers.*.mlp.mul'",
+    )
     parser.add_argument("--out", required=True, help="the dataset folder (created; an existing one is resumed)")
     parser.add_argument(
         "--data", nargs="+", default=None, help=".txt, .jsonl or .parquet files or folders (default: bundled corpus)"

@@ -23,6 +23,7 @@ import torch
 
 from ..errors import NeurotapError
 from ..model import Model
+from ..points import is_pattern, matching, unknown_point
 from ..probes import Record, probe
 from .corpus import Document, Packed, Packer, read_documents, resolve_sources, tokenizer_description
 from .format import (
@@ -145,6 +146,7 @@ def prepare(
 ) -> Job:
     points = [points] if isinstance(points, str) else list(points)
     _check_arguments(points, seq_len, batch_size, tokens, dtype, shard_mb)
+    points = _expanded(model, points)
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     if tokenizer is None:
         raise DatasetError("collect needs a tokenizer: the model has none, so pass tokenizer=...")
@@ -234,6 +236,20 @@ def _max_positions(model: Any) -> Any:
     except NeurotapError:
         return None  # the server refuses such inputs itself
     return facts.get("max_position_embeddings") if isinstance(facts, dict) else None
+
+
+def _expanded(model: Any, points: list[str]) -> list[str]:
+    """Patterns (``model.layers.*.output``) as the point names they match, in execution order."""
+    if not any(is_pattern(point) for point in points):
+        return points
+    names = model.points().names()
+    expanded = []
+    for point in points:
+        found = matching(point, names) if is_pattern(point) else [point]
+        if not found:
+            raise unknown_point(point, names)
+        expanded.extend(found)
+    return list(dict.fromkeys(expanded))
 
 
 def _check_arguments(points: list[str], seq_len: int, batch_size: int, tokens: int | None, dtype: str, mb: float):

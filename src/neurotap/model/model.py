@@ -11,11 +11,25 @@ from typing import Any
 import torch
 
 from ..errors import MissedPointError, MissedPointWarning, NeurotapError, UnknownPointError
-from ..points import Attachment, Inventory, PointList, static_inventory, take_inventory
-from ..probes import Probe, SaveContext, probe
+from ..points import (
+    Attachment,
+    Inventory,
+    PointList,
+    expand,
+    in_execution_order,
+    is_pattern,
+    matching,
+    ordered_names,
+    static_inventory,
+    take_inventory,
+    unknown_point,
+)
+from ..probes import Probe, Record, SaveContext, probe
 from .lens import LogitLens, logit_lens, unembed
 from .losses import LOSSES, Loss, logits_of
-from .plan import Plan, Stopped, stopping_probe, unknown_point
+from .plan import Plan, Stopped, stopping_probe
+from .text import check_token_ids, is_text, text_to_ids
+from .trace import Trace
 
 PatchSpec = Mapping[str, Callable[..., Any] | Sequence[Callable[..., Any]]]
 
@@ -54,12 +68,20 @@ class Model:
     # -- points -----------------------------------------------------------------------------------
 
     def points(self, prefix: str | None = None) -> PointList:
-        """Every probe point, in execution order; only those under ``prefix`` if given."""
-        points = self.inventory().points.values()
+        """Every probe point, in execution order; only those under ``prefix`` if given.
+
+        ``prefix`` may be a pattern (``model.layers.*.mlp``, ``blocks.{0..5}.resid_post``):
+        the points under each match. An alias lists the raw point it stands for.
+        """
+        inventory = self.inventory()
+        points = list(inventory.points.values())
         if prefix:
-            points = [p for p in points if p.name == prefix or p.name.startswith((prefix + ".", prefix + "["))]
+            chosen = set(matching(prefix, inventory.points, prefix=True))
+            if not chosen:
+                chosen = {inventory.aliases[alias] for alias in matching(prefix, inventory.aliases, prefix=True)}
+            points = [p for p in points if p.name in chosen]
             if not points:
-                raise unknown_point(prefix, self.inventory().points)
+                raise unknown_point(prefix, ordered_names(inventory))
         return PointList(points)
 
     def aliases(self) -> dict[str, str]:
@@ -138,6 +160,11 @@ class Model:
         (``nt.probe(point, fn, grad=True)``) see the gradient at their points; the
         weights' ``.grad`` are left as they were.
         """
+        return float(self._forward_backward(args, kwargs, loss, probes)[1].detach())
+
+    def _forward_backward(
+        self, args: tuple, kwargs: dict[str, Any], loss: Loss, probes: Sequence[Probe]
+    ) -> tuple[Any, torch.Tensor]:
         if not isinstance(loss, tuple(LOSSES.values())):
             names = ", ".join(f"nt.{name}" for name in LOSSES)
             raise TypeError(f"backward(loss=...) takes a built-in loss ({names}), got {type(loss).__name__}")
@@ -147,12 +174,60 @@ class Model:
             parameter.grad = None
         try:
             with torch.enable_grad():
-                value = loss(logits_of(self.forward(*args, probes=probes, **kwargs)))
+                output = self.forward(*args, probes=probes, **kwargs)
+                value = loss(logits_of(output))
                 value.backward()
         finally:
             for parameter, grad in zip(parameters, kept):
                 parameter.grad = grad
-        return float(value.detach())
+        return output, value
+
+    def run(
+        self,
+        *args: Any,
+        record: str | Sequence[str] = (),
+        grad: str | Sequence[str] = (),
+        loss: Loss | None = None,
+        probes: Sequence[Probe] = (),
+        **kwargs: Any,
+    ) -> tuple[Any, Trace]:
+        """One forward, and a :class:`Trace` of the values it computed at the points in ``record``.
+
+        ``record`` and ``grad`` take point names, aliases and patterns
+        (``"blocks.*.resid_post"``). With ``loss`` (as for ``backward``) the
+        forward is followed by a backward, and the trace holds the gradients at
+        the points in ``grad`` (``trace.grad``) and the loss (``trace.loss``).
+        The values are detached copies belonging to this call alone: save
+        contexts and ``recordings()`` are not touched. ``probes`` and any patches
+        apply as in ``forward``; other keyword arguments go to the forward.
+        """
+        record, grad = point_names("record", record), point_names("grad", grad)
+        if grad and loss is None:
+            raise NeurotapError(GRAD_NEEDS_LOSS)
+        args, kwargs = self._inputs(self.module, args, kwargs)
+        inventory = self.inventory(args, kwargs)
+        values: dict[str, SaveContext] = {}
+        grads: dict[str, SaveContext] = {}
+        tracing = [probe(name, _tracer(values, name)) for name in _expanded(record, inventory)]
+        tracing += [probe(name, _tracer(grads, name), grad=True) for name in _expanded(grad, inventory)]
+        if loss is None:
+            output = self.forward(*args, probes=[*probes, *tracing], **kwargs)
+            return output, Trace(in_execution_order(_recorded(values), inventory))
+        output, value = self._forward_backward(args, kwargs, loss, [*probes, *tracing])
+        recorded, gradients = (in_execution_order(_recorded(c), inventory) for c in (values, grads))
+        return output, Trace(recorded, gradients, float(value.detach()))
+
+    def _inputs(self, call: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+        """Text as token ids; anything else where token ids go is refused with what to pass instead."""
+        first = args[0] if args else kwargs.get("input_ids")
+        if first is None or isinstance(first, torch.Tensor) and first.dtype == torch.long:
+            return args, kwargs
+        takes_ids = getattr(self.module, "main_input_name", None) == "input_ids"
+        if is_text(first) and (takes_ids or self.tokenizer is not None):
+            return text_to_ids(self.tokenizer, "forward" if call is self.module else "generate", args, kwargs)
+        if takes_ids:
+            check_token_ids(first)
+        return args, kwargs
 
     def _run(
         self,
@@ -165,7 +240,10 @@ class Model:
         for p in probes:
             if not isinstance(p, Probe):
                 raise TypeError(f"probes must be made with nt.probe(point, fn), got {type(p).__name__}")
+        args, kwargs = self._inputs(call, args, kwargs)
         if stop_at is not None:
+            if is_pattern(stop_at):
+                raise NeurotapError(f"stop_at takes one point name, not the pattern {stop_at!r}")
             probes = [*probes, stopping_probe(stop_at)]  # last: the point's other probes run before it stops
         stopped = None
         with self._lock:  # hooks are per module, not per thread: one call at a time sees the right ones
@@ -283,6 +361,41 @@ class Model:
             return self.module.get_parameter(name)
         except AttributeError as error:
             raise UnknownPointError(f"no parameter named {name!r}: {error}") from None
+
+
+GRAD_NEEDS_LOSS = (
+    "run(grad=...) needs something to differentiate: give a loss as well, "
+    "loss=nt.CrossEntropy(targets) or loss=nt.LogitDiff(correct, wrong)"
+)
+
+
+def point_names(argument: str, names: str | Sequence[str]) -> list[str]:
+    """``record=`` or ``grad=`` as a list of point names and patterns."""
+    names = [names] if isinstance(names, str) else list(names)
+    for name in names:
+        if not isinstance(name, str):
+            raise TypeError(f"run({argument}=...) takes point names or patterns (str), got {type(name).__name__}")
+    return names
+
+
+def _expanded(names: list[str], inventory: Inventory) -> list[str]:
+    """Every name and every match of every pattern, once each."""
+    return list(dict.fromkeys(match for name in names for match in expand(name, inventory)))
+
+
+def _tracer(contexts: dict[str, SaveContext], name: str) -> Callable[[SaveContext, Any], None]:
+    """A probe that records each value at ``name`` into a context of its own, away from the model's."""
+    ctx = contexts[name] = SaveContext(name)
+    record = Record()
+
+    def trace(_: SaveContext, value: Any) -> None:
+        record(ctx, value)
+
+    return trace
+
+
+def _recorded(contexts: dict[str, SaveContext]) -> dict[str, list[Any]]:
+    return {name: ctx["record"] for name, ctx in contexts.items() if "record" in ctx}
 
 
 def wrap(module: torch.nn.Module, tokenizer: Any = None, *, example: Any = None) -> Model:

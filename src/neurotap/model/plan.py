@@ -7,7 +7,7 @@ probes.
 
 from __future__ import annotations
 
-import difflib
+import dataclasses
 import functools
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -16,7 +16,17 @@ import torch
 import torch.utils.checkpoint
 
 from ..errors import NeurotapError, PatchError, ProbeError, UnknownPointError
-from ..points import Attachment, Frame, Inventory, Point, first_parameter, reset_helper_frames, split_narrowing
+from ..points import (
+    Attachment,
+    Frame,
+    Inventory,
+    Point,
+    expand,
+    first_parameter,
+    reset_helper_frames,
+    split_narrowing,
+    unknown_point,
+)
 from ..probes import Probe, SaveContext, Skip
 
 # torch stops a checkpoint's recompute early by raising from inside it, through any probe that runs there
@@ -319,18 +329,6 @@ def attach_taps(
             )
 
 
-def unknown_point(name: str, known: Iterable[str]) -> UnknownPointError:
-    """An error for ``name`` that lists the closest of the ``known`` names."""
-    names = list(known)
-    parent = name.rsplit(".", 1)[0]
-    nearby = [n for n in names if n.startswith(parent + ".")] or names
-    close = difflib.get_close_matches(name, nearby, n=5, cutoff=0.5) or difflib.get_close_matches(
-        name, names, n=5, cutoff=0.5
-    )
-    hint = f"; closest: {', '.join(close)}" if close else ""
-    return UnknownPointError(f"no point named {name!r} in this model{hint}. List them with model.points(prefix).")
-
-
 class _Skipping:
     """Stands in for a skipped module's forward; counts as its point firing."""
 
@@ -375,6 +373,21 @@ def _checked_skip(probe: Probe, skip: Skip, point: Point) -> Skip:
     return skip
 
 
+def expand_probes(probes: Iterable[Any], inventory: Inventory) -> list[Any]:
+    """Each probe at a pattern (``model.layers.*.mlp.mul``) as one probe per point it matches, in execution order.
+
+    Takes any dataclass with a ``point``: probes, and the server's probe specs.
+    """
+    expanded = []
+    for probe in probes:
+        try:
+            names = expand(probe.point, inventory)
+        except ValueError as error:
+            raise UnknownPointError(str(error)) from None
+        expanded.extend(probe if name == probe.point else dataclasses.replace(probe, point=name) for name in names)
+    return expanded
+
+
 class Plan:
     """Probes resolved to taps; ``attach`` puts them on the module tree."""
 
@@ -382,8 +395,8 @@ class Plan:
         self.state = RunState()
         self.taps: dict[str, Tap] = {}
         self.skips: dict[str, _Skipping] = {}  # module path -> what runs in place of its forward
-        self.bases: dict[str, str] = {}  # each probe's point name, as given -> the raw point it resolved to
-        for probe in probes:
+        self.bases: dict[str, str] = {}  # each probe's point name -> the raw point it resolved to
+        for probe in expand_probes(probes, inventory):
             try:
                 base, keys = split_narrowing(probe.point)
             except ValueError as error:

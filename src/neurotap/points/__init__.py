@@ -2,6 +2,7 @@
 
 from .attach import Attachment, Frame, first_parameter
 from .inventory import Inventory, static_inventory, take_inventory
+from .pattern import expand, in_execution_order, is_pattern, matching, ordered_names, unknown_point
 from .point import Point, PointList, split_narrowing
 from .rewrite import reset_helper_frames
 
@@ -11,9 +12,15 @@ __all__ = [
     "Inventory",
     "Point",
     "PointList",
+    "expand",
     "first_parameter",
+    "in_execution_order",
+    "is_pattern",
+    "matching",
+    "ordered_names",
     "reset_helper_frames",
     "split_narrowing",
     "static_inventory",
     "take_inventory",
+    "unknown_point",
 ]

@@ -14,6 +14,8 @@ Differences from a local ``nt.Model``:
 - ``get_parameter`` returns a detached copy, not the live parameter.
 - ``patch()`` validates point names when the block is entered, and its patches
   travel with every request made inside the block.
+- ``run(ids, record=[...], grad=[...], loss=...)`` is one request; the trace's
+  values come back with the answer and the session's recordings stay as they were.
 - ``rm.tokenizer`` is the server's tokenizer, rebuilt from its files (no pickle);
   ``rm.encode(text)`` / ``rm.decode(ids)``, and text in place of token ids in
   ``forward``, ``generate`` and ``backward``, use it.
@@ -34,10 +36,11 @@ import torch
 
 from ..errors import MissedPointError, NeurotapError, PatchError, ProbeError, UnknownPointError
 from ..model.lens import LogitLens, check_lens_arguments, text_tokens
-from ..model.model import PatchSpec, patches_to_probes
-from ..model.plan import unknown_point
-from ..points import Point, PointList, split_narrowing
-from ..probes import Probe, Replace, SaveContext, probe
+from ..model.model import GRAD_NEEDS_LOSS, PatchSpec, patches_to_probes, point_names
+from ..model.text import check_token_ids, is_text, text_to_ids
+from ..model.trace import Trace
+from ..points import Point, PointList, is_pattern, matching, split_narrowing, unknown_point
+from ..probes import Probe, Record, Replace, SaveContext, probe
 from .executor import RecordingLimitError, RequestTimeoutError
 from .limits import RequestTooCostlyError
 from .wire import (
@@ -219,7 +222,9 @@ class RemoteModel:
             self._known = {p.name for p in self.points()} | set(self.aliases())
         for p in probes:
             base, _ = split_narrowing(p.point)
-            if base not in self._known:
+            if is_pattern(base) and not matching(base, self._known):
+                raise unknown_point(base, self._known)
+            if not is_pattern(base) and base not in self._known:
                 raise unknown_point(base, self._known)
 
     # -- text ------------------------------------------------------------------------------------
@@ -249,24 +254,6 @@ class RemoteModel:
             raise NeurotapError("the server's model has no tokenizer: send token ids (a LongTensor) instead of text")
         return self.tokenizer
 
-    def _text_to_ids(self, op: str, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
-        """Text in the first argument becomes token ids (and a mask, for several texts of different lengths)."""
-        if not args or not (
-            isinstance(args[0], str)
-            or (isinstance(args[0], list) and args[0] and all(isinstance(t, str) for t in args[0]))
-        ):
-            return args, kwargs
-        tokenizer = self._require_tokenizer()
-        if isinstance(args[0], str):
-            return (tokenizer(args[0], return_tensors="pt").input_ids, *args[1:]), kwargs
-        side = tokenizer.padding_side
-        tokenizer.padding_side = "left" if op == "generate" else "right"  # generation continues every row's end
-        try:
-            encoded = tokenizer(args[0], return_tensors="pt", padding=True)
-        finally:
-            tokenizer.padding_side = side
-        return (encoded.input_ids, *args[1:]), {"attention_mask": encoded.attention_mask, **kwargs}
-
     # -- running ---------------------------------------------------------------------------------
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -294,6 +281,39 @@ class RemoteModel:
         """
         return self._run("backward", args, kwargs, probes, [], loss)["loss"]
 
+    def run(
+        self,
+        *args: Any,
+        record: str | Sequence[str] = (),
+        grad: str | Sequence[str] = (),
+        loss: Any = None,
+        probes: Sequence[Probe] = (),
+        outputs: Sequence[str] | None = None,
+        **kwargs: Any,
+    ) -> tuple[Any, Trace]:
+        """``nt.Model.run`` on the server, in one request: the output and a :class:`~neurotap.Trace` of this call.
+
+        The values come back with the answer; the session's recordings on the
+        server are not touched.
+        """
+        record, grad = point_names("record", record), point_names("grad", grad)
+        if grad and loss is None:
+            raise NeurotapError(GRAD_NEEDS_LOSS)
+        traced = [ProbeSpec(name, Record(), trace=True) for name in dict.fromkeys(record)]
+        traced += [ProbeSpec(name, Record(), grad=True, trace=True) for name in dict.fromkeys(grad)]
+        op = "forward" if loss is None else "backward"
+        answer = self._run(op, args, kwargs, probes, outputs, loss, traced)
+        if "trace" not in answer:
+            raise NeurotapError(
+                "this server sent no trace back: a sharded server (--ranks) does not yet, nor an older neurotap; "
+                "record with probes and read them with recordings() there"
+            )
+        values: dict[str, list] = {}
+        grads: dict[str, list] = {}
+        for entry in answer["trace"]:
+            (grads if entry["grad"] else values)[entry["point"]] = entry["data"].get("record", [])
+        return answer["output"], Trace(values, grads, answer["loss"])
+
     def _run(
         self,
         op: str,
@@ -302,21 +322,23 @@ class RemoteModel:
         probes: Sequence[Probe],
         outputs: Sequence[str] | None,
         loss: Any = None,
+        traced: Sequence[ProbeSpec] = (),
     ) -> dict[str, Any]:
         for p in probes:
             if not isinstance(p, Probe):
                 raise TypeError(f"probes must be made with nt.probe(point, fn), got {type(p).__name__}")
-        args, kwargs = self._text_to_ids(op, tuple(args), dict(kwargs))
-        if args and not isinstance(args[0], torch.Tensor):
-            raise TypeError(
-                f"pass token ids (a LongTensor) or text as the first argument, not a {type(args[0]).__name__}"
-            )
+        args, kwargs = tuple(args), dict(kwargs)
+        first = args[0] if args else kwargs.get("input_ids")
+        if is_text(first):
+            args, kwargs = text_to_ids(self._require_tokenizer(), op, args, kwargs)
+        elif first is not None and not isinstance(first, torch.Tensor):  # a server may take float inputs
+            check_token_ids(first)
         every = [p for layer in self._layers for p in layer] + list(probes)
         request = RunRequest(
             op,
             tuple(args),
             dict(kwargs),
-            [ProbeSpec(p.point, p.fn, p.grad, p.optional) for p in every],
+            [ProbeSpec(p.point, p.fn, p.grad, p.optional) for p in every] + list(traced),
             None if outputs is None else list(outputs),
             loss,
         )

@@ -29,7 +29,8 @@ import torch
 
 from ..errors import NeurotapError, PatchError, ProbeError, UnknownPointError
 from ..model import Model
-from ..points import split_narrowing
+from ..model.plan import expand_probes
+from ..points import in_execution_order, split_narrowing
 from ..probes import Patch, SaveContext, probe
 from .batching import (
     ALONE_READING,
@@ -284,8 +285,10 @@ class InProcessExecutor(Executor):
         tokens: dict[int, Tokens] = {}
         costs: dict[int, int] = {}
         lengths: dict[tuple, set[int]] = collections.defaultdict(set)
+        inventory = self.model.inventory()
         for index, request in enumerate(batch):
             try:
+                request.probes = expand_probes(request.probes, inventory)  # patterns: one probe per point
                 costs[index] = check_request(request, self.limits, self.shape)
             except NeurotapError as error:
                 results[index] = RunResult(error=error_info(error))
@@ -432,6 +435,7 @@ class InProcessExecutor(Executor):
         padded_length = max(t.length for t in tokens) if padded else 0
         readings = self._readings[tokens[0].key] if padded else None
         staged: list[dict[str, SaveContext]] = [{} for _ in requests]
+        traced: list[dict[str, SaveContext]] = [{} for _ in requests]  # saves that go back with the answer
         meters = [_Meter(self.max_session_bytes) for _ in requests]
         generating = shared and requests[0].op == "generate"
         if generating:  # each request stops where it would have stopped alone
@@ -451,7 +455,10 @@ class InProcessExecutor(Executor):
                     view = View(row_slices[k], total)
                 name = spec.point + ".grad" if spec.grad else spec.point
                 done = (lambda k=k: finished[k] is not None) if generating else None
-                isolated = self._isolated(spec.fn, k, request.session, name, staged[k], view, meters[k], done)
+                if spec.trace:
+                    traced[k].setdefault(name, SaveContext(name))
+                saves = traced[k] if spec.trace else staged[k]
+                isolated = self._isolated(spec.fn, k, request.session, name, saves, view, meters[k], done, spec.trace)
                 probes.append(probe(spec.point, isolated, grad=spec.grad, optional=spec.optional))
         by_name = False
         if padded:
@@ -510,7 +517,8 @@ class InProcessExecutor(Executor):
             except NeurotapError as error:
                 results[index] = RunResult(error=error_info(error))
                 continue
-            results[index] = RunResult(output=mine, loss=losses[k])
+            trace = _trace_of(request, traced[k], self.model.inventory())
+            results[index] = RunResult(output=mine, loss=losses[k], trace=trace)
         return results
 
     def _forward(self, args: tuple, kwargs: dict[str, Any], by_name: bool, probes: list) -> Any:
@@ -560,6 +568,7 @@ class InProcessExecutor(Executor):
         view: View | None,
         meter: _Meter,
         done: Callable[[], bool] | None = None,
+        traced: bool = False,
     ) -> Callable[..., Any]:
         """``fn`` seeing only its request's part of each value and writing to its request's session.
 
@@ -572,6 +581,7 @@ class InProcessExecutor(Executor):
             ctx = staged[name] = staged_copy(self._sessions.get(session, {}).get(name), name)
         limits = self.limits
         is_patch = isinstance(fn, Patch)
+        metered = "trace " + name if traced else name  # a traced probe and a kept one at a point are counted apart
 
         def isolated(plan_ctx: SaveContext, value: Any) -> Any:
             if done is not None and done():
@@ -592,7 +602,7 @@ class InProcessExecutor(Executor):
                 if is_patch:
                     check_selection(name, fn, part, limits)
                 result = fn(ctx, part)
-                meter.measure(name, ctx)
+                meter.measure(metered, ctx)
             # a probe that calls sys.exit() or raises KeyboardInterrupt fails its request, not the server
             except (Exception, SystemExit, KeyboardInterrupt) as error:
                 raise _RequestFailed(position, _as_probe_error(error, fn, name, ctx)) from error
@@ -645,6 +655,18 @@ class InProcessExecutor(Executor):
         self._owners[session] = owner
         self._sessions.setdefault(session, {}).update(staged)
         self._session_bytes.setdefault(session, {}).update(new_sizes)
+
+
+def _trace_of(request: RunRequest, traced: dict[str, SaveContext], inventory: Any) -> list[dict[str, Any]] | None:
+    """What the request's traced probes saved, values then gradients, each in execution order."""
+    if not any(spec.trace for spec in request.probes):
+        return None
+    trace = []
+    for grad in (False, True):
+        specs = {spec.point: spec for spec in request.probes if spec.trace and spec.grad == grad}
+        for point in in_execution_order(specs, inventory):
+            trace.append({"point": point, "grad": grad, "data": dict(traced[point + ".grad" * grad]._data)})
+    return trace
 
 
 def _as_probe_error(error: Exception, fn: Any, name: str, ctx: SaveContext) -> NeurotapError:

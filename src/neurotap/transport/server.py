@@ -532,7 +532,10 @@ def create_app(executor: Executor, settings: ServerSettings) -> Any:
         if result.error is not None:
             error = result.error
             return _json_error(error.status, error.type, error.message, error.traceback)
-        payload = await asyncio.to_thread(encode, {"output": result.output, "loss": result.loss})
+        answer = {"output": result.output, "loss": result.loss}
+        if result.trace is not None:
+            answer["trace"] = result.trace
+        payload = await asyncio.to_thread(encode, answer)
         return Response(payload, media_type=MEDIA_TYPE)
 
     @app.get("/v1/recordings")

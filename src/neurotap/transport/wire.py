@@ -22,7 +22,9 @@ a model output mapping   ``{"$output": {...}}`` (transformers' ModelOutput and t
 =======================  ===========================================================
 
 A probe is ``{"point": name, "grad": bool, "fn": <patch>}`` (and ``"optional": true``
-for one the pass may not reach), or, only for servers
+for one the pass may not reach; ``"trace": true`` for one whose saves come back in
+the answer, ``"trace": [{"point", "grad", "data"}, ...]`` in execution order,
+instead of staying in the session: ``RemoteModel.run``), or, only for servers
 started with ``--allow-code``, ``{"point", "grad", "fn": {"$code": <uint8 tensor>}}``
 holding the function pickled with cloudpickle. The server never unpickles
 anything unless it was started with ``--allow-code``; the client never unpickles
@@ -114,6 +116,7 @@ class ProbeSpec:
     fn: Callable[..., Any]
     grad: bool = False
     optional: bool = False  # the pass may not reach the point (a branch not taken) without failing
+    trace: bool = False  # what it saves comes back with the answer (RunResult.trace), not kept in the session
 
 
 @dataclass
@@ -159,6 +162,7 @@ class RunResult:
     output: Any = None
     loss: float | None = None
     error: ErrorInfo | None = None
+    trace: list[dict[str, Any]] | None = None  # {point, grad, data} of each traced probe, in execution order
 
 
 # -- values -----------------------------------------------------------------------------------------
@@ -567,6 +571,8 @@ def encode_request(request: RunRequest) -> bytes:
         probe = {"point": described["point"], "grad": described["grad"], "fn": fn}
         if spec.optional:
             probe["optional"] = True
+        if spec.trace:
+            probe["trace"] = True
         probes.append(probe)
     body = {
         "op": request.op,
@@ -579,6 +585,9 @@ def encode_request(request: RunRequest) -> bytes:
     from safetensors.torch import save
 
     return save(encoder.tensors, metadata={_METADATA_KEY: json.dumps(body, separators=(",", ":"))})
+
+
+_PROBE_FIELDS = {"point", "grad", "fn", "optional", "trace"}
 
 
 def decode_request(data: bytes, *, allow_code: bool) -> RunRequest:
@@ -609,12 +618,12 @@ def decode_request(data: bytes, *, allow_code: bool) -> RunRequest:
         raise WireError("probes must be a list")
     probes = []
     for raw in raw_probes:
-        if not isinstance(raw, dict) or not {"point", "grad", "fn"} <= set(raw) <= {"point", "grad", "fn", "optional"}:
-            raise WireError(f"a probe is {{point, grad, fn}}, got {_short(raw)}")
+        if not isinstance(raw, dict) or not {"point", "grad", "fn"} <= set(raw) <= _PROBE_FIELDS:
+            raise WireError(f"a probe is {{point, grad, fn}} (optional, trace), got {_short(raw)}")
         point, grad, fn = raw["point"], raw["grad"], raw["fn"]
-        optional = raw.get("optional", False)
-        if not isinstance(optional, bool):
-            raise WireError(f"a probe's optional must be a boolean, got {_short(raw)}")
+        optional, traced = raw.get("optional", False), raw.get("trace", False)
+        if not isinstance(optional, bool) or not isinstance(traced, bool):
+            raise WireError(f"a probe's optional and trace must be booleans, got {_short(raw)}")
         if not isinstance(point, str) or not isinstance(grad, bool):
             raise WireError(f"a probe's point must be a string and grad a boolean, got {_short(raw)}")
         if isinstance(fn, dict) and set(fn) == {"$code"}:
@@ -633,7 +642,7 @@ def decode_request(data: bytes, *, allow_code: bool) -> RunRequest:
             fn = decoder.value(fn)
             if not isinstance(fn, Patch):
                 raise WireError(f"a probe's fn must be a patch ({{'$patch': ...}}) or code, got {_short(raw['fn'])}")
-        probes.append(ProbeSpec(point, fn, grad, optional))
+        probes.append(ProbeSpec(point, fn, grad, optional, traced))
     return RunRequest(op, tuple(args), kwargs, probes, outputs, loss)
 
 

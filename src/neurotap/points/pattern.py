@@ -1,0 +1,127 @@
+"""Point-name patterns: several points in one name.
+
+A ``*`` stands for any part of one dotted component, never a dot:
+``model.layers.*.mlp.mul`` is the product in every layer's MLP and not a
+deeper name; ``model.layers.0.mlp.mul*`` is ``mul``, ``mul_1``, ... A range
+``{a..b}`` stands for the numbers a to b, both included:
+``blocks.{0..5}.resid_post``. A pattern names the points the dry run saw
+(every point, for a model without one), aliases included, in execution order.
+A narrowing after it (``blocks.*.attn.out[0]``) applies to each match.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import re
+import weakref
+from collections.abc import Iterable
+from typing import Any
+
+from ..errors import UnknownPointError
+from .inventory import Inventory
+from .point import split_narrowing
+
+_RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
+_MAX_RANGE = 1 << 16
+
+
+def is_pattern(name: str) -> bool:
+    return "*" in name or "{" in name
+
+
+@functools.lru_cache(maxsize=512)
+def compile_pattern(pattern: str, *, prefix: bool = False) -> re.Pattern[str]:
+    """The regular expression of ``pattern``; with ``prefix``, names under a match match too."""
+    parts = []
+    position = 0
+    for found in _RANGE.finditer(pattern):
+        parts.append(_literal(pattern[position : found.start()], pattern))
+        low, high = int(found.group(1)), int(found.group(2))
+        if low > high or high - low > _MAX_RANGE:
+            raise UnknownPointError(
+                f"the range {found.group(0)} in the point pattern {pattern!r} is empty or too long: "
+                f"write {{a..b}} with a <= b"
+            )
+        parts.append("(?:" + "|".join(str(n) for n in range(low, high + 1)) + ")")
+        position = found.end()
+    parts.append(_literal(pattern[position:], pattern))
+    return re.compile("".join(parts) + (r"(?:[.\[].*)?" if prefix else ""))
+
+
+def _literal(text: str, pattern: str) -> str:
+    if "{" in text or "}" in text:
+        raise UnknownPointError(
+            f"cannot read the point pattern {pattern!r}: braces hold a range of numbers, {{0..5}}; "
+            "* stands for one dotted component"
+        )
+    return r"[^.\[\]]*".join(re.escape(piece) for piece in text.split("*"))
+
+
+def matching(pattern: str, names: Iterable[str], *, prefix: bool = False) -> list[str]:
+    """The ``names`` that ``pattern`` matches, in their order."""
+    regex = compile_pattern(pattern, prefix=prefix)
+    return [name for name in names if regex.fullmatch(name)]
+
+
+# An inventory's names in execution order, aliases placed where their points are; built once per inventory.
+_ordered: weakref.WeakKeyDictionary[Inventory, list[str]] = weakref.WeakKeyDictionary()
+_ranks: weakref.WeakKeyDictionary[Inventory, dict[str, int]] = weakref.WeakKeyDictionary()
+
+
+def ordered_names(inventory: Inventory) -> list[str]:
+    """Every point name and alias of ``inventory``, in execution order."""
+    names = _ordered.get(inventory) if inventory.ran else None
+    if names is None:
+        position = {name: number for number, name in enumerate(inventory.points)}
+        end = len(position)
+        ranked = [(number, 0, name) for name, number in position.items()]
+        for alias, target in inventory.aliases.items():
+            ranked.append((position.get(split_narrowing(target)[0], end), 1, alias))
+        names = [name for *_, name in sorted(ranked)]
+        if inventory.ran:  # an inventory taken without a dry run grows as forwards enter helpers
+            _ordered[inventory] = names
+    return names
+
+
+def in_execution_order(values: dict[str, Any], inventory: Inventory) -> dict[str, Any]:
+    """``{point name: ...}`` reordered as the points run (names the inventory lacks go last)."""
+    names = ordered_names(inventory)
+    rank = _ranks.get(inventory) if inventory.ran else None
+    if rank is None:
+        rank = {name: number for number, name in enumerate(names)}
+        if inventory.ran:
+            _ranks[inventory] = rank
+    end = len(rank)
+
+    def position(name: str) -> int:
+        found = rank.get(name)
+        return found if found is not None else rank.get(split_narrowing(name)[0], end)
+
+    return dict(sorted(values.items(), key=lambda item: position(item[0])))
+
+
+def expand(name: str, inventory: Inventory) -> list[str]:
+    """The point names ``name`` stands for: itself, or every match of a pattern in execution order."""
+    base, _ = split_narrowing(name)
+    if not is_pattern(base):
+        return [name]
+    names = ordered_names(inventory)
+    found = matching(base, names)
+    if not found:
+        raise unknown_point(name, names)
+    narrowing = name[len(base) :]
+    return [match + narrowing for match in found]
+
+
+def unknown_point(name: str, known: Iterable[str]) -> UnknownPointError:
+    """An error for ``name`` (a point name or pattern) that lists the closest of the ``known`` names."""
+    names = list(known)
+    parent = name.rsplit(".", 1)[0]
+    nearby = [n for n in names if n.startswith(parent + ".")] or names
+    close = difflib.get_close_matches(name, nearby, n=5, cutoff=0.5) or difflib.get_close_matches(
+        name, names, n=5, cutoff=0.5
+    )
+    hint = f"; closest: {', '.join(close)}" if close else ""
+    what = "matches" if is_pattern(name) else "named"
+    return UnknownPointError(f"no point {what} {name!r} in this model{hint}. List them with model.points(prefix).")
