@@ -154,8 +154,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     group.add_argument(
         "--rank-timeout",
         type=float,
-        default=60.0,
-        help="seconds a rank may take to answer inside a request before the server names it failed and stops",
+        default=50.0,
+        help="seconds a rank may go without answering before the server names it failed and exits "
+        "(within this plus 10 s)",
     )
     return parser
 

@@ -22,6 +22,7 @@ import collections
 import datetime
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -59,7 +60,7 @@ from ..transport.wire import (
 from .pipe import Aborted, Liveness, Pipe, RankFailedError, _first_line
 from .stages import Stage, build_stage, peak_rss_mb, point_owners
 
-DEFAULT_RANK_TIMEOUT = 60.0
+DEFAULT_RANK_TIMEOUT = 50.0
 
 
 class _Rank:
@@ -113,6 +114,8 @@ class _Rank:
             "between": sorted(between),
             "parameters": self.stage.parameters,
             "peak_rss_mb": self.stage.peak_rss_mb,
+            "pid": os.getpid(),
+            "machine": machine_id(),
         }
         everyone: list[Any] = [None] * self.world
         dist.all_gather_object(everyone, mine, group=self.data)
@@ -135,6 +138,12 @@ class _Rank:
             loaded.update(part["parameters"])
         self.parameter_count = sum(loaded.values())
         self.startup_rss = [part["peak_rss_mb"] for part in everyone]
+        # the other ranks' processes on this machine: what is left of them once the server fails is ended here
+        self.neighbours = {
+            rank: part["pid"]
+            for rank, part in enumerate(everyone)
+            if rank != self.rank and part["machine"] == machine_id()
+        }
 
     def _check_deadline(self, *_: Any) -> None:
         if self.deadline is not None and time.time() > self.deadline:
@@ -390,7 +399,7 @@ class ShardedExecutor(Executor):
         max_session_bytes: int = 1 << 30,
         max_total_bytes: int = 4 << 30,
         rank_timeout: float = DEFAULT_RANK_TIMEOUT,
-        on_failure: Callable[[RankFailedError], None] | None = None,
+        on_failure: Callable[[RankFailedError, dict[int, int]], None] | None = None,
     ) -> None:
         self.folder = folder
         self.limits = limits or Limits()
@@ -424,11 +433,14 @@ class ShardedExecutor(Executor):
             with self._lock:
                 if self.failed is not None or self._stopped:
                     return
-                if time.monotonic() - self._last_command >= interval:
-                    try:
+                silent = self.liveness.silent(after=self.rank_timeout)
+                try:
+                    if silent:  # a stopped rank may still take a no-op into its socket buffer: ask the heartbeat
+                        self._fail(RankFailedError(silent[0], "it stopped answering"))
+                    if time.monotonic() - self._last_command >= interval:
                         self._command("noop")
-                    except RankFailedError:
-                        return
+                except RankFailedError:
+                    return
 
     def _command(self, *command: Any) -> None:
         if self.failed is not None:
@@ -448,7 +460,7 @@ class ShardedExecutor(Executor):
             error = RankFailedError(silent[0], "it stopped answering")
         self.failed = error
         if self.on_failure is not None:
-            self.on_failure(error)
+            self.on_failure(error, dict(self.local.neighbours))
 
     def _fail(self, error: RankFailedError) -> None:
         self._record(error)
@@ -605,12 +617,15 @@ def follow(
         max_total_bytes=max_total_bytes,
         rank_timeout=rank_timeout,
     )
-    Liveness(local.rank, local.world)
+    liveness = Liveness(local.rank, local.world)
     while True:
         try:
             command = _broadcast(None, local.data)
         except RuntimeError:
-            return 1  # rank 0 is gone, or stopped sending even its no-ops
+            # rank 0 is gone, or stopped sending even its no-ops: a rank 0 that hangs would hold the launcher up
+            silent = set(liveness.silent(after=rank_timeout / 2))
+            end_ranks({rank: pid for rank, pid in local.neighbours.items() if rank in silent})
+            return 1
         kind = command[0]
         try:
             if kind == "noop":
@@ -634,13 +649,42 @@ def follow(
             return 1
 
 
-def exit_soon(delay: float, hard_after: float) -> Callable[[RankFailedError], None]:
-    """What rank 0 does once a rank failed: answer what is in flight, then stop; exit hard if that hangs."""
+def exit_soon(delay: float, hard_after: float) -> Callable[[RankFailedError, dict[int, int]], None]:
+    """What rank 0 does once a rank failed: answer what is in flight, end the other ranks of this machine, and
+    stop; exit hard if stopping hangs.
 
-    def on_failure(error: RankFailedError) -> None:
-        threading.Timer(delay, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    The other ranks are ended here rather than left to the launcher: a rank that
+    hangs (or is stopped) ignores the SIGTERM the launcher sends first, and the
+    launcher would wait its own shutdown timeout (30 s) before killing it.
+    """
+
+    def on_failure(error: RankFailedError, neighbours: dict[int, int]) -> None:
+        def stop() -> None:
+            end_ranks(neighbours)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        threading.Timer(delay, stop).start()
         killer = threading.Timer(hard_after, os._exit, (1,))
         killer.daemon = True
         killer.start()
 
     return on_failure
+
+
+def end_ranks(pids: Mapping[int, int]) -> None:
+    """Kill the processes of ranks (rank -> pid, on this machine) that have not exited yet."""
+    for pid in pids.values():
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass  # already gone
+
+
+def machine_id() -> str:
+    """Which machine this process runs on, to tell the ranks that share it."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as boot:
+            boot_id = boot.read().strip()
+    except OSError:
+        boot_id = ""
+    return f"{socket.gethostname()}/{boot_id}"

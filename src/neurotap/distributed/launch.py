@@ -15,6 +15,7 @@ import signal
 import socket
 import sys
 import uuid
+from typing import Any
 
 from ..errors import NeurotapError
 
@@ -52,10 +53,8 @@ def _free_port() -> int:
 
 
 def launch(args: argparse.Namespace) -> int:
-    """Run ``args.ranks`` ranks on this machine under torch's elastic agent; the server's exit status."""
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+    """Run ``args.ranks`` ranks on this machine under torch's elastic agent, then exit with the server's status."""
+    from torch.distributed.launcher.api import LaunchConfig
 
     from .executor import resolve_folder
     from .stages import check_folder
@@ -82,6 +81,19 @@ def launch(args: argparse.Namespace) -> int:
         local_addr=LOOPBACK,
         start_method="spawn",
     )
+    code = _run(config, args)
+    # every rank has exited and the launcher has shut down; tearing its interpreter down would wait for its
+    # rendezvous store several seconds more, delaying whoever restarts the server
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _run(config: Any, args: argparse.Namespace) -> int:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import elastic_launch
+
     try:
         elastic_launch(config, sys.executable)("-m", "neurotap.distributed", *_argv(args))
     except ChildFailedError as error:
@@ -141,7 +153,7 @@ def _serve(args: argparse.Namespace) -> int:
             max_session_bytes=settings.max_session_bytes,
             max_total_bytes=settings.max_total_bytes,
             rank_timeout=args.rank_timeout,
-            on_failure=exit_soon(0.5, args.rank_timeout),
+            on_failure=exit_soon(0.5, 5.0),
         )
     except NeurotapError as error:
         print(f"neurotap serve: {error}", file=sys.stderr)
