@@ -10,7 +10,8 @@ medians of per-forward times, ratios printed.
 The task timed in "probe" variants: record every decoder layer's output, read the
 MLP product of layer 0 (``model.layers.0.mlp.mul``, which hand hooks and nnsight
 reach as the input of ``down_proj``) and zero-ablate unit 3 of it. "run" is
-``m.run(ids, record="blocks.*.resid_post")``: a trace of every layer's residual.
+``m.run(ids, record="blocks.*.resid_post")``: a trace of every layer's residual,
+also timed in pairs against the plain module (a, b, b, a each round; median ratio).
 """
 
 from __future__ import annotations
@@ -58,6 +59,21 @@ def interleave(variants: dict[str, Callable[[], Any]], rounds: int, repeat: int)
         for name, fn in variants.items():
             samples[name].append(time_per_call(fn, repeat))
     return {name: statistics.median(times) for name, times in samples.items()}
+
+
+def paired_ratio(a: Callable[[], Any], b: Callable[[], Any], rounds: int) -> tuple[float, float, float]:
+    """Median of per-round ratios a/b, each round timed a, b, b, a so that a drifting load cancels out.
+
+    Returns the median ratio and the medians of a and b in seconds.
+    """
+    a(), b()
+    ratios, times_a, times_b = [], [], []
+    for _ in range(rounds):
+        a1, b1, b2, a2 = (time_per_call(fn, 1) for fn in (a, b, b, a))
+        ratios.append((a1 + a2) / (b1 + b2))
+        times_a.append((a1 + a2) / 2)
+        times_b.append((b1 + b2) / 2)
+    return statistics.median(ratios), statistics.median(times_a), statistics.median(times_b)
 
 
 def hand_hooks(module: torch.nn.Module, store: list) -> list:
@@ -211,6 +227,14 @@ def main() -> None:
             ids = ids[:, :32]
             medians = interleave(forward_variants(module, ids, not args.no_nnsight), max(5, args.rounds // 3), 3)
             report("SmolLM2-135M, batch 1 x 32, forward", medians, "plain module", pairs)
+            m = nt.wrap(module)
+            ratio, traced, plain = paired_ratio(
+                lambda: m.run(ids, record="blocks.*.resid_post"), lambda: module(ids), max(10, args.rounds)
+            )
+            print(
+                f"  run, every resid_post, paired with the plain module: x{ratio:.3f} "
+                f"({traced * 1e3:.1f} ms against {plain * 1e3:.1f} ms, medians)"
+            )
             gen = generation(module, ids[:, :8], 5)
             report("SmolLM2-135M, greedy generate 16 tokens, one ablation at every step", gen, "plain generate", [])
 

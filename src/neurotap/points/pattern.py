@@ -64,39 +64,47 @@ def matching(pattern: str, names: Iterable[str], *, prefix: bool = False) -> lis
     return [name for name in names if regex.fullmatch(name)]
 
 
-# An inventory's names in execution order, aliases placed where their points are; built once per inventory.
-_ordered: weakref.WeakKeyDictionary[Inventory, list[str]] = weakref.WeakKeyDictionary()
-_ranks: weakref.WeakKeyDictionary[Inventory, dict[str, int]] = weakref.WeakKeyDictionary()
+class _Index:
+    """An inventory's names in execution order (aliases where their points are), their ranks, patterns' matches."""
 
+    __slots__ = ("names", "ranks", "matches")
 
-def ordered_names(inventory: Inventory) -> list[str]:
-    """Every point name and alias of ``inventory``, in execution order."""
-    names = _ordered.get(inventory) if inventory.ran else None
-    if names is None:
+    def __init__(self, inventory: Inventory) -> None:
         position = {name: number for number, name in enumerate(inventory.points)}
         end = len(position)
         ranked = [(number, 0, name) for name, number in position.items()]
         for alias, target in inventory.aliases.items():
             ranked.append((position.get(split_narrowing(target)[0], end), 1, alias))
-        names = [name for *_, name in sorted(ranked)]
-        if inventory.ran:  # an inventory taken without a dry run grows as forwards enter helpers
-            _ordered[inventory] = names
-    return names
+        self.names = [name for *_, name in sorted(ranked)]
+        self.ranks = {name: number for number, name in enumerate(self.names)}
+        self.matches: dict[str, list[str]] = {}
+
+
+_indexes: weakref.WeakKeyDictionary[Inventory, _Index] = weakref.WeakKeyDictionary()
+
+
+def _index(inventory: Inventory) -> _Index:
+    if not inventory.ran:  # an inventory taken without a dry run grows as forwards enter helpers
+        return _Index(inventory)
+    index = _indexes.get(inventory)
+    if index is None:
+        index = _indexes[inventory] = _Index(inventory)
+    return index
+
+
+def ordered_names(inventory: Inventory) -> list[str]:
+    """Every point name and alias of ``inventory``, in execution order."""
+    return _index(inventory).names
 
 
 def in_execution_order(values: dict[str, Any], inventory: Inventory) -> dict[str, Any]:
     """``{point name: ...}`` reordered as the points run (names the inventory lacks go last)."""
-    names = ordered_names(inventory)
-    rank = _ranks.get(inventory) if inventory.ran else None
-    if rank is None:
-        rank = {name: number for number, name in enumerate(names)}
-        if inventory.ran:
-            _ranks[inventory] = rank
-    end = len(rank)
+    ranks = _index(inventory).ranks
+    end = len(ranks)
 
     def position(name: str) -> int:
-        found = rank.get(name)
-        return found if found is not None else rank.get(split_narrowing(name)[0], end)
+        found = ranks.get(name)
+        return found if found is not None else ranks.get(split_narrowing(name)[0], end)
 
     return dict(sorted(values.items(), key=lambda item: position(item[0])))
 
@@ -106,10 +114,14 @@ def expand(name: str, inventory: Inventory) -> list[str]:
     base, _ = split_narrowing(name)
     if not is_pattern(base):
         return [name]
-    names = ordered_names(inventory)
-    found = matching(base, names)
-    if not found:
-        raise unknown_point(name, names)
+    index = _index(inventory)
+    found = index.matches.get(base)
+    if found is None:
+        found = matching(base, index.names)
+        if not found:
+            raise unknown_point(name, index.names)
+        if len(index.matches) < 1024:
+            index.matches[base] = found
     narrowing = name[len(base) :]
     return [match + narrowing for match in found]
 
