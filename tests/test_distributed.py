@@ -41,9 +41,7 @@ def tiny_deep_llama():
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tiny-deep")
-    tiny_deep_llama().save_pretrained(path)
-    return path
+    return serving.save_with_word_tokenizer(tiny_deep_llama(), tmp_path_factory.mktemp("tiny-deep"))
 
 
 @pytest.fixture(scope="module")
@@ -306,6 +304,51 @@ def test_a_generate_past_the_request_timeout_stops_between_steps(remote, local):
     with pytest.raises(nt.NeurotapError, match="request timeout"):  # 40 steps of 0.5 s, 8 s allowed
         remote.generate(ids(20, rows=1, length=4), max_new_tokens=40, probes=[nt.probe(f"{LAST}.mlp.mul", slow)])
     close(remote.forward(ids(20))["logits"], local.forward(ids(20)).logits)
+
+
+def test_skipped_layers_on_every_stage_pass_their_input_on(remote, local):
+    skipped = [1, LAYERS - 1]  # on the first rank and on the last
+    x = ids(21)
+    out = remote.forward(x, probes=[nt.probe(f"model.layers.{i}.output", nt.Skip()) for i in skipped])
+
+    def passes_input_on(module, args, kwargs, output):
+        return args[0] if args else kwargs["hidden_states"]
+
+    layers = local.module.model.layers
+    handles = [layers[i].register_forward_hook(passes_input_on, with_kwargs=True) for i in skipped]
+    try:
+        with torch.no_grad():
+            expected = local.module(x).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+    close(out["logits"], expected)
+
+
+def test_the_logit_lens_is_each_layer_through_the_final_norm_and_unembedding(server, local):
+    text = "the old capital of france is paris"
+    answer = httpx.post(
+        server.url + "/v1/logit_lens", json={"text": text, "top": 2}, headers={PROTOCOL_HEADER: str(PROTOCOL)}
+    )
+    assert answer.status_code == 200, answer.text
+    lens = answer.json()
+    module = local.module
+    residuals = {}
+    handles = [
+        layer.register_forward_hook(lambda m, args, out, i=i: residuals.setdefault(i, out))
+        for i, layer in enumerate(module.model.layers)
+    ]
+    try:
+        with torch.no_grad():
+            module(torch.tensor([local.tokenizer(text).input_ids]))
+            probs = torch.stack([module.lm_head(module.model.norm(residuals[i]))[0] for i in range(LAYERS)]).softmax(-1)
+    finally:
+        for handle in handles:
+            handle.remove()
+    best, found = probs.topk(2, dim=-1)
+    assert [row["layer"] for row in lens["layers"]] == list(range(LAYERS))
+    assert torch.equal(torch.tensor([row["ids"] for row in lens["layers"]]), found)
+    close(torch.tensor([row["probs"] for row in lens["layers"]]), best)
 
 
 # -- faults ----------------------------------------------------------------------------------------

@@ -447,3 +447,37 @@ def test_a_request_that_patches_a_weight_runs_alone(module):
         output, recordings = alone(module, request)
         assert_same(result.output["logits"], output.logits)
         assert_same(executor.recordings(request.session), recordings)
+
+
+def test_a_request_that_skips_a_layer_runs_alone_and_the_layer_passes_its_input_on(module):
+    batch = requests()
+    batch[1].probes.append(ProbeSpec("model.layers.1.output", nt.Skip()))
+    executor = InProcessExecutor(nt.wrap(module))
+    results = executor.execute(batch)
+    assert executor.passes == 2, "the others share a pass; the skip's request runs on its own"
+    # by hand: layer 1 returns the hidden states it was given, after the same edit of layer 0's MLP product
+    mlp = module.model.layers[0].mlp
+
+    def product_scaled(m, args, out):
+        x = args[0]
+        product = m.act_fn(m.gate_proj(x)) * m.up_proj(x)
+        product[..., :10] = 0.0
+        return m.down_proj(product)
+
+    handles = [
+        mlp.register_forward_hook(product_scaled),
+        module.model.layers[1].register_forward_hook(
+            lambda m, args, kwargs, out: args[0] if args else kwargs["hidden_states"], with_kwargs=True
+        ),
+    ]
+    try:
+        with torch.no_grad():
+            expected = module(batch[1].args[0]).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert_same(results[1].output["logits"], expected)
+    for request, result in zip(batch, results):
+        assert result.error is None, result.error
+        if request is not batch[1]:
+            assert_same(result.output["logits"], alone(module, request)[0].logits)

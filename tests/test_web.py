@@ -24,7 +24,7 @@ import torch
 
 from conftest import tiny_llama
 from neurotap.transport.wire import PROTOCOL, PROTOCOL_HEADER
-from serving import LAUNCH, save_with_word_tokenizer
+from serving import LAUNCH, Server, save_with_word_tokenizer
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is missing: pip install -r requirements-dev.txt")
 from selenium.webdriver.common.by import By  # noqa: E402
@@ -201,6 +201,18 @@ def test_page_loads_without_a_token_but_no_data_does(server, plain):
         assert huge.status_code == 413
         other_page = {**authorized, "Origin": "http://attacker.example"}
         assert http.post("/v1/tokenize", json={"text": "a"}, headers=other_page).status_code == 403
+
+
+def test_the_logit_lens_is_held_to_the_request_memory_limit(folder):
+    running = Server(folder, "--max-request-memory", "4096")
+    try:
+        answer = httpx.post(
+            running.url + "/v1/logit_lens", json={"text": PROMPT}, headers={PROTOCOL_HEADER: str(PROTOCOL)}
+        )
+    finally:
+        running.stop()
+    assert answer.status_code == 413, answer.text
+    assert "--max-request-memory" in answer.json()["message"]
 
 
 # -- in the browser ------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from ..errors import NeurotapError, UnknownPointError
 from ..model import Model, wrap
 from ..points import Point, split_narrowing
 from ..points.aliases import find_aliases
-from ..probes import Patch, SaveContext, probe
+from ..probes import Patch, SaveContext, Skip, probe
 from ..transport.executor import (
     Executor,
     RecordingLimitError,
@@ -178,6 +178,9 @@ class _Rank:
         for spec in request.probes:
             raw, owners = self._owners(spec.point)
             if self.rank not in owners:
+                continue
+            if isinstance(spec.fn, Skip):  # it stands in for the module's call and records nothing
+                probes.append(probe(raw, spec.fn))
                 continue
             name = spec.point + ".grad" if spec.grad else spec.point
             ctx = staged.get(name)

@@ -31,7 +31,7 @@ from ..errors import NeurotapError, PatchError, ProbeError, UnknownPointError
 from ..model import Model
 from ..model.plan import expand_probes
 from ..points import in_execution_order, split_narrowing
-from ..probes import Patch, SaveContext, probe
+from ..probes import Patch, SaveContext, Skip, probe
 from .batching import (
     ALONE_READING,
     PADDED_READING,
@@ -321,11 +321,11 @@ class InProcessExecutor(Executor):
             max_cost=self.limits.max_request_memory,
             greedy_default=self._greedy,
         )
-        # a parameter or buffer has no rows to share out: a request that probes one runs alone
+        # a parameter or buffer has no rows to share out, and a skipped module runs for no row: such requests run alone
         points = self.model.inventory().points
         flat: list[Group] = []
         for group in groups:
-            alone = [i for i in group.indices if len(group.indices) > 1 and self._probes_weights(batch[i], points)]
+            alone = [i for i in group.indices if len(group.indices) > 1 and self._runs_alone(batch[i], points)]
             rest = [i for i in group.indices if i not in alone]
             if rest:
                 flat.append(group if not alone else Group(rest, group.key, group.padded))
@@ -333,7 +333,9 @@ class InProcessExecutor(Executor):
         return flat
 
     @staticmethod
-    def _probes_weights(request: RunRequest, points: Mapping[str, Any]) -> bool:
+    def _runs_alone(request: RunRequest, points: Mapping[str, Any]) -> bool:
+        if any(isinstance(spec.fn, Skip) for spec in request.probes):
+            return True
         found = (points.get(split_narrowing(spec.point)[0]) for spec in request.probes)
         return any(p is not None and p.kind in ("parameter", "buffer") for p in found)
 
@@ -455,6 +457,9 @@ class InProcessExecutor(Executor):
                     view = View(row_slices[k], total)
                 name = spec.point + ".grad" if spec.grad else spec.point
                 done = (lambda k=k: finished[k] is not None) if generating else None
+                if isinstance(spec.fn, Skip):  # it stands in for the module's call, records nothing and runs alone
+                    probes.append(probe(spec.point, spec.fn, optional=spec.optional))
+                    continue
                 if spec.trace:
                     traced[k].setdefault(name, SaveContext(name))
                 saves = traced[k] if spec.trace else staged[k]

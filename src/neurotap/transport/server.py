@@ -64,6 +64,8 @@ from .wire import (
     PROTOCOL,
     PROTOCOL_HEADER,
     SESSION_HEADER,
+    RunRequest,
+    RunResult,
     decode_request,
     encode,
     frame,
@@ -291,6 +293,38 @@ class ServerState:
                 request.cancelled = True
             self.worker.call(self.executor.close_session, sid)
 
+    async def run(self, request: Any, run_request: RunRequest, running: dict[int, RunRequest]) -> RunResult | None:
+        """``run_request`` through the worker, within the request timeout; None if the client went away.
+
+        The timeout bounds the run; waiting behind other requests may take as long
+        again. ``running`` holds the request while it runs, so that closing its
+        session cancels it. A deadline set already (a caller's several runs
+        sharing one) is kept.
+        """
+        run_request.timeout = self.settings.request_timeout
+        if run_request.deadline is None:
+            run_request.deadline = time.time() + 2 * self.settings.request_timeout
+        future = self.worker.run(run_request)
+        waiting = asyncio.ensure_future(asyncio.wrap_future(future))
+        running[id(run_request)] = run_request
+        try:
+            while not waiting.done():
+                await asyncio.wait([waiting], timeout=0.25)
+                if not waiting.done() and await request.is_disconnected():
+                    # nothing will read the answer: it stops where it is, keeps no recordings, frees the worker
+                    run_request.cancelled = True
+                    future.cancel()
+                    request.scope["neurotap_note"] = request.scope.get("neurotap_note", "") + (
+                        " cancelled: the client went away"
+                    )
+                    return None
+                if time.time() > run_request.deadline + 10:
+                    raise ApiError(504, "RequestTimeoutError", "the request did not finish within the request timeout")
+            return waiting.result()
+        finally:
+            waiting.cancel()
+            running.pop(id(run_request), None)
+
     def owner(self, token: str | None) -> str:
         """A name for the token's share of the server-wide recording limit (never the token itself)."""
         return "" if token is None else f"token-{self.settings.tokens.index(token)}"
@@ -506,29 +540,10 @@ def create_app(executor: Executor, settings: ServerSettings) -> Any:
         sid = state.session(request, token)  # again: the session may have closed while the body arrived
         run_request.session = sid
         run_request.owner = state.owner(token)
-        # the timeout bounds the run; waiting behind other requests may take as long again
-        run_request.timeout = settings.request_timeout
-        run_request.deadline = time.time() + 2 * settings.request_timeout
         request.scope["neurotap_note"] = f"session={sid[:6]} op={run_request.op} probes={len(run_request.probes)}"
-        future = worker.run(run_request)
-        waiting = asyncio.ensure_future(asyncio.wrap_future(future))
-        running = state.sessions[sid].running
-        running[id(run_request)] = run_request
-        try:
-            while not waiting.done():
-                await asyncio.wait([waiting], timeout=0.25)
-                if not waiting.done() and await request.is_disconnected():
-                    # nothing will read the answer: it stops where it is, keeps no recordings, frees the worker
-                    run_request.cancelled = True
-                    future.cancel()
-                    request.scope["neurotap_note"] += " cancelled: the client went away"
-                    return Response(status_code=499)
-                if time.time() > run_request.deadline + 10:
-                    raise ApiError(504, "RequestTimeoutError", "the request did not finish within the request timeout")
-            result = waiting.result()
-        finally:
-            waiting.cancel()
-            running.pop(id(run_request), None)
+        result = await state.run(request, run_request, state.sessions[sid].running)
+        if result is None:
+            return Response(status_code=499)
         if result.error is not None:
             error = result.error
             return _json_error(error.status, error.type, error.message, error.traceback)

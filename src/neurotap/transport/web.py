@@ -12,23 +12,24 @@ no model logic. Routes added here:
   "pieces": [...]}`` (the model's tokenizer, as ``rm.encode`` uses it; ``pieces``
   are each id decoded alone, for display). Text is capped at
   :data:`MAX_TEXT_CHARACTERS`.
-- ``POST /v1/logit_lens``: ``{"text": str, "top": k}`` (every position of the text) or
-  ``{"ids": [token ids], "positions": p or [p, ...], "top": k, "token": id or null}``
-  -> ``{"ids", "pieces", "positions", "token", "layers": [{"layer": i, "point":
-  "blocks.i.resid_post", "ids": [[k ids] per position], "probs": [[k floats] ...],
-  "pieces": ..., "token_rank": [...], "token_prob": [...]}]}`` (the last two with a
-  ``token``): ``nt.Model.logit_lens`` on the served model, each layer's residual
-  through the final norm and the unembedding, its top ``k`` (at most
-  :data:`MAX_LENS_TOP`) tokens per position. ``RemoteModel.logit_lens`` sends the
-  second form. Runs on the worker thread; at most :data:`MAX_LENS_POSITIONS` positions
-  (a text at most that many tokens), a prompt of at most ``--max-request-tokens``,
-  and only for a model served in one process.
+- ``POST /v1/logit_lens``: ``{"text": str, "top": k}`` -> ``{"ids", "pieces", "layers":
+  [{"layer": i, "ids": [[k ids] per position], "probs": [[k floats] ...], "pieces": ...}]}``:
+  each layer's residual (the ``blocks.{i}.resid_post`` alias) through the model's
+  final norm (``ln_final``) and output embeddings, softmaxed, its top ``k`` (at most
+  :data:`MAX_LENS_TOP`) tokens per position, at most :data:`MAX_LENS_POSITIONS`
+  positions. It is made of ordinary runs through the executor (so bounded like
+  any request, and served by a sharded server too): a forward recording the
+  residuals, then forwards that put them in at the final norm's input with the
+  decoder layers skipped (``nt.Skip``), and the softmax of the logits those give.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
+import secrets
+import time
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +38,15 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from ..errors import NeurotapError
+from ..points import split_narrowing
+from ..probes import Record, Replace, Skip
 from .server import ApiError
-from .wire import build_tokenizer
+from .wire import ProbeSpec, RunRequest, build_tokenizer
 
 MAX_TEXT_CHARACTERS = 8000
 MAX_LENS_POSITIONS = 64  # every layer's residual meets the whole vocabulary: layers x positions x vocab x hidden
-MAX_LENS_TOP = 10
+MAX_LENS_TOP = 5
+_LENS_PASS_BYTES = 64 << 20  # the logits of one of the lens's passes: it puts in as many layers as fit
 _MAX_JSON_BYTES = 64 << 10
 _FILES = {"app.js": "text/javascript", "style.css": "text/css", "index.html": "text/html"}
 # the page loads nothing from anywhere else and cannot be framed by another site
@@ -94,77 +98,80 @@ def mount(app: Any, state: Any, executor: Any, settings: Any) -> None:
             "pieces": [words.decode([i]) for i in ids],
         }
 
-    def logit_lens(body: dict[str, Any]) -> dict[str, Any]:
-        model = getattr(executor, "model", None)
-        if model is None or not hasattr(model, "logit_lens"):
-            raise ApiError(501, "NotAvailable", "the logit lens needs the whole model in the server's process")
-        if "text" in body:
-            described = tokenize(body["text"])
-            ids, pieces, positions = described["ids"], described["pieces"], None
-            if len(ids) > MAX_LENS_POSITIONS:
-                raise ApiError(
-                    413,
-                    "RequestTooLarge",
-                    f"the logit lens reads at most {MAX_LENS_POSITIONS} tokens; the text has more",
-                )
-        else:
-            ids, positions = body["ids"], body.get("positions", -1)
-            pieces = [tokenizer().decode([i]) for i in ids] if model.tokenizer is not None else [str(i) for i in ids]
-        device = next(model.module.parameters()).device
-        lens = model.logit_lens(
-            torch.tensor([ids], device=device), positions, top=body.get("top", 1), token=body.get("token")
-        )
+    async def lens_passes(request: Request, text: str, top: int, token: str | None) -> dict[str, Any] | None:
+        """The logit lens as runs through the executor (None if the client went away).
+
+        One forward records every layer's residual; then forwards of a few rows
+        each put those residuals in at the final norm's input, with every decoder
+        layer skipped, so the model's own final norm and head make the logits.
+        Each run is bounded like any other request (memory estimate, request
+        timeout, cancellation when the client goes away), and runs on a sharded
+        server too.
+        """
+        described = await asyncio.wrap_future(state.worker.call(tokenize, text))
+        positions = len(described["ids"])
+        if positions > MAX_LENS_POSITIONS:
+            raise ApiError(
+                413, "RequestTooLarge", f"the logit lens reads at most {MAX_LENS_POSITIONS} tokens; the text has more"
+            )
+        aliases = await asyncio.wrap_future(state.worker.call(executor.aliases))
+        layers = sorted(int(m[1]) for m in (re.fullmatch(r"blocks\.(\d+)\.resid_post", k) for k in aliases) if m)
+        if not layers or "ln_final" not in aliases or "logits" not in aliases:
+            raise ApiError(501, "NotAvailable", "the logit lens needs the aliases blocks.N.resid_post and ln_final")
+        final_norm, _ = split_narrowing(aliases["ln_final"])
+        skips = []
+        for layer in layers:
+            base, keys = split_narrowing(aliases[f"blocks.{layer}.resid_post"])
+            if not keys:  # a layer that returns a tuple cannot be skipped without a value: it runs
+                skips.append(ProbeSpec(base, Skip()))
+        ids = torch.tensor([described["ids"]])
+        session = "lens-" + secrets.token_urlsafe(12)
+        deadline = time.time() + 2 * settings.request_timeout  # for all the runs together
+        shared = {"session": session, "owner": state.owner(token), "deadline": deadline}
+        running: dict[int, RunRequest] = {}
+
+        async def forward(rows: int, probes: list[ProbeSpec], outputs: list[str]) -> Any:
+            run = RunRequest(op="forward", args=(ids.expand(rows, -1),), probes=probes, outputs=outputs, **shared)
+            result = await state.run(request, run, running)
+            if result is not None and result.error is not None:
+                error = result.error
+                raise ApiError(error.status, error.type, error.message)
+            return result
+
         rows = []
-        for i, point in enumerate(lens.points):
-            row = {"layer": int(point.split(".")[1]), "point": point, "ids": lens.top_ids[i].tolist()}
-            row.update(probs=lens.top_probs[i].tolist(), pieces=[list(cell) for cell in lens.top_tokens[i]])
-            if lens.token is not None:
-                row.update(token_rank=lens.token_rank[i].tolist(), token_prob=lens.token_prob[i].tolist())
-            rows.append(row)
-        return {"ids": ids, "pieces": pieces, "positions": list(lens.positions), "token": lens.token, "layers": rows}
+        try:
+            names = [f"blocks.{layer}.resid_post" for layer in layers]
+            if await forward(1, [ProbeSpec(name, Record()) for name in names], []) is None:
+                return None
+            recorded = await asyncio.wrap_future(state.worker.call(executor.recordings, session))
+            residuals = torch.cat([recorded[name]["record"][0] for name in names])  # [layers, positions, hidden]
+            vocabulary = (await asyncio.wrap_future(state.worker.call(executor.describe))).get("vocab_size") or 1 << 16
+            per_pass = max(1, _LENS_PASS_BYTES // (positions * vocabulary * 4))
+            for first in range(0, len(layers), per_pass):
+                part = residuals[first : first + per_pass]
+                put_in = ProbeSpec(final_norm.removesuffix(".output") + ".input", Replace(part))
+                result = await forward(len(part), [*skips, put_in], ["logits"])
+                if result is None:
+                    return None
+                probs = torch.softmax(result.output["logits"].float(), dim=-1)
+                best, found = probs.topk(top, dim=-1)
+                for k in range(len(part)):
+                    rows.append({"layer": layers[first + k], "ids": found[k].tolist(), "probs": best[k].tolist()})
+        finally:
+            state.worker.call(executor.close_session, session)
+        words = await asyncio.wrap_future(state.worker.call(tokenizer))
+        for row in rows:
+            row["pieces"] = [[words.decode([i]) for i in position] for position in row["ids"]]
+        return {"ids": described["ids"], "pieces": described["pieces"], "layers": rows}
 
-    def lens_request(body: dict[str, Any]) -> dict[str, Any]:
-        """The logit lens's own fields, checked so that a request's cost is bounded before it runs."""
-        top = body.get("top", 1)
-        if not _is_int(top) or not 1 <= top <= MAX_LENS_TOP:
-            raise ApiError(400, "RequestError", f"top must be an integer from 1 to {MAX_LENS_TOP}")
-        token = body.get("token")
-        if token is not None and not _is_int(token):
-            raise ApiError(400, "RequestError", "token must be a token id (an integer) or null")
-        if "text" in body:
-            return body
-        ids, positions = body.get("ids"), body.get("positions", -1)
-        if not isinstance(ids, list) or not ids or not all(_is_int(i) for i in ids):
-            raise ApiError(400, "RequestError", 'the body must be JSON: {"text": "..."} or {"ids": [token ids]}')
-        if len(ids) > settings.limits.max_request_tokens:
-            raise ApiError(
-                413,
-                "RequestTooLarge",
-                f"{len(ids)} tokens; this server reads at most "
-                f"{settings.limits.max_request_tokens} in one request (--max-request-tokens)",
-            )
-        if not (_is_int(positions) or isinstance(positions, list) and all(_is_int(t) for t in positions)):
-            raise ApiError(400, "RequestError", "positions must be a position or a list of positions")
-        if isinstance(positions, list) and len(positions) > MAX_LENS_POSITIONS:
-            raise ApiError(
-                413, "RequestTooLarge", f"the logit lens reads at most {MAX_LENS_POSITIONS} positions at a time"
-            )
-        return body
-
-    async def json_body(request: Request) -> dict[str, Any]:
-        state.check(request)
+    async def text_of(request: Request) -> tuple[str | None, str, dict[str, Any]]:
+        token = state.check(request)
         data = await _small_body(request, settings.body_timeout)
         try:
             body = json.loads(data)
         except (ValueError, RecursionError):  # deep nesting is malformed too
             body = None
-        if not isinstance(body, dict):
-            raise ApiError(400, "RequestError", 'the body must be a JSON object, such as {"text": "..."}')
-        return body
-
-    async def text_of(request: Request, body: dict[str, Any] | None = None) -> str:
-        body = await json_body(request) if body is None else body
-        text = body.get("text")
+        text = body.get("text") if isinstance(body, dict) else None
         if not isinstance(text, str):
             raise ApiError(400, "RequestError", 'the body must be JSON: {"text": "..."}')
         try:
@@ -177,24 +184,21 @@ def mount(app: Any, state: Any, executor: Any, settings: Any) -> None:
             raise ApiError(
                 413, "RequestTooLarge", f"the text has {len(text)} characters; at most {MAX_TEXT_CHARACTERS} are read"
             )
-        return text
+        return token, text, body
 
     @app.post("/v1/tokenize")
     async def tokenize_route(request: Request) -> JSONResponse:
-        text = await text_of(request)
+        _, text, _ = await text_of(request)
         return JSONResponse(await asyncio.wrap_future(state.worker.call(tokenize, text)))
 
     @app.post("/v1/logit_lens")
-    async def logit_lens_route(request: Request) -> JSONResponse:
-        body = await json_body(request)
-        if "text" in body:
-            await text_of(request, body)
-        body = lens_request(body)
-        return JSONResponse(await asyncio.wrap_future(state.worker.call(logit_lens, body)))
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    async def logit_lens_route(request: Request) -> Response:
+        token, text, body = await text_of(request)
+        top = body.get("top", 1)
+        if not isinstance(top, int) or isinstance(top, bool) or not 1 <= top <= MAX_LENS_TOP:
+            raise ApiError(400, "RequestError", f"top must be an integer from 1 to {MAX_LENS_TOP}")
+        lens = await lens_passes(request, text, top, token)
+        return Response(status_code=499) if lens is None else JSONResponse(lens)
 
 
 async def _small_body(request: Request, timeout: float) -> bytes:
