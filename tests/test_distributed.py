@@ -350,6 +350,18 @@ def test_the_logit_lens_is_each_layer_through_the_final_norm_and_unembedding(ser
     assert torch.equal(torch.tensor([row["ids"] for row in lens["layers"]]), found)
     close(torch.tensor([row["probs"] for row in lens["layers"]]), best)
 
+    # token ids, two positions and one token's rank and probability
+    body = {"ids": lens["ids"], "positions": [1, -1], "top": 1, "token": 9}
+    answer = httpx.post(server.url + "/v1/logit_lens", json=body, headers={PROTOCOL_HEADER: str(PROTOCOL)})
+    assert answer.status_code == 200, answer.text
+    lens = answer.json()
+    assert lens["positions"] == [1, len(lens["ids"]) - 1]
+    chosen = probs[:, lens["positions"]]
+    close(torch.tensor([row["token_prob"] for row in lens["layers"]]), chosen[..., 9])
+    ranks = torch.tensor([row["token_rank"] for row in lens["layers"]])
+    assert torch.equal(ranks, (chosen > chosen[..., 9:10]).sum(-1))
+    assert torch.equal(torch.tensor([row["ids"] for row in lens["layers"]])[..., 0], chosen.argmax(-1))
+
 
 # -- faults ----------------------------------------------------------------------------------------
 

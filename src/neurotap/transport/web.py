@@ -12,15 +12,19 @@ no model logic. Routes added here:
   "pieces": [...]}`` (the model's tokenizer, as ``rm.encode`` uses it; ``pieces``
   are each id decoded alone, for display). Text is capped at
   :data:`MAX_TEXT_CHARACTERS`.
-- ``POST /v1/logit_lens``: ``{"text": str, "top": k}`` -> ``{"ids", "pieces", "layers":
-  [{"layer": i, "ids": [[k ids] per position], "probs": [[k floats] ...], "pieces": ...}]}``:
-  each layer's residual (the ``blocks.{i}.resid_post`` alias) through the model's
-  final norm (``ln_final``) and output embeddings, softmaxed, its top ``k`` (at most
-  :data:`MAX_LENS_TOP`) tokens per position, at most :data:`MAX_LENS_POSITIONS`
-  positions. It is made of ordinary runs through the executor (so bounded like
-  any request, and served by a sharded server too): a forward recording the
-  residuals, then forwards that put them in at the final norm's input with the
-  decoder layers skipped (``nt.Skip``), and the softmax of the logits those give.
+- ``POST /v1/logit_lens``: ``{"text": str, "top": k}`` (every position of the text) or
+  ``{"ids": [token ids], "positions": p or [p, ...], "top": k, "token": id or null}``
+  (``positions`` defaults to the last) -> ``{"ids", "pieces", "positions", "token",
+  "layers": [{"layer": i, "point": "blocks.i.resid_post", "ids": [[k ids] per
+  position], "probs": [[k floats] ...], "pieces": ..., "token_rank": [...],
+  "token_prob": [...]}]}`` (the last two with a ``token``; rank 0 is the likeliest):
+  each layer's residual through the model's final norm (``ln_final``) and output
+  embeddings, softmaxed, its top ``k`` (at most :data:`MAX_LENS_TOP`) tokens at
+  each position, at most :data:`MAX_LENS_POSITIONS` positions. It is made of
+  ordinary runs through the executor (so bounded like any request, and served by a
+  sharded server too): a forward recording the residuals, then forwards that put
+  them in at the final norm's input with the decoder layers skipped (``nt.Skip``),
+  and the softmax of the logits those give.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ from .wire import ProbeSpec, RunRequest, build_tokenizer
 
 MAX_TEXT_CHARACTERS = 8000
 MAX_LENS_POSITIONS = 64  # every layer's residual meets the whole vocabulary: layers x positions x vocab x hidden
-MAX_LENS_TOP = 5
+MAX_LENS_TOP = 10
 _LENS_PASS_BYTES = 64 << 20  # the logits of one of the lens's passes: it puts in as many layers as fit
 _MAX_JSON_BYTES = 64 << 10
 _FILES = {"app.js": "text/javascript", "style.css": "text/css", "index.html": "text/html"}
@@ -98,7 +102,18 @@ def mount(app: Any, state: Any, executor: Any, settings: Any) -> None:
             "pieces": [words.decode([i]) for i in ids],
         }
 
-    async def lens_passes(request: Request, text: str, top: int, token: str | None) -> dict[str, Any] | None:
+    def decoded(ids: list[list[int]]) -> list[Any]:
+        """Each id (of each list) decoded alone; the ids as text for a model without a tokenizer."""
+        try:
+            words = tokenizer()
+        except NeurotapError:
+            return [[str(i) for i in row] for row in ids]
+        return [[words.decode([i]) for i in row] for row in ids]
+
+    def on_worker(fn: Any, *args: Any) -> Any:
+        return asyncio.wrap_future(state.worker.call(fn, *args))
+
+    async def lens_passes(request: Request, body: dict[str, Any], token: str | None) -> dict[str, Any] | None:
         """The logit lens as runs through the executor (None if the client went away).
 
         One forward records every layer's residual; then forwards of a few rows
@@ -108,13 +123,43 @@ def mount(app: Any, state: Any, executor: Any, settings: Any) -> None:
         timeout, cancellation when the client goes away), and runs on a sharded
         server too.
         """
-        described = await asyncio.wrap_future(state.worker.call(tokenize, text))
-        positions = len(described["ids"])
-        if positions > MAX_LENS_POSITIONS:
+        top, target = body.get("top", 1), body.get("token")
+        if not _is_int(top) or not 1 <= top <= MAX_LENS_TOP:
+            raise ApiError(400, "RequestError", f"top must be an integer from 1 to {MAX_LENS_TOP}")
+        if "text" in body:
+            described = await on_worker(tokenize, text_in(body))
+            ids, pieces = described["ids"], described["pieces"]
+            if len(ids) > MAX_LENS_POSITIONS and body.get("positions") is None:
+                raise ApiError(
+                    413,
+                    "RequestTooLarge",
+                    f"the logit lens reads at most {MAX_LENS_POSITIONS} tokens; the text has more",
+                )
+        else:
+            ids = body.get("ids")
+            if not isinstance(ids, list) or not ids or not all(_is_int(i) for i in ids):
+                raise ApiError(400, "RequestError", 'the body must be JSON: {"text": "..."} or {"ids": [token ids]}')
+            pieces = [piece for (piece,) in await on_worker(decoded, [[i] for i in ids])]
+        positions = body.get("positions", None if "text" in body else -1)
+        chosen = list(range(len(ids))) if positions is None else [positions] if _is_int(positions) else positions
+        if (
+            not isinstance(chosen, list)
+            or not chosen
+            or not all(_is_int(t) and -len(ids) <= t < len(ids) for t in chosen)
+        ):
             raise ApiError(
-                413, "RequestTooLarge", f"the logit lens reads at most {MAX_LENS_POSITIONS} tokens; the text has more"
+                400, "RequestError", f"positions must be a position or a list of positions within the {len(ids)} tokens"
             )
-        aliases = await asyncio.wrap_future(state.worker.call(executor.aliases))
+        if len(chosen) > MAX_LENS_POSITIONS:
+            raise ApiError(
+                413, "RequestTooLarge", f"the logit lens reads at most {MAX_LENS_POSITIONS} positions at a time"
+            )
+        chosen = [t % len(ids) for t in chosen]
+        vocabulary = (await on_worker(executor.describe)).get("vocab_size") or 1 << 16
+        if target is not None and not (_is_int(target) and 0 <= target < vocabulary):
+            raise ApiError(400, "RequestError", f"token must be a token id from 0 to {vocabulary - 1}, or null")
+
+        aliases = await on_worker(executor.aliases)
         layers = sorted(int(m[1]) for m in (re.fullmatch(r"blocks\.(\d+)\.resid_post", k) for k in aliases) if m)
         if not layers or "ln_final" not in aliases or "logits" not in aliases:
             raise ApiError(501, "NotAvailable", "the logit lens needs the aliases blocks.N.resid_post and ln_final")
@@ -124,14 +169,13 @@ def mount(app: Any, state: Any, executor: Any, settings: Any) -> None:
             base, keys = split_narrowing(aliases[f"blocks.{layer}.resid_post"])
             if not keys:  # a layer that returns a tuple cannot be skipped without a value: it runs
                 skips.append(ProbeSpec(base, Skip()))
-        ids = torch.tensor([described["ids"]])
         session = "lens-" + secrets.token_urlsafe(12)
         deadline = time.time() + 2 * settings.request_timeout  # for all the runs together
         shared = {"session": session, "owner": state.owner(token), "deadline": deadline}
         running: dict[int, RunRequest] = {}
 
-        async def forward(rows: int, probes: list[ProbeSpec], outputs: list[str]) -> Any:
-            run = RunRequest(op="forward", args=(ids.expand(rows, -1),), probes=probes, outputs=outputs, **shared)
+        async def forward(inputs: torch.Tensor, probes: list[ProbeSpec], outputs: list[str]) -> Any:
+            run = RunRequest(op="forward", args=(inputs,), probes=probes, outputs=outputs, **shared)
             result = await state.run(request, run, running)
             if result is not None and result.error is not None:
                 error = result.error
@@ -141,37 +185,48 @@ def mount(app: Any, state: Any, executor: Any, settings: Any) -> None:
         rows = []
         try:
             names = [f"blocks.{layer}.resid_post" for layer in layers]
-            if await forward(1, [ProbeSpec(name, Record()) for name in names], []) is None:
+            at = (slice(None), chosen)
+            if await forward(torch.tensor([ids]), [ProbeSpec(name, Record(index=at)) for name in names], []) is None:
                 return None
-            recorded = await asyncio.wrap_future(state.worker.call(executor.recordings, session))
-            residuals = torch.cat([recorded[name]["record"][0] for name in names])  # [layers, positions, hidden]
-            vocabulary = (await asyncio.wrap_future(state.worker.call(executor.describe))).get("vocab_size") or 1 << 16
-            per_pass = max(1, _LENS_PASS_BYTES // (positions * vocabulary * 4))
+            recorded = await on_worker(executor.recordings, session)
+            residuals = torch.cat([recorded[name]["record"][0] for name in names])  # [layers, chosen, hidden]
+            per_pass = max(1, _LENS_PASS_BYTES // (len(chosen) * vocabulary * 4))
             for first in range(0, len(layers), per_pass):
                 part = residuals[first : first + per_pass]
                 put_in = ProbeSpec(final_norm.removesuffix(".output") + ".input", Replace(part))
-                result = await forward(len(part), [*skips, put_in], ["logits"])
+                inputs = torch.tensor([[ids[t] for t in chosen]]).expand(len(part), -1)
+                result = await forward(inputs, [*skips, put_in], ["logits"])
                 if result is None:
                     return None
                 probs = torch.softmax(result.output["logits"].float(), dim=-1)
                 best, found = probs.topk(top, dim=-1)
                 for k in range(len(part)):
-                    rows.append({"layer": layers[first + k], "ids": found[k].tolist(), "probs": best[k].tolist()})
+                    layer = layers[first + k]
+                    row = {"layer": layer, "point": f"blocks.{layer}.resid_post"}
+                    row.update(ids=found[k].tolist(), probs=best[k].tolist())
+                    if target is not None:
+                        own = probs[k, :, target]
+                        row.update(token_rank=(probs[k] > own[:, None]).sum(-1).tolist(), token_prob=own.tolist())
+                    rows.append(row)
         finally:
             state.worker.call(executor.close_session, session)
-        words = await asyncio.wrap_future(state.worker.call(tokenizer))
         for row in rows:
-            row["pieces"] = [[words.decode([i]) for i in position] for position in row["ids"]]
-        return {"ids": described["ids"], "pieces": described["pieces"], "layers": rows}
+            row["pieces"] = await on_worker(decoded, row["ids"])
+        return {"ids": ids, "pieces": pieces, "positions": chosen, "token": target, "layers": rows}
 
-    async def text_of(request: Request) -> tuple[str | None, str, dict[str, Any]]:
+    async def json_body(request: Request) -> tuple[str | None, dict[str, Any]]:
         token = state.check(request)
         data = await _small_body(request, settings.body_timeout)
         try:
             body = json.loads(data)
         except (ValueError, RecursionError):  # deep nesting is malformed too
             body = None
-        text = body.get("text") if isinstance(body, dict) else None
+        if not isinstance(body, dict):
+            raise ApiError(400, "RequestError", 'the body must be a JSON object, such as {"text": "..."}')
+        return token, body
+
+    def text_in(body: dict[str, Any]) -> str:
+        text = body.get("text")
         if not isinstance(text, str):
             raise ApiError(400, "RequestError", 'the body must be JSON: {"text": "..."}')
         try:
@@ -184,21 +239,22 @@ def mount(app: Any, state: Any, executor: Any, settings: Any) -> None:
             raise ApiError(
                 413, "RequestTooLarge", f"the text has {len(text)} characters; at most {MAX_TEXT_CHARACTERS} are read"
             )
-        return token, text, body
+        return text
 
     @app.post("/v1/tokenize")
     async def tokenize_route(request: Request) -> JSONResponse:
-        _, text, _ = await text_of(request)
-        return JSONResponse(await asyncio.wrap_future(state.worker.call(tokenize, text)))
+        _, body = await json_body(request)
+        return JSONResponse(await on_worker(tokenize, text_in(body)))
 
     @app.post("/v1/logit_lens")
     async def logit_lens_route(request: Request) -> Response:
-        token, text, body = await text_of(request)
-        top = body.get("top", 1)
-        if not isinstance(top, int) or isinstance(top, bool) or not 1 <= top <= MAX_LENS_TOP:
-            raise ApiError(400, "RequestError", f"top must be an integer from 1 to {MAX_LENS_TOP}")
-        lens = await lens_passes(request, text, top, token)
+        token, body = await json_body(request)
+        lens = await lens_passes(request, body, token)
         return Response(status_code=499) if lens is None else JSONResponse(lens)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 async def _small_body(request: Request, timeout: float) -> bytes:
