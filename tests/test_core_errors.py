@@ -499,6 +499,7 @@ PUBLIC = [
     "experiments",
     "launch_and_connect",
     "load",
+    "plot",
     "probe",
     "wrap",
 ]

@@ -3,7 +3,7 @@
 import importlib
 from typing import Any
 
-from . import experiments
+from . import experiments, plot
 from .errors import (
     MissedPointError,
     MissedPointWarning,
@@ -77,6 +77,7 @@ __all__ = [
     "experiments",
     "launch_and_connect",
     "load",
+    "plot",
     "probe",
     "wrap",
 ]

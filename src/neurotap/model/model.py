@@ -24,7 +24,7 @@ from ..points import (
     take_inventory,
     unknown_point,
 )
-from ..probes import Probe, Record, SaveContext, probe
+from ..probes import Probe, Record, Recordings, SaveContext, probe
 from .lens import LogitLens, logit_lens, unembed
 from .losses import LOSSES, Loss, logits_of
 from .plan import Plan, Stopped, stopping_probe
@@ -350,7 +350,7 @@ class Model:
 
     def recordings(self) -> dict[str, SaveContext]:
         """What probes saved, by point name (gradient probes: ``point + ".grad"``)."""
-        return {name: ctx for name, ctx in self._contexts.items() if len(ctx)}
+        return Recordings({name: ctx for name, ctx in self._contexts.items() if len(ctx)})
 
     def clear_recordings(self) -> None:
         for ctx in self._contexts.values():

@@ -7,6 +7,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from .._html import table
+
 Kind = Literal["input", "output", "op", "parameter", "buffer"]
 Key = int | str  # one step of narrowing: output[0], output["logits"]
 
@@ -107,3 +109,10 @@ class PointList(list):
 
     def names(self) -> list[str]:
         return [p.name for p in self]
+
+    def _repr_html_(self) -> str:
+        if not self:
+            return "<i>(no points)</i>"
+        depths = [p.module.count(".") + bool(p.module) for p in self]
+        rows = [(p.name, p.kind, p.type if p.shape is None else tuple(p.shape), p.dtype or "", p.source) for p in self]
+        return table(["name", "kind", "shape", "dtype", "source"], rows, indents=[d - min(depths) for d in depths])

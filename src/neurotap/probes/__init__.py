@@ -1,6 +1,6 @@
 """Probes and patches: what happens at a point."""
 
-from .context import SaveContext
+from .context import Recordings, SaveContext
 from .patches import (
     PATCHES,
     Add,
@@ -33,6 +33,7 @@ __all__ = [
     "ProbeFn",
     "Project",
     "Record",
+    "Recordings",
     "Replace",
     "SAE",
     "SaveContext",

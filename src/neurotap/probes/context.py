@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import html
 from collections.abc import Iterator, Mapping
 from typing import Any
+
+from .._html import brief, table
 
 _MAPPING_METHODS = frozenset(name for name in dir(Mapping) if not name.startswith("_"))
 
@@ -67,6 +70,19 @@ class SaveContext(Mapping):
 
     def __reduce__(self) -> tuple:
         return _rebuilt, (self.point, self.step, self.call, self._data)
+
+    def _repr_html_(self) -> str:
+        return f"<b>{html.escape(self.point)}</b>" + table(
+            ["key", "value"], [(k, brief(v)) for k, v in self._data.items()]
+        )
+
+
+class Recordings(dict):
+    """What probes saved, by point name: ``{point: SaveContext}``, shown in Jupyter as a table."""
+
+    def _repr_html_(self) -> str:
+        rows = [(point, key, brief(value)) for point, ctx in self.items() for key, value in ctx.items()]
+        return table(["point", "key", "value"], rows)
 
 
 def _rebuilt(point: str, step: int, call: int, data: dict[str, Any]) -> SaveContext:

@@ -40,7 +40,7 @@ from ..model.model import GRAD_NEEDS_LOSS, PatchSpec, patches_to_probes, point_n
 from ..model.text import check_token_ids, is_text, text_to_ids
 from ..model.trace import Trace
 from ..points import Point, PointList, is_pattern, matching, split_narrowing, unknown_point
-from ..probes import Probe, Record, Replace, SaveContext, probe
+from ..probes import Probe, Record, Recordings, Replace, SaveContext, probe
 from .executor import RecordingLimitError, RequestTimeoutError
 from .limits import RequestTooCostlyError
 from .wire import (
@@ -414,7 +414,7 @@ class RemoteModel:
     def recordings(self, points: Sequence[str] | None = None) -> dict[str, SaveContext]:
         """What probes saved in this session, by point name (only ``points`` if given); streamed."""
         params = [("point", p) for p in points] if points else None
-        result: dict[str, SaveContext] = {}
+        result = Recordings()
         with self._http.stream("GET", "/v1/recordings", params=params) as response:
             if response.status_code >= 400:
                 response.read()
