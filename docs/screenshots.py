@@ -1,8 +1,11 @@
-"""Remake the README's screenshots of the web inspector: ``python docs/screenshots.py``.
+"""Remake the README's screenshots of the web inspector and nt.plot: ``python docs/screenshots.py``.
 
-Starts ``neurotap serve`` (the built-in SmolLM2-135M) with a token on a free
-port, drives headless Chromium through each view for the README's prompt, and
-writes ``docs/inspector-*.png``. Needs Debian's chromium and chromium-driver.
+Collects a small dataset of SmolLM2's layer-6 MLP product from the bundled
+corpus, starts ``neurotap serve`` (the built-in SmolLM2-135M) with a token and
+that dataset on a free port, drives headless Chromium through each view for the
+README's prompt, and writes ``docs/inspector-*.png``; then draws the same
+prompt's attention head and logit lens with ``nt.plot`` into ``docs/plot-*.png``.
+Needs Debian's chromium and chromium-driver, and matplotlib.
 """
 
 from __future__ import annotations
@@ -36,12 +39,42 @@ def ready(browser, map_id: str, point: str, head: str = "") -> None:
     WebDriverWait(browser, 300).until(lambda b: b.execute_script(script) == drawn, f"{drawn} was not drawn")
 
 
+EXAMPLES_POINT = "model.layers.6.mlp.mul"
+
+
+def collected(folder: Path) -> int:
+    """A small dataset of ``EXAMPLES_POINT`` in ``folder``; the unit whose largest value is the largest."""
+    import neurotap as nt
+
+    ds = nt.collect(nt.load("smollm2-135m"), [EXAMPLES_POINT], folder, seq_len=64, tokens=4096, progress=False)
+    return int(ds.read(EXAMPLES_POINT).float().amax(dim=0).argmax())
+
+
+def plots(url: str, token: str) -> None:
+    """The README prompt's attention head and logit lens, drawn by nt.plot from the server's answers."""
+    import httpx
+
+    import neurotap as nt
+
+    with nt.connect(url, token=token) as rm:
+        ids = rm.encode(PROMPT)
+        point = "model.layers.5.self_attn.attention_interface.softmax"
+        rm.forward(ids, probes=[nt.probe(point, nt.Record())], outputs=[])
+        tokens = [rm.decode([i]) for i in ids[0]]
+        nt.plot.attention(rm.recordings(), 5, 3, tokens=tokens, path=HERE / "plot-attention.png")
+    headers = {"X-Neurotap-Protocol": "1", "Authorization": f"Bearer {token}"}
+    lens = httpx.post(url + "/v1/logit_lens", json={"text": PROMPT}, headers=headers, timeout=600).json()
+    nt.plot.logit_lens(lens, path=HERE / "plot-lens.png")
+
+
 def main() -> None:
     scratch = Path(tempfile.mkdtemp())
     token = secrets.token_urlsafe(24)
     (scratch / "tokens.txt").write_text(token + "\n")
+    unit = collected(scratch / "acts")
     server = subprocess.Popen(
-        [sys.executable, "-c", LAUNCH, "serve", "--port", "0", "--token-file", str(scratch / "tokens.txt")],
+        [sys.executable, "-c", LAUNCH, "serve", "--port", "0", "--token-file", str(scratch / "tokens.txt")]
+        + ["--dataset", str(scratch / "acts")],
         stdout=subprocess.PIPE,
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
@@ -100,6 +133,18 @@ def main() -> None:
         WebDriverWait(browser, 300).until(lambda b: b.execute_script(script) == "ready", "no logit lens")
         browser.set_window_size(1280, 900)
         browser.save_screenshot(str(HERE / "inspector-lens.png"))
+
+        browser.set_window_size(1280, 760)
+        browser.find_element(By.CSS_SELECTOR, '#tabs button[data-view="examples"]').click()
+        Select(browser.find_element(By.ID, "examples-point")).select_by_visible_text(EXAMPLES_POINT)
+        box = browser.find_element(By.ID, "examples-unit")
+        box.clear()
+        box.send_keys(str(unit))
+        browser.find_element(By.ID, "examples-run").click()
+        script = "const l = document.getElementById('examples-list'); return l.dataset.state + '/' + l.dataset.unit"
+        WebDriverWait(browser, 300).until(lambda b: b.execute_script(script) == f"ready/{unit}", "no examples")
+        browser.save_screenshot(str(HERE / "inspector-examples.png"))
+        plots(url, token)
     finally:
         browser.quit()
         server.send_signal(signal.SIGTERM)

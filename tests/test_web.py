@@ -24,7 +24,7 @@ import torch
 
 from conftest import tiny_llama
 from neurotap.transport.wire import PROTOCOL, PROTOCOL_HEADER
-from serving import LAUNCH, Server, save_with_word_tokenizer
+from serving import LAUNCH, WORDS, Server, save_with_word_tokenizer
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is missing: pip install -r requirements-dev.txt")
 from selenium.webdriver.common.by import By  # noqa: E402
@@ -55,13 +55,13 @@ class Inspecting:
     Its "browser" is a script that writes down the address it was asked to open.
     """
 
-    def __init__(self, folder: Path, where: Path) -> None:
+    def __init__(self, folder: Path, where: Path, *args: str) -> None:
         (where / "tokens.txt").write_text(TOKEN + "\n")
         (where / "browser.py").write_text("import pathlib, sys\npathlib.Path(sys.argv[1]).write_text(sys.argv[2])\n")
         self.where = where
         self.opened = where / "opened.txt"
         command = [sys.executable, "-c", LAUNCH, "inspect", str(folder), "--port", "0"]
-        command += ["--token-file", str(where / "tokens.txt")]
+        command += ["--token-file", str(where / "tokens.txt"), *args]
         browser = f"{sys.executable} {where / 'browser.py'} {self.opened} %s"
         with open(where / "out.txt", "w") as out, open(where / "err.txt", "w") as err:
             self.process = subprocess.Popen(
@@ -85,8 +85,23 @@ class Inspecting:
 
 
 @pytest.fixture(scope="module")
-def server(folder, tmp_path_factory):
-    running = Inspecting(folder, tmp_path_factory.mktemp("inspect"))
+def acts(folder, tmp_path_factory) -> Path:
+    """A small activation dataset of the tiny model's MLP product, collected from sentences of its words."""
+    import random
+
+    import neurotap as nt
+
+    where = tmp_path_factory.mktemp("acts")
+    pick = random.Random(0)
+    words = [w for w in WORDS if w not in ("<unk>", "<pad>")]
+    (where / "corpus.txt").write_text("\n\n".join(" ".join(pick.choices(words, k=12)) for _ in range(24)))
+    nt.collect(nt.load(str(folder)), [MUL], where / "acts", data=where / "corpus.txt", seq_len=8, progress=False)
+    return where / "acts"
+
+
+@pytest.fixture(scope="module")
+def server(folder, acts, tmp_path_factory):
+    running = Inspecting(folder, tmp_path_factory.mktemp("inspect"), "--dataset", str(acts))
     yield running
     running.stop()
 
@@ -375,3 +390,69 @@ def test_the_logit_lens_is_each_layer_through_the_final_norm_and_unembedding(sig
         assert http.post("/v1/logit_lens", json={"text": PROMPT, "top": 11}).status_code == 400
         assert http.post("/v1/logit_lens", json={"text": "the " * 65}).status_code == 413
         assert http.post("/v1/logit_lens", json={"text": PROMPT}, headers={"Authorization": ""}).status_code == 401
+
+
+def test_top_examples_are_the_datasets_with_each_tokens_value_as_the_model_computes_it(
+    signed_in, plain, acts, server, artifacts
+):
+    import neurotap as nt
+
+    browser = signed_in
+    model, _ = plain
+    unit, k = 5, 4
+    browser.find_element(By.CSS_SELECTOR, '#tabs button[data-view="examples"]').click()
+    Select(browser.find_element(By.ID, "examples-point")).select_by_visible_text(MUL)
+    for field, value in (("examples-unit", unit), ("examples-k", k)):
+        box = browser.find_element(By.ID, field)
+        box.clear()
+        box.send_keys(str(value))
+    browser.find_element(By.ID, "examples-run").click()
+    wait(
+        browser,
+        lambda b: b.execute_script("return document.getElementById('examples-list').dataset.state") == "ready",
+        f"the examples did not appear: {errors_of(browser)}",
+    )
+    shown = browser.execute_script(
+        "return Array.from(document.querySelectorAll('#examples-list .example')).map(e => ({"
+        " row: Number(e.dataset.row), value: Number(e.dataset.value),"
+        " pieces: Array.from(e.querySelectorAll('.example-token')).map(t => t.textContent),"
+        " values: Array.from(e.querySelectorAll('.example-token')).map(t => Number(t.dataset.value)),"
+        " peak: Array.from(e.querySelectorAll('.example-token')).findIndex(t => t.classList.contains('peak'))}))"
+    )
+    ds = nt.ActivationDataset(acts)
+    expected = ds.top_examples(MUL, unit, k)
+    assert [e["row"] for e in shown] == [e.row for e in expected]
+    torch.testing.assert_close(torch.tensor([e["value"] for e in shown]), torch.tensor([e.value for e in expected]))
+
+    # every shaded token's value: the plain model's MLP product on the example's sequence, by a hand hook
+    mlp = model.model.layers[0].mlp
+    captured = {}
+    handle = mlp.register_forward_hook(lambda m, args, out: captured.update(x=args[0]))
+    for example, found in zip(expected, shown):
+        begin = example.sequence * ds.seq_len
+        ids = ds.read("tokens", begin, begin + ds.seq_len).long()[None]
+        with torch.no_grad():
+            model(ids)
+            product = (mlp.act_fn(mlp.gate_proj(captured["x"])) * mlp.up_proj(captured["x"]))[0, :, unit]
+        first = max(0, example.position - 16)
+        window = product[first : example.position + 5]
+        torch.testing.assert_close(torch.tensor(found["values"]), window, rtol=1e-5, atol=1e-6)
+        assert found["peak"] == example.position - first
+        assert "".join(found["pieces"]) == example.before + example.text + example.after
+    handle.remove()
+    browser.save_screenshot(str(artifacts / "examples.png"))
+
+    headers = {PROTOCOL_HEADER: str(PROTOCOL), "Authorization": f"Bearer {TOKEN}"}
+    with httpx.Client(base_url=server.url, headers=headers) as http:
+        assert http.get("/v1/dataset").json()["points"] == [MUL]
+        for body, status in (
+            ({"point": "../manifest.json", "unit": 0}, 404),  # a name, never a path
+            ({"point": MUL, "unit": 10**6}, 400),
+            ({"point": MUL, "unit": 0, "k": 10**6}, 400),
+            ({"point": MUL, "unit": "0"}, 400),
+        ):
+            assert http.post("/v1/top_examples", json=body).status_code == status, body
+        assert (
+            http.post("/v1/top_examples", json={"point": MUL, "unit": 0}, headers={"Authorization": ""}).status_code
+            == 401
+        )

@@ -54,6 +54,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "allow-list: every client with a token can then run any code as this process's user",
     )
     parser.add_argument(
+        "--dataset",
+        metavar="FOLDER",
+        help="an activation dataset (neurotap collect --out FOLDER) whose top-activating examples the web "
+        "inspector shows; clients pick a point and a unit, never a file",
+    )
+    parser.add_argument(
         "--allow-host",
         action="append",
         default=[],
@@ -210,6 +216,13 @@ def run(args: argparse.Namespace) -> int:
             )
         settings = settings_of(args, tokens)
         settings.check()  # before the model loads: a wrong setting costs no wait
+        dataset = None
+        if args.dataset is not None:
+            if args.ranks != 1:
+                raise NeurotapError("--dataset is served by a one-process server only for now: leave out --ranks")
+            from ..datasets import ActivationDataset
+
+            dataset = ActivationDataset(args.dataset)
     except NeurotapError as error:
         print(f"neurotap serve: {error}", file=sys.stderr)
         return 2
@@ -230,7 +243,7 @@ def run(args: argparse.Namespace) -> int:
             max_total_bytes=settings.max_total_bytes,
             max_owner_bytes=settings.max_total_bytes // max(len(settings.tokens), 1),
         )
-        serve(executor, settings, host=args.host, port=args.port)
+        serve(executor, settings, host=args.host, port=args.port, dataset=dataset)
     except NeurotapError as error:
         print(f"neurotap serve: {error}", file=sys.stderr)
         return 1

@@ -425,8 +425,11 @@ def _inflate(data: bytes, limit: int) -> bytes:
     return data
 
 
-def create_app(executor: Executor, settings: ServerSettings) -> Any:
-    """The ASGI app serving ``executor``; the executor's thread starts and stops with the app."""
+def create_app(executor: Executor, settings: ServerSettings, *, dataset: Any = None) -> Any:
+    """The ASGI app serving ``executor``; the executor's thread starts and stops with the app.
+
+    ``dataset``, an ``nt.ActivationDataset`` the caller opened, gives the inspector's top-activating examples.
+    """
     worker = BatchWorker(executor, max_batch=settings.max_batch)
     state = ServerState(executor, settings, worker)
 
@@ -583,7 +586,7 @@ def create_app(executor: Executor, settings: ServerSettings) -> Any:
 
     from .web import mount  # the inspector page (GET /) and the endpoints it needs; imported here: it imports us
 
-    mount(app, state, executor, settings)
+    mount(app, state, executor, settings, dataset)
     # level 1: compressing hundreds of MiB of tensors at the default level 9 would hold a core for a minute
     app.add_middleware(GZipMiddleware, minimum_size=4096, compresslevel=1)
     app.add_middleware(_RequestLog, state=state)
@@ -714,7 +717,9 @@ def _raise_file_limit() -> None:
         pass
 
 
-def serve(executor: Executor, settings: ServerSettings, *, host: str = "127.0.0.1", port: int = 8000) -> None:
+def serve(
+    executor: Executor, settings: ServerSettings, *, host: str = "127.0.0.1", port: int = 8000, dataset: Any = None
+) -> None:
     """Serve until interrupted (Ctrl-C, SIGTERM) or idle; running requests finish first."""
     import uvicorn
 
@@ -739,7 +744,7 @@ def serve(executor: Executor, settings: ServerSettings, *, host: str = "127.0.0.
         bound.append(socket.gethostname())  # other names and addresses: --allow-host
     settings.allowed_hosts = [*settings.allowed_hosts, *bound]
     _raise_file_limit()
-    app = create_app(executor, settings)
+    app = create_app(executor, settings, dataset=dataset)
     config = uvicorn.Config(
         app,
         http=_guarded_protocol(settings),

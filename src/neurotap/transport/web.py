@@ -25,6 +25,15 @@ no model logic. Routes added here:
   sharded server too): a forward recording the residuals, then forwards that put
   them in at the final norm's input with the decoder layers skipped (``nt.Skip``),
   and the softmax of the logits those give.
+- ``GET /v1/dataset``: ``{"points", "shapes", "rows"}`` of the server's ``--dataset`` (404 without one)
+- ``POST /v1/top_examples``: ``{"point": str, "unit": int or [ints], "k": n, "before": n,
+  "after": n}`` -> ``{"point", "unit", "examples": [{"value", "row", "sequence",
+  "position", "document", "at", "pieces": [text of each token], "values": [the unit at
+  each token]}]}``: ``ActivationDataset.top_examples`` with each example's context
+  token by token (``at`` is the example's own token among them). The client names a
+  point of the dataset and a unit, never a file; ``k`` is at most
+  :data:`MAX_EXAMPLES`, the context :data:`MAX_CONTEXT` tokens a side, and scans run
+  one at a time on a thread of their own.
 """
 
 from __future__ import annotations
@@ -50,6 +59,8 @@ from .wire import ProbeSpec, RunRequest, build_tokenizer
 MAX_TEXT_CHARACTERS = 8000
 MAX_LENS_POSITIONS = 64  # every layer's residual meets the whole vocabulary: layers x positions x vocab x hidden
 MAX_LENS_TOP = 10
+MAX_EXAMPLES = 50
+MAX_CONTEXT = 64  # tokens of context on each side of an example
 _LENS_PASS_BYTES = 64 << 20  # the logits of one of the lens's passes: it puts in as many layers as fit
 _MAX_JSON_BYTES = 64 << 10
 _FILES = {"app.js": "text/javascript", "style.css": "text/css", "index.html": "text/html"}
@@ -63,8 +74,12 @@ _HEADERS = {
 }
 
 
-def mount(app: Any, state: Any, executor: Any, settings: Any) -> None:
-    """Add the inspector's routes to ``app`` (made by :func:`.server.create_app`)."""
+def mount(app: Any, state: Any, executor: Any, settings: Any, dataset: Any = None) -> None:
+    """Add the inspector's routes to ``app`` (made by :func:`.server.create_app`).
+
+    ``dataset`` is the server's own ``nt.ActivationDataset`` (``--dataset``), opened
+    by the caller: this layer reads it through its methods and never opens a path.
+    """
     folder = Path(__file__).with_name("web")
     files = {name: (folder / name).read_bytes() for name in _FILES}
     tokenizers: list[Any] = []  # built once, on the worker thread
@@ -241,6 +256,64 @@ def mount(app: Any, state: Any, executor: Any, settings: Any) -> None:
             )
         return text
 
+    scanning = asyncio.Lock()  # a scan reads a column of every shard: one at a time, off the event loop
+
+    def examples(point: str, unit: Any, k: int, before: int, after: int) -> list[dict[str, Any]]:
+        found = dataset.top_examples(point, unit, k, before=before, after=after)
+        shape = dataset.shapes[point]
+        flat = int(torch.tensor(unit if isinstance(unit, list) else [unit]) @ _strides(shape)) if shape else 0
+        answer = []
+        for example in found:
+            begin = example.sequence * dataset.seq_len
+            rows = range(max(begin, example.row - before), min(begin + dataset.seq_len, example.row + 1 + after))
+            values = dataset.gather(point, list(rows)).reshape(len(rows), -1)[:, flat].float()
+            answer.append(
+                {
+                    "value": example.value,
+                    "row": example.row,
+                    "sequence": example.sequence,
+                    "position": example.position,
+                    "document": example.document,
+                    "at": example.row - rows.start,
+                    "pieces": _pieces(dataset, rows),
+                    "values": values.tolist(),
+                }
+            )
+        return answer
+
+    @app.get("/v1/dataset")
+    async def dataset_route(request: Request) -> JSONResponse:
+        state.check(request)
+        if dataset is None:
+            raise ApiError(404, "NotAvailable", "this server has no dataset: start it with --dataset FOLDER")
+        shapes = {point: list(shape) for point, shape in dataset.shapes.items()}
+        return JSONResponse({"points": list(dataset.points), "shapes": shapes, "rows": len(dataset)})
+
+    @app.post("/v1/top_examples")
+    async def top_examples_route(request: Request) -> JSONResponse:
+        _, body = await json_body(request)
+        if dataset is None:
+            raise ApiError(404, "NotAvailable", "this server has no dataset: start it with --dataset FOLDER")
+        point, unit = body.get("point"), body.get("unit")
+        if point not in dataset.points:
+            raise ApiError(
+                404, "UnknownPointError", f"the dataset holds no point {point!r}; it holds {', '.join(dataset.points)}"
+            )
+        shape = dataset.shapes[point]
+        units = unit if isinstance(unit, list) else [unit]
+        if len(units) != max(len(shape), 1) or not all(_is_int(u) for u in units):
+            raise ApiError(400, "RequestError", f"unit must index the per-token shape {list(shape)} of {point!r}")
+        if any(not 0 <= u < n for u, n in zip(units, shape or (1,))):
+            raise ApiError(400, "RequestError", f"unit {unit!r} is outside the per-token shape {list(shape)}")
+        sizes = {}
+        for name, default, top in (("k", 10, MAX_EXAMPLES), ("before", 16, MAX_CONTEXT), ("after", 4, MAX_CONTEXT)):
+            sizes[name] = body.get(name, default)
+            if not _is_int(sizes[name]) or not (name != "k" or sizes[name] >= 1) or not 0 <= sizes[name] <= top:
+                raise ApiError(400, "RequestError", f"{name} must be an integer from {int(name == 'k')} to {top}")
+        async with scanning:
+            found = await asyncio.to_thread(examples, point, unit, sizes["k"], sizes["before"], sizes["after"])
+        return JSONResponse({"point": point, "unit": unit, "examples": found})
+
     @app.post("/v1/tokenize")
     async def tokenize_route(request: Request) -> JSONResponse:
         _, body = await json_body(request)
@@ -251,6 +324,24 @@ def mount(app: Any, state: Any, executor: Any, settings: Any) -> None:
         token, body = await json_body(request)
         lens = await lens_passes(request, body, token)
         return Response(status_code=499) if lens is None else JSONResponse(lens)
+
+
+def _pieces(dataset: Any, rows: range) -> list[str]:
+    """Each row's text with the spacing before it, so that the pieces join into the text of the rows."""
+    pieces, seen = [], ""
+    for stop in range(rows.start + 1, rows.stop + 1):
+        text = dataset.text(rows.start, stop)
+        pieces.append(text[len(seen) :])
+        seen = text
+    return pieces
+
+
+def _strides(shape: Any) -> torch.Tensor:
+    """Row-major strides: a unit's flat index within a per-token shape."""
+    strides = [1]
+    for size in reversed(list(shape)[1:]):
+        strides.insert(0, strides[0] * size)
+    return torch.tensor(strides)
 
 
 def _is_int(value: Any) -> bool:

@@ -17,6 +17,7 @@ const state = {
   unitStart: 0,
   view: 'point',
   drawing: 0, // the latest draw: an answer to an older one is dropped
+  dataset: null, // {points, shapes, rows} of the server's --dataset
 };
 
 const $ = (id) => document.getElementById(id);
@@ -622,18 +623,78 @@ async function drawLens() {
   }
 }
 
+// -- top-activating examples (a server started with --dataset) ---------------------------------------
+
+async function loadDataset() {
+  let dataset;
+  try {
+    dataset = await json('/v1/dataset');
+  } catch (error) {
+    if (error instanceof ApiError && error.status === 404) return; // no dataset: no tab
+    throw error;
+  }
+  state.dataset = dataset;
+  const select = $('examples-point');
+  select.replaceChildren(...dataset.points.map((point) => el('option', { value: point }, point)));
+  document.querySelector('#tabs button[data-view="examples"]').hidden = false;
+}
+
+async function drawExamples() {
+  const list = $('examples-list');
+  const ticket = ++state.drawing;
+  const point = $('examples-point').value;
+  const unit = Number($('examples-unit').value);
+  list.dataset.state = 'loading';
+  setStatus('searching the dataset…');
+  try {
+    const body = JSON.stringify({ point, unit, k: Number($('examples-k').value) });
+    const found = await json('/v1/top_examples', { method: 'POST', body, type: 'application/json' });
+    if (ticket !== state.drawing) return;
+    const top = Math.max(...found.examples.map((example) => Math.abs(example.value)), 1e-12);
+    list.replaceChildren();
+    found.examples.forEach((example, i) => {
+      const line = el('div', { class: 'example' });
+      line.dataset.row = String(example.row);
+      line.dataset.value = String(example.value);
+      line.append(el('span', { class: 'example-value' }, example.value.toPrecision(4)));
+      const text = el('span', { class: 'example-text' });
+      example.pieces.forEach((piece, j) => {
+        const token = el('span', { class: j === example.at ? 'example-token peak' : 'example-token' }, piece);
+        const value = example.values[j];
+        token.dataset.value = String(value);
+        token.dataset.position = String(j);
+        token.style.backgroundColor = `rgba(214, 96, 30, ${Math.max(0, Math.min(1, value / top)).toFixed(3)})`;
+        token.title = `row ${example.row - example.at + j}: ${value.toPrecision(5)}`;
+        text.append(token);
+      });
+      line.append(text);
+      list.append(line);
+    });
+    list.dataset.state = 'ready';
+    list.dataset.point = point;
+    list.dataset.unit = String(unit);
+    setStatus(`${found.examples.length} examples of ${point} unit ${unit}`);
+    showError('');
+  } catch (error) {
+    fail(error, list);
+  }
+}
+
 function setView(view) {
   state.view = view;
   for (const button of document.querySelectorAll('#tabs button')) button.classList.toggle('active', button.dataset.view === view);
   $('point-view').hidden = view !== 'point';
   $('attention-view').hidden = view !== 'attention';
   $('lens-view').hidden = view !== 'lens';
+  $('examples-view').hidden = view !== 'examples';
+  $('tree-pane').hidden = view === 'examples';
   $('hover').textContent = '';
 }
 
 function redraw() {
   if (state.view === 'attention') drawAttention();
   else if (state.view === 'lens') drawLens();
+  else if (state.view === 'examples') drawExamples();
   else drawPoint();
 }
 
@@ -685,6 +746,7 @@ async function start() {
     state.points = points;
     $('main').hidden = false;
     renderTree();
+    await loadDataset();
     await tokenize();
     setStatus(`${points.length} points`);
   } catch (error) {
@@ -721,6 +783,10 @@ async function boot() {
     drawAttention();
   });
   $('head').addEventListener('change', drawAttention);
+  $('examples-form').addEventListener('submit', (event) => {
+    event.preventDefault();
+    drawExamples();
+  });
   const health = await (await fetch('/health', { cache: 'no-store' })).json();
   if (health.auth && !state.token) showLogin();
   else start();
