@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from html.parser import HTMLParser
 
 import pytest
@@ -55,8 +54,8 @@ def test_attention_finds_a_layers_pattern_in_recordings(model):
     with torch.no_grad():
         expected = model.module(ids, output_attentions=True).attentions[1][0, 2]  # the model's own, no neurotap
     torch.testing.assert_close(drawn(nt.plot.attention(recordings, 1, 2)), expected)
-    by_alias = {"blocks.1.attn.pattern": recordings[point]["record"][0]}
-    torch.testing.assert_close(drawn(nt.plot.attention(by_alias, 1, 2)), expected)
+    _, trace = model.run(ids, record="blocks.1.attn.pattern")
+    torch.testing.assert_close(drawn(nt.plot.attention(trace, 1, 2)), expected)
     with pytest.raises(nt.NeurotapError, match="no attention pattern of layer 0"):
         nt.plot.attention(recordings, 0)
     with pytest.raises(nt.NeurotapError, match="say which layer"):
@@ -65,37 +64,27 @@ def test_attention_finds_a_layers_pattern_in_recordings(model):
         nt.plot.attention(recordings, 1, 9)
 
 
-@dataclass(frozen=True)
-class Patched:
-    """The fields an experiment's result has: values [points, positions] and their labels."""
-
-    values: torch.Tensor
-    points: tuple[str, ...]
-    tokens: tuple[str, ...]
-    experiment: str = "activation_patching"
-    metric: str = "logit_diff"
-
-
-def test_heatmap_draws_a_tensor_or_a_results_values_with_its_labels(tmp_path):
+def test_heatmap_draws_a_tensor_and_saves_a_png(tmp_path):
     values = torch.randn(3, 4)
     figure = nt.plot.heatmap(values, path=tmp_path / "map.png")
     assert torch.equal(drawn(figure), values)
     assert_png(tmp_path / "map.png", figure)
     low, high = figure.axes[0].images[0].get_clim()
     assert low == -high == -values.abs().max().item(), "signed values are centred on zero"
-
-    result = Patched(
-        values, ("blocks.0.resid_pre", "blocks.1.resid_pre", "blocks.2.resid_pre"), ("a", " b", "<c>", "d")
-    )
-    figure = nt.plot.heatmap(result)
-    assert torch.equal(drawn(figure), values)
-    assert tick_labels(figure.axes[0].yaxis) == list(result.points)
-    assert tick_labels(figure.axes[0].xaxis) == list(result.tokens)
-    assert figure.axes[0].get_title() == "activation_patching logit_diff"
     with pytest.raises(nt.NeurotapError, match="2-D"):
         nt.plot.heatmap(torch.zeros(2, 3, 4))
     with pytest.raises(nt.NeurotapError, match="labels for 3 rows"):
         nt.plot.heatmap(values, rows=["one"])
+
+
+def test_heatmap_of_an_activation_patching_result_labels_layers_and_tokens(model):
+    clean, corrupt = torch.tensor([[5, 9, 17, 33, 2]]), torch.tensor([[5, 9, 40, 33, 2]])
+    result = nt.experiments.activation_patching(model, clean, corrupt, nt.LogitDiff(3, 4), "blocks.*.resid_post")
+    figure = nt.plot.heatmap(result)
+    assert torch.equal(drawn(figure), result.values)
+    assert tick_labels(figure.axes[0].yaxis) == list(result.points)
+    assert tick_labels(figure.axes[0].xaxis) == [repr(t)[1:-1] for t in result.tokens]
+    assert figure.axes[0].get_title() == f"{result.experiment} {result.metric}"
 
 
 def test_logit_lens_draws_each_cells_top_token_and_probability(model, tmp_path):
@@ -135,6 +124,12 @@ def test_logit_lens_draws_each_cells_top_token_and_probability(model, tmp_path):
     assert texts == {(i, j): f"w{int(found[i, j, 0])}" for i in range(len(layers)) for j in range(5)}
     assert tick_labels(figure.axes[0].xaxis) == pieces
     assert_png(tmp_path / "lens.png", figure)
+    lens = model.logit_lens(ids, None, top=2)
+    figure = nt.plot.logit_lens(lens)
+    torch.testing.assert_close(drawn(figure), best[..., 0])
+    assert lens.top_ids[..., 0].tolist() == found[..., 0].tolist()
+    texts = {(round(t.get_position()[1]), round(t.get_position()[0])): t.get_text() for t in figure.axes[0].texts}
+    assert texts == {(i, j): repr(lens.top_tokens[i][j][0])[1:-1] for i in range(len(layers)) for j in range(5)}
     with pytest.raises(nt.NeurotapError, match="logit lens result"):
         nt.plot.logit_lens(torch.zeros(2, 2))
 
@@ -185,3 +180,11 @@ def test_points_recordings_and_save_contexts_show_as_escaped_tables(model):
     assert markup.startswith("<b>lm_head.output</b>")
     assert Cells(markup).rows == [["key", "value"], ["note", repr("<script>alert(1)</script>")]]
     model.clear_recordings()
+
+
+def test_a_trace_shows_as_a_table_of_its_points(model):
+    ids = torch.randint(0, 100, (1, 4), generator=torch.Generator().manual_seed(3))
+    _, trace = model.run(ids, record=["blocks.0.resid_post", "blocks.1.resid_post"])
+    rows = Cells(trace._repr_html_()).rows
+    names = ("blocks.0.resid_post", "blocks.1.resid_post")
+    assert rows[1:] == [["value", name, "1", f"float32 {tuple(trace[name].shape)}"] for name in names]

@@ -53,19 +53,10 @@ def test_readme_remote_example_runs_where_the_model_never_loaded():
 
 @pytest.mark.slow
 def test_readme_plot_example_draws_its_pictures(tmp_path):
-    from serving import Server
-
     text = README.read_text()
     plots = text[text.index("### Plots and tables") :]
     script = re.findall(r"```python\n(.*?)```", plots, flags=re.S)[0]
-    server = Server("smollm2-135m")
-    try:
-        script = script.replace("http://127.0.0.1:8000", server.url)
-        result = subprocess.run(
-            [sys.executable, "-c", script], capture_output=True, text=True, timeout=600, cwd=tmp_path
-        )
-        assert result.returncode == 0, result.stderr[-3000:]
-    finally:
-        server.stop()
-    for name in ("attention.png", "lens.png"):
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("attention.png", "lens.png", "patching.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"

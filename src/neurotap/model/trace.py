@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from .._html import brief, table
 from ..errors import NeurotapError
 from ..points import is_pattern, matching, unknown_point
 
@@ -97,6 +98,13 @@ class Trace(Mapping):
         for kind, name, calls in rows:
             lines.append(f"  {(kind + name).ljust(width)}  {_describe(calls)}".rstrip())
         return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        rows = [("value", name, len(calls), brief(calls[0]) if calls else "") for name, calls in self._values.items()]
+        grads = self.grad._values.items() if self.grad else ()
+        rows += [("grad", name, len(calls), brief(calls[0]) if calls else "") for name, calls in grads]
+        loss = "" if self.loss is None else f"<b>loss {self.loss:.6g}</b>"
+        return loss + table(["", "point", "calls", "value (the first call's)"], rows)
 
     def _unknown(self, name: str) -> Exception:
         error = unknown_point(name, self._values)
