@@ -53,6 +53,7 @@ def collected(folder: Path) -> int:
 def plots(url: str, token: str) -> None:
     """The README prompt's attention head and logit lens, drawn by nt.plot from the server's answers."""
     import httpx
+    import torch
 
     import neurotap as nt
 
@@ -65,6 +66,13 @@ def plots(url: str, token: str) -> None:
     headers = {"X-Neurotap-Protocol": "1", "Authorization": f"Bearer {token}"}
     lens = httpx.post(url + "/v1/logit_lens", json={"text": PROMPT}, headers=headers, timeout=600).json()
     nt.plot.logit_lens(lens, path=HERE / "plot-lens.png")
+    body = {"clean": PROMPT, "corrupt": "The Colosseum is located in the city of", "target": " Paris"}
+    patched = httpx.post(url + "/v1/patching", json=body, headers=headers, timeout=900).json()
+    title = f"activation patching: {patched['metric']}"
+    values = torch.tensor(patched["values"])
+    nt.plot.heatmap(
+        values, rows=patched["points"], cols=patched["tokens"], title=title, path=HERE / "plot-patching.png"
+    )
 
 
 def main() -> None:
@@ -133,6 +141,11 @@ def main() -> None:
         WebDriverWait(browser, 300).until(lambda b: b.execute_script(script) == "ready", "no logit lens")
         browser.set_window_size(1280, 900)
         browser.save_screenshot(str(HERE / "inspector-lens.png"))
+
+        browser.find_element(By.CSS_SELECTOR, '#tabs button[data-view="patching"]').click()  # its defaults
+        script = "return document.getElementById('patching-map').dataset.state"
+        WebDriverWait(browser, 900).until(lambda b: b.execute_script(script) == "ready", "no patching heat map")
+        browser.save_screenshot(str(HERE / "inspector-patching.png"))
 
         browser.set_window_size(1280, 760)
         browser.find_element(By.CSS_SELECTOR, '#tabs button[data-view="examples"]').click()

@@ -438,7 +438,9 @@ def test_top_examples_are_the_datasets_with_each_tokens_value_as_the_model_compu
         window = product[first : example.position + 5]
         torch.testing.assert_close(torch.tensor(found["values"]), window, rtol=1e-5, atol=1e-6)
         assert found["peak"] == example.position - first
-        assert "".join(found["pieces"]) == example.before + example.text + example.after
+        # the pieces join into the dataset's text of those rows, spacing included; the peak is the example's token
+        assert "".join(found["pieces"]) == ds.text(begin + first, begin + first + len(window))
+        assert found["pieces"][found["peak"]].strip() == example.text.strip()
     handle.remove()
     browser.save_screenshot(str(artifacts / "examples.png"))
 
@@ -456,3 +458,56 @@ def test_top_examples_are_the_datasets_with_each_tokens_value_as_the_model_compu
             http.post("/v1/top_examples", json={"point": MUL, "unit": 0}, headers={"Authorization": ""}).status_code
             == 401
         )
+
+
+def test_the_patching_heat_map_is_each_residual_restored_from_the_clean_prompt(signed_in, plain, artifacts):
+    browser = signed_in
+    model, tokenizer = plain
+    corrupt, target = "the new capital of france is paris", "river"
+    browser.find_element(By.CSS_SELECTOR, '#tabs button[data-view="patching"]').click()
+    for field, value in (("corrupt", corrupt), ("target", target)):
+        box = browser.find_element(By.ID, field)
+        box.clear()
+        box.send_keys(value)
+    browser.find_element(By.ID, "patching-run").click()
+    wait(
+        browser,
+        lambda b: (
+            b.execute_script(
+                "const m = document.getElementById('patching-map'); return m.dataset.state"
+                " === 'ready' && m.dataset.target"
+            )
+            == str(tokenizer(target).input_ids[0])
+        ),
+        f"the patching heat map did not appear: {errors_of(browser)}",
+    )
+    shown_values = as_matrix(cells(browser, "#patching-map rect.cell"))
+    browser.save_screenshot(str(artifacts / "patching.png"))
+
+    # by hand: each decoder layer's output at one position put back from the clean run, with plain hooks
+    layers = model.model.layers
+    clean_ids, corrupt_ids = (torch.tensor([tokenizer(text).input_ids]) for text in (PROMPT, corrupt))
+    token = tokenizer(target).input_ids[0]
+    saved = {}
+    handles = [
+        layer.register_forward_hook(lambda m, a, out, i=i: saved.update({i: out.clone()}))
+        for i, layer in enumerate(layers)
+    ]
+    with torch.no_grad():
+        model(clean_ids)
+    for handle in handles:
+        handle.remove()
+    expected = torch.zeros(len(layers), clean_ids.shape[1])
+    for i, layer in enumerate(layers):
+        for j in range(clean_ids.shape[1]):
+
+            def restore(m, a, out, i=i, j=j):
+                out = out.clone()
+                out[:, j] = saved[i][:, j]
+                return out
+
+            handle = layer.register_forward_hook(restore)
+            with torch.no_grad():
+                expected[i, j] = model(corrupt_ids).logits[0, -1].softmax(-1)[token]
+            handle.remove()
+    torch.testing.assert_close(shown_values, expected, rtol=1e-4, atol=1e-6)

@@ -25,6 +25,13 @@ no model logic. Routes added here:
   sharded server too): a forward recording the residuals, then forwards that put
   them in at the final norm's input with the decoder layers skipped (``nt.Skip``),
   and the softmax of the logits those give.
+- ``POST /v1/patching``: ``{"clean": str, "corrupt": str, "target": text or token id}``
+  -> ``nt.experiments.activation_patching`` of every ``blocks.N.resid_post`` at every
+  position, the metric being the target's probability at the last position (an
+  ``nt.PatchingResult`` as ``to_dict()``, plus ``target`` and ``target_piece``). The
+  experiment's forwards are runs through the executor, each bounded like any
+  request, all of them within twice the request timeout; prompts of the same
+  length, at most :data:`MAX_LENS_POSITIONS` tokens.
 - ``GET /v1/dataset``: ``{"points", "shapes", "rows"}`` of the server's ``--dataset`` (404 without one)
 - ``POST /v1/top_examples``: ``{"point": str, "unit": int or [ints], "k": n, "before": n,
   "after": n}`` -> ``{"point", "unit", "examples": [{"value", "row", "sequence",
@@ -51,6 +58,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from ..errors import NeurotapError
+from ..experiments import activation_patching
 from ..points import split_narrowing
 from ..probes import Record, Replace, Skip
 from .server import ApiError
@@ -240,10 +248,10 @@ def mount(app: Any, state: Any, executor: Any, settings: Any, dataset: Any = Non
             raise ApiError(400, "RequestError", 'the body must be a JSON object, such as {"text": "..."}')
         return token, body
 
-    def text_in(body: dict[str, Any]) -> str:
-        text = body.get("text")
+    def text_in(body: dict[str, Any], key: str = "text") -> str:
+        text = body.get(key)
         if not isinstance(text, str):
-            raise ApiError(400, "RequestError", 'the body must be JSON: {"text": "..."}')
+            raise ApiError(400, "RequestError", f'the body must be JSON with text: {{"{key}": "..."}}')
         try:
             text.encode("utf-8")
         except UnicodeEncodeError:
@@ -314,6 +322,56 @@ def mount(app: Any, state: Any, executor: Any, settings: Any, dataset: Any = Non
             found = await asyncio.to_thread(examples, point, unit, sizes["k"], sizes["before"], sizes["after"])
         return JSONResponse({"point": point, "unit": unit, "examples": found})
 
+    @app.post("/v1/patching")
+    async def patching_route(request: Request) -> Response:
+        token, body = await json_body(request)
+        clean, corrupt, target = text_in(body, "clean"), text_in(body, "corrupt"), body.get("target")
+        words = await on_worker(tokenizer)
+        if isinstance(target, str):
+            found = words(target, add_special_tokens=False).input_ids
+            if not found:
+                raise ApiError(400, "RequestError", f"the target {target!r} has no tokens")
+            target = int(found[0])
+        vocabulary = (await on_worker(executor.describe)).get("vocab_size") or 1 << 16
+        if not (_is_int(target) and 0 <= target < vocabulary):
+            raise ApiError(400, "RequestError", "target must be a token's text or its id")
+        lengths = {len(words(text).input_ids) for text in (clean, corrupt)}
+        if len(lengths) > 1 or max(lengths) > MAX_LENS_POSITIONS:
+            raise ApiError(
+                400 if len(lengths) > 1 else 413,
+                "RequestError" if len(lengths) > 1 else "RequestTooLarge",
+                f"the clean and corrupted prompts must have the same number of tokens, at most "
+                f"{MAX_LENS_POSITIONS}; they have {sorted(lengths)}",
+            )
+        aliases = await on_worker(executor.aliases)
+        layers = sorted(int(m[1]) for m in (re.fullmatch(r"blocks\.(\d+)\.resid_post", k) for k in aliases) if m)
+        if not layers:
+            raise ApiError(
+                501, "NotAvailable", "patching restores the aliases blocks.N.resid_post: this model has none"
+            )
+        session = "patching-" + secrets.token_urlsafe(12)
+        served = _ServedModel(state, words, aliases, session, state.owner(token), settings.request_timeout)
+        points = [f"blocks.{layer}.resid_post" for layer in layers]
+        piece = words.decode([target])
+
+        def probability(logits: torch.Tensor) -> torch.Tensor:
+            return logits.float().softmax(-1)[:, target]
+
+        probability.__name__ = f"p({piece!r})"
+        work = asyncio.ensure_future(
+            asyncio.to_thread(activation_patching, served, clean, corrupt, probability, points)
+        )
+        try:
+            while not work.done():
+                await asyncio.wait([work], timeout=0.25)
+                if not work.done() and await request.is_disconnected():
+                    served.cancel()  # the run under way stops where it is; the experiment stops with it
+                    return Response(status_code=499)
+            result = work.result()
+        finally:
+            state.worker.call(executor.close_session, session)
+        return JSONResponse({**result.to_dict(), "target": target, "target_piece": piece})
+
     @app.post("/v1/tokenize")
     async def tokenize_route(request: Request) -> JSONResponse:
         _, body = await json_body(request)
@@ -324,6 +382,48 @@ def mount(app: Any, state: Any, executor: Any, settings: Any, dataset: Any = Non
         token, body = await json_body(request)
         lens = await lens_passes(request, body, token)
         return Response(status_code=499) if lens is None else JSONResponse(lens)
+
+
+class _ServedModel:
+    """The served model as ``nt.experiments`` see a remote one, with each forward a run through the executor.
+
+    Runs are bounded like any client's (limits, request timeout, the experiment's
+    whole deadline of twice that) and write to a session of their own.
+    """
+
+    def __init__(self, state: Any, tokenizer: Any, aliases: dict[str, str], session: str, owner: str, timeout: float):
+        self.tokenizer = tokenizer
+        self._state, self._aliases, self._session, self._owner = state, aliases, session, owner
+        self._timeout, self._deadline = timeout, time.time() + 2 * timeout
+        self._running: dict[int, RunRequest] = {}
+        self._cancelled = False
+
+    def aliases(self) -> dict[str, str]:
+        return dict(self._aliases)
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        for run in list(self._running.values()):
+            run.cancelled = True
+
+    def forward(self, ids: torch.Tensor, *, probes: Any = (), outputs: Any = None, **kwargs: Any) -> Any:
+        if self._cancelled:
+            raise ApiError(499, "RequestCancelledError", "the client went away")
+        specs = [ProbeSpec(p.point, p.fn, grad=p.grad, optional=p.optional) for p in probes]
+        run = RunRequest("forward", args=(ids,), kwargs=kwargs, probes=specs, outputs=outputs, session=self._session)
+        run.owner, run.timeout, run.deadline = self._owner, self._timeout, self._deadline
+        self._running[id(run)] = run
+        try:
+            result = self._state.worker.run(run).result()
+        finally:
+            self._running.pop(id(run), None)
+        if result.error is not None:
+            raise ApiError(result.error.status, result.error.type, result.error.message)
+        return result.output
+
+    def recordings(self, points: Any = None) -> dict[str, Any]:
+        saved = self._state.worker.call(self._state.executor.recordings, self._session).result()
+        return {name: data for name, data in saved.items() if points is None or name in points}
 
 
 def _pieces(dataset: Any, rows: range) -> list[str]:

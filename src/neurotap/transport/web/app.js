@@ -680,6 +680,35 @@ async function drawExamples() {
   }
 }
 
+// -- activation patching: nt.experiments.activation_patching on the server -------------------------------
+
+async function drawPatching() {
+  const map = $('patching-map');
+  if (!state.tokens) return;
+  const ticket = ++state.drawing;
+  map.dataset.state = 'loading';
+  setStatus('patching… (one forward per 64 cells)');
+  try {
+    const body = JSON.stringify({ clean: state.text, corrupt: $('corrupt').value, target: $('target').value });
+    const result = await json('/v1/patching', { method: 'POST', body, type: 'application/json' });
+    if (ticket !== state.drawing) return;
+    const labels = result.tokens.map(shortLabel);
+    heatmap(map, result.values, {
+      rowLabels: result.points,
+      colLabels: labels,
+      signed: false,
+      attrs: { target: String(result.target) },
+    });
+    $('patching-facts').textContent =
+      `${result.metric} at the last position: clean ${result.clean.toPrecision(4)}, corrupted ${result.corrupt.toPrecision(4)}; ` +
+      'each cell: the corrupted run with that layer\'s residual at that position restored from the clean one';
+    setStatus(`patched ${result.points.length} × ${result.positions.length} cells`);
+    showError('');
+  } catch (error) {
+    fail(error, map);
+  }
+}
+
 function setView(view) {
   state.view = view;
   for (const button of document.querySelectorAll('#tabs button')) button.classList.toggle('active', button.dataset.view === view);
@@ -687,6 +716,7 @@ function setView(view) {
   $('attention-view').hidden = view !== 'attention';
   $('lens-view').hidden = view !== 'lens';
   $('examples-view').hidden = view !== 'examples';
+  $('patching-view').hidden = view !== 'patching';
   $('tree-pane').hidden = view === 'examples';
   $('hover').textContent = '';
 }
@@ -695,6 +725,7 @@ function redraw() {
   if (state.view === 'attention') drawAttention();
   else if (state.view === 'lens') drawLens();
   else if (state.view === 'examples') drawExamples();
+  else if (state.view === 'patching') drawPatching();
   else drawPoint();
 }
 
@@ -783,6 +814,10 @@ async function boot() {
     drawAttention();
   });
   $('head').addEventListener('change', drawAttention);
+  $('patching-form').addEventListener('submit', (event) => {
+    event.preventDefault();
+    drawPatching();
+  });
   $('examples-form').addEventListener('submit', (event) => {
     event.preventDefault();
     drawExamples();
