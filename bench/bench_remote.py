@@ -6,9 +6,10 @@ Prints:
   one length (64) and of mixed lengths (16 to 64, run as padded passes)
 - the same for greedy generate of 16 tokens, each client zeroing its own unit (goal >= 2.5x on the tiny model)
 - bytes for "mean over positions of every layer's residual" against shipping the full activations
+- ``rm.run`` tracing every layer's residual against the same Record probes and a ``recordings()`` fetch
 
 Random models, built here; the server is a real ``neurotap serve`` process on 127.0.0.1.
-Run: python bench/bench_remote.py [overhead] [forward] [generate] [bytes]  (default: all)
+Run: python bench/bench_remote.py [overhead] [forward] [generate] [bytes] [trace]  (default: all)
 """
 
 from __future__ import annotations
@@ -185,12 +186,53 @@ def wire_bytes(folder: str, vocab: int, layers: int) -> None:
         server.stop()
 
 
+def trace_cost(folder: str, vocab: int, layers: int) -> None:
+    """``rm.run`` (one request, the values in its answer) against Record probes and a recordings() fetch."""
+    server = Server(folder)
+    try:
+        with nt.connect(server.url) as rm:
+            ids = torch.randint(0, vocab, (1, 64))
+            residuals = [f"blocks.{i}.resid_post" for i in range(layers)]
+
+            def traced() -> None:
+                rm.run(ids, record="blocks.*.resid_post", outputs=[])
+
+            def probed() -> None:
+                rm.forward(ids, probes=[nt.probe(p, nt.Record()) for p in residuals], outputs=[])
+                rm.recordings()
+                rm.clear_recordings()
+
+            _, trace = rm.run(ids, record="blocks.*.resid_post", outputs=[])
+            probed()
+            rm.forward(ids, probes=[nt.probe(p, nt.Record()) for p in residuals], outputs=[])
+            recorded = rm.recordings()
+            rm.clear_recordings()
+            assert all(torch.equal(trace[p], recorded[p]["record"][0]) for p in residuals)
+            times: dict[str, list[float]] = {"run": [], "probes + recordings()": []}
+            for _ in range(60):  # a, b, b, a: a drifting load cancels out
+                for name, fn in (("run", traced), ("probes + recordings()", probed)):
+                    start = time.perf_counter()
+                    fn()
+                    times[name].append(time.perf_counter() - start)
+                for name, fn in (("probes + recordings()", probed), ("run", traced)):
+                    start = time.perf_counter()
+                    fn()
+                    times[name].append(time.perf_counter() - start)
+            run_ms, probes_ms = (statistics.median(times[k]) * 1000 for k in ("run", "probes + recordings()"))
+            print(
+                f"trace of {layers} residuals, [1, 64]: rm.run {run_ms:.2f} ms, the same Record probes and "
+                f"recordings() {probes_ms:.2f} ms (x{run_ms / probes_ms:.2f})"
+            )
+    finally:
+        server.stop()
+
+
 def main() -> None:
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         tiny = save_model(os.path.join(tmp, "tiny"), hidden=64, layers=2, vocab=128)
         small = save_model(os.path.join(tmp, "small"), hidden=256, layers=6, vocab=2048)
-        wanted = set(sys.argv[1:]) or {"overhead", "forward", "generate", "bytes"}
+        wanted = set(sys.argv[1:]) or {"overhead", "forward", "generate", "bytes", "trace"}
         if "overhead" in wanted:
             overhead(tiny)
         if "forward" in wanted:
@@ -202,6 +244,8 @@ def main() -> None:
             throughput(small, 2048, generate=True)
         if "bytes" in wanted:
             wire_bytes(small, 2048, 6)
+        if "trace" in wanted:
+            trace_cost(small, 2048, 6)
 
 
 if __name__ == "__main__":
