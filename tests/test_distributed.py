@@ -266,6 +266,24 @@ def test_unknown_points_and_points_no_rank_sees_whole(remote):
         remote.forward(ids(9), probes=[nt.probe("model.decoder_layer", nt.Record())])
 
 
+def test_patterns_reach_every_rank_and_traces_are_refused(remote, local):
+    x = ids(12)
+    remote.clear_recordings()
+    remote.forward(x, probes=[nt.probe("model.layers.*.mlp.mul", nt.Record())])
+    local.forward(x, probes=[nt.probe(f"model.layers.{i}.mlp.mul", nt.Record()) for i in range(LAYERS)])
+    got, expected = remote.recordings(), local_recordings(local)
+    assert set(got) == {f"model.layers.{i}.mlp.mul" for i in range(LAYERS)}  # every rank's layers
+    for name in expected:
+        close(got[name]["record"][0], expected[name]["record"][0])
+    assert remote.points("model.layers.*.mlp.mul") == local.points("model.layers.*.mlp.mul")
+    remote.clear_recordings()
+    with pytest.raises(nt.NeurotapError, match="sharded server"):
+        remote.run(x, record="blocks.*.resid_post")
+    with pytest.raises(nt.UnknownPointError, match="no point matches"):
+        remote.forward(x, probes=[nt.probe("model.layers.*.mull", nt.Record())])
+    assert remote.recordings() == {}
+
+
 def test_the_servers_limits_hold(remote):
     with pytest.raises(nt.NeurotapError, match="max_position_embeddings"):
         remote.forward(ids(16, rows=1, length=65))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import neurotap as nt
-from conftest import assert_clean, example_inputs, snapshot_state, tiny_llama
+from conftest import assert_clean, example_inputs, snapshot_state, tiny_llama, toy_by_hand
 
 LAYERS = 2
 
@@ -117,6 +117,17 @@ def test_run_refuses_before_running(llama) -> None:
         llama.run(**inputs, record=[3])
     assert llama.recordings() == {}
     assert_clean(llama.module, state)
+
+
+def test_a_point_that_fires_twice_keeps_every_call(toy) -> None:
+    x = example_inputs("toy")["x"]
+    _, trace = toy.run(x, record=["block.output", "mix.mul"])
+    expected = toy_by_hand(toy.module, x)
+    first, second = trace.calls("block.output")
+    assert torch.equal(first, expected["block_0"]) and torch.equal(second, expected["block_1"])
+    assert torch.equal(trace["mix.mul"], expected["hidden"])
+    with pytest.raises(nt.NeurotapError, match="fired 2 times"):
+        trace["block.output"]
 
 
 def test_trace_lookups_and_repr() -> None:

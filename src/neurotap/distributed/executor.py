@@ -33,7 +33,8 @@ import torch.distributed as dist
 
 from ..errors import NeurotapError, UnknownPointError
 from ..model import Model, wrap
-from ..points import Point, split_narrowing
+from ..model.plan import expand_probes
+from ..points import Inventory, Point, matching, ordered_names, split_narrowing, unknown_point
 from ..points.aliases import find_aliases
 from ..probes import Patch, SaveContext, Skip, probe
 from ..transport.executor import (
@@ -51,7 +52,6 @@ from ..transport.wire import (
     ErrorInfo,
     RunRequest,
     RunResult,
-    WireError,
     decode_request,
     describe_tokenizer,
     encode_request,
@@ -415,6 +415,9 @@ class ShardedExecutor(Executor):
             rank_timeout=rank_timeout,
         )
         self.shape = ModelShape.of(self.local.stage.module)
+        # every rank's points in execution order, for patterns (model.layers.*.output) in requests and points()
+        self.inventory = Inventory()
+        self.inventory.points, self.inventory.aliases = self.local.points, self.local.aliases
         self.rank_timeout = rank_timeout
         self.failed: RankFailedError | None = None
         self.on_failure = on_failure
@@ -505,11 +508,10 @@ class ShardedExecutor(Executor):
     def points(self, prefix: str | None) -> list[dict[str, Any]]:
         points = list(self.local.points.values())
         if prefix:
-            points = [p for p in points if p.name == prefix or p.name.startswith((prefix + ".", prefix + "["))]
+            chosen = set(matching(prefix, self.local.points, prefix=True))
+            points = [p for p in points if p.name in chosen]
             if not points:
-                from ..model.plan import unknown_point
-
-                raise unknown_point(prefix, self.local.points)
+                raise unknown_point(prefix, ordered_names(self.inventory))
         return [p.to_dict() for p in points]
 
     def aliases(self) -> dict[str, str]:
@@ -537,11 +539,17 @@ class ShardedExecutor(Executor):
                 results[index] = RunResult(error=error_info(error))
             else:
                 try:
+                    request.probes = expand_probes(request.probes, self.inventory)  # patterns: one probe per point
+                    if any(spec.trace for spec in request.probes):
+                        raise NeurotapError(
+                            "a sharded server (--ranks) does not send traces back yet: record with probes "
+                            "(nt.probe(point, nt.Record())) and read them with recordings()"
+                        )
                     # every rank runs what these bytes decode to, rank 0 included, so all hold the same request
                     body = encode_request(request)
                     decoded = decode_request(body, allow_code=self.local.allow_code)
                     check_request(decoded, self.limits, self.shape)
-                except WireError as error:  # RequestTooCostlyError included
+                except NeurotapError as error:  # WireError, RequestTooCostlyError and unknown patterns included
                     results[index] = RunResult(error=error_info(error))
                     continue
                 decoded.session, decoded.deadline = request.session, request.deadline
