@@ -13,7 +13,7 @@ def run(*args: str) -> subprocess.CompletedProcess:
 def test_an_unknown_model_is_a_clear_error(tmp_path):
     result = run("points", str(tmp_path / "no-such-model"))
     assert result.returncode == 2
-    assert "neither a built-in model (smollm2-135m) nor a folder with a config.json" in result.stderr
+    assert "is not a built-in model (smollm2-135m), a folder with a config.json, a .gguf file" in result.stderr
     assert "Traceback" not in result.stderr
 
 

