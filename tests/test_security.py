@@ -203,6 +203,32 @@ def test_indices_are_bounded(server, canary, local):
     assert_served(canary, local)
 
 
+def test_sae_top_examples_are_bounded_before_the_pass(server, canary, local):
+    d_in, d_sae = local.module.config.hidden_size, 2048
+    weights = torch.randn(d_in, d_sae, generator=torch.Generator().manual_seed(0))
+    point = "model.layers.1.output"
+
+    def sae(examples: int) -> nt.SAE:
+        return nt.SAE(W_enc=weights, b_enc=torch.zeros(d_sae), W_dec=weights.T, b_dec=torch.zeros(d_in),
+                      examples=examples, record=False)  # fmt: skip
+
+    with nt.connect(server.url, token=ALPHA) as rm:
+        allowed = (1 << 24) // d_sae  # the default --max-selection-elements
+        probes = [nt.probe("model.layers.0.output", nt.Record()), nt.probe(point, sae(allowed + 1))]
+        with pytest.raises(nt.NeurotapError, match=f"--max-selection-elements.*at most {allowed} examples") as caught:
+            rm.forward(ids(9), probes=probes)
+        assert caught.value.status == 413
+        assert rm.recordings() == {}
+        rm.forward(ids(9), probes=[nt.probe(point, sae(2))], outputs=[])
+        with torch.no_grad():
+            local.forward(ids(9), probes=[nt.probe(point, sae(2))])
+        expected = dict(local.recordings()[point])  # a copy: clear_recordings() empties the live one
+        local.clear_recordings()
+        for key in ("sae_top_values", "sae_top_where", "sae_fired"):
+            torch.testing.assert_close(rm.recordings()[point][key], expected[key])
+    assert_served(canary, local)
+
+
 def test_recordings_are_plain_and_capped_server_wide(server, canary, local):
     with nt.connect(server.url, token=ALPHA) as rm:
         with pytest.raises(nt.PatchError, match="saved a DynamicCache") as caught:

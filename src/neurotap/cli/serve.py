@@ -130,7 +130,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--max-selection-elements",
         type=int,
         default=limits.max_selection_elements,
-        help="elements a patch's index= may select beyond the value's own size",
+        help="elements a patch's index= may select beyond the value's own size, a TopK may keep, an SAE's top "
+        "examples may hold (examples x d_sae)",
     )
     group.add_argument("--max-new-tokens", type=int, default=limits.max_new_tokens, help="tokens one generate adds")
     group.add_argument("--max-beams", type=int, default=limits.max_beams, help="num_beams of a generate")

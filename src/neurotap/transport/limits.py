@@ -7,7 +7,8 @@ bounds the work they ask for: :func:`check_request` refuses a request whose
 generation settings, token count or estimated activation memory are over them,
 with an error that says which setting to change. While a request
 runs, :func:`check_selection` bounds what a patch's ``index=`` selects and what
-a ``TopK`` keeps, before the patch allocates it.
+a ``TopK`` keeps, before the patch allocates it; an ``SAE``'s top examples
+(``examples x d_sae``), known from the patch alone, are bounded before the pass.
 
 The memory estimate is deliberately rough (activations of one layer at a time,
 attention scores, logits, the KV cache, the outputs asked for); it exists to
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 
 from ..errors import NeurotapError
+from ..probes import SAE
 from .wire import RunRequest, WireError
 
 MIN_TOKEN_LENGTH = 16
@@ -222,6 +224,14 @@ def check_request(request: RunRequest, limits: Limits, shape: ModelShape) -> int
             f"this request has {len(request.probes)} probes; this server takes {limits.max_probes} (--max-probes): "
             "probe fewer points, or record several values with one probe's index="
         )
+    for spec in request.probes:
+        if isinstance(spec.fn, SAE) and spec.fn.examples * spec.fn.d_sae > limits.max_selection_elements:
+            sae = spec.fn
+            raise RequestTooCostlyError(
+                f"SAE at {spec.point!r}: examples={sae.examples} for its {sae.d_sae} features keeps "
+                f"{sae.examples * sae.d_sae} top examples; this server allows {limits.max_selection_elements} "
+                f"(--max-selection-elements): ask for at most {limits.max_selection_elements // sae.d_sae} examples"
+            )
     for value in [*request.args, *request.kwargs.values()]:
         if isinstance(value, torch.Tensor) and value.numel() > limits.max_input_elements:
             raise RequestTooCostlyError(
@@ -327,7 +337,7 @@ def check_selection(point: str, patch: Any, value: Any, limits: Limits) -> None:
             f"value of shape {tuple(value.shape)}; this server allows {bound} (--max-selection-elements)"
         )
     k = getattr(patch, "k", None)
-    if isinstance(k, int) and value.dim():
+    if isinstance(k, int) and value.dim() and not isinstance(patch, SAE):  # an SAE's k keeps nothing across calls
         try:
             units = value.shape[getattr(patch, "dim", -1)]
         except IndexError:
