@@ -1,12 +1,13 @@
 """End to end: harvest SmolLM2's layer-6 residual, train a small SAE on it, splice it back in.
 
-    python examples/sae_end_to_end.py [--tokens 1000000] [--work sae-work/] [--steps 1500]
+    python examples/sae_end_to_end.py [--tokens 1000000] [--work sae-work/] [--steps 1500] [--ranks 2]
 
 1. Makes a corpus: synthetic English text drawn from a word-level Markov chain over
    neurotap's bundled public-domain-style essays (seeded, so every run makes the same
    text; generated here rather than shipped, so the wheel stays small).
 2. Collects ``model.layers.6.output`` (the residual after layer 6) for ``--tokens``
-   tokens with ``nt.collect`` (float16, sequences of 128).
+   tokens with ``nt.collect`` (float16, sequences of 128); with ``--ranks N``, by
+   ``neurotap collect --ranks N`` with the same settings, which writes the same dataset.
 3. Trains a ReLU SAE (``--expansion`` x 576 features) in plain PyTorch on batches from
    ``ds.stream`` (chunked shuffle): MSE plus an L1 penalty weighted by decoder norms.
 4. Splices it back with ``nt.SAE`` on held-out text and reports the reconstruction
@@ -23,6 +24,8 @@ import argparse
 import json
 import random
 import re
+import subprocess
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -32,7 +35,9 @@ import torch
 import neurotap as nt
 from neurotap.datasets import bundled_corpus
 
+MODEL = "smollm2-135m"
 POINT = "model.layers.6.output"
+SETTINGS = {"seq_len": 128, "batch_size": 8, "dtype": "float16", "shard_mb": 32.0}
 
 
 def synthetic_corpus(path: Path, words: int, seed: int = 0) -> None:
@@ -83,6 +88,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1024)
     parser.add_argument("--l1", type=float, default=3e-3)
     parser.add_argument("--eval-sequences", type=int, default=32)
+    parser.add_argument("--ranks", type=int, default=1, help="collect with this many processes")
     args = parser.parse_args()
     torch.manual_seed(0)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -90,10 +96,17 @@ def main() -> None:
     corpus = args.work / "corpus.jsonl"
     if not corpus.exists():
         synthetic_corpus(corpus, words=int(args.tokens * 1.0) + 20_000)
-    m = nt.load("smollm2-135m")
     started = time.perf_counter()
-    ds = nt.collect(m, [POINT], args.work / "acts", data=corpus, seq_len=128, batch_size=8, tokens=args.tokens,
-                    dtype="float16")  # fmt: skip
+    if args.ranks > 1:  # the command line's parallel collection; nt.collect below then finds it complete
+        subprocess.run(
+            [sys.executable, "-m", "neurotap.cli", "collect", "--model", MODEL, "--points", POINT,
+             "--data", str(corpus), "--out", str(args.work / "acts"), "--tokens", str(args.tokens),
+             "--seq-len", str(SETTINGS["seq_len"]), "--batch", str(SETTINGS["batch_size"]),
+             "--dtype", SETTINGS["dtype"], "--shard-mb", str(SETTINGS["shard_mb"]), "--ranks", str(args.ranks)],
+            check=True,
+        )  # fmt: skip
+    m = nt.load(MODEL)
+    ds = nt.collect(m, [POINT], args.work / "acts", data=corpus, tokens=args.tokens, model_name=MODEL, **SETTINGS)
     print(f"collected {len(ds):,} tokens in {time.perf_counter() - started:.0f} s: {ds}")
 
     d_in = ds.shapes[POINT][0]
