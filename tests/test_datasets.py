@@ -380,6 +380,26 @@ def test_top_examples_match_a_brute_force_search(model: nt.Model, tmp_path: Path
         ds.top_examples(MUL1, 128)
 
 
+def test_topk_locations_map_back_to_the_examples_top_examples_gives(model: nt.Model, tmp_path: Path) -> None:
+    ds = collect(model, [MUL1], tmp_path / "acts", seq_len=32, batch_size=4, tokens=2048, progress=False)
+    batch = 3  # not the collection's batch size: the mapping needs only how the sequences were fed
+    model.clear_recordings()
+    with torch.no_grad():
+        for ids in ds.read("tokens").long().view(-1, ds.seq_len).split(batch):
+            model.forward(ids, probes=[nt.probe(MUL1, nt.TopK(k=6))])
+    saved = dict(model.recordings()[MUL1])
+    model.clear_recordings()
+    for unit in (3, 77, 100):
+        examples = ds.top_examples(MUL1, unit, k=6)
+        where, values = saved["topk_where"][:, unit].tolist(), saved["topk_values"][:, unit].tolist()
+        mapped = [ds.example((call * batch + row) * ds.seq_len + position) for call, row, position in where]
+        assert [(e.row, e.before, e.text, e.after) for e in mapped] == [
+            (e.row, e.before, e.text, e.after) for e in examples
+        ]
+        assert [(e.sequence, e.position) for e in examples] == [(c * batch + r, p) for c, r, p in where]
+        np.testing.assert_allclose(values, [e.value for e in examples], rtol=1e-5, atol=1e-6)
+
+
 def test_jsonl_and_parquet_give_the_same_dataset_as_text(model: nt.Model, tmp_path: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -458,6 +458,11 @@ class ActivationDataset:
 
         ``unit`` indexes the point's per-token shape (an int, or a tuple for
         shapes of more than one dimension). Ties go to the earlier row.
+
+        Each example's ``sequence`` and ``position`` are those of ``nt.TopK``'s
+        ``where`` (call, batch row, position) over the dataset's sequences fed in
+        order, ``batch_size`` at a time: sequence ``call * batch_size + row``, and
+        ``self.example(sequence * self.seq_len + position)`` is the same example.
         """
         self._entry(point)
         if k < 1:
