@@ -471,10 +471,17 @@ def test_patterns_collect_every_match_in_layer_order(model: nt.Model, tmp_path: 
     assert not (tmp_path / "q").exists()
 
 
-def test_running_out_of_data_ends_the_collection_early(model: nt.Model, tmp_path: Path) -> None:
-    ds = collect(model, [LAYER0], tmp_path / "acts", seq_len=64, batch_size=8, shard_mb=0.4, progress=False)
+def test_running_out_of_data_ends_the_collection_early(
+    model: nt.Model, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    ds = collect(model, [LAYER0], tmp_path / "acts", seq_len=64, batch_size=8, shard_mb=0.4)
     total = sum(len(model.tokenizer(p, add_special_tokens=False)["input_ids"]) + 1 for p in _paragraphs())
     assert len(ds) == total // 63 * 64 and ds.manifest["exhausted"] and ds.complete
+    # without a token count the progress bar has a total (so an ETA), estimated from the corpus size
+    bar = capsys.readouterr().err.split("\r")[1]
+    assert "estimated from the corpus size" in bar, bar
+    estimate = float(re.search(r"/([\d.]+)k ", bar)[1]) * 1000
+    assert abs(estimate - len(ds)) < 0.1 * len(ds), (estimate, len(ds))
     again = collect(model, [LAYER0], tmp_path / "acts", seq_len=64, batch_size=8, shard_mb=0.4, progress=False)
     assert len(again) == len(ds)
 

@@ -400,6 +400,28 @@ def test_cli_refuses_an_output_it_cannot_write(tmp_path: Path) -> None:
             folder.chmod(0o755)
 
 
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (("--data", "missing.txt"), "does not exist"),
+        (("--data", "no-field.jsonl"), "has no text field 'text'"),
+        (("--data", "latin1.txt"), "is not UTF-8 text"),
+        (("--seq-len", "1"), "seq_len must be at least 2"),
+        (("--batch", "0"), "batch_size must be at least 1"),
+        (("--tokens", "0"), "tokens must be positive"),
+        (("--shard-mb", "0"), "shard_mb must be positive"),
+        (("--data", "missing.txt", "--ranks", "2"), "does not exist"),  # before any rank is launched
+    ],
+)
+def test_cli_checks_data_and_sizes_before_loading_the_model(tmp_path: Path, args: tuple, says: str) -> None:
+    (tmp_path / "no-field.jsonl").write_text('{"body": "words"}\n')
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
+    args = tuple(str(tmp_path / a) if a.endswith((".txt", ".jsonl")) else a for a in args)
+    result = _neurotap_collect(*NO_MODEL, "--out", str(tmp_path / "acts"), *args)
+    _assert_one_line_error(result, says)
+    assert not (tmp_path / "acts").exists()
+
+
 def test_cli_refuses_a_seq_len_beyond_the_models_positions(tiny: Path, tmp_path: Path) -> None:  # noqa: F811
     result = _neurotap_collect("--model", str(tiny), "--seq-len", "4096", "--out", str(tmp_path / "acts"))
     _assert_one_line_error(result, "seq_len 4096 is longer than the model's 2048 positions")

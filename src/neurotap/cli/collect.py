@@ -63,14 +63,18 @@ def _arguments(args: argparse.Namespace) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     from ..datasets import collect, parallel
-    from ..datasets.collect import check_out_folder
+    from ..datasets.collect import check_seq_len, check_settings
     from ..errors import NeurotapError
 
     points = [p.strip() for p in args.points.split(",") if p.strip()]
     model = None
     distributed = parallel.launched_by_torchrun()
     try:
-        check_out_folder(Path(args.out))  # a mistyped --out should not cost a model load first
+        # a mistyped --out, an unreadable --data or a bad size should not cost a model load (or N) first
+        check_settings(points, args.out, args.data, args.text_field, args.seq_len, args.batch, args.tokens,
+                       args.dtype, args.shard_mb)  # fmt: skip
+        if args.server is None:
+            check_seq_len(args.seq_len, _config(args.model).get("max_position_embeddings"))
         if args.ranks != 1 and not distributed:
             return parallel.launch(_arguments(args), args.ranks)
         model, tokenizer = _model(args)
@@ -126,6 +130,20 @@ def _model(args: argparse.Namespace):
         # the server runs the model; only its tokenizer is needed here
         tokenizer = model_layer.load(args.model).tokenizer
     return remote, tokenizer
+
+
+def _config(name: str) -> dict:
+    """The model's config.json where it is already on disk (a folder, or the built-in model's cache); else {}."""
+    import json
+
+    from ..model.load import BUILTIN, cache_dir
+
+    path = (cache_dir() / name if name in BUILTIN else Path(name)) / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}  # loading the model reports what is wrong with it
+    return config if isinstance(config, dict) else {}
 
 
 def _tokenizer(folder: str):

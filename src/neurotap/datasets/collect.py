@@ -25,7 +25,16 @@ from ..errors import NeurotapError
 from ..model import Model
 from ..points import is_pattern, matching, unknown_point
 from ..probes import Record, probe
-from .corpus import Document, Packed, Packer, read_documents, resolve_sources, tokenizer_description
+from .corpus import (
+    Document,
+    Packed,
+    Packer,
+    Source,
+    estimate_tokens,
+    read_documents,
+    resolve_sources,
+    tokenizer_description,
+)
 from .format import (
     DTYPES,
     FORMAT,
@@ -109,7 +118,10 @@ def collect(
                 if resumed:
                     _check_shapes(folder, manifest, _model_shapes(runner, documents(), tokenizer, seq_len))
                 packer = _resume(folder, manifest, documents(), tokenizer)
-                _Collection(folder, manifest, runner, packer, progress).run()
+                expected = None
+                if progress and tokens is None:  # a total for the progress bar's ETA
+                    expected = estimate_tokens(job.sources, tokenizer, seq_len, text_field)
+                _Collection(folder, manifest, runner, packer, progress, expected).run()
             elif progress:
                 print(
                     f"{folder} already holds this collection, complete: {manifest['tokens']:,} tokens", file=sys.stderr
@@ -128,6 +140,7 @@ class Job:
     settings: dict[str, Any]
     documents: Any  # () -> Iterator[Document], restarted for each pass over the data
     tokenizer: Any
+    sources: list[Source]
 
 
 def prepare(
@@ -145,16 +158,14 @@ def prepare(
     model_name: str | None,
 ) -> Job:
     points = [points] if isinstance(points, str) else list(points)
-    _check_arguments(points, seq_len, batch_size, tokens, dtype, shard_mb)
+    sources = check_settings(points, out, data, text_field, seq_len, batch_size, tokens, dtype, shard_mb)
     points = _expanded(model, points)
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     if tokenizer is None:
         raise DatasetError("collect needs a tokenizer: the model has none, so pass tokenizer=...")
     folder = Path(out)
-    check_out_folder(folder)
     runner = _runner(model, points, dtype)  # before any folder is made: an unknown point leaves nothing behind
-    _check_positions(model, seq_len)
-    sources = resolve_sources(data)
+    check_seq_len(seq_len, _max_positions(model))
     settings = {
         "model": model_name or _model_label(model),
         "points": points,
@@ -168,7 +179,7 @@ def prepare(
         "tokenizer": tokenizer_description(tokenizer),
     }
     settings = json.loads(json.dumps(settings))  # as the manifest will hold them: tuples become lists
-    return Job(folder, runner, settings, lambda: read_documents(sources, text_field), tokenizer)
+    return Job(folder, runner, settings, lambda: read_documents(sources, text_field), tokenizer, sources)
 
 
 RANK_MANIFEST = re.compile(r"manifest\.rank-(\d+)\.json")
@@ -216,8 +227,37 @@ def check_out_folder(folder: Path) -> None:
     os.unlink(probe)
 
 
-def _check_positions(model: Any, seq_len: int) -> None:
-    positions = _max_positions(model)
+def check_settings(
+    points: list[str],
+    out: str | Path,
+    data: Any,
+    text_field: str,
+    seq_len: int,
+    batch_size: int,
+    tokens: int | None,
+    dtype: str,
+    shard_mb: float,
+) -> list[Source]:
+    """Check what a collection can be checked for without its model; the data's sources.
+
+    Sizes and dtype, the output folder, and the data: every file exists, is of a
+    known kind, and yields its first document (readable, UTF-8, the text field there).
+    """
+    _check_arguments(points, seq_len, batch_size, tokens, dtype, shard_mb)
+    check_out_folder(Path(out))
+    sources = resolve_sources(data)
+    for source in sources:
+        try:
+            next(read_documents([source], text_field), None)
+        except OSError as error:
+            raise DatasetError(f"cannot read the data file {source.path}: {error.strerror or error}") from None
+        except UnicodeDecodeError as error:
+            raise DatasetError(f"{source.path} is not UTF-8 text: {error}") from None
+    return sources
+
+
+def check_seq_len(seq_len: int, positions: Any) -> None:
+    """Refuse sequences longer than the model's positions (``max_position_embeddings``), where it says."""
     if isinstance(positions, int) and not isinstance(positions, bool) and seq_len > positions:
         raise DatasetError(
             f"seq_len {seq_len} is longer than the model's {positions} positions (max_position_embeddings in its "
@@ -615,6 +655,7 @@ class _Collection:
         runner: _LocalRunner | _RecordingRunner,
         packer: Packer,
         progress: bool,
+        expected: int | None = None,
     ) -> None:
         self.folder = folder
         self.manifest = manifest
@@ -630,6 +671,7 @@ class _Collection:
         dtype = DTYPES[settings["dtype"]]
         self.buffers = {p: torch.empty((rows, *shape), dtype=dtype) for p, shape in manifest["shapes"].items()}
         self.progress = progress
+        self.expected = expected  # tokens, estimated from the corpus size, when no count was asked for
 
     def run(self) -> None:
         manifest = self.manifest
@@ -662,8 +704,11 @@ class _Collection:
             return None
         from tqdm.auto import tqdm
 
-        total = None if self.total_sequences is None else self.total_sequences * self.seq_len
-        return tqdm(total=total, initial=initial, unit="tok", unit_scale=True, desc="collect", file=sys.stderr)
+        if self.total_sequences is not None:
+            total, desc = self.total_sequences * self.seq_len, "collect"
+        else:
+            total, desc = self.expected, "collect (total estimated from the corpus size)"
+        return tqdm(total=total, initial=initial, unit="tok", unit_scale=True, desc=desc, file=sys.stderr)
 
     def _shard(self, index: int, wanted: int, bar: Any) -> tuple[int, int]:
         """Fill and write shard ``index``; returns its size in bytes and how many sequences it holds."""
@@ -696,6 +741,8 @@ class _Collection:
             sequences += count
             if bar is not None:
                 bar.update(count * self.seq_len)
+                if bar.total is not None and bar.n > bar.total:  # an estimate that fell short
+                    bar.total = bar.n
             if count < asked:
                 break  # the data ran out inside this batch
         if sequences == 0:

@@ -37,6 +37,7 @@ SUFFIXES = {
 }
 BUNDLED = Path(__file__).with_name("corpus")
 _TOKENISE_GROUP = 64  # documents per tokenizer call: the fast tokenizers work through a list in parallel
+_ESTIMATE_SAMPLE = 256  # documents tokenised to estimate a corpus's token count from its size
 
 
 def bundled_corpus() -> Path:
@@ -165,6 +166,34 @@ def _parquet_rows(path: Path, field: str) -> Iterator[tuple[int, str]]:
                 raise DatasetError(f"{path} column {field!r} holds {type(text).__name__} values, not text")
             yield row, text or ""
             row += 1
+
+
+def estimate_tokens(sources: Sequence[Source], tokenizer: Any, seq_len: int, text_field: str = "text") -> int:
+    """About how many tokens packing all of ``sources`` gives, from their sizes and a tokenised sample.
+
+    The first documents give tokens per byte of file (per row for Parquet, whose
+    bytes are compressed); the rest of the corpus is assumed to be alike.
+    """
+    sampled_bytes, sampled_rows, sampled_tokens = 0, 0, 0
+    for document in read_documents(sources, text_field):
+        ids = tokenizer(document.text, add_special_tokens=False)["input_ids"]
+        sampled_tokens += len(ids) + 1  # and its EOS
+        sampled_bytes += len(document.text.encode()) + 1  # and the newline or blank line around it
+        sampled_rows += 1
+        if sampled_rows == _ESTIMATE_SAMPLE:
+            break
+    if not sampled_rows:
+        return 0
+    stream = 0.0
+    for source in sources:
+        if source.kind == "parquet":
+            import pyarrow.parquet as parquet
+
+            stream += parquet.ParquetFile(source.path).metadata.num_rows * sampled_tokens / sampled_rows
+        else:
+            stream += source.path.stat().st_size * sampled_tokens / sampled_bytes
+    sequences = int(stream // (seq_len - 1))  # each sequence is a BOS and seq_len - 1 tokens of the stream
+    return sequences * seq_len
 
 
 def special_token(tokenizer: Any, which: str) -> tuple[int, str] | None:

@@ -18,6 +18,7 @@ on the loopback interface; across machines, run
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
 import socket
@@ -39,9 +40,10 @@ from .collect import (
     _new_manifest,
     _open_manifest,
     _verify_listed_shards,
+    collect,
     prepare,
 )
-from .corpus import Packer
+from .corpus import Packer, estimate_tokens
 from .format import (
     FORMAT,
     FORMAT_VERSION,
@@ -97,31 +99,18 @@ def rank_manifest_name(rank: int) -> str:
     return f"manifest.rank-{rank}.json"
 
 
-def collect_rank(
-    model: Any,
-    points: Any,
-    out: str | Path,
-    *,
-    data: Any = None,
-    text_field: str = "text",
-    seq_len: int = 128,
-    batch_size: int = 8,
-    tokens: int | None = None,
-    dtype: str = "float32",
-    shard_mb: float = 256.0,
-    tokenizer: Any = None,
-    model_name: str | None = None,
-    progress: bool = True,
-) -> ActivationDataset | None:
-    """This rank's part of a parallel ``collect`` (same arguments); rank 0 returns the merged dataset."""
+def collect_rank(model: Any, points: Any, out: str | Path, **options: Any) -> ActivationDataset | None:
+    """This rank's part of a parallel :func:`~neurotap.datasets.collect` (the same arguments); rank 0 returns
+    the merged dataset."""
     import torch.distributed as dist
 
+    arguments = inspect.signature(collect).bind(model, points, out, **options)
+    arguments.apply_defaults()
+    settings = dict(arguments.arguments)
+    progress = settings.pop("progress")
     dist.init_process_group("gloo")
     try:
-        return _Rank(dist, dist.get_rank(), dist.get_world_size()).run(
-            model, points, out, data, text_field, seq_len, batch_size, tokens, dtype, shard_mb, tokenizer, model_name,
-            progress,
-        )  # fmt: skip
+        return _Rank(dist, dist.get_rank(), dist.get_world_size()).run(settings, progress)
     finally:
         dist.destroy_process_group()
 
@@ -150,10 +139,9 @@ class _Rank:
         else:
             self.agree(None)
 
-    def run(self, model: Any, points: Any, out: Any, *arguments: Any) -> ActivationDataset | None:
-        *collect_arguments, progress = arguments
+    def run(self, settings: dict[str, Any], progress: bool) -> ActivationDataset | None:
         with self.step():
-            job = prepare(model, points, out, *collect_arguments)
+            job = prepare(**settings)
         folder = job.folder
         with contextlib.ExitStack() as stack:
             with self.step():
@@ -166,9 +154,7 @@ class _Rank:
             with self.step():
                 if self.rank:
                     stack.enter_context(_lock_file(folder / f".lock.rank-{self.rank}", folder))
-                manifest = read_manifest(folder)
-                if manifest["settings"] != job.settings:
-                    raise DatasetError(f"{folder} holds a collection made with other settings; collect elsewhere")
+                manifest = _open_manifest(folder, job.settings)
                 if not manifest["complete"]:
                     shapes = _model_shapes(job.runner, job.documents(), job.tokenizer, job.settings["seq_len"])
                     _check_shapes(folder, manifest, shapes)
@@ -302,6 +288,16 @@ class _Work:
             )
         return packer, last["index"] + 1
 
+    def _share(self) -> int:
+        """The tokens this rank writes in all, from the count asked for or else from the corpus size."""
+        sequences = self.total
+        if sequences is None:
+            job = self.job
+            sequences = estimate_tokens(job.sources, job.tokenizer, self.seq_len, job.settings["text_field"])
+            sequences //= self.seq_len
+        starts = range(self.rank * self.per_shard, sequences, self.world_size * self.per_shard)
+        return sum(min(self.per_shard, sequences - first) for first in starts) * self.seq_len
+
     def run(self) -> None:
         if self.mine["exhausted"]:
             return
@@ -311,7 +307,11 @@ class _Work:
         if self.progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(unit="tok", unit_scale=True, desc=f"collect, rank 0 of {self.world_size}", file=sys.stderr)
+            done = sum(entry["tokens"] for entry in self.mine["shards"])
+            bar = tqdm(
+                total=self._share(), initial=done, unit="tok", unit_scale=True, file=sys.stderr,
+                desc=f"collect, rank 0 of {self.world_size}" + (" (estimated)" if self.total is None else ""),
+            )  # fmt: skip
         try:
             with self.job.runner.active():
                 while True:
