@@ -10,12 +10,12 @@
    ``neurotap collect --ranks N`` with the same settings, which writes the same dataset.
 3. Trains a ReLU SAE (``--expansion`` x 576 features) in plain PyTorch on batches from
    ``ds.stream`` (chunked shuffle): MSE plus an L1 penalty weighted by decoder norms.
-4. Splices it back with ``nt.SAE`` on held-out text and reports the reconstruction
+4. Saves it in SAELens's layout (``sae/cfg.json``, ``sae/sae_weights.safetensors``), splices
+   it back with ``nt.SAE`` on held-out text and reports the reconstruction
    MSE, the fraction of variance explained, L0 (active features per token), and the
    next-token loss of the model without and with the SAE in place.
 
-Every step resumes: collection carries on after a kill, and a finished collection
-is reused.
+The collection resumes: it carries on after a kill, and a finished one is reused.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 import neurotap as nt
 from neurotap.datasets import bundled_corpus
@@ -107,7 +108,7 @@ def main() -> None:
         )  # fmt: skip
     m = nt.load(MODEL)
     ds = nt.collect(m, [POINT], args.work / "acts", data=corpus, tokens=args.tokens, model_name=MODEL, **SETTINGS)
-    print(f"collected {len(ds):,} tokens in {time.perf_counter() - started:.0f} s: {ds}")
+    print(f"{ds}, ready after {time.perf_counter() - started:.0f} s")
 
     d_in = ds.shapes[POINT][0]
     # the BOS position's residual is huge and the same everywhere; SAEs are trained without it
@@ -143,6 +144,12 @@ def main() -> None:
             b_dec=sae.b_dec * scale,
             index=(slice(None), slice(1, None)),
         )
+    # saved in SAELens's layout, which nt.SAE.load (and SAELens) read back
+    (args.work / "sae").mkdir(exist_ok=True)
+    weights = {name: getattr(patch, name).contiguous() for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
+    save_file(weights, args.work / "sae" / "sae_weights.safetensors")
+    config = {"architecture": "standard", "d_in": d_in, "d_sae": patch.d_sae, "hook_name": "blocks.6.hook_resid_post"}
+    (args.work / "sae" / "cfg.json").write_text(json.dumps(config))
 
     held_out = args.work / "held-out.jsonl"
     synthetic_corpus(held_out, words=args.eval_sequences * 128, seed=1)
