@@ -694,7 +694,7 @@ async function drawPatching() {
     if (ticket !== state.drawing) return;
     const labels = result.tokens.map(shortLabel);
     heatmap(map, result.values, {
-      rowLabels: result.points,
+      rowLabels: result.points.map((point) => point.replace(/\.resid_post$/, '')), // blocks.N: the row is layer N's output
       colLabels: labels,
       signed: false,
       attrs: { target: String(result.target) },
