@@ -106,10 +106,10 @@ def main() -> None:
         browser.find_element(By.CSS_SELECTOR, "#login-form button").click()
         WebDriverWait(browser, 60).until(lambda b: b.find_elements(By.CSS_SELECTOR, "#tokens .token"))
 
-        for group in ("layers", "0", "self_attn"):  # open the tree down to layer 0's attention
+        for group in ("layers", "0", "self_attn", "o_proj"):  # open the tree down to layer 0's attention output
             summaries = browser.find_elements(By.XPATH, f"//details[not(@open)]/summary[text()='{group}']")
             summaries[0].click()
-        point = "model.layers.0.self_attn.o_proj"
+        point = "model.layers.0.self_attn.o_proj.output"
         row = browser.find_element(By.CSS_SELECTOR, f'#tree .point[data-name="{point}"]')
         row.click()
         ready(browser, "point-map", point)

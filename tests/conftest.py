@@ -99,7 +99,7 @@ _LLAMA_LIKE = dict(
 class Arch:
     """One architecture and where its parts are, for the hand computations.
 
-    ``mlp_point`` is the op point holding the MLP hidden activation (the value the
+    ``mlp_point`` is the point holding the MLP hidden activation (the value the
     down projection reads); ``mlp_consumer`` is the module that reads it, so a plain
     PyTorch hook on that module's input sees the same tensor.
     """
@@ -117,7 +117,7 @@ ARCHS = {
         "gpt2",
         _hf("GPT2Config", "GPT2LMHeadModel", n_embd=HIDDEN, n_layer=2, n_head=4, n_positions=64),
         "gpt2",
-        "transformer.h.0.mlp.act",
+        "transformer.h.0.mlp.act.output",
         "transformer.h.0.mlp.c_proj",
         True,
     ),
@@ -156,7 +156,7 @@ ARCHS = {
             num_attention_heads=4,
         ),
         "gpt_neox",
-        "gpt_neox.layers.0.mlp.act",
+        "gpt_neox.layers.0.mlp.act.output",
         "gpt_neox.layers.0.mlp.dense_4h_to_h",
         True,
     ),
@@ -179,7 +179,7 @@ ARCHS = {
             num_attention_heads=4,
         ),
         "bert",
-        "encoder.layer.0.intermediate.intermediate_act_fn",
+        "encoder.layer.0.intermediate.intermediate_act_fn.output",
         "encoder.layer.0.output.dense",
         False,
     ),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -21,6 +22,7 @@ from conftest import (
     toy_by_hand,
     wrap_tiny,
 )
+from neurotap.points import static_inventory
 
 ATOL = 1e-6
 RTOL = 1e-5
@@ -126,7 +128,7 @@ def _hand_llama(module, rec):
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     probs = _causal_softmax(q, k, attn.scaling)
     return {
-        "model.layers.0.mlp.act_fn": gate,
+        "model.layers.0.mlp.act_fn.output": gate,
         "model.layers.0.mlp.mul": product,
         "model.layers.0.self_attn.attention_interface.softmax": probs,
     }
@@ -144,8 +146,8 @@ def _hand_gpt2(module, rec):
     q, k = _heads(q, attn.head_dim), _heads(k, attn.head_dim)
     probs = _causal_softmax(q, k, attn.head_dim**-0.5)
     return {
-        "transformer.h.0.mlp.c_fc": pre,
-        "transformer.h.0.mlp.act": gelu_new,
+        "transformer.h.0.mlp.c_fc.output": pre,
+        "transformer.h.0.mlp.act.output": gelu_new,
         "transformer.h.0.attn.attention_interface.softmax": probs,
     }
 
@@ -163,7 +165,7 @@ def _hand_gpt_neox(module, rec):
     assert cos.shape[-1] < attn.head_size  # partial rotary: the hand version must split
     probs = _causal_softmax(_rotate(q, cos, sin), _rotate(k, cos, sin), attn.scaling)
     return {
-        "gpt_neox.layers.0.mlp.act": act,
+        "gpt_neox.layers.0.mlp.act.output": act,
         "gpt_neox.layers.0.attention.attention_interface.softmax": probs,
     }
 
@@ -179,7 +181,7 @@ def _hand_bert(module, rec):
     k = _heads(F.linear(h, attn.key.weight, attn.key.bias), attn.attention_head_size)
     probs = _causal_softmax(q, k, attn.attention_head_size**-0.5, causal=False)
     return {
-        "encoder.layer.0.intermediate.intermediate_act_fn": act,
+        "encoder.layer.0.intermediate.intermediate_act_fn.output": act,
         "encoder.layer.0.attention.self.attention_interface.softmax": probs,
     }
 
@@ -199,23 +201,31 @@ def _hand_toy(module, rec):
 HAND = {  # family: (points the computation starts from, points it predicts, computation)
     "llama": (
         ("model.layers.0.mlp.input", "model.layers.0.self_attn.input"),
-        ("model.layers.0.mlp.act_fn", "model.layers.0.mlp.mul", "model.layers.0.self_attn.attention_interface.softmax"),
+        (
+            "model.layers.0.mlp.act_fn.output",
+            "model.layers.0.mlp.mul",
+            "model.layers.0.self_attn.attention_interface.softmax",
+        ),
         _hand_llama,
     ),
     "gpt2": (
         ("transformer.h.0.mlp.input", "transformer.h.0.attn.input"),
-        ("transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.act", "transformer.h.0.attn.attention_interface.softmax"),
+        (
+            "transformer.h.0.mlp.c_fc.output",
+            "transformer.h.0.mlp.act.output",
+            "transformer.h.0.attn.attention_interface.softmax",
+        ),
         _hand_gpt2,
     ),
     "gpt_neox": (
         ("gpt_neox.layers.0.mlp.input", "gpt_neox.layers.0.attention.input"),
-        ("gpt_neox.layers.0.mlp.act", "gpt_neox.layers.0.attention.attention_interface.softmax"),
+        ("gpt_neox.layers.0.mlp.act.output", "gpt_neox.layers.0.attention.attention_interface.softmax"),
         _hand_gpt_neox,
     ),
     "bert": (
         ("encoder.layer.0.intermediate.input", "encoder.layer.0.attention.self.input"),
         (
-            "encoder.layer.0.intermediate.intermediate_act_fn",
+            "encoder.layer.0.intermediate.intermediate_act_fn.output",
             "encoder.layer.0.attention.self.attention_interface.softmax",
         ),
         _hand_bert,
@@ -396,10 +406,21 @@ def test_core_module_points_name_module_values(arch: Arch) -> None:
             assert (points[name].kind, points[name].module) == (kind, path), name
 
 
+def test_core_a_submodule_call_is_listed_once_as_that_modules_points(arch: Arch) -> None:
+    model = wrap_tiny(arch.name)
+    # BERT names submodules "output": encoder.layer.0.output is layer 0's output point as well as that module's path
+    modules = {path for path, _ in model.module.named_modules() if path and not path.endswith((".input", ".output"))}
+    static = static_inventory(model.module)  # from the code alone, as for a module without an example input
+    for listing in (model.points().names(), model.inventory().static, static.points):
+        assert listing and modules.isdisjoint(listing)  # no op point reads like a module path
+    with pytest.raises(nt.UnknownPointError, match=r"is a module, not a point.*\.output"):
+        model.forward(**example_inputs(arch.name), probes=[nt.probe(sorted(modules)[0], nt.Record())])
+
+
 def test_core_points_describe_themselves(arch: Arch) -> None:
     model = wrap_tiny(arch.name)
     point = next(p for p in model.points() if p.name == arch.mlp_point)
-    assert point.kind == "op"
+    assert point.kind == ("output" if arch.mlp_point.endswith(".output") else "op")
     assert point.type == "Tensor" and point.dtype == "float32"
     assert point.shape is not None and point.shape[-1] > 3
     assert nt.Point.from_dict(point.to_dict()) == point

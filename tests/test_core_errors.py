@@ -446,7 +446,7 @@ def test_core_unreadable_forward_keeps_module_points(make, nested) -> None:
     assert {f"{prefix}input", f"{prefix}inner.input", f"{prefix}inner.output", f"{prefix}output"} <= set(names)
     assert not any(n.startswith(f"{prefix}mul") or n.startswith(f"{prefix}add") for n in names)
     if nested:
-        assert {"hidden", "out", "sub"} <= set(names)  # Outer's own ops are still there
+        assert "sub" in names  # Outer's own ops are still there
     with torch.no_grad():
         inner = hidden.inner(x)
         inner[..., 1] = 0.0

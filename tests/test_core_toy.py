@@ -24,11 +24,11 @@ def test_core_loop_calls_are_counted_and_patched_separately(toy) -> None:
         return value * -1.0 if ctx.call == 1 else None
 
     with torch.no_grad():
-        output = toy.forward(x=x, probes=[nt.probe("add", second_only), nt.probe("block", nt.Record())])
+        output = toy.forward(x=x, probes=[nt.probe("add", second_only), nt.probe("block.output", nt.Record())])
         steps = toy_by_hand(module, x)
         expected = _finish(module, -(steps["loop_0"] + module.block(steps["loop_0"])))
     assert calls == [0, 1]
-    recorded = toy.recordings()["block"]["record"]
+    recorded = toy.recordings()["block.output"]["record"]
     assert len(recorded) == 2
     assert torch.equal(recorded[0], steps["block_0"])
     assert torch.equal(recorded[1], steps["block_1"])

@@ -265,7 +265,7 @@ def test_an_in_place_method_statement_takes_a_patch(x):
     torch.manual_seed(0)
     module = InPlace()
     model = nt.wrap(module, example=x)
-    assert {"lin", "mul_", "add_", "add__1", "tanh"} <= set(model.points().names())
+    assert {"lin.output", "mul_", "add_", "add__1", "tanh"} <= set(model.points().names())
     with torch.no_grad():
         expected = by_hand_in_place(module, x)
         assert torch.equal(model(x), expected)

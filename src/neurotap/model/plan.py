@@ -312,6 +312,8 @@ def attach_taps(
             attachment.on_input(module, fire)
         elif point.kind == "output":
             attachment.on_output(module, fire)
+        elif point.kind == "argument":
+            attachment.on_argument(module, point.scope[0], fire)
         else:
             frame = frames.get(point.module)
             if frame is None:

@@ -13,6 +13,7 @@ import inspect
 import types
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -107,25 +108,62 @@ class _Chained:
         return self.second(self.first(value))
 
 
-_first_parameter: dict[type, str | None] = {}
+ARGUMENTS = "args"  # P.args.NAME: the argument NAME of module P's forward, however it is passed
 
 
-def first_parameter(module: torch.nn.Module) -> str | None:
-    """Name of the first argument of ``forward`` (after self), for keyword calls."""
+@dataclass(frozen=True)
+class Signature:
+    """The parameters of a module's ``forward`` that a call can pass (after self)."""
+
+    first: str | None  # the input point's parameter
+    others: tuple[str, ...]  # the argument points', in the signature's order
+    positions: dict[str, int]  # where each may come positionally (index into the call's args)
+    any_keyword: bool  # **kwargs: keywords outside the signature are arguments too
+
+
+_signatures: dict[type, Signature] = {}
+
+
+def signature(module: torch.nn.Module) -> Signature:
     cls = type(module)
-    if cls not in _first_parameter:
+    if cls not in _signatures:
         try:
             params = list(inspect.signature(cls.forward).parameters.values())[1:]
         except (TypeError, ValueError):
             params = []
+        P = inspect.Parameter
+        named = [p for p in params if p.kind in (P.POSITIONAL_ONLY, P.POSITIONAL_OR_KEYWORD, P.KEYWORD_ONLY)]
+        positional = [p.name for p in params if p.kind in (P.POSITIONAL_ONLY, P.POSITIONAL_OR_KEYWORD)]
         # a keyword-only first parameter (forward(self, *, x)) is the input too: it can only come by keyword
-        kinds = (
-            inspect.Parameter.POSITIONAL_ONLY,
-            inspect.Parameter.POSITIONAL_OR_KEYWORD,
-            inspect.Parameter.KEYWORD_ONLY,
+        first = named[0].name if params and params[0] in named else None
+        _signatures[cls] = Signature(
+            first=first,
+            others=tuple(p.name for p in named if p.name != first),
+            positions={name: index for index, name in enumerate(positional)},
+            any_keyword=any(p.kind == P.VAR_KEYWORD for p in params),
         )
-        _first_parameter[cls] = params[0].name if params and params[0].kind in kinds else None
-    return _first_parameter[cls]
+    return _signatures[cls]
+
+
+def first_parameter(module: torch.nn.Module) -> str | None:
+    """Name of the first argument of ``forward`` (after self), for keyword calls."""
+    return signature(module).first
+
+
+def passed_arguments(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The arguments of one call other than the input, by parameter name, in the signature's order."""
+    found = signature(module)
+    passed = []
+    for name in found.others:
+        position = found.positions.get(name)
+        if name in kwargs:
+            passed.append((name, kwargs[name]))
+        elif position is not None and position < len(args):
+            passed.append((name, args[position]))
+    if found.any_keyword:
+        known = {found.first, *found.others}
+        passed.extend((name, value) for name, value in kwargs.items() if name not in known)
+    return passed
 
 
 _MISSING = object()
@@ -232,6 +270,34 @@ class Attachment:
                     kwargs = {**kwargs, keyword: value}
                     return args, kwargs
             return None
+
+        self._claim(module)
+        self._handles.append(module.register_forward_pre_hook(_ours(pre_hook), with_kwargs=True))
+
+    def on_argument(self, module: torch.nn.Module, name: str, fire: Fire) -> None:
+        """``fire`` the argument ``name`` of each call of ``module`` that passes it, positionally or by keyword."""
+        position = signature(module).positions.get(name)
+
+        def pre_hook(_module: Any, args: tuple, kwargs: dict) -> Any:
+            if name in kwargs:
+                original = kwargs[name]
+                value = fire(original)
+                return None if value is original else (args, {**kwargs, name: value})
+            if position is not None and position < len(args):
+                original = args[position]
+                value = fire(original)
+                return None if value is original else ((*args[:position], value, *args[position + 1 :]), kwargs)
+            return None
+
+        self._claim(module)
+        self._handles.append(module.register_forward_pre_hook(_ours(pre_hook), with_kwargs=True))
+
+    def on_arguments(self, module: torch.nn.Module, fire: Callable[[str, Any], None]) -> None:
+        """``fire(name, value)`` for every argument but the input of each call of ``module`` (reading only)."""
+
+        def pre_hook(_module: Any, args: tuple, kwargs: dict) -> None:
+            for name, value in passed_arguments(module, args, kwargs):
+                fire(name, value)
 
         self._claim(module)
         self._handles.append(module.register_forward_pre_hook(_ours(pre_hook), with_kwargs=True))

@@ -18,9 +18,9 @@ import torch
 
 from ..errors import SourceUnavailableWarning
 from .aliases import EMBEDDINGS, find_aliases
-from .attach import Attachment, Frame, forward_replaced, tapped_callee, tapped_forward
+from .attach import ARGUMENTS, Attachment, Frame, forward_replaced, signature, tapped_callee, tapped_forward
 from .point import Kind, Point, join, narrowed_name
-from .rewrite import TappedFunction, expandable, push_helper_frame, reset_helper_frames
+from .rewrite import Site, TappedFunction, expandable, push_helper_frame, reset_helper_frames
 
 
 def describe(value: Any) -> tuple[tuple[int, ...] | None, str | None, str]:
@@ -46,6 +46,7 @@ class Inventory:
         self.points: dict[str, Point] = {}
         self.static: dict[str, Point] = {}  # every module's input and output, and sites in code that ran
         self.aliases: dict[str, str] = {}  # short canonical name -> raw point name
+        self.module_calls: set[str] = set()  # call sites of submodules: their value is the submodule's output
 
     def add(self, point: Point, value: Any) -> None:
         if point.name in self.points:
@@ -55,33 +56,51 @@ class Inventory:
             for key, member in _members(value):
                 name = narrowed_name(point.name, [key])
                 shape, dtype, kind = describe(member)
-                self.points[name] = Point(name, point.kind, shape, dtype, kind, point.source, point.module)
+                self.points[name] = Point(name, point.kind, shape, dtype, kind, point.source, point.module, point.scope)
 
-    def add_static(self, module: str, scope: tuple[str, ...], function: TappedFunction) -> None:
+    def add_static(
+        self, module: str, scope: tuple[str, ...], function: TappedFunction, owner: torch.nn.Module | None
+    ) -> None:
         prefix = join(module, ".".join(scope)) if scope else module
         for site in function.sites.values():
             name = join(prefix, site.name)
-            if name not in self.static:
+            if _calls_submodule(site, owner):
+                self.module_calls.add(name)
+            elif name not in self.static:
                 source = f"{os.path.basename(function.filename)}:{site.line}  {site.code}"
                 self.static[name] = Point(name, "op", None, None, "", source, module, (*scope, site.name))
+
+
+def _calls_submodule(site: Site, owner: torch.nn.Module | None) -> bool:
+    """Whether ``site`` is a call ``self.X(...)`` of a submodule: its value is ``X.output``, not an op point."""
+    return site.attribute is not None and owner is not None and site.attribute in owner._modules
 
 
 class _RecordingFrame(Frame):
     __slots__ = ("inventory", "module", "scope", "function", "prefix")
 
-    def __init__(self, inventory: Inventory, module: str, scope: tuple[str, ...], function: TappedFunction):
+    def __init__(
+        self,
+        inventory: Inventory,
+        module: str,
+        scope: tuple[str, ...],
+        function: TappedFunction,
+        owner: torch.nn.Module | None,
+    ):
         super().__init__()
         self.inventory = inventory
         self.module = module
         self.scope = scope
         self.function = function
         self.prefix = join(module, ".".join(scope)) if scope else module
-        inventory.add_static(module, scope, function)
+        inventory.add_static(module, scope, function, owner)
 
     def out(self, name: str, value: Any) -> Any:
+        full = join(self.prefix, name)
+        if full in self.inventory.module_calls:
+            return value
         site = self.function.sites[name]
         shape, dtype, kind = describe(value)
-        full = join(self.prefix, name)
         source = f"{os.path.basename(self.function.filename)}:{site.line}  {site.code}"
         self.inventory.add(Point(full, "op", shape, dtype, kind, source, self.module, (*self.scope, name)), value)
         return value
@@ -90,13 +109,35 @@ class _RecordingFrame(Frame):
         self.out(name, value)
 
     def fn(self, name: str, callee: Any) -> Any:
+        if isinstance(callee, torch.nn.Module):  # decoder_layer(...) in a loop: that layer's own points
+            self.inventory.module_calls.add(join(self.prefix, name))
+            return callee
         if not expandable(callee):
             return callee
         entered = tapped_callee(callee)
         if entered is None:
             return callee
-        push_helper_frame(_RecordingFrame(self.inventory, self.module, (*self.scope, name), entered[1]))
+        owner = getattr(callee, "__self__", None)
+        owner = owner if isinstance(owner, torch.nn.Module) else None
+        push_helper_frame(_RecordingFrame(self.inventory, self.module, (*self.scope, name), entered[1], owner))
         return entered[0]
+
+
+def argument_name(path: str, name: str) -> str:
+    return join(path, f"{ARGUMENTS}.{name}")
+
+
+def _module_points(path: str, module: torch.nn.Module, source: str) -> list[Point]:
+    """A called module's input, argument and output points, as its signature names them."""
+    arguments = [
+        Point(argument_name(path, name), "argument", None, None, "", source, path, (name,))
+        for name in signature(module).others
+    ]
+    return [
+        Point(join(path, "input"), "input", None, None, "", source, path),
+        *arguments,
+        Point(join(path, "output"), "output", None, None, "", source, path),
+    ]
 
 
 def _module_source(module: torch.nn.Module) -> str:
@@ -128,14 +169,21 @@ def take_inventory(root: torch.nn.Module, run: Callable[[], Any]) -> Inventory:
 
                 return fire
 
-            for kind in ("input", "output") if _has_own_forward(module) else ():  # a ModuleList is never called
-                name = join(path, kind)  # known by name even where the dry run does not reach the module
-                inventory.static[name] = Point(name, kind, None, None, "", source, path)  # type: ignore[arg-type]
+            if _has_own_forward(module):  # a ModuleList is never called
+                for point in _module_points(path, module, source):  # known even where the dry run does not go
+                    inventory.static[point.name] = point
+
+            def record_argument(name: str, value: Any, path: str = path, source: str = source) -> None:
+                shape, dtype, type_name = describe(value)
+                point = Point(argument_name(path, name), "argument", shape, dtype, type_name, source, path, (name,))
+                inventory.add(point, value)
+
             attachment.on_input(module, recorder(join(path, "input"), "input"))
+            attachment.on_arguments(module, record_argument)
             if forward_replaced(module):
                 replaced.append(path or type(module).__qualname__)
             elif tapped_forward(module) is not None:
-                frame = _RecordingFrame(inventory, path, (), tapped_forward(module))  # type: ignore[arg-type]
+                frame = _RecordingFrame(inventory, path, (), tapped_forward(module), module)  # type: ignore[arg-type]
                 attachment.on_ops(module, frame, combine=False)  # the dry run records, it does not patch
             elif type(module).__module__.partition(".")[0] != "torch" and _has_own_forward(module):
                 unreadable.append(type(module).__qualname__)
@@ -161,6 +209,9 @@ def take_inventory(root: torch.nn.Module, run: Callable[[], Any]) -> Inventory:
             SourceUnavailableWarning,
             stacklevel=3,
         )
+    for name in inventory.module_calls:
+        inventory.static.pop(name, None)
+        inventory.points.pop(name, None)
     for name, point in inventory.static.items():
         inventory.static[name] = inventory.points.get(name, point)
     _add_tensors(inventory, root)
@@ -189,12 +240,18 @@ def _add_tensors(inventory: Inventory, root: torch.nn.Module) -> None:
     tensors = tensor_points(root)
     ordered: dict[str, Point] = {}
     placed: set[str] = set()
+    pending: str | None = None  # a module whose input was just listed: its tensors go after its arguments
     for name, point in inventory.points.items():
+        if pending is not None and (point.module != pending or point.kind not in ("input", "argument")):
+            for tensor in tensors.get(pending, ()):
+                ordered.setdefault(tensor.name, tensor)
+            pending = None
         ordered[name] = point
         if point.kind == "input" and name == join(point.module, "input") and point.module not in placed:
             placed.add(point.module)
-            for tensor in tensors.get(point.module, ()):
-                ordered.setdefault(tensor.name, tensor)
+            pending = point.module
+    for tensor in tensors.get(pending, ()) if pending is not None else ():
+        ordered.setdefault(tensor.name, tensor)
     for path, points in tensors.items():
         if path not in placed:
             for tensor in points:
@@ -220,19 +277,22 @@ def static_inventory(root: torch.nn.Module) -> Inventory:
         seen.add(id(module))
         source = _module_source(module)
         called = _has_own_forward(module)  # a ModuleList has no forward and no points of its own
-        if called:
-            add(Point(join(path, "input"), "input", None, None, "", source, path))
+        own = _module_points(path, module, source) if called else []
+        for point in own[:-1]:
+            add(point)
         function = None if forward_replaced(module) else tapped_forward(module)
         if function is not None:
             where = os.path.basename(function.filename)
             for site in function.sites.values():
+                if _calls_submodule(site, module):
+                    continue
                 name = join(path, site.name)
                 add(Point(name, "op", None, None, "", f"{where}:{site.line}  {site.code}", path, (site.name,)))
         for child_name, child in module.named_children():
             if id(child) not in seen:
                 visit(join(path, child_name), child)
         if called:
-            add(Point(join(path, "output"), "output", None, None, "", source, path))
+            add(own[-1])
 
     visit("", root)
     _add_tensors(inventory, root)

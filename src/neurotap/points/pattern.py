@@ -129,6 +129,11 @@ def expand(name: str, inventory: Inventory) -> list[str]:
 def unknown_point(name: str, known: Iterable[str]) -> UnknownPointError:
     """An error for ``name`` (a point name or pattern) that lists the closest of the ``known`` names."""
     names = list(known)
+    if name + ".output" in names:
+        return UnknownPointError(
+            f"{name!r} is a module, not a point: its call's value is {name + '.output'!r} and what it is called "
+            f"with is {name + '.input'!r} (and its other arguments, {name + '.args.NAME'!r})"
+        )
     parent = name.rsplit(".", 1)[0]
     nearby = [n for n in names if n.startswith(parent + ".")] or names
     close = difflib.get_close_matches(name, nearby, n=5, cutoff=0.5) or difflib.get_close_matches(

@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from .._html import table
 
-Kind = Literal["input", "output", "op", "parameter", "buffer"]
+Kind = Literal["input", "argument", "output", "op", "parameter", "buffer"]
 Key = int | str  # one step of narrowing: output[0], output["logits"]
 
 _NARROWING = re.compile(r"\[(-?\d+|\"[^\"]*\"|'[^']*')\]")

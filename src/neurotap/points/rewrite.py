@@ -75,6 +75,7 @@ class Site:
     line: int
     code: str  # the source line, stripped
     expands: bool  # a call whose callee may be a Python function neurotap can enter
+    attribute: str | None = None  # X for a call self.X(...): a submodule's call, when X is one
 
 
 @dataclass(frozen=True)
@@ -214,32 +215,32 @@ def _call_name(callee: str) -> str:
     return f"call_{callee}" if callee in ("input", "output") else callee
 
 
-def _site_base(node: ast.AST) -> tuple[str, bool] | None:
-    """The base name of a tappable node and whether its callee may expand."""
+def _site_base(node: ast.AST) -> tuple[str, bool, str | None] | None:
+    """The base name of a tappable node, whether its callee may expand, and X for a call ``self.X(...)``."""
     if isinstance(node, ast.Call):
         func = node.func
         if isinstance(func, ast.Name):
             if func.id in UNTAPPED_CALLS:
                 return None
-            return _call_name(func.id), True
+            return _call_name(func.id), True, None
         if isinstance(func, ast.Attribute):
             on_self = isinstance(func.value, ast.Name) and func.value.id == "self"
-            return _call_name(func.attr), on_self
-        return "call", False
+            return _call_name(func.attr), on_self, func.attr if on_self else None
+        return "call", False, None
     if isinstance(node, ast.BinOp):
-        return OPERATOR_NAMES[type(node.op)], False
+        return OPERATOR_NAMES[type(node.op)], False, None
     if isinstance(node, ast.UnaryOp) and type(node.op) in UNARY_NAMES:
         if isinstance(node.operand, ast.Constant):
             return None
-        return UNARY_NAMES[type(node.op)], False
+        return UNARY_NAMES[type(node.op)], False, None
     if isinstance(node, ast.AugAssign) and isinstance(node.target, ast.Name):
-        return OPERATOR_NAMES[type(node.op)] + "_", False
+        return OPERATOR_NAMES[type(node.op)] + "_", False, None
     return None
 
 
 def _number_sites(funcdef: ast.FunctionDef, lines: list[str], first_line: int) -> dict[int, Site]:
     """Name every tappable node; repeats in source order get _1, _2, ..."""
-    found: list[tuple[int, int, int, ast.AST, str, bool]] = []
+    found: list[tuple[int, int, int, ast.AST, str, bool, str | None]] = []
 
     def walk(node: ast.AST, depth: int) -> None:
         base = _site_base(node)
@@ -258,12 +259,12 @@ def _number_sites(funcdef: ast.FunctionDef, lines: list[str], first_line: int) -
     found.sort(key=lambda item: item[:3])
     counts: dict[str, int] = {}
     sites: dict[int, Site] = {}
-    for line, _col, _depth, node, base, expands in found:
+    for line, _col, _depth, node, base, expands, attribute in found:
         count = counts.get(base, 0)
         counts[base] = count + 1
         name = base if count == 0 else f"{base}_{count}"
         code = lines[line - first_line].strip() if 0 <= line - first_line < len(lines) else ""
-        sites[id(node)] = Site(name, line, code, expands)
+        sites[id(node)] = Site(name, line, code, expands, attribute)
     return sites
 
 
