@@ -185,3 +185,40 @@ def test_a_checkpointed_backward_after_the_patch_block_keeps_its_patches():
     for name, parameter in module.named_parameters():
         assert torch.allclose(parameter.grad, expected_weights[name], atol=1e-6), name
     _assert_as_before(module, hooks)
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_a_probe_that_edits_and_saves_in_a_checkpointed_layer_saves_once(reentrant):
+    """The recompute runs such a probe again for its edit only: what it saved there is thrown away."""
+    ids = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(3))
+    plain = _checkpointed_llama(None)
+
+    def zero_unit_3(_m, args):
+        value = args[0].clone()
+        value[..., 3] = 0.0
+        return (value,)
+
+    handle = plain.model.layers[0].mlp.down_proj.register_forward_pre_hook(zero_unit_3)
+    try:
+        plain(ids).logits[:, -1].pow(2).sum().backward()
+    finally:
+        handle.remove()
+
+    def edit_and_keep(ctx, value):
+        ctx.calls = ctx.get("calls", 0) + 1
+        ctx.kept = [*ctx.get("kept", []), value.detach().clone()]
+        edited = value.clone()
+        edited[..., 3] = 0.0
+        return edited
+
+    module = _checkpointed_llama(reentrant)
+    hooks = _hooks(module)
+    model = nt.wrap(module)
+    model.forward(ids, probes=[nt.probe(MUL_0, edit_and_keep)]).logits[:, -1].pow(2).sum().backward()
+    expected = dict(plain.named_parameters())
+    for name, parameter in module.named_parameters():
+        assert torch.allclose(parameter.grad, expected[name].grad, atol=1e-6), name
+    saved = model.recordings()[MUL_0]
+    assert saved["calls"] == 1 and len(saved["kept"]) == 1
+    module.zero_grad(set_to_none=True)
+    _assert_as_before(module, hooks)

@@ -153,6 +153,29 @@ def test_outputs_pick_fields(remote, local):
         remote.forward(tokens, outputs=["nope"])
 
 
+def test_stop_at_and_argument_points_equal_local(remote, local):
+    tokens = ids(4, rows=2)
+    probes = [
+        nt.probe(MUL, nt.Record()),
+        nt.probe("model.layers.0.self_attn.args.attention_mask", nt.Record()),
+        nt.probe("model.layers.0.self_attn.args.position_embeddings[1]", nt.Scale(0.5)),
+        nt.probe("model.layers.1.mlp.mul", nt.Record()),  # after the stop: never reached, and no error for it
+    ]
+    stopped = remote.forward(tokens, probes=probes, stop_at="blocks.0.resid_post")
+    with torch.no_grad():
+        expected = local.forward(tokens, probes=probes, stop_at="blocks.0.resid_post")
+    same(stopped, expected)
+    recorded = remote.recordings()
+    assert "model.layers.1.mlp.mul" not in recorded
+    same(recorded, local_recordings(local))
+    remote.clear_recordings()
+    with pytest.raises(nt.UnknownPointError, match="blocks.0.resid_post"):
+        remote.forward(tokens, stop_at="blocks.0.resid_pots")
+    assert remote.forward(tokens, stop_at="model.layers.1.output", outputs=[]) is None
+    with pytest.raises(nt.NeurotapError, match="stop_at"):
+        remote.generate(tokens, max_new_tokens=2, stop_at="blocks.0.resid_post")
+
+
 def test_generate_with_patch_and_probes_equals_local(remote, local):
     tokens = ids(3)
     patch = {"lm_head.output": nt.Zero(index=(..., 17))}

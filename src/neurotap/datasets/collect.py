@@ -590,7 +590,12 @@ class _RecordingRunner:
         self.dtype = dtype
         self.probes = [probe(point, Record(key=_RECORD_KEY)) for point in points]
         # a remote model need not send back the logits, which would outweigh the recordings
-        self.kwargs = {"outputs": []} if "outputs" in inspect.signature(model.forward).parameters else {}
+        takes = inspect.signature(model.forward).parameters
+        self.kwargs: dict[str, Any] = {"outputs": []} if "outputs" in takes else {}
+        if "stop_at" in takes:  # nor run past the last point it stores
+            order = {name: number for number, name in enumerate(model.points().names())}
+            if all(point in order for point in points):
+                self.kwargs["stop_at"] = max(points, key=order.__getitem__)
 
     def _record(self, ids: torch.Tensor) -> dict[str, Any]:
         self.model.clear_recordings()

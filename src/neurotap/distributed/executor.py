@@ -174,6 +174,11 @@ class _Rank:
         return raw, owners
 
     def _probes(self, request: RunRequest, staged: dict[str, SaveContext], kept: set[str]) -> list:
+        if request.stop_at is not None and request.outputs != []:  # with no output wanted, running on is only slower
+            raise NeurotapError(
+                "a sharded server cannot end a forward early (stop_at) yet: every rank runs its whole stage. "
+                "Leave stop_at out, or serve the model in one process"
+            )
         probes = []
         for spec in request.probes:
             raw, owners = self._owners(spec.point)

@@ -7,6 +7,7 @@ probes.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 from collections.abc import Iterable, Mapping
@@ -27,13 +28,14 @@ from ..points import (
     split_narrowing,
     unknown_point,
 )
-from ..probes import Probe, SaveContext, Skip
+from ..probes import Add, Probe, Replace, SaveContext, Scale, Skip, Zero
 
 # torch stops a checkpoint's recompute early by raising from inside it, through any probe that runs there
 _PASS_THROUGH = (NeurotapError, *filter(None, [getattr(torch.utils.checkpoint, "_StopRecomputationError", None)]))
 
 
 _TENSOR_KINDS = ("parameter", "buffer")
+_SAVE_NOTHING = (Zero, Add, Replace, Scale)  # patches that only edit: a recompute may run them on the real context
 
 
 def _put_back(held: list[tuple[Any, dict[str, Any], torch.Tensor]]) -> None:
@@ -141,8 +143,8 @@ class BoundProbe:
         self.point = probe.point
         self.optional = probe.optional
 
-    def _call(self, value: Any, call: int, step: int) -> Any:
-        ctx = self.ctx
+    def _call(self, value: Any, call: int, step: int, ctx: SaveContext | None = None) -> Any:
+        ctx = self.ctx if ctx is None else ctx
         object.__setattr__(ctx, "call", call)
         object.__setattr__(ctx, "step", step)
         try:
@@ -155,12 +157,13 @@ class BoundProbe:
                 f"(call {call}, step {step}) raised {type(error).__name__}: {error}"
             ) from error
 
-    def apply(self, value: Any, call: int, step: int) -> Any:
+    def apply(self, value: Any, call: int, step: int, ctx: SaveContext | None = None) -> Any:
+        """The value with this probe applied; ``ctx`` stands in for the probe's own save context if given."""
         target = _narrow(value, self.keys, self.point) if self.keys else value
         if self.grad:
             self._hook_gradient(target, call, step)
             return value
-        result = self._call(target, call, step)
+        result = self._call(target, call, step, ctx)
         if result is None or result is target:
             return value
         _check_replacement(self.point, target, result)
@@ -222,8 +225,11 @@ class _Region:
     The forward notes, per tap and call, which probes replaced the value; a
     recompute attaches just those again (with the same call and step), so the
     values it saves for backward are the patched ones, and probes that only read
-    are not called twice. A gradient probe in a reentrant checkpoint, whose
-    forward runs without autograd, hooks the recomputed value instead.
+    are not called twice. A probe that replaced and may also have saved something
+    (an SAE, a function) runs again on a scratch copy of its save context as it
+    was before that call, so it computes the same replacement and saves nothing
+    twice. A gradient probe in a reentrant checkpoint, whose forward runs without
+    autograd, hooks the recomputed value instead.
     """
 
     __slots__ = ("plan", "modules", "function", "log", "ran", "defer_gradients")
@@ -232,7 +238,7 @@ class _Region:
         self.plan = plan
         self.modules = modules
         self.function = function
-        self.log: dict[Tap, list[tuple[int, int, tuple[int, ...]]]] = {}
+        self.log: dict[Tap, list[tuple[int, int, tuple[tuple[int, dict | None], ...]]]] = {}
         self.ran = False
         self.defer_gradients = torch.is_grad_enabled()
 
@@ -240,11 +246,12 @@ class _Region:
         again = []
         for number, bound in enumerate(tap.bound):
             if bound.grad and self.defer_gradients and not torch.is_grad_enabled():
-                again.append(number)
+                again.append((number, None))
                 continue
+            before = None if isinstance(bound.fn, _SAVE_NOTHING) else dict(bound.ctx._data)
             result = bound.apply(value, call, step)
             if result is not value:
-                again.append(number)
+                again.append((number, before))
             value = result
         self.log.setdefault(tap, []).append((call, step, tuple(again)))
         return value
@@ -277,7 +284,7 @@ class _Replay:
 
     __slots__ = ("tap", "calls", "fired", "point")
 
-    def __init__(self, tap: Tap, calls: list[tuple[int, int, tuple[int, ...]]]) -> None:
+    def __init__(self, tap: Tap, calls: list[tuple[int, int, tuple[tuple[int, dict | None], ...]]]) -> None:
         self.tap = tap
         self.calls = calls
         self.fired = 0
@@ -289,9 +296,17 @@ class _Replay:
         if fired >= len(self.calls):
             return value
         call, step, again = self.calls[fired]
-        for number in again:
-            value = self.tap.bound[number].apply(value, call, step)
+        for number, before in again:
+            bound = self.tap.bound[number]
+            value = bound.apply(value, call, step, None if before is None else _scratch(bound.ctx, before))
         return value
+
+
+def _scratch(ctx: SaveContext, data: dict[str, Any]) -> SaveContext:
+    """A throwaway save context holding ``data``, its lists and dicts copied, so writes to it reach nothing."""
+    scratch = SaveContext(ctx.point)
+    scratch._data.update({k: copy.copy(v) if isinstance(v, (list, dict)) else v for k, v in data.items()})
+    return scratch
 
 
 def _checkpoint_region(

@@ -259,9 +259,20 @@ class RemoteModel:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.forward(*args, **kwargs)
 
-    def forward(self, *args: Any, probes: Sequence[Probe] = (), outputs: Sequence[str] | None = None, **kwargs: Any):
-        """The model's forward on the server; ``outputs`` picks which output fields come back."""
-        return self._run("forward", args, kwargs, probes, outputs)["output"]
+    def forward(
+        self,
+        *args: Any,
+        probes: Sequence[Probe] = (),
+        outputs: Sequence[str] | None = None,
+        stop_at: str | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """The model's forward on the server; ``outputs`` picks which output fields come back.
+
+        With ``stop_at`` (a point name or alias) the forward ends once that point has
+        fired and its probes have run, and returns the value there, as locally.
+        """
+        return self._run("forward", args, kwargs, probes, outputs, stop_at=stop_at)["output"]
 
     def generate(self, *args: Any, probes: Sequence[Probe] = (), **kwargs: Any) -> Any:
         """The model's ``generate`` on the server; probes and patches fire at every step."""
@@ -323,6 +334,8 @@ class RemoteModel:
         outputs: Sequence[str] | None,
         loss: Any = None,
         traced: Sequence[ProbeSpec] = (),
+        *,
+        stop_at: str | None = None,
     ) -> dict[str, Any]:
         for p in probes:
             if not isinstance(p, Probe):
@@ -341,6 +354,7 @@ class RemoteModel:
             [ProbeSpec(p.point, p.fn, p.grad, p.optional) for p in every] + list(traced),
             None if outputs is None else list(outputs),
             loss,
+            stop_at,
         )
         body = encode_request(request)
         headers = {"Content-Type": MEDIA_TYPE}

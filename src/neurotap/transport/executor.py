@@ -321,7 +321,7 @@ class InProcessExecutor(Executor):
             max_cost=self.limits.max_request_memory,
             greedy_default=self._greedy,
         )
-        # a parameter or buffer has no rows to share out, and a skipped module runs for no row: such requests run alone
+        # a parameter or buffer has no rows to share out, a skipped module runs for no row, and a pass ends at one stop_at: such requests run alone
         points = self.model.inventory().points
         flat: list[Group] = []
         for group in groups:
@@ -334,7 +334,7 @@ class InProcessExecutor(Executor):
 
     @staticmethod
     def _runs_alone(request: RunRequest, points: Mapping[str, Any]) -> bool:
-        if any(isinstance(spec.fn, Skip) for spec in request.probes):
+        if request.stop_at is not None or any(isinstance(spec.fn, Skip) for spec in request.probes):
             return True
         found = (points.get(split_narrowing(spec.point)[0]) for spec in request.probes)
         return any(p is not None and p.kind in ("parameter", "buffer") for p in found)
@@ -500,7 +500,7 @@ class InProcessExecutor(Executor):
                 output = self.model.generate(*args, probes=probes, **kwargs, **extra)
             elif op == "forward":
                 with torch.no_grad():
-                    output = self._forward(args, kwargs, by_name, probes)
+                    output = self._forward(args, kwargs, by_name, probes, requests[0].stop_at)
             else:
                 parts = self._backward(requests, part_of, args, kwargs, by_name, probes, losses)
         except _RequestFailed as failure:
@@ -526,10 +526,13 @@ class InProcessExecutor(Executor):
             results[index] = RunResult(output=mine, loss=losses[k], trace=trace)
         return results
 
-    def _forward(self, args: tuple, kwargs: dict[str, Any], by_name: bool, probes: list) -> Any:
+    def _forward(
+        self, args: tuple, kwargs: dict[str, Any], by_name: bool, probes: list, stop_at: str | None = None
+    ) -> Any:
         if by_name:
-            return self.model.forward(*args[1:], probes=probes, **{self._input_name: args[0]}, **kwargs)
-        return self.model.forward(*args, probes=probes, **kwargs)
+            kwargs = {self._input_name: args[0], **kwargs}
+            args = args[1:]
+        return self.model.forward(*args, probes=probes, stop_at=stop_at, **kwargs)
 
     def _backward(
         self,

@@ -129,6 +129,7 @@ class RunRequest:
     probes: list[ProbeSpec] = field(default_factory=list)
     outputs: list[str] | None = None  # which output fields to send back; None: every tensor
     loss: Any = None  # CrossEntropy or LogitDiff, for "backward"
+    stop_at: str | None = None  # a forward ends once this point has fired and returns the value there
     session: str = ""
     timeout: float | None = None  # seconds it may run once its pass starts
     deadline: float | None = None  # time.time() after which the server gives up on it, queued or running
@@ -582,6 +583,8 @@ def encode_request(request: RunRequest) -> bytes:
         "outputs": request.outputs,
         "loss": encoder.value(request.loss),
     }
+    if request.stop_at is not None:
+        body["stop_at"] = request.stop_at
     from safetensors.torch import save
 
     return save(encoder.tensors, metadata={_METADATA_KEY: json.dumps(body, separators=(",", ":"))})
@@ -594,8 +597,8 @@ def decode_request(data: bytes, *, allow_code: bool) -> RunRequest:
     """A :class:`RunRequest` from a body; code probes are unpickled only with ``allow_code``."""
     body, tensors = _open(data)
     if not isinstance(body, dict):
-        raise WireError("a request is a JSON object with op, args, kwargs, probes, outputs, loss")
-    unknown = set(body) - {"op", "args", "kwargs", "probes", "outputs", "loss"}
+        raise WireError("a request is a JSON object with op, args, kwargs, probes, outputs, loss, stop_at")
+    unknown = set(body) - {"op", "args", "kwargs", "probes", "outputs", "loss", "stop_at"}
     if unknown:
         raise WireError(f"unknown request fields {sorted(unknown)}")
     decoder = _Decoder(tensors)
@@ -610,6 +613,9 @@ def decode_request(data: bytes, *, allow_code: bool) -> RunRequest:
     outputs = body.get("outputs")
     if outputs is not None and not (isinstance(outputs, list) and all(isinstance(o, str) for o in outputs)):
         raise WireError("outputs must be null or a list of output field names")
+    stop_at = body.get("stop_at")
+    if stop_at is not None and not (isinstance(stop_at, str) and op == "forward"):
+        raise WireError(f"stop_at is a point name, and only a forward takes it; got {_short(stop_at)} for {op}")
     loss = decoder.value(body.get("loss"))
     if op == "backward" and not isinstance(loss, tuple(LOSSES.values())):
         raise WireError(f"a backward request needs a loss: one of {', '.join(LOSSES)}")
@@ -643,7 +649,7 @@ def decode_request(data: bytes, *, allow_code: bool) -> RunRequest:
             if not isinstance(fn, Patch):
                 raise WireError(f"a probe's fn must be a patch ({{'$patch': ...}}) or code, got {_short(raw['fn'])}")
         probes.append(ProbeSpec(point, fn, grad, optional, traced))
-    return RunRequest(op, tuple(args), kwargs, probes, outputs, loss)
+    return RunRequest(op, tuple(args), kwargs, probes, outputs, loss, stop_at)
 
 
 # -- tokenizers -------------------------------------------------------------------------------------
