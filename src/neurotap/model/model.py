@@ -255,7 +255,11 @@ class Model:
                     return call(*args, **kwargs)
                 plan.state.new_call()
                 since = plan.state.forward_id
-                result = call(*args, **kwargs)
+                plan.state.managed = True
+                try:
+                    result = call(*args, **kwargs)
+                finally:
+                    plan.state.managed = False
             else:
                 inventory = self.inventory(args, kwargs)
                 plan = Plan([p for layer in self._layers for p in layer] + list(probes), inventory, self._contexts)
@@ -275,15 +279,18 @@ class Model:
             self._missed(missed, generating=call is not self.module)
         return result
 
-    def _missed(self, points: list[str], *, generating: bool) -> None:
+    def _missed(self, points: list[str], *, generating: bool, directly: bool = False) -> None:
         names = ", ".join(map(repr, points))
+        what = "a call made directly on the module" if directly else "generate" if generating else "the forward"
         message = (
-            f"{'generate' if generating else 'the forward'} finished without reaching {names}, so the probes "
+            f"{what} finished without reaching {names}, so the probes "
             "and patches there did nothing. The points exist, but these inputs do not run them (a branch not "
             "taken, a module skipped, a loss computed only with labels). Give inputs that reach them, or mark a "
             "probe that may miss with nt.probe(point, fn, optional=True) (m.patch(..., optional=True) for a block)"
         )
-        if generating:  # a generation may stop before a step that would have reached them: say so, keep the tokens
+        if directly:  # one forward of something neurotap cannot see whole (generate, a training loop): warn
+            warnings.warn(message, MissedPointWarning, stacklevel=2)
+        elif generating:  # a generation may stop before a step that would have reached them: say so, keep the tokens
             warnings.warn(message, MissedPointWarning, stacklevel=4)
         else:
             raise MissedPointError(message, tuple(points))
@@ -326,7 +333,10 @@ class Model:
 
     def _reattach(self) -> None:
         if self._layer_plan is not None and self._attached is None:
-            self._attached = self._layer_plan.attach(self.module, self._named_modules())
+            self._attached = self._layer_plan.attach(self.module, self._named_modules(), self._missed_directly)
+
+    def _missed_directly(self, points: list[str]) -> None:
+        self._missed(points, generating=False, directly=True)
 
     def unembed(self, residual: torch.Tensor) -> torch.Tensor:
         """Logits of a residual-stream value ``[..., hidden]``: the model's final norm, then its output embeddings.

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -63,13 +63,14 @@ def stopping_probe(point: str) -> Probe:
 class RunState:
     """Counters shared by the taps of one plan: which forward, which step, and the checkpointed layer running."""
 
-    __slots__ = ("forward_id", "step", "forwards_this_call", "region")
+    __slots__ = ("forward_id", "step", "forwards_this_call", "region", "managed")
 
     def __init__(self) -> None:
         self.forward_id = 0
         self.step = 0
         self.forwards_this_call = 0
         self.region: _Region | None = None
+        self.managed = False  # a call through the model wrapper, which checks for missed points itself
 
     def new_call(self) -> None:
         self.forwards_this_call = 0
@@ -453,7 +454,14 @@ class Plan:
                 names.update((bound.point, None) for bound in tap.bound if not bound.optional)
         return list(names)
 
-    def attach(self, root: torch.nn.Module, modules: Mapping[str, torch.nn.Module]) -> Attachment:
+    def attach(
+        self,
+        root: torch.nn.Module,
+        modules: Mapping[str, torch.nn.Module],
+        on_missed: Callable[[list[str]], None] | None = None,
+    ) -> Attachment:
+        """Put the plan on the module tree; ``on_missed(points)`` after each forward made directly on ``root``
+        (not through the model wrapper) that did not reach some of the plan's points."""
         attachment = Attachment()
         try:
             tensors = [tap for tap in self.taps.values() if tap.point.kind in _TENSOR_KINDS]
@@ -471,10 +479,18 @@ class Plan:
                 skipping.keyword = first_parameter(modules[path])
                 attachment.skip(modules[path], skipping)
             self._through_checkpoints(attachment, modules)
+            if on_missed is not None:  # last: the root's output taps fire before it
+                attachment.after_success(root, functools.partial(self._check_direct_call, on_missed))
         except BaseException:
             attachment.detach()
             raise
         return attachment
+
+    def _check_direct_call(self, on_missed: Callable[[list[str]], None]) -> None:
+        if not self.state.managed:
+            missed = self.missed(self.state.forward_id - 1)
+            if missed:
+                on_missed(missed)
 
     def _new_forward_with(self, held: list[tuple[Tap, dict[str, Any], torch.Tensor]]) -> None:
         """Each forward starts from the real parameters and buffers, patched anew (a delta may have changed)."""

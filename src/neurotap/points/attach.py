@@ -325,6 +325,15 @@ class Attachment:
 
         self._handles.append(module.register_forward_hook(_ours(hook), always_call=True))
 
+    def after_success(self, module: torch.nn.Module, callback: Callable[[], None]) -> None:
+        """Run ``callback`` after every forward of ``module`` that returned (not one that raised)."""
+        self._claim(module)
+
+        def hook(*_: Any) -> None:
+            callback()
+
+        self._handles.append(module.register_forward_hook(_ours(hook)))
+
     def on_ops(self, module: torch.nn.Module, frame: Frame, *, combine: bool = True) -> bool:
         """Run ``module``'s tapped forward with ``frame``; False if it has none.
 
