@@ -27,7 +27,7 @@ from ..points import (
 from ..probes import Probe, Record, Recordings, SaveContext, probe
 from .lens import LogitLens, logit_lens, unembed
 from .losses import LOSSES, Loss, logits_of
-from .plan import Plan, Stopped, stopping_probe
+from .plan import Plan, Stopped, managed_call, stopping_probe
 from .text import check_token_ids, is_text, text_to_ids
 from .trace import Trace
 
@@ -106,7 +106,7 @@ class Model:
                 self._detach()
                 devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
                 try:
-                    with torch.random.fork_rng(devices=devices):  # nor draw from the random streams (dropout)
+                    with torch.random.fork_rng(devices=devices), managed_call():  # nor draw from random streams
                         self._inventory = take_inventory(self.module, lambda: self.module(*call_args, **call_kwargs))
                 finally:
                     with torch.no_grad():
@@ -255,11 +255,8 @@ class Model:
                     return call(*args, **kwargs)
                 plan.state.new_call()
                 since = plan.state.forward_id
-                plan.state.managed = True
-                try:
+                with managed_call():
                     result = call(*args, **kwargs)
-                finally:
-                    plan.state.managed = False
             else:
                 inventory = self.inventory(args, kwargs)
                 plan = Plan([p for layer in self._layers for p in layer] + list(probes), inventory, self._contexts)
@@ -268,7 +265,8 @@ class Model:
                     self._attached = plan.attach(self.module, self._named_modules())
                     plan.state.new_call()
                     since = plan.state.forward_id
-                    result = call(*args, **kwargs)
+                    with managed_call():
+                        result = call(*args, **kwargs)
                 except Stopped as stop:
                     result, stopped = stop.value, plan.bases[stop_at]  # type: ignore[index]
                 finally:

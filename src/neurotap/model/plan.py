@@ -7,10 +7,11 @@ probes.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -60,17 +61,30 @@ def stopping_probe(point: str) -> Probe:
     return Probe(point, _stop)
 
 
+# Calls running through an nt.Model (any wrapper's, dry runs included): each checks its own points for misses.
+_managed_calls = 0
+
+
+@contextlib.contextmanager
+def managed_call() -> Iterator[None]:
+    global _managed_calls
+    _managed_calls += 1
+    try:
+        yield
+    finally:
+        _managed_calls -= 1
+
+
 class RunState:
     """Counters shared by the taps of one plan: which forward, which step, and the checkpointed layer running."""
 
-    __slots__ = ("forward_id", "step", "forwards_this_call", "region", "managed")
+    __slots__ = ("forward_id", "step", "forwards_this_call", "region")
 
     def __init__(self) -> None:
         self.forward_id = 0
         self.step = 0
         self.forwards_this_call = 0
         self.region: _Region | None = None
-        self.managed = False  # a call through the model wrapper, which checks for missed points itself
 
     def new_call(self) -> None:
         self.forwards_this_call = 0
@@ -487,7 +501,7 @@ class Plan:
         return attachment
 
     def _check_direct_call(self, on_missed: Callable[[list[str]], None]) -> None:
-        if not self.state.managed:
+        if not _managed_calls:
             missed = self.missed(self.state.forward_id - 1)
             if missed:
                 on_missed(missed)
