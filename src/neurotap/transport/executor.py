@@ -321,7 +321,8 @@ class InProcessExecutor(Executor):
             max_cost=self.limits.max_request_memory,
             greedy_default=self._greedy,
         )
-        # a parameter or buffer has no rows to share out, a skipped module runs for no row, and a pass ends at one stop_at: such requests run alone
+        # a parameter or buffer has no rows to share out, a skipped module runs for no row, and a pass ends at
+        # one stop_at: such requests run alone
         points = self.model.inventory().points
         flat: list[Group] = []
         for group in groups:
