@@ -1,14 +1,18 @@
-"""Sharded serving: forward latency of 1 against N ranks, and each rank's peak memory.
+"""Sharded serving: latency and memory of one process against 2 and 3 ranks.
 
-Prints, for a tiny random Llama (and with --smollm2 the real SmolLM2-135M), the
-median latency of a remote forward on ``[8, 128]`` token ids through a one-process
-``neurotap serve`` and through ``neurotap serve --ranks N`` (requests alternate
-between the servers, so both see the same machine load), their ratio (goal:
-<= 1.3 for 2 ranks), and the peak resident memory of every process: once the
-model is loaded, and after the forwards (whose logits, ``[8, 128, vocab]``, rank 0
-receives and encodes as the one process does).
+For a tiny random Llama (and with --smollm2 the real SmolLM2-135M) this starts a
+one-process ``neurotap serve`` and ``neurotap serve --ranks N`` for each N, checks
+that they agree, then sends the same requests to each in turn, round after round
+(so that all see the same machine load): a forward on ``[1, 32]`` and on
+``[8, 128]`` token ids (the logits come back, as a client would ask for them) and
+a greedy 16-token generate from 8 tokens. It prints the median latencies, their
+ratio to one process, each process's peak RSS (once loaded, and at the end), and
+where a sharded request's time goes: each rank's seconds sending to the next
+rank (hidden states, the logits to rank 0, a generation's scores) and waiting
+for what it receives, which includes the other ranks' compute, from the
+``send_s``/``receive_s`` counters in ``/v1/info``.
 
-Run: python bench/bench_sharded.py [--smollm2] [--ranks 2] [--repeats 20]
+Run: python bench/bench_sharded.py [--smollm2] [--ranks 2,3] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -21,12 +25,10 @@ import sys
 import tempfile
 import time
 
-import httpx
 import torch
 import transformers
 
 import neurotap as nt
-from neurotap.transport.wire import PROTOCOL, PROTOCOL_HEADER
 
 LAUNCH = "import sys; from neurotap.cli import main; sys.exit(main())"
 
@@ -49,8 +51,10 @@ def tiny_model(folder: str) -> str:
 
 class Server:
     def __init__(self, model: str, ranks: int) -> None:
+        self.ranks = ranks
+        extra = ["--ranks", str(ranks)] if ranks > 1 else []
         self.process = subprocess.Popen(
-            [sys.executable, "-c", LAUNCH, "serve", model, "--port", "0", "--ranks", str(ranks)],
+            [sys.executable, "-c", LAUNCH, "serve", model, "--port", "0", "--request-timeout", "600", *extra],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,
@@ -59,64 +63,106 @@ class Server:
         line = self.process.stdout.readline()
         if " on http://" not in line:
             raise RuntimeError(f"the server did not start: {line!r}")
-        self.url = line.split(" on ")[1].split()[0]
+        self.remote = nt.connect(line.split(" on ")[1].split()[0], timeout=600)
 
-    def get(self, path: str) -> dict:
-        return httpx.get(self.url + path, headers={PROTOCOL_HEADER: str(PROTOCOL)}, timeout=60).json()
-
-    def peak_rss_mb(self) -> list[float]:
-        ranks = self.get("/v1/info").get("ranks")
-        if ranks:
-            return [row["peak_rss_mb"] for row in ranks]
-        with open(f"/proc/{self.get('/health')['pid']}/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return [int(line.split()[1]) / 1024]
-        return []
+    def rows(self) -> list[dict]:
+        """One row per process: peak RSS now and once loaded (MB), and, sharded, seconds in transfers."""
+        if self.ranks > 1:
+            return self.remote.info()["ranks"]
+        with open(f"/proc/{self.process.pid}/status") as status:
+            peak = next(int(line.split()[1]) / 1024 for line in status if line.startswith("VmHWM:"))
+        return [{"peak_rss_mb": peak}]
 
     def stop(self) -> None:
+        self.remote.close()
         self.process.terminate()
-        self.process.wait(60)
+        self.process.wait(120)
         self.process.stdout.close()
 
 
-def compare(name: str, model: str, ranks: int, repeats: int, vocab: int) -> None:
-    ids = torch.randint(0, vocab, (8, 128), generator=torch.Generator().manual_seed(0))
-    one, many = Server(model, 1), Server(model, ranks)
-    loaded_one, loaded_many = one.peak_rss_mb(), many.peak_rss_mb()  # before any forward: the model and the code
+def requests(vocab: int) -> dict:
+    generator = torch.Generator().manual_seed(0)
+    short, long = (
+        torch.randint(0, vocab, (1, 32), generator=generator),
+        torch.randint(0, vocab, (8, 128), generator=generator),
+    )
+    prompt = torch.randint(0, vocab, (1, 8), generator=generator)
+    return {
+        "forward [1, 32]": lambda rm: rm.forward(short, outputs=["logits"])["logits"],
+        "forward [8, 128]": lambda rm: rm.forward(long, outputs=["logits"])["logits"],
+        "generate 16 tokens": lambda rm: rm.generate(prompt, max_new_tokens=16, min_new_tokens=16, do_sample=False),
+    }
+
+
+def compare(name: str, model: str, counts: list[int], repeats: int, vocab: int) -> None:
+    servers = {n: Server(model, n) for n in [1, *counts]}
     try:
-        with nt.connect(one.url, timeout=300) as a, nt.connect(many.url, timeout=300) as b:
-            reference = a.forward(ids, outputs=["logits"])["logits"]
-            torch.testing.assert_close(b.forward(ids, outputs=["logits"])["logits"], reference, rtol=1e-4, atol=1e-4)
-            times: dict[str, list[float]] = {"one": [], "many": []}
-            for _ in range(repeats):
-                for key, remote in (("one", a), ("many", b)):
+        loaded = {n: [row["peak_rss_mb"] for row in s.rows()] for n, s in servers.items()}
+        calls = requests(vocab)
+        for what, call in calls.items():  # every split computes what one process does
+            reference = call(servers[1].remote)
+            for n in counts:
+                got = call(servers[n].remote)
+                if got.is_floating_point():
+                    torch.testing.assert_close(got, reference, rtol=1e-4, atol=1e-4)
+                else:
+                    assert torch.equal(got, reference), what
+        times = {(n, what): [] for n in servers for what in calls}
+        seconds = {(n, what): [] for n in counts for what in calls}  # per request: [(send, receive) per rank]
+        for _ in range(repeats):
+            for what, call in calls.items():
+                for n, server in servers.items():
+                    before = server.rows() if n > 1 else None
                     start = time.perf_counter()
-                    remote.forward(ids, outputs=["logits"])
-                    times[key].append(time.perf_counter() - start)
-        first, sharded = statistics.median(times["one"]), statistics.median(times["many"])
-        print(f"{name}, forward [8, 128], median of {repeats}:")
-        rss = f"{loaded_one[0]:.0f}, {one.peak_rss_mb()[0]:.0f}"
-        print(f"  1 process: {first * 1000:8.1f} ms   peak RSS (loaded, after the forwards) {rss} MB")
-        rss = " / ".join(f"{a:.0f}, {b:.0f}" for a, b in zip(loaded_many, many.peak_rss_mb()))
-        print(f"  {ranks} ranks:   {sharded * 1000:8.1f} ms   peak RSS per rank (loaded, after the forwards) {rss} MB")
-        print(f"  ratio {sharded / first:.2f} (goal <= 1.3 for 2 ranks)")
+                    call(server.remote)
+                    times[n, what].append(time.perf_counter() - start)
+                    if before is not None:
+                        after = server.rows()
+                        seconds[n, what].append(
+                            [
+                                (b["send_s"] - a["send_s"], b["receive_s"] - a["receive_s"])
+                                for a, b in zip(before, after)
+                            ]
+                        )
+        print(f"\n{name}: medians of {repeats} (load {os.getloadavg()[0]:.1f})")
+        for what in calls:
+            one = statistics.median(times[1, what])
+            print(f"  {what}: 1 process {one * 1000:.1f} ms")
+            for n in counts:
+                median = statistics.median(times[n, what])
+                per_rank = []
+                for rank in range(n):
+                    send = statistics.median(s[rank][0] for s in seconds[n, what])
+                    receive = statistics.median(s[rank][1] for s in seconds[n, what])
+                    per_rank.append(f"r{rank} send {send * 1000:.1f} / wait {receive * 1000:.1f}")
+                sends = statistics.median(sum(r[0] for r in s) for s in seconds[n, what])
+                print(
+                    f"    {n} ranks {median * 1000:.1f} ms (x{median / one:.2f}, {(median - one) * 1000:+.1f} ms; "
+                    f"sending {sends * 1000:.1f} ms of it); ms per rank: {', '.join(per_rank)}"
+                )
+        end = {n: [row["peak_rss_mb"] for row in s.rows()] for n, s in servers.items()}
+        for n in servers:
+            rss = " / ".join(f"{a:.0f} -> {b:.0f}" for a, b in zip(loaded[n], end[n]))
+            print(f"  peak RSS, {n} {'process' if n == 1 else 'ranks'} (loaded -> end), MB: {rss}")
     finally:
-        one.stop()
-        many.stop()
+        for server in servers.values():
+            server.stop()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smollm2", action="store_true", help="also measure the real SmolLM2-135M")
-    parser.add_argument("--ranks", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--ranks", default="2,3", help="the rank counts to compare with one process")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--skip-tiny", action="store_true", help="measure SmolLM2 only")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as folder:
-        compare("tiny Llama (8 layers, hidden 128)", tiny_model(folder), args.ranks, args.repeats, 512)
+    counts = [int(n) for n in args.ranks.split(",")]
+    if not args.skip_tiny:
+        with tempfile.TemporaryDirectory() as folder:
+            compare("tiny Llama (8 layers, hidden 128)", tiny_model(folder), counts, args.repeats, 512)
     if args.smollm2:
-        nt.load("smollm2-135m")  # converts the built-in model once, so both servers start from its copy
-        compare("SmolLM2-135M", "smollm2-135m", args.ranks, max(5, args.repeats // 4), 49152)
+        nt.load("smollm2-135m")  # converts the built-in model once, so every server starts from its copy
+        compare("SmolLM2-135M", "smollm2-135m", counts, args.repeats, 49152)
 
 
 if __name__ == "__main__":

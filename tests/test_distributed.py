@@ -115,13 +115,14 @@ def local_recordings(model: nt.Model) -> dict:
 # -- how the model is split ------------------------------------------------------------------------
 
 
-def test_info_says_which_rank_owns_which_layers(server, local):
-    ranks = server.info()["ranks"]
+def test_info_says_which_rank_owns_which_layers(server, remote, local):
+    ranks = remote.info()["ranks"]
     layers = [layer for row in ranks for layer in range(*row["layers"])]
     assert layers == list(range(LAYERS))  # contiguous, in rank order, each layer once
     assert "model.embed_tokens" in ranks[0]["parts"]
     assert {"model.norm", "lm_head"} <= set(ranks[-1]["parts"])
-    assert all(row["peak_rss_mb"] > 0 for row in ranks)
+    assert all(row["peak_rss_mb"] > 0 and row["device"] == "cpu" for row in ranks)
+    assert len({row["pid"] for row in ranks}) == server.ranks
     assert server.info()["parameters"] == sum(p.numel() for p in local.module.parameters())
 
 
@@ -244,6 +245,74 @@ def test_a_failing_gradient_patch_on_the_first_stage_fails_only_its_request(remo
     assert remote.backward(x, loss=nt.LogitDiff(3, 4)) == pytest.approx(local.backward(x, loss=nt.LogitDiff(3, 4)))
 
 
+def test_hidden_states_attentions_and_raw_logits_come_from_every_stage(remote, local):
+    x = ids(23)
+    got = remote.forward(x, output_hidden_states=True, output_attentions=True)
+    want = local.forward(x, output_hidden_states=True, output_attentions=True)
+    assert len(got["hidden_states"]) == len(want.hidden_states) == LAYERS + 1
+    assert len(got["attentions"]) == len(want.attentions) == LAYERS
+    for a, b in [*zip(got["hidden_states"], want.hidden_states), *zip(got["attentions"], want.attentions)]:
+        close(a, b)
+
+    prompt = ids(24, rows=1, length=5)
+    settings = {"max_new_tokens": 4, "do_sample": False, "return_dict_in_generate": True}
+    flags = {"output_logits": True, "output_scores": True, "output_hidden_states": True}
+    with remote.patch({"lm_head.output": nt.Scale(2.0)}):
+        got = remote.generate(prompt, **settings, **flags)
+    with local.patch({"lm_head.output": nt.Scale(2.0)}):
+        want = local.generate(prompt, **settings, **flags)
+    assert torch.equal(got["sequences"], want.sequences)
+    for field in ("logits", "scores"):  # the raw logits, as the last rank's head returned them
+        assert len(got[field]) == len(want[field]) == 4
+        for a, b in zip(got[field], want[field]):
+            close(a, b)
+    assert len(got["hidden_states"]) == len(want.hidden_states) == 4
+    for got_step, want_step in zip(got["hidden_states"], want.hidden_states):
+        assert len(got_step) == len(want_step) == LAYERS + 1
+        for a, b in zip(got_step, want_step):
+            close(a, b)
+
+
+def test_patterns_and_traces_work_across_stages(remote, local):
+    x = ids(21)
+    probes = [nt.probe("model.layers.*.mlp.mul", nt.Mean(dims=(0, 1)))]  # one probe on every rank's layers
+    close(remote.forward(x, probes=probes)["logits"], local.forward(x, probes=probes).logits)
+    got, want = remote.recordings(), local_recordings(local)
+    assert set(got) == set(want) == {f"model.layers.{i}.mlp.mul" for i in range(LAYERS)}
+    for name in want:
+        close(got[name]["mean"], want[name]["mean"])
+    remote.clear_recordings()
+
+    record = ["blocks.*.resid_post", "model.embed_tokens.output", "lm_head.output"]
+    output, trace = remote.run(x, record=record, grad="model.layers.{0..3}.output", loss=nt.LogitDiff(3, 4))
+    expected_output, expected = local.run(x, record=record, grad="model.layers.{0..3}.output", loss=nt.LogitDiff(3, 4))
+    close(output["logits"], expected_output.logits)
+    assert trace.points == expected.points  # in execution order, across the ranks
+    assert trace.grad.points == expected.grad.points
+    for name in expected.points:
+        close(trace[name], expected[name])
+    for name in expected.grad.points:
+        close(trace.grad[name], expected.grad[name])
+    assert trace.loss == pytest.approx(expected.loss, rel=1e-6)
+    assert remote.recordings() == {}  # a trace goes back with the answer, not into the session
+
+
+def test_recordings_are_metered_at_every_probe_call(remote):
+    def never(ctx, value):
+        raise AssertionError("the pass went on after its recordings outgrew the session's limit")
+
+    x = ids(19, rows=8, length=64)  # each recorded value: 262144 bytes, the limit 300000
+    probes = [
+        nt.probe(f"{LAST}.mlp.mul", nt.Record()),
+        nt.probe("lm_head.output", nt.Record()),  # the second value: over the limit while the pass runs
+        nt.probe('output["logits"]', never),
+    ]
+    with pytest.raises(nt.NeurotapError, match="the probes of this request recorded") as raised:
+        remote.forward(x, probes=probes)
+    assert raised.value.status == 413
+    assert remote.recordings() == {}
+
+
 # -- errors ----------------------------------------------------------------------------------------
 
 
@@ -266,7 +335,7 @@ def test_unknown_points_and_points_no_rank_sees_whole(remote):
         remote.forward(ids(9), probes=[nt.probe("model.decoder_layer", nt.Record())])
 
 
-def test_patterns_reach_every_rank_and_traces_are_refused(remote, local):
+def test_patterns_reach_every_rank(remote, local):
     x = ids(12)
     remote.clear_recordings()
     remote.forward(x, probes=[nt.probe("model.layers.*.mlp.mul", nt.Record())])
@@ -277,8 +346,6 @@ def test_patterns_reach_every_rank_and_traces_are_refused(remote, local):
         close(got[name]["record"][0], expected[name]["record"][0])
     assert remote.points("model.layers.*.mlp.mul") == local.points("model.layers.*.mlp.mul")
     remote.clear_recordings()
-    with pytest.raises(nt.NeurotapError, match="sharded server"):
-        remote.run(x, record="blocks.*.resid_post")
     with pytest.raises(nt.UnknownPointError, match="no point matches"):
         remote.forward(x, probes=[nt.probe("model.layers.*.mull", nt.Record())])
     assert remote.recordings() == {}
@@ -466,6 +533,71 @@ def test_gpt2_over_three_ranks_equals_one_process(tmp_path):
             close(got["transformer.h.0.output.grad"]["record"][0], want["transformer.h.0.output.grad"]["record"][0])
     finally:
         assert server.stop() == 0, "".join(server.log)
+
+
+FAMILIES = {  # tiny configs of the other supported layouts; 4 layers, split 2 + 2
+    "qwen2": ("Qwen2Config", {"num_key_value_heads": 2}),
+    "mistral": ("MistralConfig", {"num_key_value_heads": 2}),
+    "gemma": ("GemmaConfig", {"num_key_value_heads": 2, "head_dim": 16}),  # scaled embeddings, tied head
+    "gpt_neox": ("GPTNeoXConfig", {}),  # its head is saved as embed_out
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_other_layouts_over_two_ranks_equal_one_process(family, tmp_path):
+    import transformers
+
+    name, extra = FAMILIES[family]
+    config = getattr(transformers, name)(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        **extra,
+    )
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).eval().save_pretrained(tmp_path)
+    local = nt.load(str(tmp_path))
+    server = Server(tmp_path, 2)
+    try:
+        with nt.connect(server.url) as remote:
+            assert remote.points() == local.points()
+            layers = [row["layers"] for row in remote.info()["ranks"]]
+            assert layers == [[0, 2], [2, 4]]
+            x = ids(25)
+            points = ["blocks.0.resid_post", "blocks.3.resid_post"]
+            probes = [nt.probe(p, nt.Record()) for p in points]
+            close(remote.forward(x, probes=probes)["logits"], local.forward(x, probes=probes).logits)
+            recorded, expected = remote.recordings(), local_recordings(local)
+            for point in points:
+                close(recorded[point]["record"][0], expected[point]["record"][0])
+            prompt = ids(26, rows=1, length=5)
+            generated = remote.generate(prompt, max_new_tokens=4, do_sample=False)
+            assert torch.equal(generated, local.generate(prompt, max_new_tokens=4, do_sample=False))
+    finally:
+        assert server.stop() == 0, "".join(server.log)
+
+
+def test_device_map_auto_serves_one_process_and_is_refused_with_ranks(folder, local):
+    import subprocess
+
+    refused = subprocess.run(
+        [sys.executable, "-c", serving.LAUNCH, "serve", str(folder), "--device-map", "auto", "--ranks", "2"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert refused.returncode == 2 and "--device-map" in refused.stderr
+    server = serving.Server(folder, "--device-map", "auto")  # no GPU here: accelerate places it all on the CPU
+    try:
+        with nt.connect(server.url) as remote:
+            assert remote.info()["devices"] == ["cpu"]
+            x = ids(27)
+            close(remote.forward(x)["logits"], local.forward(x).logits)
+    finally:
+        server.stop()
 
 
 @pytest.mark.slow

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # what accelerate places by itself
+
 
 def _port(text: str) -> int:
     try:
@@ -156,6 +158,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     group.add_argument(
         "--max-connections", type=int, default=settings.max_connections, help="open connections; more get 503"
     )
+    group = parser.add_argument_group("placement")
+    group.add_argument(
+        "--device-map",
+        choices=DEVICE_MAPS,
+        help="spread one process's model over its GPUs with accelerate's device_map (from_pretrained's)",
+    )
     group = parser.add_argument_group("sharding (torch.distributed, gloo)")
     group.add_argument("--ranks", type=int, default=1, help="split the model's decoder layers over this many processes")
     group.add_argument(
@@ -227,6 +235,13 @@ def run(args: argparse.Namespace) -> int:
     except NeurotapError as error:
         print(f"neurotap serve: {error}", file=sys.stderr)
         return 2
+    if args.ranks != 1 and args.device_map is not None:
+        print(
+            "neurotap serve: --device-map places one process's model; with --ranks every rank holds its own "
+            "layers: pass one of them",
+            file=sys.stderr,
+        )
+        return 2
     if args.ranks != 1:
         from ..distributed.launch import launch
 
@@ -236,7 +251,7 @@ def run(args: argparse.Namespace) -> int:
     from ..transport.server import serve
 
     try:
-        model = load(args.model)
+        model = load(args.model, **({"device_map": args.device_map} if args.device_map else {}))
         executor = InProcessExecutor(
             model,
             limits=settings.limits,

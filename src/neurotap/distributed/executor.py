@@ -41,6 +41,8 @@ from ..transport.executor import (
     Executor,
     RecordingLimitError,
     RequestTimeoutError,
+    _Meter,
+    _trace_of,
     error_info,
     recorded_size,
     selected_fields,
@@ -133,6 +135,8 @@ class _Rank:
                     self.owners[row["name"]].append(rank)
         self.owners = dict(self.owners)
         self.aliases = find_aliases(set(self.points) | set(self.static))
+        self.inventory = Inventory()  # the union of the ranks', for point patterns and the order of traces
+        self.inventory.points, self.inventory.static, self.inventory.aliases = self.points, self.static, self.aliases
         loaded: dict[str, int] = {}
         for part in everyone:
             loaded.update(part["parameters"])
@@ -173,13 +177,18 @@ class _Rank:
         raw = base + "".join(f"[{k}]" if isinstance(k, int) else f'["{k}"]' for k in keys)
         return raw, owners
 
-    def _probes(self, request: RunRequest, staged: dict[str, SaveContext], kept: set[str]) -> list:
+    def _probes(
+        self, request: RunRequest, staged: dict[str, SaveContext], traced: dict[str, SaveContext], kept: set[str]
+    ) -> list:
+        """This rank's probes of ``request``, saving to ``staged`` (for the session) or ``traced`` (for the answer);
+        ``kept`` gets the names whose saves this rank reports (glue every rank computes is reported once)."""
         if request.stop_at is not None and request.outputs != []:  # with no output wanted, running on is only slower
             raise NeurotapError(
                 "a sharded server cannot end a forward early (stop_at) yet: every rank runs its whole stage. "
                 "Leave stop_at out, or serve the model in one process"
             )
         probes = []
+        meter = _Meter(self.max_session_bytes)
         for spec in request.probes:
             raw, owners = self._owners(spec.point)
             if self.rank not in owners:
@@ -188,23 +197,29 @@ class _Rank:
                 probes.append(probe(raw, spec.fn))
                 continue
             name = spec.point + ".grad" if spec.grad else spec.point
-            ctx = staged.get(name)
+            saves = traced if spec.trace else staged
+            ctx = saves.get(name)
             if ctx is None:
-                ctx = staged[name] = staged_copy(self.sessions.get(request.session, {}).get(name), name)
+                kept_ctx = None if spec.trace else self.sessions.get(request.session, {}).get(name)
+                ctx = saves[name] = staged_copy(kept_ctx, name)
             if owners[0] == self.rank:
-                kept.add(name)  # the others' copies (glue every rank computes) run but are not kept
-            probes.append(probe(raw, _writing_to(spec.fn, ctx, self.limits), grad=spec.grad))
+                kept.add(name)
+            metered = "trace " + name if spec.trace else name
+            fn = _writing_to(spec.fn, ctx, self.limits, meter, metered)
+            probes.append(probe(raw, fn, grad=spec.grad, optional=spec.optional))
         return probes
 
-    def run(self, request: RunRequest, seed: int) -> tuple[Any, float | None, ErrorInfo | None]:
-        """One request, in step with the other ranks: rank 0's output and the loss, or the error."""
+    def run(self, request: RunRequest, seed: int) -> RunResult:
+        """One request, in step with the other ranks: on rank 0, its result."""
         self.requests += 1
         staged: dict[str, SaveContext] = {}
+        traced: dict[str, SaveContext] = {}
         kept: set[str] = set()
         try:
-            probes = self._probes(request, staged, kept)
+            request.probes = expand_probes(request.probes, self.inventory)  # patterns: one probe per point
+            probes = self._probes(request, staged, traced, kept)
         except NeurotapError as error:  # the same on every rank: nothing ran, nothing to exchange
-            return None, None, error_info(error)
+            return RunResult(error=error_info(error))
 
         output, loss, failure, failed_rank = None, None, None, None
         self.pipe.begin(request.op)
@@ -220,13 +235,18 @@ class _Rank:
         finally:
             self.pipe.end()
 
-        sizes = {}
+        sizes, parts = {}, {}
         if failure is None:
             try:
-                output = selected_fields(sendable(output), request.outputs) if self.rank == 0 else None
+                if self.rank == 0:
+                    selected_fields(sendable(output), request.outputs)  # the names are checked before anything commits
+                parts = self._stage_parts(output, request.op)
             except NeurotapError as error:
                 failure = error
-            sizes = {name: recorded_size(staged[name]._data) for name in kept}
+            try:
+                sizes = {name: recorded_size(staged[name]._data, name) for name in kept if name in staged}
+            except NeurotapError as error:
+                failure, sizes = error, {}
         ours = self.sizes.get(request.session, {})
         mine = {
             "ok": failure is None,
@@ -236,6 +256,8 @@ class _Rank:
             "error": error_info(failure) if failure is not None else None,
             "sizes": sizes,
             "loss": loss,
+            "parts": parts,
+            "trace": {name: dict(traced[name]._data) for name in kept if name in traced} if failure is None else {},
             "kept_bytes": sum(size for name, size in ours.items() if name not in sizes),
             "before": sum(ours.values()),
             "server_bytes": sum(sum(session.values()) for session in self.sizes.values()),
@@ -251,7 +273,7 @@ class _Rank:
         errors = [e for e in everyone if not e["ok"]]
         if errors:
             chosen = next((e for e in errors if not e["aborted"]), errors[0])
-            return None, None, chosen["error"]
+            return RunResult(error=chosen["error"])
         # the limits hold for the session's recordings on all ranks together
         total = sum(e["kept_bytes"] + sum(e["sizes"].values()) for e in everyone)
         before = sum(e["before"] for e in everyone)
@@ -269,10 +291,50 @@ class _Rank:
             )
         if refusal is not None:
             advice = "; fetch them with recordings() and clear_recordings(), or reduce on the server (nt.Mean, ...)"
-            return None, None, error_info(RecordingLimitError(refusal + advice))
-        self.sessions.setdefault(request.session, {}).update({name: staged[name] for name in kept})
+            return RunResult(error=error_info(RecordingLimitError(refusal + advice)))
+        self.sessions.setdefault(request.session, {}).update({name: staged[name] for name in kept if name in staged})
         self.sizes.setdefault(request.session, {}).update(sizes)
-        return output, everyone[self.stage.split.last]["loss"], None
+        if self.rank == 0:
+            output = selected_fields(
+                sendable(_merged(output, [e["parts"] for e in everyone], request.op)), request.outputs
+            )
+        else:
+            output = None
+        trace = None
+        if any(spec.trace for spec in request.probes):
+            saved = {}
+            for part in everyone:
+                for name, data in part["trace"].items():
+                    saved.setdefault(name, SaveContext(name))._data.update(data)
+            trace = _trace_of(request, saved, self.inventory)
+        return RunResult(output=output, loss=everyone[self.stage.split.last]["loss"], trace=trace)
+
+    def _stage_parts(self, output: Any, op: str) -> dict[str, Any]:
+        """What of ``output`` this rank computed and rank 0 lacks: the hidden states and attentions of its
+        layers (per step, in a generation), by their index in one process's tuples, and on the last rank a
+        generation's raw logits."""
+        parts: dict[str, Any] = {}
+        if not isinstance(output, Mapping):
+            return parts
+        split = self.stage.split
+        start, stop = split.ranges[self.rank]
+        layers = split.ranges[-1][1]
+        for field, extra in (("hidden_states", 1), ("attentions", 0)):  # hidden_states[0]: the embeddings
+            value = output.get(field)
+            if not isinstance(value, (tuple, list)) or not value:
+                continue
+            steps = value if op == "generate" else (value,)
+            parts[field] = []
+            for step in steps:
+                if len(step) == layers + extra:  # every layer's entry, the other ranks' placeholders among them
+                    owned = range(start + extra if self.rank else 0, stop + extra)
+                    parts[field].append({i: step[i] for i in owned})
+                else:  # only this rank's layers' (transformers records them with hooks on the layers it holds)
+                    skip = extra if self.rank else 0  # the hidden states this rank received are the previous rank's
+                    parts[field].append({start + j: t for j, t in enumerate(step) if j >= skip})
+        if op == "generate" and self.rank == split.last and output.get("logits") is not None:
+            parts["logits"] = output["logits"]
+        return parts
 
     def _call(self, request: RunRequest, probes: list, seed: int) -> tuple[Any, float | None]:
         if request.op == "generate":
@@ -341,6 +403,11 @@ class _Rank:
         self.sessions.pop(session, None)
         self.sizes.pop(session, None)
 
+    def facts(self) -> tuple[float, int, str, dict[str, float]]:
+        """This rank's peak RSS (MB), process id, the device its weights are on, and its seconds in transfers."""
+        held = (p.device for p in self.stage.module.parameters() if p.device.type != "meta")
+        return peak_rss_mb(), os.getpid(), str(next(held, torch.device("cpu"))), dict(self.pipe.seconds)
+
     def parameter(self, name: str) -> torch.Tensor | None:
         try:
             tensor = self.stage.module.get_parameter(name)
@@ -359,8 +426,31 @@ class _SharedScores:
         return self.pipe.scores(scores)
 
 
-def _writing_to(fn: Callable[..., Any], ctx: SaveContext, limits: Limits) -> Callable[..., Any]:
-    """``fn`` writing to the request's staged context rather than the plan's, within the server's limits."""
+def _merged(output: Any, parts: list[dict[str, Any]], op: str) -> Any:
+    """Rank 0's ``output`` with every rank's own hidden states, attentions and raw logits put in."""
+    if not isinstance(output, Mapping):
+        return output
+    for field in ("hidden_states", "attentions"):
+        steps: list[dict[int, Any]] = []
+        for part in parts:
+            for step, entries in enumerate(part.get(field, [])):
+                if step == len(steps):
+                    steps.append({})
+                steps[step].update(entries)
+        if steps:
+            value = tuple(tuple(entries[i] for i in sorted(entries)) for entries in steps)
+            output[field] = value if op == "generate" else value[0]
+    logits = next((part["logits"] for part in parts if "logits" in part), None)
+    if logits is not None:
+        output["logits"] = logits
+    return output
+
+
+def _writing_to(
+    fn: Callable[..., Any], ctx: SaveContext, limits: Limits, meter: _Meter, metered: str
+) -> Callable[..., Any]:
+    """``fn`` writing to the request's staged context rather than the plan's, within the server's limits: a patch's
+    selection is bounded before it runs, and what the request recorded on this rank is measured after every call."""
     is_patch = isinstance(fn, Patch)
 
     def staged(plan_ctx: SaveContext, value: Any) -> Any:
@@ -369,7 +459,9 @@ def _writing_to(fn: Callable[..., Any], ctx: SaveContext, limits: Limits) -> Cal
         if is_patch:
             check_selection(ctx.point, fn, value, limits)
         try:
-            return fn(ctx, value)
+            result = fn(ctx, value)
+            meter.measure(metered, ctx)
+            return result
         except (SystemExit, KeyboardInterrupt) as error:  # fails the request, not the rank
             raise RuntimeError(f"the probe raised {type(error).__name__}") from error
 
@@ -420,9 +512,7 @@ class ShardedExecutor(Executor):
             rank_timeout=rank_timeout,
         )
         self.shape = ModelShape.of(self.local.stage.module)
-        # every rank's points in execution order, for patterns (model.layers.*.output) in requests and points()
-        self.inventory = Inventory()
-        self.inventory.points, self.inventory.aliases = self.local.points, self.local.aliases
+        self.inventory = self.local.inventory  # every rank's points, for patterns in requests and points()
         self.rank_timeout = rank_timeout
         self.failed: RankFailedError | None = None
         self.on_failure = on_failure
@@ -490,12 +580,15 @@ class ShardedExecutor(Executor):
     def describe(self) -> dict[str, Any]:
         with self._lock:
             self._command("describe")
-            facts = self._gather((peak_rss_mb(), os.getpid()))
+            facts = self._gather(self.local.facts())
         module = self.local.stage.module
         config = getattr(module, "config", None)
         ranks = self.local.stage.split.describe()
-        for row, (now, pid), startup in zip(ranks, facts, self.local.startup_rss):
+        for row, (now, pid, device, seconds), startup in zip(ranks, facts, self.local.startup_rss):
             row["pid"] = pid
+            row["device"] = device
+            row["send_s"] = round(seconds["send"], 4)  # sending hidden states, logits and scores on
+            row["receive_s"] = round(seconds["receive"], 4)  # waiting for them: the other ranks' compute included
             row["peak_rss_mb"] = round(now, 1)
             row["peak_rss_mb_after_load"] = round(startup, 1)
         return {
@@ -545,11 +638,6 @@ class ShardedExecutor(Executor):
             else:
                 try:
                     request.probes = expand_probes(request.probes, self.inventory)  # patterns: one probe per point
-                    if any(spec.trace for spec in request.probes):
-                        raise NeurotapError(
-                            "a sharded server (--ranks) does not send traces back yet: record with probes "
-                            "(nt.probe(point, nt.Record())) and read them with recordings()"
-                        )
                     # every rank runs what these bytes decode to, rank 0 included, so all hold the same request
                     body = encode_request(request)
                     decoded = decode_request(body, allow_code=self.local.allow_code)
@@ -571,8 +659,7 @@ class ShardedExecutor(Executor):
         try:
             self._command("execute", [(session, body, seed) for _, session, body, seed in send])
             for index, _session, _body, seed in send:
-                output, loss, error = self.local.run(batch[index], seed)
-                results[index] = RunResult(output=output, loss=loss) if error is None else RunResult(error=error)
+                results[index] = self.local.run(batch[index], seed)
         except RankFailedError as error:
             self._record(error)
             for index, *_ in send:
@@ -654,7 +741,7 @@ def follow(
                     request.session = session
                     local.run(request, seed)
             elif kind == "describe":
-                dist.gather_object((peak_rss_mb(), os.getpid()), None, dst=0, group=local.data)
+                dist.gather_object(local.facts(), None, dst=0, group=local.data)
             elif kind == "recordings":
                 dist.gather_object(local.recordings(command[1]), None, dst=0, group=local.data)
             elif kind == "clear":

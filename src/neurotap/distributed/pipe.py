@@ -59,6 +59,8 @@ class Pipe(Link):
         self._recv = self._send = self._final = self._grad_recv = self._grad_send = False
         self.received: torch.Tensor | None = None  # what came in and went out, for the backward pass
         self.sent: torch.Tensor | None = None
+        # seconds spent sending, and waiting for what other ranks send (their compute included), since the start
+        self.seconds = {"send": 0.0, "receive": 0.0}
 
     # -- a pass ------------------------------------------------------------------------------------
 
@@ -197,13 +199,14 @@ class Pipe(Link):
             header = torch.zeros(_HEADER, dtype=torch.int64)
             if self.rank == self.last:
                 header = _header(status[0], status[1], tensor if status[0] == OK else None)
-            self._collective(lambda: dist.broadcast(header, self.last, group=self.group), self.last)
+            kind = "send" if self.rank == self.last else "receive"
+            self._collective(lambda: dist.broadcast(header, self.last, group=self.group), self.last, kind)
             self._raise_for(header)
             if self.rank == self.last:
                 data = tensor.detach().contiguous()
             else:
                 data = torch.empty(_shape(header), dtype=_DTYPES[int(header[2])])
-            self._collective(lambda: dist.broadcast(data, self.last, group=self.group), self.last)
+            self._collective(lambda: dist.broadcast(data, self.last, group=self.group), self.last, kind)
             return data
         if self.rank == self.last:
             if status[0] == OK:
@@ -228,13 +231,13 @@ class Pipe(Link):
 
     def _send_header(self, peer: int, status: int, failed: int | None) -> None:
         header = _header(status, failed, None)
-        self._collective(lambda: dist.send(header, peer, group=self.group), peer)
+        self._collective(lambda: dist.send(header, peer, group=self.group), peer, "send")
 
     def _send_tensor(self, peer: int, tensor: torch.Tensor) -> None:
         tensor = tensor.contiguous()
         header = _header(OK, None, tensor)
-        self._collective(lambda: dist.send(header, peer, group=self.group), peer)
-        self._collective(lambda: dist.send(tensor, peer, group=self.group), peer)
+        self._collective(lambda: dist.send(header, peer, group=self.group), peer, "send")
+        self._collective(lambda: dist.send(tensor, peer, group=self.group), peer, "send")
 
     def _recv_header(self, peer: int) -> torch.Tensor:
         header = torch.zeros(_HEADER, dtype=torch.int64)
@@ -246,11 +249,14 @@ class Pipe(Link):
         self._collective(lambda: dist.recv(tensor, peer, group=self.group), peer)
         return tensor
 
-    def _collective(self, run: Any, peer: int | None) -> None:
+    def _collective(self, run: Any, peer: int | None, kind: str = "receive") -> None:
+        start = time.perf_counter()
         try:
             run()
         except RuntimeError as error:  # gloo: the peer closed the connection, or the group's timeout passed
             raise RankFailedError(peer, _first_line(error)) from error
+        finally:
+            self.seconds[kind] += time.perf_counter() - start
 
 
 class Liveness:

@@ -32,16 +32,32 @@ class Layout:
 
     layers: str  # the ModuleList of decoder layers
     first: tuple[str, ...]  # run before the layers, on rank 0
-    last: tuple[str, ...]  # run after the layers, on the last rank
+    last: tuple[str, ...]  # run after the layers, on the last rank; the head (output embeddings) last of all
     shared: tuple[str, ...]  # small parts every rank runs for its own layers (rotary tables)
+    saved_as: tuple[tuple[str, str], ...] = ()  # (module path prefix, the prefix its tensors have in the files)
 
 
 LAYOUTS = {
-    # Llama, SmolLM2, Mistral, Qwen2: model.layers, embed_tokens, norm, rotary_emb, lm_head
+    # Llama, SmolLM2, Mistral, Qwen2, Gemma: model.layers, embed_tokens, norm, rotary_emb, lm_head
     "llama": Layout("model.layers", ("model.embed_tokens",), ("model.norm", "lm_head"), ("model.rotary_emb",)),
     "gpt2": Layout("transformer.h", ("transformer.wte", "transformer.wpe"), ("transformer.ln_f", "lm_head"), ()),
+    "gpt_neox": Layout(
+        "gpt_neox.layers",
+        ("gpt_neox.embed_in",),
+        ("gpt_neox.final_layer_norm", "lm_head"),
+        ("gpt_neox.rotary_emb",),
+        saved_as=(("lm_head.", "embed_out."),),  # transformers renames the head as it loads
+    ),
 }
-FAMILIES = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "gpt2": "gpt2"}  # config.model_type -> layout
+# config.model_type -> layout
+FAMILIES = {
+    "llama": "llama",
+    "mistral": "llama",
+    "qwen2": "llama",
+    "gemma": "llama",
+    "gpt2": "gpt2",
+    "gpt_neox": "gpt_neox",
+}
 
 
 @dataclass(frozen=True)
@@ -243,7 +259,11 @@ def build_stage(folder: Path, rank: int, world: int, link: Link, *, attn_impleme
     config = transformers.AutoConfig.from_pretrained(folder)
     layout = LAYOUTS[family_of(config)]
     cls = model_class(config)
-    with torch.device("meta"):
+    from accelerate import init_empty_weights
+
+    # parameters on meta (no memory); buffers as the model computes them, since those it does not save
+    # (embedding scales, rotary tables) are in no file
+    with init_empty_weights(include_buffers=False):
         module = cls._from_config(config, attn_implementation=attn_implementation)
     module.eval()
     layers: nn.ModuleList = module.get_submodule(layout.layers)
@@ -262,14 +282,14 @@ def build_stage(folder: Path, rank: int, world: int, link: Link, *, attn_impleme
             _set(module, path, AbsentEmbedding(config.hidden_size, dtype))
     if rank != split.last:
         for path in layout.last:
-            stand_in = AbsentHead(config.vocab_size, link) if path == "lm_head" else AbsentPassThrough()
+            stand_in = AbsentHead(config.vocab_size, link) if path == layout.last[-1] else AbsentPassThrough()
             _set(module, path, stand_in)
     for path in layout.shared:  # computed, not loaded: rebuilt on the CPU from the config
         old = module.get_submodule(path)
         with torch.device("cpu"):
             _set(module, path, type(old)(config=config))
 
-    loaded = _load_owned(module, files, _tied_names(module, config))
+    loaded = _load_owned(module, files, {**_saved_names(layout, files), **_tied_names(module, config)})
     return Stage(module, split, rank, loaded, peak_rss_mb())
 
 
@@ -311,6 +331,14 @@ def _file_dtype(files: dict[str, Path]) -> torch.dtype:
     return torch.float32
 
 
+def _saved_names(layout: Layout, files: dict[str, Path]) -> dict[str, str]:
+    """Parameter name -> the name the files hold it under, where transformers renames tensors as it loads."""
+    renamed = {}
+    for prefix, saved in layout.saved_as:
+        renamed.update({prefix + key[len(saved) :]: key for key in files if key.startswith(saved)})
+    return renamed
+
+
 def _tied_names(module: nn.Module, config: Any) -> dict[str, str]:
     """Parameter name -> the name it is saved under when weights are tied (the head and the embeddings)."""
     if not getattr(config, "tie_word_embeddings", False):
@@ -324,11 +352,12 @@ def _tied_names(module: nn.Module, config: Any) -> dict[str, str]:
 
 
 def _load_owned(module: nn.Module, files: dict[str, Path], tied: dict[str, str]) -> dict[str, int]:
-    """Replace every meta parameter and buffer left in the tree with its tensor from the files.
+    """Replace every meta parameter left in the tree, and every buffer the files hold, with its tensor from them.
 
-    Only the tensors still on ``meta`` (the parts this rank keeps) are read, each
-    straight from its file with ``safe_open``; a tensor that the file holds once
-    for two tied names is read once and shared.
+    Only the tensors of the parts this rank keeps are read, each straight from
+    its file with ``safe_open``; a tensor that the file holds once for two tied
+    names is read once and shared. Buffers the files lack keep the value the
+    model computed for them.
     """
     from safetensors import safe_open
 
@@ -336,10 +365,14 @@ def _load_owned(module: nn.Module, files: dict[str, Path], tied: dict[str, str])
     for owner_path, owner in module.named_modules():
         for kind, table in (("parameter", owner._parameters), ("buffer", owner._buffers)):
             for name, tensor in table.items():
-                if tensor is None or tensor.device.type != "meta":
+                if tensor is None:
                     continue
                 full = f"{owner_path}.{name}" if owner_path else name
                 key = full if full in files else tied.get(full, full)
+                if tensor.device.type != "meta":
+                    if kind == "buffer" and key in files:
+                        wanted.setdefault(key, []).append((owner, name, False))
+                    continue
                 if key not in files:
                     if kind == "buffer":
                         raise NeurotapError(f"the buffer {full!r} is in no safetensors file of the model folder")

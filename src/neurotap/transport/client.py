@@ -316,7 +316,7 @@ class RemoteModel:
         answer = self._run(op, args, kwargs, probes, outputs, loss, traced)
         if "trace" not in answer:
             raise NeurotapError(
-                "this server sent no trace back: a sharded server (--ranks) does not yet, nor an older neurotap; "
+                "this server sent no trace back (an older neurotap); "
                 "record with probes and read them with recordings() there"
             )
         values: dict[str, list] = {}

@@ -226,6 +226,9 @@ class InProcessExecutor(Executor):
             "requests": self.requests,
             "passes": self.passes,
             "padded_passes": self.padded_passes,
+            "devices": sorted({str(p.device) for p in module.parameters()}),
+            # where accelerate's device_map put each part (module path -> device), if it split the model
+            "device_map": {k: str(v) for k, v in (getattr(module, "hf_device_map", None) or {}).items()} or None,
         }
 
     def points(self, prefix: str | None) -> list[dict[str, Any]]:
