@@ -157,6 +157,9 @@ def test_causal_trace_equals_a_hand_written_trace(local):
     paris = local.tokenizer.convert_tokens_to_ids("paris")
     table, clean, corrupt = causal_trace_by_hand(local.module, ids_of(local, PROMPT), 3, 4, paris, 3.0, 3, 5)
     torch.testing.assert_close(result.values, table, rtol=0, atol=1e-5)
+    named = ["blocks.0.resid_post", "blocks.1.resid_post"]  # points given: every layer runs, noised, in each row
+    by_name = nt.experiments.causal_trace(local, PROMPT, "france", "paris", samples=3, seed=5, batch=8, points=named)
+    torch.testing.assert_close(by_name.values, table, rtol=0, atol=1e-5)
     assert result.clean == pytest.approx(clean, abs=1e-6)
     assert result.corrupt == pytest.approx(corrupt, abs=1e-6)
     assert result.points == ("blocks.0.resid_post", "blocks.1.resid_post")
