@@ -120,6 +120,9 @@ def test_activation_patching_takes_a_metric_function(local):
         logits = last_logits(module, ids_of(local, CORRUPT), {"model.layers.1": restore(recorded, position)})
         assert result.values[0, position].item() == pytest.approx(logits.log_softmax(-1)[0, paris].item(), abs=1e-5)
     assert result.metric == "log_prob_paris"
+    every = nt.experiments.activation_patching(local, PROMPT, CORRUPT, log_prob_paris, "blocks.*.resid_post", [4])
+    assert every.points == ("blocks.0.resid_post", "blocks.1.resid_post")
+    torch.testing.assert_close(every.values[1], result.values[:, 4], rtol=0, atol=1e-6)
 
 
 def causal_trace_by_hand(module, ids, start, end, target, noise, samples, seed):

@@ -18,12 +18,11 @@ import torch
 from ..errors import NeurotapError
 from ..model import LogitDiff, Model
 from ..model.losses import logits_of
-from ..points import split_narrowing
-from ..probes import Add, Probe, Record, Replace, Skip, probe
+from ..points import is_pattern, split_narrowing
+from ..probes import Add, Probe, Replace, Skip, probe
 from .results import PatchingResult
 
 Metric = Callable[[torch.Tensor], torch.Tensor] | LogitDiff
-_KEY = "experiment"  # where a server keeps the clean values an experiment reads back
 
 
 class Runner:
@@ -113,6 +112,19 @@ class Runner:
             output = self.model.forward(ids, probes=list(probes), **kwargs)
         return logits_of(output)[:, -1].detach().float().cpu()
 
+    def capture(
+        self, ids: torch.Tensor, points: Sequence[str], probes: Sequence[Probe] = (), *, rows: Any = 0
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The last position's logits and ``value[rows]`` at each point (patterns expanded), in one forward."""
+        kwargs = self.arguments()
+        if not self.local:
+            kwargs["outputs"] = ["logits"]
+        with torch.no_grad():
+            output, trace = self.model.run(ids, record=list(points), probes=list(probes), **kwargs)
+        names = trace.points if any(map(is_pattern, points)) else list(points)
+        logits = logits_of(output)[:, -1].detach().float().cpu()
+        return logits, {p: _tensor(p, trace[p])[rows] for p in names}
+
     def gradients(
         self, ids: torch.Tensor, points: Sequence[str], metric: Metric, score: Callable[[torch.Tensor], torch.Tensor]
     ) -> tuple[float, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -123,11 +135,9 @@ class Runner:
                     "through a server, the gradient is taken there, of a built-in loss: pass the metric as "
                     "nt.LogitDiff(correct, wrong)"
                 )
-            probes = [probe(p, Record(index=0, key=_KEY), grad=grad) for grad in (False, True) for p in points]
-            loss = self.model.backward(ids, loss=metric, probes=probes, **self.arguments())
-            saved = self.model.recordings([*points, *(p + ".grad" for p in points)])
-            values = {p: _tensor(p, saved[p][_KEY][-1]) for p in points}
-            return loss, values, {p: _tensor(p, saved[p + ".grad"][_KEY][-1]) for p in points}
+            _, trace = self.model.run(ids, record=points, grad=points, loss=metric, outputs=[], **self.arguments())
+            values = {p: _tensor(p, trace[p])[0] for p in points}
+            return trace.loss, values, {p: _tensor(p, trace.grad[p])[0] for p in points}
         kept: dict[str, torch.Tensor] = {}
 
         def keeper(point: str) -> Callable[[Any, Any], Any]:
@@ -147,25 +157,6 @@ class Runner:
             grads = torch.autograd.grad(value.sum(), [kept[p] for p in points], allow_unused=True)
         values = {p: kept[p][0].detach() for p in points}
         return float(value.detach()[0]), values, {p: _zeros_if_none(g, kept[p])[0] for p, g in zip(points, grads)}
-
-    def capture(
-        self, ids: torch.Tensor, points: Sequence[str], probes: Sequence[Probe] = (), *, rows: Any = 0
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The last position's logits and the value at each point (``value[rows]``), in one forward."""
-        if self.local:
-            values: dict[str, torch.Tensor] = {}
-
-            def keeper(point: str) -> Callable[[Any, Any], None]:
-                def keep(_ctx: Any, value: Any) -> None:
-                    values[point] = _tensor(point, value)[rows].detach()
-
-                return keep
-
-            logits = self.logits(ids, [*probes, *(probe(p, keeper(p)) for p in points)])
-            return logits, values
-        logits = self.logits(ids, [*probes, *(probe(p, Record(index=rows, key=_KEY)) for p in points)])
-        saved = self.model.recordings(list(points))
-        return logits, {p: _tensor(p, saved[p][_KEY][-1]) for p in points}
 
 
 def _tensor(point: str, value: Any) -> torch.Tensor:
@@ -264,6 +255,7 @@ def activation_patching(
     score, metric_name = _scorer(metric, runner)
     _check_batch(batch)
     clean_logits, values = runner.capture(clean_ids, names)
+    names = list(values)
     corrupt_logits = runner.logits(corrupt_ids)
     cells = [(point, position) for point in names for position in chosen]
     scores = [
@@ -310,6 +302,7 @@ def attribution_patching(
     chosen = runner.positions(positions, clean_ids.shape[1])
     score, metric_name = _scorer(metric, runner)
     clean_logits, clean_values = runner.capture(clean_ids, names)
+    names = list(clean_values)
     corrupt_metric, corrupt_values, grads = runner.gradients(corrupt_ids, names, metric, score)
     rows = []
     for point in names:
@@ -384,6 +377,7 @@ def causal_trace(
         raise NeurotapError(f"samples must be a positive integer, got {samples!r}")
     _check_batch(batch)
     clean_logits, clean = runner.capture(ids, [*layers, "embed"])
+    layers = [name for name in clean if name != "embed"]
     embeddings = clean["embed"]
     draws = torch.randn(samples, end - start, embeddings.shape[-1], generator=torch.Generator().manual_seed(seed))
     noises = draws * (float(noise) * embeddings.float().std())
