@@ -1,22 +1,29 @@
 """Overhead of the core against the plain module, hand-written hooks and nnsight.
 
-    python bench/bench_core.py [--rounds 30] [--no-smollm2] [--no-nnsight]
+    python bench/bench_core.py [--rounds 30] [--no-smollm2] [--no-nnsight] [--wall]
 
 Two regimes: a tiny random Llama (2 layers, hidden 64, batch 2 x 16), where Python
 overhead dominates as it does on a GPU, and SmolLM2-135M (batch 1 x 32), where
 compute dominates. One thread, variants interleaved round by round in one process,
-medians of per-forward times, ratios printed.
+medians of per-call times, ratios printed. Times are the thread's CPU time (a busy
+machine's waiting is left out), or wall-clock time with ``--wall``.
 
-The task timed in "probe" variants: record every decoder layer's output, read the
+Each task is done three ways, with hooks and probes attached for that call only:
+"record" records every decoder layer's output; "zero" zero-ablates unit 3 of the
 MLP product of layer 0 (``model.layers.0.mlp.mul``, which hand hooks and nnsight
-reach as the input of ``down_proj``) and zero-ablate unit 3 of it. "run" is
-``m.run(ids, record="blocks.*.resid_post")``: a trace of every layer's residual,
-also timed in pairs against the plain module (a, b, b, a each round; median ratio).
+reach as the input of ``down_proj``). The ratio that matters is each library's
+added time over the plain forward against the hand hooks' added time. Also timed:
+a 16-token generation with the ablation at every step, and a sweep of 1,000
+forwards each zeroing one (position, unit) cell, the shape of activation patching.
+"run" (in the record task) is ``m.run(ids, record="blocks.*.resid_post")``: a trace
+of every layer's residual, also timed on SmolLM2 in pairs against the plain module
+(a, b, b, a each round; median ratio).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 from collections.abc import Callable
@@ -44,11 +51,15 @@ def tiny_llama() -> torch.nn.Module:
     return transformers.LlamaForCausalLM(config).eval()
 
 
+TASKS = {"record": "record every decoder layer's output", "zero": "zero one unit of the MLP product"}
+clock = time.thread_time
+
+
 def time_per_call(fn: Callable[[], Any], repeat: int) -> float:
-    start = time.perf_counter()
+    start = clock()
     for _ in range(repeat):
         fn()
-    return (time.perf_counter() - start) / repeat
+    return (clock() - start) / repeat
 
 
 def interleave(variants: dict[str, Callable[[], Any]], rounds: int, repeat: int) -> dict[str, float]:
@@ -76,91 +87,90 @@ def paired_ratio(a: Callable[[], Any], b: Callable[[], Any], rounds: int) -> tup
     return statistics.median(ratios), statistics.median(times_a), statistics.median(times_b)
 
 
-def hand_hooks(module: torch.nn.Module, store: list) -> list:
+def hooks_on(module: torch.nn.Module, task: str, store: list) -> list:
+    """The task done with plain torch hooks; returns the handles."""
     layers = module.model.layers
+    if task == "record":
 
-    def record(_m: Any, _args: Any, output: torch.Tensor) -> None:
-        store.append(output.detach().clone())
+        def record(_m: Any, _args: Any, output: torch.Tensor) -> None:
+            store.append(output.detach().clone())
+
+        return [layer.register_forward_hook(record) for layer in layers]
 
     def ablate(_m: Any, args: tuple) -> tuple:
-        (x,) = args
-        store.append(x.detach().clone())
-        x = x.clone()
+        x = args[0].clone()
         x[..., UNIT] = 0
-        return (x,)
+        return (x, *args[1:])
 
-    handles = [layer.register_forward_hook(record) for layer in layers]
-    handles.append(layers[0].mlp.down_proj.register_forward_pre_hook(ablate))
-    return handles
+    return [layers[0].mlp.down_proj.register_forward_pre_hook(ablate)]
 
 
-def probe_task(n_layers: int) -> list[nt.Probe]:
-    probes = [nt.probe(f"model.layers.{i}.output", nt.Record()) for i in range(n_layers)]
-    probes.append(nt.probe("model.layers.0.mlp.mul", nt.Record()))
-    probes.append(nt.probe("model.layers.0.mlp.mul", nt.Zero(index=(..., UNIT))))
-    return probes
+def probes_for(task: str, n_layers: int) -> list[nt.Probe]:
+    if task == "record":
+        return [nt.probe(f"model.layers.{i}.output", nt.Record()) for i in range(n_layers)]
+    return [nt.probe("model.layers.0.mlp.mul", nt.Zero(index=(..., UNIT)))]
 
 
-def check_same_result(module: torch.nn.Module, m: nt.Model, ids: torch.Tensor, probes: list[nt.Probe]) -> None:
-    store: list = []
-    handles = hand_hooks(module, store)
+def with_hooks(module: torch.nn.Module, task: str, call: Callable[[], Any], store: list) -> Any:
+    handles = hooks_on(module, task, store)
     try:
-        expected = module(ids).logits
+        return call()
     finally:
         for h in handles:
             h.remove()
-    got = m.forward(ids, probes=probes).logits
+
+
+def check_same_result(module: torch.nn.Module, m: nt.Model, ids: torch.Tensor, task: str) -> None:
+    store: list = []
+    expected = with_hooks(module, task, lambda: module(ids).logits, store)
+    got = m.forward(ids, probes=probes_for(task, len(module.model.layers))).logits
+    if task == "record":
+        recorded = [m.recordings()[f"model.layers.{i}.output"]["record"][0] for i in range(len(store))]
+        assert all(torch.equal(a, b) for a, b in zip(store, recorded)), "neurotap and hand hooks recorded apart"
     m.clear_recordings()
     assert torch.equal(expected, got), "neurotap and hand hooks disagree"
 
 
-def forward_variants(module: torch.nn.Module, ids: torch.Tensor, use_nnsight: bool) -> dict[str, Callable[[], Any]]:
+def forward_variants(
+    module: torch.nn.Module, ids: torch.Tensor, task: str, use_nnsight: bool
+) -> dict[str, Callable[[], Any]]:
     m = nt.wrap(module)
     m.points()
     n_layers = len(module.model.layers)
-    probes = probe_task(n_layers)
-    check_same_result(module, m, ids, probes)
+    check_same_result(module, m, ids, task)
+    probes = probes_for(task, n_layers)
     store: list = []
+    with_hooks(module, task, lambda: module(ids), store)
 
     def hooks_per_call() -> None:
-        handles = hand_hooks(module, store)
-        try:
-            module(ids)
-        finally:
-            for h in handles:
-                h.remove()
         store.clear()
+        with_hooks(module, task, lambda: module(ids), store)
 
     def neurotap_per_call() -> None:
         m.forward(ids, probes=probes)
         m.clear_recordings()
 
-    _, trace = m.run(ids, record="blocks.*.resid_post")
-    outputs: list = []
-    handles = [layer.register_forward_hook(lambda _m, _a, out: outputs.append(out)) for layer in module.model.layers]
-    module(ids)
-    for handle in handles:
-        handle.remove()
-    expected = torch.stack([out[0] if isinstance(out, tuple) else out for out in outputs])
-    assert torch.equal(trace.stack("blocks.*.resid_post"), expected), "the trace and hand hooks disagree"
     variants: dict[str, Callable[[], Any]] = {
         "plain module": lambda: module(ids),
         "wrapped, no probes": lambda: m(ids),
         "hand hooks": hooks_per_call,
         "neurotap": neurotap_per_call,
-        "run, every resid_post": lambda: m.run(ids, record="blocks.*.resid_post"),
     }
+    if task == "record":
+        _, trace = m.run(ids, record="blocks.*.resid_post")
+        assert torch.equal(trace.stack("blocks.*.resid_post"), torch.stack(store)), "the trace and hand hooks disagree"
+        variants["run, every resid_post"] = lambda: m.run(ids, record="blocks.*.resid_post")
     if use_nnsight:
         from nnsight import NNsight
 
-        traced = NNsight(module)
+        traced = NNsight(copy.deepcopy(module))  # nnsight sets instance forwards: keep them off neurotap's module
 
         def nnsight_call() -> None:
             with traced.trace(ids):
-                x = traced.model.layers[0].mlp.down_proj.input
-                saved = x.clone().save()  # noqa: F841
-                x[..., UNIT] = 0
-                outs = [traced.model.layers[i].output.save() for i in range(n_layers)]  # noqa: F841
+                if task == "record":
+                    outs = [traced.model.layers[i].output.save() for i in range(n_layers)]  # noqa: F841
+                else:
+                    traced.model.layers[0].mlp.down_proj.input[..., UNIT] = 0
 
         variants["nnsight 0.8"] = nnsight_call
     return variants
@@ -169,23 +179,72 @@ def forward_variants(module: torch.nn.Module, ids: torch.Tensor, use_nnsight: bo
 def report(title: str, medians: dict[str, float], base: str, pairs: list[tuple[str, str]]) -> None:
     print(f"\n{title}")
     for name, seconds in medians.items():
-        print(f"  {name:<28} {seconds * 1e3:8.3f} ms   x{seconds / medians[base]:.3f} of {base}")
+        added = seconds - medians[base]
+        print(f"  {name:<28} {seconds * 1e3:8.3f} ms   x{seconds / medians[base]:.3f} of {base}, +{added * 1e6:.0f} us")
     for a, b in pairs:
         if a in medians and b in medians:
-            print(f"  {a} / {b}: x{medians[a] / medians[b]:.3f}")
+            ratio = (medians[a] - medians[base]) / (medians[b] - medians[base])
+            print(f"  {a} / {b}: x{medians[a] / medians[b]:.3f} of the time, x{ratio:.2f} of the added time")
 
 
 def generation(module: torch.nn.Module, ids: torch.Tensor, rounds: int) -> dict[str, float]:
     m = nt.wrap(module)
     m.points()
     ablation = {"model.layers.0.mlp.mul": nt.Zero(index=(..., UNIT))}
+    probes = probes_for("zero", len(module.model.layers))
     kwargs = {"max_new_tokens": 16, "do_sample": False, "min_new_tokens": 16}
+    expected = with_hooks(module, "zero", lambda: module.generate(ids, **kwargs), [])
+    assert torch.equal(expected, m.generate(ids, probes=probes, **kwargs)), "neurotap and hand hooks disagree"
 
     def patched() -> None:
         with m.patch(ablation):
             m.generate(ids, **kwargs)
 
-    return interleave({"plain generate": lambda: module.generate(ids, **kwargs), "neurotap": patched}, rounds, 1)
+    variants = {
+        "plain generate": lambda: module.generate(ids, **kwargs),
+        "hand hooks": lambda: with_hooks(module, "zero", lambda: module.generate(ids, **kwargs), []),
+        "neurotap": lambda: m.generate(ids, probes=probes, **kwargs),
+        "neurotap, patch block": patched,
+    }
+    return interleave(variants, rounds, 1)
+
+
+def sweep(module: torch.nn.Module, ids: torch.Tensor, rounds: int, cells: int = 1000) -> dict[str, float]:
+    """Activation patching's shape: one forward per (position, unit) cell, each zeroing that cell only."""
+    m = nt.wrap(module)
+    m.points()
+    width = module.config.intermediate_size
+    where = [(position, unit) for position in range(ids.shape[1]) for unit in range(width)][:cells]
+    target = 5
+
+    def by_hand() -> list[float]:
+        results = []
+        for position, unit in where:
+
+            def ablate(_m: Any, args: tuple, position: int = position, unit: int = unit) -> tuple:
+                x = args[0].clone()
+                x[:, position, unit] = 0
+                return (x, *args[1:])
+
+            handle = module.model.layers[0].mlp.down_proj.register_forward_pre_hook(ablate)
+            try:
+                results.append(module(ids).logits[0, -1, target].item())
+            finally:
+                handle.remove()
+        return results
+
+    def with_neurotap() -> list[float]:
+        results = []
+        for position, unit in where:
+            probe = nt.probe("model.layers.0.mlp.mul", nt.Zero(index=(slice(None), position, unit)))
+            results.append(m.forward(ids, probes=[probe]).logits[0, -1, target].item())
+        return results
+
+    def plain() -> list[float]:
+        return [module(ids).logits[0, -1, target].item() for _ in where]
+
+    assert by_hand() == with_neurotap(), "the sweeps disagree"
+    return interleave({"plain forwards": plain, "hand hooks": by_hand, "neurotap": with_neurotap}, rounds, 1)
 
 
 def main() -> None:
@@ -193,24 +252,38 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--no-smollm2", action="store_true")
     parser.add_argument("--no-nnsight", action="store_true")
+    parser.add_argument("--wall", action="store_true", help="time wall-clock instead of the thread's CPU time")
     args = parser.parse_args()
+    global clock
+    clock = time.perf_counter if args.wall else time.thread_time
     torch.set_num_threads(1)
     transformers.utils.logging.disable_progress_bar()
+    use_nnsight = not args.no_nnsight
+    if use_nnsight:
+        try:
+            import nnsight  # noqa: F401
+        except ImportError:
+            print("nnsight is not installed (pip install -r bench/requirements.txt): its column is left out")
+            use_nnsight = False
     pairs = [
         ("neurotap", "hand hooks"),
         ("neurotap", "nnsight 0.8"),
-        ("wrapped, no probes", "plain module"),
-        ("run, every resid_post", "plain module"),
+        ("nnsight 0.8", "hand hooks"),
+        ("run, every resid_post", "hand hooks"),
     ]
+    gen_pairs = [("neurotap", "hand hooks"), ("neurotap, patch block", "hand hooks")]
 
     with torch.no_grad():
         tiny = tiny_llama()
         tiny.generation_config.pad_token_id = 0
         ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
-        medians = interleave(forward_variants(tiny, ids, not args.no_nnsight), args.rounds, 20)
-        report("Tiny Llama (2 layers, hidden 64), batch 2 x 16, forward", medians, "plain module", pairs)
-        gen = generation(tiny, ids[:1], max(5, args.rounds // 3))
-        report("Tiny Llama, greedy generate 16 tokens, one ablation at every step", gen, "plain generate", [])
+        for task, title in TASKS.items():
+            medians = interleave(forward_variants(tiny, ids, task, use_nnsight), args.rounds, 20)
+            report(f"Tiny Llama (2 layers, hidden 64), batch 2 x 16, {title}", medians, "plain module", pairs)
+        gen = generation(tiny, ids[:1], max(5, args.rounds // 2))
+        report("Tiny Llama, greedy generate 16 tokens, one ablation at every step", gen, "plain generate", gen_pairs)
+        swept = sweep(tiny, ids[:1], max(3, args.rounds // 6))
+        report("Tiny Llama, batch 1 x 16, a sweep of 1,000 single-cell ablations", swept, "plain forwards", pairs)
 
         if not args.no_smollm2:
             started = time.perf_counter()
@@ -225,8 +298,9 @@ def main() -> None:
             print(f"  wrap + inventory, again (median of 5): {statistics.median(wrap_times):.3f} s")
             ids = loaded.tokenizer(["The Eiffel Tower is in the city of Paris, " * 4], return_tensors="pt").input_ids
             ids = ids[:, :32]
-            medians = interleave(forward_variants(module, ids, not args.no_nnsight), max(5, args.rounds // 3), 3)
-            report("SmolLM2-135M, batch 1 x 32, forward", medians, "plain module", pairs)
+            for task, title in TASKS.items():
+                medians = interleave(forward_variants(module, ids, task, use_nnsight), max(5, args.rounds // 3), 3)
+                report(f"SmolLM2-135M, batch 1 x 32, {title}", medians, "plain module", pairs)
             m = nt.wrap(module)
             ratio, traced, plain = paired_ratio(
                 lambda: m.run(ids, record="blocks.*.resid_post"), lambda: module(ids), max(10, args.rounds)
@@ -236,7 +310,9 @@ def main() -> None:
                 f"({traced * 1e3:.1f} ms against {plain * 1e3:.1f} ms, medians)"
             )
             gen = generation(module, ids[:, :8], 5)
-            report("SmolLM2-135M, greedy generate 16 tokens, one ablation at every step", gen, "plain generate", [])
+            report(
+                "SmolLM2-135M, greedy generate 16 tokens, one ablation at every step", gen, "plain generate", gen_pairs
+            )
 
 
 if __name__ == "__main__":

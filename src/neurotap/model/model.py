@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -30,6 +31,8 @@ from .losses import LOSSES, Loss, logits_of
 from .plan import Plan, Stopped, managed_call, stopping_probe
 from .text import check_token_ids, is_text, text_to_ids
 from .trace import Trace
+
+_KEPT_PLANS = 4  # few: a plan keeps its probes, and their tensors, alive
 
 PatchSpec = Mapping[str, Callable[..., Any] | Sequence[Callable[..., Any]]]
 
@@ -60,6 +63,8 @@ class Model:
         self._layers: list[list[Probe]] = []  # active patch() contexts, outermost first
         self._layer_plan: Plan | None = None
         self._attached: Attachment | None = None
+        self._plans: OrderedDict[tuple[Probe, ...], Plan] = OrderedDict()  # recent calls' plans, by their probes
+        self._plans_of: Inventory | None = None  # the inventory those plans were resolved against
         self._lock = threading.RLock()
 
     def __repr__(self) -> str:
@@ -258,13 +263,16 @@ class Model:
                 with managed_call():
                     result = call(*args, **kwargs)
             else:
-                inventory = self.inventory(args, kwargs)
-                plan = Plan([p for layer in self._layers for p in layer] + list(probes), inventory, self._contexts)
+                every = (*(p for layer in self._layers for p in layer), *probes)
+                plan = self._plan(every, self.inventory(args, kwargs))
+                once = call is self.module  # one root forward: start it here rather than from a hook on the root
                 self._detach()
                 try:
-                    self._attached = plan.attach(self.module, self._named_modules())
+                    self._attached = plan.attach(self.module, self._named_modules(), hooked=not once)
                     plan.state.new_call()
                     since = plan.state.forward_id
+                    if once:
+                        plan.start_forward()
                     with managed_call():
                         result = call(*args, **kwargs)
                 except Stopped as stop:
@@ -276,6 +284,20 @@ class Model:
         if missed:
             self._missed(missed, generating=call is not self.module)
         return result
+
+    def _plan(self, probes: tuple[Probe, ...], inventory: Inventory) -> Plan:
+        """The plan for ``probes``: the one made last time when the same probes come again (a loop's calls)."""
+        if self._plans_of is not inventory:
+            self._plans.clear()
+            self._plans_of = inventory
+        plan = self._plans.get(probes)
+        if plan is None:
+            plan = self._plans[probes] = Plan(probes, inventory, self._contexts)
+            if len(self._plans) > _KEPT_PLANS:
+                self._plans.popitem(last=False)
+        else:
+            self._plans.move_to_end(probes)
+        return plan
 
     def _missed(self, points: list[str], *, generating: bool, directly: bool = False) -> None:
         names = ", ".join(map(repr, points))

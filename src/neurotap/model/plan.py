@@ -57,7 +57,9 @@ def _stop(ctx: SaveContext, value: Any) -> None:
     raise Stopped(value)
 
 
+@functools.lru_cache(maxsize=64)
 def stopping_probe(point: str) -> Probe:
+    """The probe that ends a forward at ``point``; the same one each time, so a plan with it can be reused."""
     return Probe(point, _stop)
 
 
@@ -428,6 +430,8 @@ class Plan:
         self.taps: dict[str, Tap] = {}
         self.skips: dict[str, _Skipping] = {}  # module path -> what runs in place of its forward
         self.bases: dict[str, str] = {}  # each probe's point name -> the raw point it resolved to
+        self._held: list[tuple[Tap, dict[str, Any], torch.Tensor]] = []  # parameters and buffers patched
+        self._above_taps: tuple[str, ...] | None = None  # the modules that contain a tapped one
         for probe in expand_probes(probes, inventory):
             try:
                 base, keys = split_narrowing(probe.point)
@@ -473,19 +477,28 @@ class Plan:
         root: torch.nn.Module,
         modules: Mapping[str, torch.nn.Module],
         on_missed: Callable[[list[str]], None] | None = None,
+        *,
+        hooked: bool = True,
     ) -> Attachment:
         """Put the plan on the module tree; ``on_missed(points)`` after each forward made directly on ``root``
-        (not through the model wrapper) that did not reach some of the plan's points."""
+        (not through the model wrapper) that did not reach some of the plan's points.
+
+        ``hooked``: the root's every forward starts a new one (generate, direct
+        calls in a ``patch`` block). Without it, for a caller that runs the root
+        exactly once, nothing is put on the root for that; the caller calls ``start_forward``.
+        """
         attachment = Attachment()
         try:
-            tensors = [tap for tap in self.taps.values() if tap.point.kind in _TENSOR_KINDS]
-            if tensors:
-                held = [
-                    (tap, *attachment.hold_tensor(modules[tap.point.module], tap.point.scope[0])) for tap in tensors
-                ]
-                attachment.before_forward(root, functools.partial(self._new_forward_with, held))
+            held = [
+                (tap, *attachment.hold_tensor(modules[tap.point.module], tap.point.scope[0]))
+                for tap in self.taps.values()
+                if tap.point.kind in _TENSOR_KINDS
+            ]
+            self._held = held
+            if hooked and held:
+                attachment.before_forward(root, self.start_forward)
                 attachment.after_forward(root, functools.partial(_put_back, held))
-            else:
+            elif hooked:
                 attachment.before_forward(root, self.state.new_forward)
             taps = [(tap.point, tap) for tap in self.taps.values() if tap.point.kind not in _TENSOR_KINDS]
             attach_taps(attachment, taps, modules)
@@ -506,22 +519,26 @@ class Plan:
             if missed:
                 on_missed(missed)
 
-    def _new_forward_with(self, held: list[tuple[Tap, dict[str, Any], torch.Tensor]]) -> None:
+    def start_forward(self) -> None:
         """Each forward starts from the real parameters and buffers, patched anew (a delta may have changed)."""
         self.state.new_forward()
+        if not self._held:
+            return
         grad = torch.is_grad_enabled()
-        for tap, table, original in held:
+        for tap, table, original in self._held:
             # a gradient probe hooks a view, never the parameter itself, whose hooks would outlive the call
             seed = original.view_as(original) if grad and any(b.grad for b in tap.bound) else original
             table[tap.point.scope[0]] = tap(seed)
 
     def _through_checkpoints(self, attachment: Attachment, modules: Mapping[str, torch.nn.Module]) -> None:
         """Make each gradient-checkpointed layer above a tap recompute with the taps on (see ``_Region``)."""
-        layers: set[str] = set()
-        for tap in self.taps.values():
-            parts = tap.point.module.split(".") if tap.point.module else []
-            layers.update(".".join(parts[:depth]) for depth in range(len(parts)))
-        for path in layers:
+        if self._above_taps is None:
+            layers: set[str] = set()
+            for tap in self.taps.values():
+                parts = tap.point.module.split(".") if tap.point.module else []
+                layers.update(".".join(parts[:depth]) for depth in range(len(parts)))
+            self._above_taps = tuple(layers)
+        for path in self._above_taps:
             module = modules[path]
             own = module.__dict__
             if own.get("gradient_checkpointing") is True and "_gradient_checkpointing_func" in own:

@@ -40,10 +40,14 @@ def _select(ctx: SaveContext, value: torch.Tensor, index: Index, patch: Patch) -
     try:
         return value[index]
     except (IndexError, TypeError, RuntimeError, ValueError) as error:
-        raise PatchError(
-            f"{type(patch).__name__} at {ctx.point!r}: index {index!r} does not fit the value of shape "
-            f"{_shape(value)}: {error}"
-        ) from None
+        raise _misfit(ctx, value, patch, error) from None
+
+
+def _misfit(ctx: SaveContext, value: torch.Tensor, patch: Patch, error: Exception) -> PatchError:
+    return PatchError(
+        f"{type(patch).__name__} at {ctx.point!r}: index {patch.index!r} does not fit the value of shape "
+        f"{_shape(value)}: {error}"
+    )
 
 
 def _fitted(ctx: SaveContext, given: Any, target: torch.Tensor, patch: Patch) -> torch.Tensor:
@@ -92,7 +96,15 @@ class Zero(Patch):
     index: Index = None
 
     def __call__(self, ctx: SaveContext, value: Any) -> Any:
-        return _write(ctx, _tensor_at(ctx, value, self), self, torch.zeros_like)
+        value = _tensor_at(ctx, value, self)
+        if self.index is None:
+            return torch.zeros_like(value)
+        result = value.clone()  # a scalar written through the index: no selection, no tensor of zeros
+        try:
+            result[self.index] = 0
+        except (IndexError, TypeError, RuntimeError, ValueError) as error:
+            raise _misfit(ctx, value, self, error) from None
+        return result
 
 
 @dataclass(frozen=True, eq=False)
