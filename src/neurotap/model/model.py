@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import warnings
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -63,7 +64,8 @@ class Model:
         self._layers: list[list[Probe]] = []  # active patch() contexts, outermost first
         self._layer_plan: Plan | None = None
         self._attached: Attachment | None = None
-        self._plans: OrderedDict[tuple[Probe, ...], Plan] = OrderedDict()  # recent calls' plans, by their probes
+        # recent calls' plans by their probes' ids; an entry goes when one of its probes does
+        self._plans: OrderedDict[tuple[int, ...], tuple[Plan, list[weakref.ref]]] = OrderedDict()
         self._plans_of: Inventory | None = None  # the inventory those plans were resolved against
         self._lock = threading.RLock()
 
@@ -286,17 +288,28 @@ class Model:
         return result
 
     def _plan(self, probes: tuple[Probe, ...], inventory: Inventory) -> Plan:
-        """The plan for ``probes``: the one made last time when the same probes come again (a loop's calls)."""
+        """The plan for ``probes``: the one made last time when the same probes come again (a loop's calls).
+
+        The cache holds the probes only weakly, so probes made for one call (and
+        what their functions hold) are not kept alive by it.
+        """
+        plans = self._plans
         if self._plans_of is not inventory:
-            self._plans.clear()
+            plans.clear()
             self._plans_of = inventory
-        plan = self._plans.get(probes)
-        if plan is None:
-            plan = self._plans[probes] = Plan(probes, inventory, self._contexts)
-            if len(self._plans) > _KEPT_PLANS:
-                self._plans.popitem(last=False)
-        else:
-            self._plans.move_to_end(probes)
+        key = tuple(map(id, probes))
+        kept = plans.get(key)
+        if kept is not None:
+            plans.move_to_end(key)
+            return kept[0]
+        plan = Plan(probes, inventory, self._contexts)
+
+        def forget(_: weakref.ref) -> None:
+            plans.pop(key, None)
+
+        plans[key] = (plan, [weakref.ref(p, forget) for p in probes])
+        if len(plans) > _KEPT_PLANS:
+            plans.popitem(last=False)
         return plan
 
     def _missed(self, points: list[str], *, generating: bool, directly: bool = False) -> None:

@@ -50,8 +50,30 @@ def _misfit(ctx: SaveContext, value: torch.Tensor, patch: Patch, error: Exceptio
     )
 
 
-def _fitted(ctx: SaveContext, given: Any, target: torch.Tensor, patch: Patch) -> torch.Tensor:
-    """``given`` as a tensor on the target's device and dtype, shape-checked."""
+_NUMBERS = (bool, int, float)
+
+
+def _basic(index: Index) -> bool:
+    """Whether ``value[index]`` is a view (ints, slices, ``...``, ``None``), so it can be written in place."""
+    for part in index if type(index) is tuple else (index,):
+        if not (part is None or part is Ellipsis or type(part) is int or type(part) is slice):
+            return False
+    return True
+
+
+def _fitted(ctx: SaveContext, given: Any, target: torch.Tensor, patch: Patch) -> Any:
+    """``given`` fitted to the target: a tensor shape-checked and on the target's device and dtype.
+
+    A Python number stays a number, so that no tensor is made for it and nothing
+    crosses between devices (a CUDA forward never waits on the host).
+    """
+    if type(given) in _NUMBERS:
+        if (type(given) is float) != target.is_floating_point():
+            raise PatchError(
+                f"{type(patch).__name__} at {ctx.point!r}: a {type(given).__name__} ({given!r}) cannot stand in "
+                f"for the {target.dtype} value there"
+            )
+        return given
     tensor = given if isinstance(given, torch.Tensor) else torch.as_tensor(given)
     if tensor.is_floating_point() != target.is_floating_point() and tensor.dtype != target.dtype:
         raise PatchError(
@@ -68,6 +90,14 @@ def _fitted(ctx: SaveContext, given: Any, target: torch.Tensor, patch: Patch) ->
             f"fit the point's shape {_shape(target)}" + ("" if patch.index is None else f" at index {patch.index!r}")
         )
     return tensor.to(device=target.device, dtype=target.dtype)
+
+
+def _filled(ctx: SaveContext, given: Any, target: torch.Tensor, patch: Patch) -> torch.Tensor:
+    """``given`` broadcast to the target's shape, without copying it."""
+    fitted = _fitted(ctx, given, target, patch)
+    if not isinstance(fitted, torch.Tensor):
+        fitted = target.new_full((), fitted)  # made on the target's device, from the number alone
+    return fitted.expand_as(target)
 
 
 def _write(ctx: SaveContext, value: torch.Tensor, patch: Patch, new: Callable[[torch.Tensor], torch.Tensor]) -> Any:
@@ -99,9 +129,12 @@ class Zero(Patch):
         value = _tensor_at(ctx, value, self)
         if self.index is None:
             return torch.zeros_like(value)
-        result = value.clone()  # a scalar written through the index: no selection, no tensor of zeros
+        result = value.clone()
         try:
-            result[self.index] = 0
+            if _basic(self.index):
+                result[self.index].zero_()  # a view: written in place, no tensor made for the zero
+            else:
+                result[self.index] = value.new_zeros(())  # on the value's device: 0 would become a CPU tensor
         except (IndexError, TypeError, RuntimeError, ValueError) as error:
             raise _misfit(ctx, value, self, error) from None
         return result
@@ -126,9 +159,7 @@ class Replace(Patch):
     index: Index = None
 
     def __call__(self, ctx: SaveContext, value: Any) -> Any:
-        return _write(
-            ctx, _tensor_at(ctx, value, self), self, lambda part: _fitted(ctx, self.value, part, self).expand_as(part)
-        )
+        return _write(ctx, _tensor_at(ctx, value, self), self, lambda part: _filled(ctx, self.value, part, self))
 
 
 @dataclass(frozen=True, eq=False)

@@ -1,0 +1,172 @@
+"""The hot path: a plan reused when the same probes come again, and patches that never wait on a device."""
+
+from __future__ import annotations
+
+import copy
+import gc
+import weakref
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+import neurotap as nt
+from conftest import assert_clean, example_inputs, toy_by_hand, wrap_tiny
+
+
+def test_the_same_probes_again_give_each_call_its_own_values(toy):
+    """A loop passing one probe list: every call counts its own loop calls and edits the values anew."""
+    x = example_inputs("toy")["x"]
+    seen = []
+
+    def note(ctx, value):
+        seen.append((ctx.call, value.detach().clone()))
+
+    probes = [nt.probe("block.output", note), nt.probe("gate.mul", nt.Scale(0.5)), nt.probe("mix.relu", nt.Record())]
+    expected = toy_by_hand(toy.module, x)
+    gated = torch.tanh(expected["loop_1"]) * 2.0 * 0.5 + 1.0
+    relu = torch.relu(toy.module.up(gated))
+    out = toy.module.head(gated - toy.module.down(relu * 0.5)) / 3.0
+    for call in range(3):
+        assert torch.allclose(toy.forward(x, probes=probes), out, atol=1e-6)
+        assert [c for c, _ in seen[2 * call :]] == [0, 1]  # two loop calls each forward, counted from 0 again
+        assert torch.allclose(seen[2 * call][1], expected["block_0"], atol=1e-6)
+        assert torch.allclose(seen[2 * call + 1][1], expected["block_1"], atol=1e-6)
+    records = toy.recordings()["mix.relu"]["record"]
+    assert len(records) == 3 and all(torch.allclose(r, relu, atol=1e-6) for r in records)
+
+
+def test_the_same_probes_inside_and_outside_a_patch_block(toy):
+    """A plan made with a block's patches is not the one used once the block is gone, nor the reverse."""
+    x = example_inputs("toy")["x"]
+    probes = [nt.probe("output", nt.Record())]
+    plain = toy.module(x)
+    with toy.patch({"truediv": nt.Zero()}):
+        toy.forward(x, probes=probes)
+    toy.forward(x, probes=probes)
+    with toy.patch({"truediv": nt.Scale(2.0)}):
+        toy.forward(x, probes=probes)
+    first, second, third = toy.recordings()["output"]["record"]
+    assert torch.equal(first, torch.zeros_like(plain))
+    assert torch.equal(second, plain)
+    assert torch.allclose(third, plain * 2.0, atol=1e-6)
+
+
+def test_reused_plans_do_not_keep_a_calls_probes_alive(toy):
+    """Probes made for one call, and what their functions hold, go when the caller drops them."""
+    x = example_inputs("toy")["x"]
+
+    class Held:
+        pass
+
+    held = Held()
+    gone = weakref.ref(held)
+
+    def keeps(ctx, value, held=held):
+        return None
+
+    probes = [nt.probe("mix.mul", keeps)]
+    toy.forward(x, probes=probes)
+    toy.forward(x, probes=probes)
+    del probes, keeps, held
+    gc.collect()
+    assert gone() is None
+
+
+class HostTensors(TorchDispatchMode):
+    """Counts tensors made from host data (``torch.tensor``, a Python number written into a tensor) or from nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.made: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        result = func(*args, **kwargs)
+        made = any(isinstance(a, torch.Tensor) for a in tree_leaves(result))
+        from_nothing = not any(isinstance(a, torch.Tensor) for a in tree_leaves((args, kwargs)))
+        if made and (from_nothing or func is torch.ops.aten.lift_fresh.default):
+            self.made.append(str(func))
+        return result
+
+
+def device_patches(device: torch.device) -> dict:
+    """Every kind of patch and reduction, its tensors (values, indices, directions) already on ``device``."""
+    on = {"device": device}
+    return {
+        "block.output": nt.Zero(index=(..., 3)),
+        "gate.mul": nt.Add(torch.linspace(-1, 1, 16, **on)),
+        "mix.relu": [nt.Zero(index=(..., torch.tensor([1, 5], **on))), nt.Add(0.5, index=(0, 1))],
+        "mix.mul": nt.Scale(2.0),
+        "down.input": nt.Replace(torch.linspace(0, 1, 32, **on), index=(0,)),
+        "sub": nt.Replace(0.25, index=(..., 0)),
+        "up.output": [
+            nt.Record(),
+            nt.Mean(dims=(0, 1)),
+            nt.Sum(dims=0),
+            nt.Max(dims=(0, 1)),
+            nt.Norm(),
+            nt.Project(torch.linspace(-1, 1, 32, **on)),
+            nt.TopK(k=2),
+        ],
+        "head.weight": nt.Add(torch.full((4, 16), 0.01, **on)),
+        "head.output": nt.Scale(torch.tensor([1.0, -1.0, 2.0, 0.5], **on)),
+    }
+
+
+def test_patches_make_no_host_tensor_per_call(toy):
+    """A patched forward makes exactly the host tensors the plain forward makes (none), values on the device."""
+    x = example_inputs("toy")["x"]
+    patches = device_patches(x.device)
+    counting = HostTensors()
+    with counting:
+        torch.as_tensor(1.0)
+    assert counting.made == ["aten.lift_fresh.default"]  # the count sees what it is meant to
+
+    probes = nt.model.model.patches_to_probes(patches)
+    toy.forward(x, probes=probes)  # the first call makes the plan
+    plain, patched, in_block = HostTensors(), HostTensors(), HostTensors()
+    with plain:
+        expected = toy.module(x)
+    with patched:
+        out = toy.forward(x, probes=probes)
+    with toy.patch(patches), in_block:
+        toy.forward(x)
+    assert not torch.allclose(out, expected)  # the patches acted
+    assert patched.made == plain.made
+    assert in_block.made == plain.made
+    assert_clean(toy.module)
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="needs a CUDA device: checks that taps and patches never make the host wait for the GPU",
+)
+def test_patches_never_synchronise_with_the_gpu():
+    """Under torch.cuda.set_sync_debug_mode("error"), any host-device synchronisation in a tap or patch raises."""
+    cpu = wrap_tiny("toy")
+    device = torch.device("cuda")
+    module = copy.deepcopy(cpu.module).to(device)
+    x = example_inputs("toy")["x"]
+    model = nt.wrap(module, example=x[:1].to(device))
+    model.points()
+    patches = device_patches(device)
+    probes = nt.model.model.patches_to_probes(patches)
+    model.forward(x.to(device), probes=probes)  # first calls: the plan, CUDA's own lazy set-up
+    with model.patch(patches):
+        model.forward(x.to(device))
+    model.clear_recordings()
+    inputs = x.to(device)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = model.forward(inputs, probes=probes)
+        with model.patch(patches):
+            in_block = model.forward(inputs)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    expected = cpu.forward(x, probes=nt.model.model.patches_to_probes(device_patches(torch.device("cpu"))))
+    assert torch.allclose(out.cpu(), expected, atol=1e-5)
+    assert torch.allclose(in_block.cpu(), expected, atol=1e-5)
+    assert_clean(module)
