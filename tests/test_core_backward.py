@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import neurotap as nt
-from conftest import VOCAB, snapshot_state, tiny_llama, tiny_module
+from conftest import VOCAB, assert_clean, example_inputs, snapshot_state, tiny_llama, tiny_module
 
 POINT = "model.layers.1.mlp.mul"
 
@@ -57,9 +57,115 @@ def test_logit_diff_backward_and_weights_keep_their_grad(llama):
     assert all(p.grad is None for name, p in llama.module.named_parameters() if "up_proj" not in name)
 
 
-def test_backward_takes_only_built_in_losses(llama):
+def test_backward_refuses_a_loss_that_is_neither_built_in_nor_a_function(llama):
+    ids = torch.zeros(1, 3, dtype=torch.long)
     with pytest.raises(TypeError, match="CrossEntropy"):
-        llama.backward(torch.zeros(1, 3, dtype=torch.long), loss=lambda logits: logits.sum())
+        llama.backward(ids, loss="cross-entropy")
+    with pytest.raises(nt.NeurotapError, match="one number"):
+        llama.backward(ids, loss=lambda output: output.logits, probes=[nt.probe(POINT, nt.Record(), grad=True)])
+    assert_clean(llama.module)
+
+
+def test_backward_computes_only_what_the_probes_ask_for(llama):
+    """Gradients at two points equal torch.autograd.grad; no weight's .grad is touched, set or not."""
+    ids = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(4))
+    module = llama.module
+    seen = {}
+    handles = [
+        module.model.layers[1].mlp.down_proj.register_forward_pre_hook(lambda _m, a: seen.setdefault("mul", a[0])),
+        module.model.layers[0].register_forward_hook(lambda _m, _a, out: seen.setdefault("layer", out)),
+    ]
+    try:
+        logits = module(ids).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+    loss = logits[:, -1].logsumexp(-1).sum()
+    weight = module.get_parameter("model.layers.0.mlp.up_proj.weight")
+    expected = torch.autograd.grad(loss, [seen["mul"], seen["layer"], weight])
+    weight.grad = torch.full_like(weight, 3.0)
+    llama.clear_recordings()
+    probes = [
+        nt.probe(POINT, nt.Record(), grad=True),
+        nt.probe("model.layers.0.output", nt.Record(), grad=True),
+        nt.probe("model.layers.0.mlp.up_proj.weight", nt.Record(), grad=True),
+    ]
+    value = llama.backward(ids, loss=lambda output: output.logits[:, -1].logsumexp(-1).sum(), probes=probes)
+    assert value == pytest.approx(loss.item(), rel=1e-6)
+    recorded = llama.recordings()
+    for name, want in zip([POINT, "model.layers.0.output", "model.layers.0.mlp.up_proj.weight"], expected):
+        assert torch.allclose(recorded[name + ".grad"]["record"][0], want, atol=1e-6), name
+    assert torch.equal(weight.grad, torch.full_like(weight, 3.0))
+    weight.grad = None
+    assert all(p.grad is None for p in module.parameters())
+    assert_clean(module)
+
+
+def test_gradient_probes_work_on_frozen_weights():
+    """With no weight requiring grad, the probed values themselves become where the gradient starts."""
+    module = tiny_llama()
+    ids = torch.randint(0, VOCAB, (1, 5), generator=torch.Generator().manual_seed(5))
+    expected_loss, expected = autograd_at_mul(module, ids, lambda logits: logits[0, -1, 5] - logits[0, -1, 9])
+    state = snapshot_state(module)
+    module.requires_grad_(False)
+    model = nt.wrap(module)
+    probes = [
+        nt.probe(POINT, nt.Record(), grad=True),
+        nt.probe("model.layers.0.mlp.up_proj.weight", nt.Record(), grad=True),
+    ]
+    loss = model.backward(ids, loss=nt.LogitDiff(correct=5, wrong=9), probes=probes)
+    assert loss == pytest.approx(expected_loss.item(), rel=1e-6)
+    assert torch.allclose(model.recordings()[POINT + ".grad"]["record"][0], expected, atol=1e-7)
+    weight_grad = model.recordings()["model.layers.0.mlp.up_proj.weight.grad"]["record"][0]
+    assert weight_grad.shape == module.model.layers[0].mlp.up_proj.weight.shape and weight_grad.abs().sum() > 0
+    assert all(p.grad is None and not p.requires_grad for p in module.parameters())
+    assert_clean(module, state)
+
+
+def test_backward_gives_a_patch_delta_its_gradient():
+    """An Add's delta that requires grad gets .grad as loss.backward() would give it; the weights get none."""
+    module = tiny_llama()
+    ids = torch.randint(0, VOCAB, (1, 5), generator=torch.Generator().manual_seed(6))
+    delta = torch.linspace(-0.5, 0.5, 64, requires_grad=True)
+    handle = module.model.layers[0].register_forward_hook(lambda _m, _a, out: out + delta)
+    try:
+        loss = module(ids).logits[0, -1, 5]
+    finally:
+        handle.remove()
+    (expected,) = torch.autograd.grad(loss, delta)
+    model = nt.wrap(module)
+    model.backward(
+        ids, loss=lambda output: output.logits[0, -1, 5], probes=[nt.probe("model.layers.0.output", nt.Add(delta))]
+    )
+    assert torch.allclose(delta.grad, expected, atol=1e-6)
+    with model.patch({"model.layers.0.output": nt.Add(delta)}):
+        model.backward(ids, loss=lambda output: output.logits[0, -1, 5])
+    assert torch.allclose(delta.grad, 2 * expected, atol=1e-6)  # accumulated, as backward() accumulates
+    assert all(p.grad is None for p in module.parameters())
+    assert_clean(module)
+
+
+def test_backward_with_a_loss_on_a_model_without_logits():
+    """A base encoder returns hidden states, not logits: a function of the output is the loss."""
+    bert = nt.wrap(tiny_module("bert"))
+    inputs = example_inputs("bert")
+    seen = {}
+    handle = bert.module.encoder.layer[0].register_forward_hook(lambda _m, _a, out: seen.setdefault("out", out))
+    try:
+        output = bert.module(**inputs)
+    finally:
+        handle.remove()
+    hidden = seen["out"][0] if isinstance(seen["out"], tuple) else seen["out"]
+    (expected,) = torch.autograd.grad(output.last_hidden_state.pow(2).mean(), hidden)
+    grads = []
+    bert.backward(
+        **inputs,
+        loss=lambda out: out.last_hidden_state.pow(2).mean(),
+        probes=[nt.probe("encoder.layer.0.output", lambda ctx, g: grads.append(g), grad=True)],
+    )
+    got = grads[0][0] if isinstance(grads[0], tuple) else grads[0]
+    assert torch.allclose(got, expected, atol=1e-7)
+    assert_clean(bert.module)
 
 
 # -- gradient checkpointing -----------------------------------------------------------------------

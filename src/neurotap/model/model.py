@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 import warnings
 import weakref
@@ -26,10 +27,10 @@ from ..points import (
     take_inventory,
     unknown_point,
 )
-from ..probes import Probe, Record, Recordings, SaveContext, probe
+from ..probes import Patch, Probe, Record, Recordings, SaveContext, probe
 from .lens import LogitLens, logit_lens, unembed
 from .losses import LOSSES, Loss, logits_of
-from .plan import Plan, Stopped, managed_call, stopping_probe
+from .plan import GRADIENT_TARGETS, Plan, Stopped, managed_call, stopping_probe
 from .text import check_token_ids, is_text, text_to_ids
 from .trace import Trace
 
@@ -159,22 +160,57 @@ class Model:
             raise NeurotapError(f"{type(self.module).__name__} has no generate(); use forward()")
         return self._run(generate, args, kwargs, probes)
 
-    def backward(self, *args: Any, loss: Loss, probes: Sequence[Probe] = (), **kwargs: Any) -> float:
-        """Forward with ``probes``, a built-in ``loss`` of the logits, then backward; returns the loss.
+    def backward(
+        self, *args: Any, loss: Loss | Callable[[Any], torch.Tensor], probes: Sequence[Probe] = (), **kwargs: Any
+    ) -> float:
+        """Forward with ``probes``, a ``loss``, then the gradients the probes ask for; returns the loss.
 
-        ``loss`` is ``nt.CrossEntropy(targets)`` or ``nt.LogitDiff(correct, wrong)``:
-        plain data, so the same call runs on a server. Gradient probes
-        (``nt.probe(point, fn, grad=True)``) see the gradient at their points; the
-        weights' ``.grad`` are left as they were.
+        ``loss`` is a built-in loss of the logits, ``nt.CrossEntropy(targets)`` or
+        ``nt.LogitDiff(correct, wrong)`` (plain data, so the same call runs on a
+        server), or any function of the model's output returning one number.
+        Gradient probes (``nt.probe(point, fn, grad=True)``) see the gradient at
+        their points, frozen weights or not. Only those gradients are computed: the
+        weights' ``.grad`` are left as they were, and tensors in the patches that
+        require grad (an ``Add``'s delta) get theirs added to their ``.grad``.
         """
         return float(self._forward_backward(args, kwargs, loss, probes)[1].detach())
 
     def _forward_backward(
-        self, args: tuple, kwargs: dict[str, Any], loss: Loss, probes: Sequence[Probe]
+        self, args: tuple, kwargs: dict[str, Any], loss: Loss | Callable[[Any], torch.Tensor], probes: Sequence[Probe]
     ) -> tuple[Any, torch.Tensor]:
-        if not isinstance(loss, tuple(LOSSES.values())):
+        builtin = isinstance(loss, tuple(LOSSES.values()))
+        if not builtin and not callable(loss):
             names = ", ".join(f"nt.{name}" for name in LOSSES)
-            raise TypeError(f"backward(loss=...) takes a built-in loss ({names}), got {type(loss).__name__}")
+            raise TypeError(
+                f"backward(loss=...) takes a built-in loss ({names}) or a function of the model's output "
+                f"returning one number, got {type(loss).__name__}"
+            )
+        if self.module.training and any(
+            getattr(m, "gradient_checkpointing", False) is True for m in self.module.modules()
+        ):
+            return self._forward_backward_through_checkpoints(args, kwargs, loss, probes)
+        targets: list[torch.Tensor] = []
+        noting = GRADIENT_TARGETS.set(targets)
+        try:
+            with torch.enable_grad():
+                output = self.forward(*args, probes=probes, **kwargs)
+                value = _loss_value(loss, output, builtin)
+        finally:
+            GRADIENT_TARGETS.reset(noting)
+        own = _patch_leaves([*(p for layer in self._layers for p in layer), *probes])
+        if targets or own:
+            if not value.requires_grad:
+                raise NeurotapError("the loss does not depend on the probed values or the patches' tensors")
+            grads = torch.autograd.grad(value, [*targets, *own], allow_unused=True)
+            for leaf, grad in zip(own, grads[len(targets) :]):
+                if grad is not None:
+                    leaf.grad = grad if leaf.grad is None else leaf.grad + grad
+        return output, value
+
+    def _forward_backward_through_checkpoints(
+        self, args: tuple, kwargs: dict[str, Any], loss: Loss | Callable[[Any], torch.Tensor], probes: Sequence[Probe]
+    ) -> tuple[Any, torch.Tensor]:
+        """A whole backward, the weights' own gradients put back after: torch's reentrant checkpoint has no other."""
         parameters = list(self.module.parameters())
         kept = [p.grad for p in parameters]
         for parameter in parameters:  # backward accumulates into .grad in place: keep the user's out of reach
@@ -182,7 +218,7 @@ class Model:
         try:
             with torch.enable_grad():
                 output = self.forward(*args, probes=probes, **kwargs)
-                value = loss(logits_of(output))
+                value = _loss_value(loss, output, isinstance(loss, tuple(LOSSES.values())))
                 value.backward()
         finally:
             for parameter, grad in zip(parameters, kept):
@@ -404,6 +440,26 @@ class Model:
             return self.module.get_parameter(name)
         except AttributeError as error:
             raise UnknownPointError(f"no parameter named {name!r}: {error}") from None
+
+
+def _loss_value(loss: Any, output: Any, builtin: bool) -> torch.Tensor:
+    value = loss(logits_of(output)) if builtin else loss(output)
+    if not isinstance(value, torch.Tensor) or value.numel() != 1:
+        what = f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+        raise NeurotapError(f"the loss must be one number (a tensor with one element), got {what}; sum or mean it")
+    return value.reshape(())
+
+
+def _patch_leaves(probes: Sequence[Probe]) -> list[torch.Tensor]:
+    """The tensors of the probes' patches that ask for a gradient of their own (an ``Add``'s delta)."""
+    leaves: dict[int, torch.Tensor] = {}
+    for p in probes:
+        if isinstance(p.fn, Patch) and dataclasses.is_dataclass(p.fn):
+            for field in dataclasses.fields(p.fn):
+                value = getattr(p.fn, field.name)
+                if isinstance(value, torch.Tensor) and value.requires_grad and value.is_leaf:
+                    leaves.setdefault(id(value), value)
+    return list(leaves.values())
 
 
 GRAD_NEEDS_LOSS = (

@@ -8,6 +8,7 @@ probes.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import copy
 import dataclasses
 import functools
@@ -178,22 +179,31 @@ class BoundProbe:
         """The value with this probe applied; ``ctx`` stands in for the probe's own save context if given."""
         target = _narrow(value, self.keys, self.point) if self.keys else value
         if self.grad:
-            self._hook_gradient(target, call, step)
-            return value
+            hooked = self._hook_gradient(target, call, step)
+            if hooked is target:
+                return value
+            return _replace(value, self.keys, hooked) if self.keys else hooked
         result = self._call(target, call, step, ctx)
         if result is None or result is target:
             return value
         _check_replacement(self.point, target, result)
         return _replace(value, self.keys, result) if self.keys else result
 
-    def _hook_gradient(self, target: Any, call: int, step: int) -> None:
-        if not isinstance(target, torch.Tensor) or not target.requires_grad:
+    def _hook_gradient(self, target: Any, call: int, step: int) -> Any:
+        """Hook the gradient of ``target``; returns the value to go on with (``target``, or a differentiable copy)."""
+        differentiable = isinstance(target, torch.Tensor) and (target.is_floating_point() or target.is_complex())
+        if differentiable and not target.requires_grad and torch.is_grad_enabled():
+            # nothing upstream requires grad (frozen weights): the gradient starts here, the forward is unchanged
+            target = target.detach().requires_grad_()
+        if not differentiable or not target.requires_grad:
             raise NeurotapError(
                 f"a gradient probe at {self.point!r}: the value there "
-                + ("is not a tensor" if not isinstance(target, torch.Tensor) else "does not require grad")
-                + "; run the forward with autograd on (not under torch.no_grad or generate) and something "
-                "upstream requiring grad, such as the weights"
+                + ("is not a floating-point tensor" if not differentiable else "does not require grad")
+                + "; run the forward with autograd on (not under torch.no_grad or generate)"
             )
+        targets = GRADIENT_TARGETS.get()
+        if targets is not None:
+            targets.append(target)
 
         def on_gradient(gradient: torch.Tensor) -> Any:
             result = self._call(gradient, call, step)
@@ -202,6 +212,13 @@ class BoundProbe:
             return result
 
         target.register_hook(on_gradient)
+        return target
+
+
+# While set (by Model.backward), every value a gradient probe hooks is noted here: the backward asks for those.
+GRADIENT_TARGETS: contextvars.ContextVar[list[torch.Tensor] | None] = contextvars.ContextVar(
+    "neurotap_gradient_targets", default=None
+)
 
 
 class Tap:
