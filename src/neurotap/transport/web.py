@@ -59,6 +59,7 @@ from fastapi.responses import JSONResponse, Response
 
 from ..errors import NeurotapError
 from ..experiments import activation_patching
+from ..model import Trace
 from ..points import split_narrowing
 from ..probes import Record, Replace, Skip
 from .server import ApiError
@@ -407,9 +408,19 @@ class _ServedModel:
             run.cancelled = True
 
     def forward(self, ids: torch.Tensor, *, probes: Any = (), outputs: Any = None, **kwargs: Any) -> Any:
+        return self._result(ids, probes, outputs, kwargs).output
+
+    def run(self, ids: torch.Tensor, *, record: Any = (), probes: Any = (), outputs: Any = None, **kwargs: Any) -> Any:
+        """``RemoteModel.run`` without a loss: the output and a trace of the points in ``record``."""
+        traced = [ProbeSpec(name, Record(), trace=True) for name in dict.fromkeys(record)]
+        result = self._result(ids, probes, outputs, kwargs, traced)
+        values = {entry["point"]: entry["data"].get("record", []) for entry in result.trace or [] if not entry["grad"]}
+        return result.output, Trace(values)
+
+    def _result(self, ids: torch.Tensor, probes: Any, outputs: Any, kwargs: dict, traced: Any = ()) -> Any:
         if self._cancelled:
             raise ApiError(499, "RequestCancelledError", "the client went away")
-        specs = [ProbeSpec(p.point, p.fn, grad=p.grad, optional=p.optional) for p in probes]
+        specs = [ProbeSpec(p.point, p.fn, grad=p.grad, optional=p.optional) for p in probes] + list(traced)
         run = RunRequest("forward", args=(ids,), kwargs=kwargs, probes=specs, outputs=outputs, session=self._session)
         run.owner, run.timeout, run.deadline = self._owner, self._timeout, self._deadline
         self._running[id(run)] = run
@@ -419,7 +430,7 @@ class _ServedModel:
             self._running.pop(id(run), None)
         if result.error is not None:
             raise ApiError(result.error.status, result.error.type, result.error.message)
-        return result.output
+        return result
 
     def recordings(self, points: Any = None) -> dict[str, Any]:
         saved = self._state.worker.call(self._state.executor.recordings, self._session).result()
