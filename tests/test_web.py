@@ -27,6 +27,7 @@ from neurotap.transport.wire import PROTOCOL, PROTOCOL_HEADER
 from serving import LAUNCH, WORDS, Server, save_with_word_tokenizer
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is missing: pip install -r requirements-dev.txt")
+from selenium.common.exceptions import TimeoutException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
@@ -146,8 +147,13 @@ def browser(tmp_path_factory):
     session.quit()
 
 
-def wait(browser, condition, message: str):
-    return WebDriverWait(browser, WAIT).until(lambda b: condition(b), message)
+def wait(browser, condition, message):
+    """Wait for ``condition``; ``message`` may be a function, read only when the wait fails
+    (so it shows the page's errors at that moment, not before the wait began)."""
+    try:
+        return WebDriverWait(browser, WAIT).until(condition)
+    except TimeoutException:
+        raise AssertionError(message() if callable(message) else message) from None
 
 
 def shown(browser, element_id: str) -> bool:
@@ -287,7 +293,7 @@ def test_a_point_heat_map_holds_the_values_the_model_computes(signed_in, plain, 
             )
             == MUL
         ),
-        f"the heat map of {MUL} did not appear: {errors_of(browser)}",
+        lambda: f"the heat map of {MUL} did not appear: {errors_of(browser)}",
     )
     shown_values = as_matrix(cells(browser, "#point-map rect.cell"))
     norms = as_matrix([[r, 0, v] for r, _, v in cells(browser, "#point-map rect.extra-cell")])[:, 0]
@@ -329,7 +335,7 @@ def test_an_attention_head_is_the_softmax_the_model_computes(signed_in, plain, a
             )
             == f"{name}/{head}"
         ),
-        f"the attention pattern did not appear: {errors_of(browser)}",
+        lambda: f"the attention pattern did not appear: {errors_of(browser)}",
     )
     pattern = as_matrix(cells(browser, "#attention-map rect.cell"))
     with torch.no_grad():
@@ -355,7 +361,7 @@ def test_the_logit_lens_is_each_layer_through_the_final_norm_and_unembedding(sig
     wait(
         browser,
         lambda b: b.execute_script("return document.getElementById('lens-map').dataset.state") == "ready",
-        f"the logit lens did not appear: {errors_of(browser)}",
+        lambda: f"the logit lens did not appear: {errors_of(browser)}",
     )
     found = browser.execute_script(
         "return Array.from(document.querySelectorAll('#lens-map rect.lens-cell')).map(r =>"
@@ -410,7 +416,7 @@ def test_top_examples_are_the_datasets_with_each_tokens_value_as_the_model_compu
     wait(
         browser,
         lambda b: b.execute_script("return document.getElementById('examples-list').dataset.state") == "ready",
-        f"the examples did not appear: {errors_of(browser)}",
+        lambda: f"the examples did not appear: {errors_of(browser)}",
     )
     shown = browser.execute_script(
         "return Array.from(document.querySelectorAll('#examples-list .example')).map(e => ({"
@@ -479,7 +485,7 @@ def test_the_patching_heat_map_is_each_residual_restored_from_the_clean_prompt(s
             )
             == str(tokenizer(target).input_ids[0])
         ),
-        f"the patching heat map did not appear: {errors_of(browser)}",
+        lambda: f"the patching heat map did not appear: {errors_of(browser)}",
     )
     shown_values = as_matrix(cells(browser, "#patching-map rect.cell"))
     browser.save_screenshot(str(artifacts / "patching.png"))
