@@ -66,6 +66,18 @@ def test_run_records_this_call_only(llama) -> None:
     assert_clean(llama.module, state)
 
 
+def test_run_leaves_no_save_contexts_behind(llama) -> None:
+    inputs = example_inputs("llama")
+    llama.forward(**inputs, probes=[nt.probe("model.layers.1.mlp.mul", nt.Record())])
+    kept = dict(llama._contexts)
+    targets = inputs["input_ids"].roll(-1, 1)
+    llama.run(**inputs, record="blocks.*.resid_post")
+    llama.run(**inputs, record="model.layers.1.mlp.mul", grad="blocks.0.resid_post", loss=nt.CrossEntropy(targets))
+    assert llama._contexts == kept  # the traces' points have no empty contexts left in the model
+    assert llama._contexts["model.layers.1.mlp.mul"]["record"][0].shape[-1] == llama.module.config.intermediate_size
+    llama.clear_recordings()
+
+
 def test_run_values_are_copies(llama) -> None:
     inputs = example_inputs("llama")
     _, first = llama.run(**inputs, record="blocks.0.resid_post")

@@ -142,6 +142,43 @@ def test_shared_backward_gives_each_request_its_own_gradients(module):
     assert all(p.grad is None for p in module.parameters())
 
 
+def test_a_backward_computes_only_the_probed_gradients_and_leaves_weight_grads_alone(module):
+    executor = InProcessExecutor(nt.wrap(module))
+    point = "model.layers.1.mlp.mul"
+    tokens = ids(20)
+    loss = LogitDiff(3, 5)
+    marker = {name: torch.full_like(p, 7.0) for name, p in module.named_parameters()}
+    computed = []  # every weight whose gradient autograd computes
+    handles = []
+    for name, parameter in module.named_parameters():
+        parameter.grad = marker[name]
+        handles.append(parameter.register_hook(lambda grad, name=name: computed.append(name)))
+    try:
+        (result,) = executor.execute(
+            [RunRequest("backward", (tokens,), {}, [ProbeSpec(point, nt.Record(), grad=True)], [], loss, session="g")]
+        )
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert result.error is None, result.error
+    assert computed == []
+    assert all(p.grad is marker[name] for name, p in module.named_parameters())
+    for parameter in module.parameters():
+        parameter.grad = None
+    captured = {}
+    handle = module.model.layers[1].mlp.down_proj.register_forward_pre_hook(
+        lambda _m, args: captured.setdefault("x", args[0])
+    )
+    try:
+        logits = module(tokens).logits
+    finally:
+        handle.remove()
+    expected_loss = (logits[:, -1, 3] - logits[:, -1, 5]).mean()
+    (expected,) = torch.autograd.grad(expected_loss, captured["x"])
+    assert result.loss == pytest.approx(expected_loss.item(), rel=1e-5)
+    torch.testing.assert_close(executor.recordings("g")[point + ".grad"][nt.Record().key][0], expected)
+
+
 def test_same_session_requests_keep_their_order(module):
     executor = InProcessExecutor(nt.wrap(module))
     point = "model.layers.1.output"

@@ -369,6 +369,48 @@ def test_code_runs_when_allowed(code_server, local, tokens):
         same(again.logits, local.module(tokens_).logits)
 
 
+def test_a_loss_function_runs_only_where_code_is_allowed(code_server, remote, local, tokens):
+    tokens_ = ids(12, rows=2)
+    point = "model.layers.0.mlp.mul"
+    weight = torch.linspace(-1.0, 1.0, local.module.config.hidden_size)
+
+    def loss(output):  # of the output, not of the logits: the last hidden state's projection on `weight`
+        return (output.hidden_states[-1] @ weight).square().mean()
+
+    captured = {}
+    handle = local.module.model.layers[0].mlp.down_proj.register_forward_pre_hook(
+        lambda _m, args: captured.setdefault("x", args[0])
+    )
+    try:
+        expected_loss = loss(local.module(tokens_, output_hidden_states=True))
+    finally:
+        handle.remove()
+    (expected,) = torch.autograd.grad(expected_loss, captured["x"])
+    with nt.connect(code_server.url, token=tokens[1][0]) as rm:
+        value = rm.backward(
+            tokens_, loss=loss, output_hidden_states=True, probes=[nt.probe(point, nt.Record(), grad=True)]
+        )
+        recorded = rm.recordings()[point + ".grad"][KEY]
+        _, trace = rm.run(tokens_, grad=point, loss=loss, output_hidden_states=True)
+    assert value == pytest.approx(expected_loss.item(), rel=1e-5)
+    same(recorded, [expected])
+    assert trace.loss == pytest.approx(expected_loss.item(), rel=1e-5)
+    same(trace.grad[point], expected)
+    locally = local.backward(tokens_, loss=loss, output_hidden_states=True)
+    assert value == pytest.approx(locally, rel=1e-5)
+    for call in (
+        lambda: remote.backward(tokens_, loss=loss, output_hidden_states=True),
+        lambda: remote.run(tokens_, grad=point, loss=loss, output_hidden_states=True),
+    ):
+        with pytest.raises(nt.NeurotapError, match="--allow-code") as caught:
+            call()
+        assert caught.value.status == 403
+        assert "nt.CrossEntropy(targets) or nt.LogitDiff(correct, wrong)" in str(caught.value)
+    with pytest.raises(TypeError, match="built-in loss"):
+        remote.backward(tokens_, loss="cross entropy")
+    assert remote.recordings() == {}
+
+
 def test_tokens(code_server, tokens):
     with pytest.raises(nt.NeurotapError, match="token") as caught:
         nt.connect(code_server.url)

@@ -33,7 +33,8 @@ import torch.distributed as dist
 
 from ..errors import NeurotapError, UnknownPointError
 from ..model import Model, wrap
-from ..model.plan import expand_probes
+from ..model.losses import loss_value
+from ..model.plan import GRADIENT_TARGETS, expand_probes
 from ..points import Inventory, Point, matching, ordered_names, split_narrowing, unknown_point
 from ..points.aliases import find_aliases
 from ..probes import Patch, SaveContext, Skip, probe
@@ -57,7 +58,6 @@ from ..transport.wire import (
     decode_request,
     describe_tokenizer,
     encode_request,
-    logits_of,
 )
 from .pipe import Aborted, Liveness, Pipe, RankFailedError, _first_line
 from .stages import Stage, build_stage, peak_rss_mb, point_owners
@@ -368,30 +368,36 @@ class _Rank:
         return output
 
     def _backward(self, request: RunRequest, probes: list) -> tuple[Any, float | None]:
-        """Forward down the stages, the loss on the last, its gradient back up them, rank to rank."""
-        parameters = list(self.stage.module.parameters())
+        """Forward down the stages, the loss on the last, its gradient back up them, rank to rank.
+
+        Each rank computes only the gradients its probes ask for and the one at what it
+        received (for the rank before): no weight's ``.grad`` is touched.
+        """
         loss = None
+        targets: list[torch.Tensor] = []
+        noting = GRADIENT_TARGETS.set(targets)
         try:
             with torch.enable_grad():
                 output = self.model.forward(*request.args, probes=probes, **request.kwargs)
-                logits = output.get("logits") if isinstance(output, Mapping) else None
-                if self.rank == self.stage.split.last:
-                    value = request.loss(logits_of(output))
-                    loss = float(value.detach())
-                    if not value.requires_grad:
-                        raise NeurotapError("the loss does not depend on anything that requires grad")
-                    self._gathered_logits(output)  # rank 0 gets them before the gradients start back
-                    value.backward()
-                else:
-                    self._gathered_logits(output)
-                    if self.pipe.sent is not None:
-                        self.pipe.sent.backward(self.pipe.gradient_in())
-                if self.rank > 0:
-                    self.pipe.gradient_out()
-                del logits
         finally:
-            for parameter in parameters:  # the server keeps no weight gradients between requests
-                parameter.grad = None
+            GRADIENT_TARGETS.reset(noting)
+        wanted = [*targets, *([self.pipe.received] if self.rank > 0 else [])]
+        if self.rank == self.stage.split.last:
+            with torch.enable_grad():
+                value = loss_value(request.loss, output)
+            loss = float(value.detach())
+            if not value.requires_grad:
+                raise NeurotapError("the loss does not depend on anything that requires grad")
+            self._gathered_logits(output)  # rank 0 gets them before the gradients start back
+            grads = torch.autograd.grad(value, wanted, allow_unused=True) if wanted else ()
+        else:
+            self._gathered_logits(output)
+            sent = self.pipe.sent
+            gradient = self.pipe.gradient_in() if sent is not None else None
+            going_on = wanted and sent is not None
+            grads = torch.autograd.grad(sent, wanted, gradient, allow_unused=True) if going_on else ()
+        if self.rank > 0:
+            self.pipe.gradient_out(grads[-1] if grads else None)
         return output, loss
 
     # -- sessions ----------------------------------------------------------------------------------

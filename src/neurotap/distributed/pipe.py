@@ -169,14 +169,13 @@ class Pipe(Link):
         self._raise_for(header)
         return self._recv_tensor(header, self.rank + 1)
 
-    def gradient_out(self) -> None:
-        """The gradient at what this rank received, to the previous rank."""
+    def gradient_out(self, grad: torch.Tensor | None) -> None:
+        """``grad``, the gradient at what this rank received, to the previous rank (None: it has none)."""
         self._grad_send = False
         received = self.received
         if received is None:
             raise NeurotapError("the backward pass has no received hidden states to send a gradient for")
-        grad = received.grad if received.grad is not None else torch.zeros_like(received)
-        self._send_tensor(self.rank - 1, grad)
+        self._send_tensor(self.rank - 1, grad if grad is not None else torch.zeros_like(received))
 
     # -- the last transfer of a step ---------------------------------------------------------------
 

@@ -66,3 +66,26 @@ class LogitDiff:
 
 LOSSES: dict[str, type] = {"CrossEntropy": CrossEntropy, "LogitDiff": LogitDiff}
 Loss = CrossEntropy | LogitDiff
+
+
+def is_builtin_loss(loss: Any) -> bool:
+    return isinstance(loss, tuple(LOSSES.values()))
+
+
+def check_loss(loss: Any) -> None:
+    """Refuse a ``loss=`` that is neither a built-in loss nor a function."""
+    if not is_builtin_loss(loss) and not callable(loss):
+        names = ", ".join(f"nt.{name}" for name in LOSSES)
+        raise TypeError(
+            f"backward(loss=...) takes a built-in loss ({names}) or a function of the model's output "
+            f"returning one number, got {type(loss).__name__}"
+        )
+
+
+def loss_value(loss: Any, output: Any) -> torch.Tensor:
+    """``loss`` of a model's output: a built-in loss of its logits, or a function of the output itself."""
+    value = loss(logits_of(output)) if is_builtin_loss(loss) else loss(output)
+    if not isinstance(value, torch.Tensor) or value.numel() != 1:
+        what = f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+        raise NeurotapError(f"the loss must be one number (a tensor with one element), got {what}; sum or mean it")
+    return value.reshape(())

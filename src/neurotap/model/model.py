@@ -29,7 +29,7 @@ from ..points import (
 )
 from ..probes import Patch, Probe, Record, Recordings, SaveContext, probe
 from .lens import LogitLens, logit_lens, unembed
-from .losses import LOSSES, Loss, logits_of
+from .losses import Loss, check_loss, loss_value
 from .plan import GRADIENT_TARGETS, Plan, Stopped, managed_call, stopping_probe
 from .text import check_token_ids, is_text, text_to_ids
 from .trace import Trace
@@ -178,13 +178,7 @@ class Model:
     def _forward_backward(
         self, args: tuple, kwargs: dict[str, Any], loss: Loss | Callable[[Any], torch.Tensor], probes: Sequence[Probe]
     ) -> tuple[Any, torch.Tensor]:
-        builtin = isinstance(loss, tuple(LOSSES.values()))
-        if not builtin and not callable(loss):
-            names = ", ".join(f"nt.{name}" for name in LOSSES)
-            raise TypeError(
-                f"backward(loss=...) takes a built-in loss ({names}) or a function of the model's output "
-                f"returning one number, got {type(loss).__name__}"
-            )
+        check_loss(loss)
         if self.module.training and any(
             getattr(m, "gradient_checkpointing", False) is True for m in self.module.modules()
         ):
@@ -194,7 +188,7 @@ class Model:
         try:
             with torch.enable_grad():
                 output = self.forward(*args, probes=probes, **kwargs)
-                value = _loss_value(loss, output, builtin)
+                value = loss_value(loss, output)
         finally:
             GRADIENT_TARGETS.reset(noting)
         own = _patch_leaves([*(p for layer in self._layers for p in layer), *probes])
@@ -218,7 +212,7 @@ class Model:
         try:
             with torch.enable_grad():
                 output = self.forward(*args, probes=probes, **kwargs)
-                value = _loss_value(loss, output, isinstance(loss, tuple(LOSSES.values())))
+                value = loss_value(loss, output)
                 value.backward()
         finally:
             for parameter, grad in zip(parameters, kept):
@@ -230,7 +224,7 @@ class Model:
         *args: Any,
         record: str | Sequence[str] = (),
         grad: str | Sequence[str] = (),
-        loss: Loss | None = None,
+        loss: Loss | Callable[[Any], torch.Tensor] | None = None,
         probes: Sequence[Probe] = (),
         **kwargs: Any,
     ) -> tuple[Any, Trace]:
@@ -253,12 +247,23 @@ class Model:
         grads: dict[str, SaveContext] = {}
         tracing = [probe(name, _tracer(values, name)) for name in _expanded(record, inventory)]
         tracing += [probe(name, _tracer(grads, name), grad=True) for name in _expanded(grad, inventory)]
-        if loss is None:
-            output = self.forward(*args, probes=[*probes, *tracing], **kwargs)
-            return output, Trace(in_execution_order(_recorded(values), inventory))
-        output, value = self._forward_backward(args, kwargs, loss, [*probes, *tracing])
+        with self._lock, self._no_new_empty_contexts():
+            if loss is None:
+                output = self.forward(*args, probes=[*probes, *tracing], **kwargs)
+                return output, Trace(in_execution_order(_recorded(values), inventory))
+            output, value = self._forward_backward(args, kwargs, loss, [*probes, *tracing])
         recorded, gradients = (in_execution_order(_recorded(c), inventory) for c in (values, grads))
         return output, Trace(recorded, gradients, float(value.detach()))
+
+    @contextlib.contextmanager
+    def _no_new_empty_contexts(self) -> Iterator[None]:
+        """Drop the save contexts a call made and left empty: a trace's probes save into contexts of their own."""
+        before = set(self._contexts)
+        try:
+            yield
+        finally:
+            for name in [n for n, ctx in self._contexts.items() if n not in before and not len(ctx)]:
+                del self._contexts[name]
 
     def _inputs(self, call: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
         """Text as token ids; anything else where token ids go is refused with what to pass instead."""
@@ -440,14 +445,6 @@ class Model:
             return self.module.get_parameter(name)
         except AttributeError as error:
             raise UnknownPointError(f"no parameter named {name!r}: {error}") from None
-
-
-def _loss_value(loss: Any, output: Any, builtin: bool) -> torch.Tensor:
-    value = loss(logits_of(output)) if builtin else loss(output)
-    if not isinstance(value, torch.Tensor) or value.numel() != 1:
-        what = f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
-        raise NeurotapError(f"the loss must be one number (a tensor with one element), got {what}; sum or mean it")
-    return value.reshape(())
 
 
 def _patch_leaves(probes: Sequence[Probe]) -> list[torch.Tensor]:

@@ -7,10 +7,11 @@ Differences from a local ``nt.Model``:
   holding its tensors only (no ``past_key_values`` cache). ``outputs=[...]`` picks
   the fields to send back (``[]``: none).
 - Gradients: ``backward(ids, loss=CrossEntropy(targets) | LogitDiff(a, b), probes=[...])``
-  runs forward, the built-in loss and ``loss.backward()`` on the server and
-  returns the loss; gradient probes record as locally (``point + ".grad"``).
-- Probe functions other than the library's patches run only on servers started
-  with ``--allow-code`` (they travel pickled with cloudpickle).
+  runs the forward, the loss and the gradients the probes ask for on the server
+  and returns the loss; gradient probes record as locally (``point + ".grad"``).
+- Probe functions other than the library's patches, and losses other than the
+  built-in ones, run only on servers started with ``--allow-code`` (they travel
+  pickled with cloudpickle).
 - ``get_parameter`` returns a detached copy, not the live parameter.
 - ``patch()`` validates point names when the block is entered, and its patches
   travel with every request made inside the block.
@@ -36,6 +37,7 @@ import torch
 
 from ..errors import MissedPointError, NeurotapError, PatchError, ProbeError, UnknownPointError
 from ..model.lens import LogitLens, check_lens_arguments, text_tokens
+from ..model.losses import check_loss
 from ..model.model import GRAD_NEEDS_LOSS, PatchSpec, patches_to_probes, point_names
 from ..model.text import check_token_ids, is_text, text_to_ids
 from ..model.trace import Trace
@@ -288,8 +290,10 @@ class RemoteModel:
         """Forward, ``loss`` (``CrossEntropy(targets)`` or ``LogitDiff(correct, wrong)``), backward; the loss.
 
         Gradient probes (``nt.probe(point, nt.Record(), grad=True)``) record the
-        gradient at their points under ``point + ".grad"``.
+        gradient at their points under ``point + ".grad"``. A function of the
+        model's output as the loss runs only on a server started with ``--allow-code``.
         """
+        check_loss(loss)
         return self._run("backward", args, kwargs, probes, [], loss)["loss"]
 
     def run(
@@ -310,6 +314,8 @@ class RemoteModel:
         record, grad = point_names("record", record), point_names("grad", grad)
         if grad and loss is None:
             raise NeurotapError(GRAD_NEEDS_LOSS)
+        if loss is not None:
+            check_loss(loss)
         traced = [ProbeSpec(name, Record(), trace=True) for name in dict.fromkeys(record)]
         traced += [ProbeSpec(name, Record(), grad=True, trace=True) for name in dict.fromkeys(grad)]
         op = "forward" if loss is None else "backward"

@@ -29,6 +29,7 @@ import torch
 
 from ..errors import NeurotapError, PatchError, ProbeError, UnknownPointError
 from ..model import Model
+from ..model.losses import loss_value
 from ..model.plan import expand_probes
 from ..points import in_execution_order, split_narrowing
 from ..probes import Patch, SaveContext, Skip, probe
@@ -63,7 +64,6 @@ from .wire import (
     RunResult,
     WireError,
     describe_tokenizer,
-    logits_of,
 )
 
 
@@ -548,26 +548,28 @@ class InProcessExecutor(Executor):
         probes: list,
         losses: list,
     ) -> list[Any]:
-        """Each request's part of the output; the pass's backward runs on the sum of their losses."""
-        parameters = list(self.model.module.parameters())
-        try:
-            with torch.enable_grad():
-                output = self._forward(args, kwargs, by_name, probes)
-                parts = [part_of(output, k) for k in range(len(requests))]
-                total = None
-                for k, request in enumerate(requests):
-                    try:
-                        loss = request.loss(logits_of(parts[k]))
-                    except Exception as error:
-                        raise _RequestFailed(k, error) from error
-                    losses[k] = float(loss.detach())
-                    total = loss if total is None else total + loss
-                if total is None or not total.requires_grad:
-                    raise NeurotapError("the loss does not depend on anything that requires grad")
-                total.backward()
-        finally:
-            for parameter in parameters:  # the server keeps no weight gradients between requests
-                parameter.grad = None
+        """Each request's part of the output; the gradients its probes ask for come from the sum of their losses.
+
+        Only those gradients are computed (``nt.Model.backward``): no weight's ``.grad`` is touched.
+        """
+        parts: list[Any] = []
+
+        def total(output: Any) -> torch.Tensor:
+            parts.extend(part_of(output, k) for k in range(len(requests)))
+            value = None
+            for k, request in enumerate(requests):
+                try:
+                    loss = loss_value(request.loss, parts[k])
+                except Exception as error:
+                    raise _RequestFailed(k, error) from error
+                losses[k] = float(loss.detach())
+                value = loss if value is None else value + loss
+            return value
+
+        if by_name:
+            kwargs = {self._input_name: args[0], **kwargs}
+            args = args[1:]
+        self.model.backward(*args, loss=total, probes=probes, **kwargs)
         return parts
 
     def _isolated(

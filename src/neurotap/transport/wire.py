@@ -26,7 +26,9 @@ for one the pass may not reach; ``"trace": true`` for one whose saves come back 
 the answer, ``"trace": [{"point", "grad", "data"}, ...]`` in execution order,
 instead of staying in the session: ``RemoteModel.run``), or, only for servers
 started with ``--allow-code``, ``{"point", "grad", "fn": {"$code": <uint8 tensor>}}``
-holding the function pickled with cloudpickle. The server never unpickles
+holding the function pickled with cloudpickle. A request's ``loss`` is a built-in
+loss (``$loss``) or, likewise only with ``--allow-code``, ``{"$code": <uint8 tensor>}``:
+a function of the model's output returning one number. The server never unpickles
 anything unless it was started with ``--allow-code``; the client never unpickles
 anything at all.
 
@@ -70,7 +72,7 @@ from typing import Any
 import torch
 
 from ..errors import NeurotapError, PatchError
-from ..model.losses import LOSSES, CrossEntropy, LogitDiff, logits_of  # noqa: F401  (re-exported)
+from ..model.losses import LOSSES, CrossEntropy, LogitDiff, is_builtin_loss, logits_of  # noqa: F401  (re-exported)
 from ..probes import PATCHES, SAE, Custom, Patch
 
 PROTOCOL = 1
@@ -104,6 +106,13 @@ CODE_NOT_ALLOWED = (
     "that lets every client holding a token run any Python code on the server machine as the server's user"
 )
 
+LOSS_NOT_ALLOWED = (
+    "the loss is a Python function, and this server does not run code sent by clients: pass a built-in loss, "
+    "nt.CrossEntropy(targets) or nt.LogitDiff(correct, wrong). To run your own loss functions, the server's "
+    "operator can start it with `neurotap serve --allow-code`; that lets every client holding a token run any "
+    "Python code on the server machine as the server's user"
+)
+
 
 # -- requests and results ---------------------------------------------------------------------------
 
@@ -128,7 +137,7 @@ class RunRequest:
     kwargs: dict[str, Any] = field(default_factory=dict)
     probes: list[ProbeSpec] = field(default_factory=list)
     outputs: list[str] | None = None  # which output fields to send back; None: every tensor
-    loss: Any = None  # CrossEntropy or LogitDiff, for "backward"
+    loss: Any = None  # for "backward": CrossEntropy, LogitDiff or (with code allowed) a function of the output
     stop_at: str | None = None  # a forward ends once this point has fired and returns the value there
     session: str = ""
     timeout: float | None = None  # seconds it may run once its pass starts
@@ -552,11 +561,31 @@ def encode_probe(spec: ProbeSpec, *, code: bool) -> Any:
             f"the probe at {spec.point!r} is a Python function; " + CODE_NOT_ALLOWED.split(", so ", 1)[1]
         )
     else:
-        import cloudpickle
-
-        payload = cloudpickle.dumps(fn.fn if isinstance(fn, Custom) else fn)
-        described = {"$code": torch.frombuffer(bytearray(payload), dtype=torch.uint8)}
+        described = {"$code": _pickled(fn.fn if isinstance(fn, Custom) else fn)}
     return {"point": spec.point, "grad": bool(spec.grad), "fn": described}
+
+
+def _pickled(fn: Callable[..., Any]) -> torch.Tensor:
+    import cloudpickle
+
+    return torch.frombuffer(bytearray(cloudpickle.dumps(fn)), dtype=torch.uint8)
+
+
+def _unpickled(decoder: _Decoder, code: Any, what: str) -> Callable[..., Any]:
+    """The function in a ``{"$code": ...}`` value; the caller has checked that the server runs code."""
+    payload = decoder.value(code)
+    if not isinstance(payload, torch.Tensor) or payload.dtype != torch.uint8:
+        raise WireError("$code must be a uint8 tensor of cloudpickle bytes")
+    import cloudpickle
+
+    try:
+        return cloudpickle.loads(payload.numpy().tobytes())
+    except Exception as error:
+        raise WireError(f"could not unpickle {what}: {type(error).__name__}: {error}") from None
+
+
+def _is_code(value: Any) -> bool:
+    return isinstance(value, dict) and set(value) == {"$code"}
 
 
 def encode_request(request: RunRequest) -> bytes:
@@ -575,13 +604,15 @@ def encode_request(request: RunRequest) -> bytes:
         if spec.trace:
             probe["trace"] = True
         probes.append(probe)
+    loss = request.loss
+    code = callable(loss) and not is_builtin_loss(loss)
     body = {
         "op": request.op,
         "args": encoder.value(list(request.args)),
         "kwargs": encoder.value(dict(request.kwargs)),
         "probes": probes,
         "outputs": request.outputs,
-        "loss": encoder.value(request.loss),
+        "loss": {"$code": encoder.tensor(_pickled(loss))} if code else encoder.value(loss),
     }
     if request.stop_at is not None:
         body["stop_at"] = request.stop_at
@@ -616,9 +647,17 @@ def decode_request(data: bytes, *, allow_code: bool) -> RunRequest:
     stop_at = body.get("stop_at")
     if stop_at is not None and not (isinstance(stop_at, str) and op == "forward"):
         raise WireError(f"stop_at is a point name, and only a forward takes it; got {_short(stop_at)} for {op}")
-    loss = decoder.value(body.get("loss"))
-    if op == "backward" and not isinstance(loss, tuple(LOSSES.values())):
-        raise WireError(f"a backward request needs a loss: one of {', '.join(LOSSES)}")
+    loss = body.get("loss")
+    if _is_code(loss):
+        if not allow_code:
+            raise CodeNotAllowedError(LOSS_NOT_ALLOWED)
+        loss = _unpickled(decoder, loss["$code"], "the loss")
+        if not callable(loss):
+            raise WireError(f"the loss sent as code is a {type(loss).__name__}, not a function")
+    else:
+        loss = decoder.value(loss)
+        if op == "backward" and not is_builtin_loss(loss):
+            raise WireError(f"a backward request needs a loss: one of {', '.join(LOSSES)}, or a function as code")
     raw_probes = body.get("probes", [])
     if not isinstance(raw_probes, list):
         raise WireError("probes must be a list")
@@ -632,18 +671,10 @@ def decode_request(data: bytes, *, allow_code: bool) -> RunRequest:
             raise WireError(f"a probe's optional and trace must be booleans, got {_short(raw)}")
         if not isinstance(point, str) or not isinstance(grad, bool):
             raise WireError(f"a probe's point must be a string and grad a boolean, got {_short(raw)}")
-        if isinstance(fn, dict) and set(fn) == {"$code"}:
+        if _is_code(fn):
             if not allow_code:
                 raise CodeNotAllowedError(f"the probe at {point!r} is a Python function; " + CODE_NOT_ALLOWED)
-            payload = decoder.value(fn["$code"])
-            if not isinstance(payload, torch.Tensor) or payload.dtype != torch.uint8:
-                raise WireError("$code must be a uint8 tensor of cloudpickle bytes")
-            import cloudpickle
-
-            try:
-                fn = cloudpickle.loads(payload.numpy().tobytes())
-            except Exception as error:
-                raise WireError(f"could not unpickle the probe at {point!r}: {type(error).__name__}: {error}") from None
+            fn = _unpickled(decoder, fn["$code"], f"the probe at {point!r}")
         else:
             fn = decoder.value(fn)
             if not isinstance(fn, Patch):
