@@ -78,6 +78,52 @@ def test_run_leaves_no_save_contexts_behind(llama) -> None:
     llama.clear_recordings()
 
 
+def hand_generate(module: torch.nn.Module, ids: torch.Tensor, **settings):
+    """Plain ``generate`` with forward hooks on the layers: its tokens and every layer's output at every step."""
+    seen: dict[int, list[torch.Tensor]] = {i: [] for i in range(LAYERS)}
+
+    def keeper(i):
+        def keep(_module, _args, out):
+            seen[i].append((out[0] if isinstance(out, tuple) else out).detach().clone())
+
+        return keep
+
+    handles = [layer.register_forward_hook(keeper(i)) for i, layer in enumerate(module.model.layers)]
+    try:
+        tokens = module.generate(ids, **settings)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return tokens, seen
+
+
+def test_run_of_generate_traces_every_step(llama) -> None:
+    ids = example_inputs("llama", batch=1)["input_ids"]
+    settings = {"max_new_tokens": 5, "do_sample": False, "pad_token_id": 0}
+    state = snapshot_state(llama.module)
+    with llama.patch({"lm_head.output": nt.Zero(index=(..., 7))}):  # patches apply at every step, as in generate
+        kept = dict(llama._contexts)
+        tokens, trace = llama.run(ids, record="blocks.*.resid_post", generate=True, **settings)
+        assert llama._contexts == kept
+    handle = llama.module.lm_head.register_forward_hook(lambda _m, _a, out: out.index_fill(-1, torch.tensor([7]), 0))
+    try:
+        expected, seen = hand_generate(llama.module, ids, **settings)
+    finally:
+        handle.remove()
+    assert torch.equal(tokens, expected)
+    assert trace.points == ["blocks.0.resid_post", "blocks.1.resid_post"]
+    for i in range(LAYERS):
+        calls = trace.calls(f"blocks.{i}.resid_post")
+        assert len(calls) == len(seen[i]) == settings["max_new_tokens"]  # the prompt's pass, then one a new token
+        assert calls[0].shape[1] == ids.shape[1] and all(c.shape[1] == 1 for c in calls[1:])  # the KV cache is on
+        for got, want in zip(calls, seen[i]):
+            assert torch.equal(got, want)
+    with pytest.raises(nt.NeurotapError, match="generate"):
+        llama.run(ids, grad="blocks.0.resid_post", loss=nt.LogitDiff(1, 2), generate=True, **settings)
+    assert llama.recordings() == {}
+    assert_clean(llama.module, state)
+
+
 def test_run_values_are_copies(llama) -> None:
     inputs = example_inputs("llama")
     _, first = llama.run(**inputs, record="blocks.0.resid_post")

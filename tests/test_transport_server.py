@@ -189,6 +189,20 @@ def test_generate_with_patch_and_probes_equals_local(remote, local):
     same(remote.recordings(), local_recordings(local))
 
 
+def test_run_of_generate_remotely_equals_local(remote, local):
+    tokens = ids(31)
+    settings = {"max_new_tokens": 4, "do_sample": False}
+    record = ["blocks.*.resid_post", MUL]
+    generated, trace = remote.run(tokens, record=record, generate=True, **settings)
+    expected, local_trace = local.run(tokens, record=record, generate=True, **settings)
+    assert torch.equal(generated, expected)
+    assert trace.points == local_trace.points == [MUL, "blocks.0.resid_post", "blocks.1.resid_post"]
+    for point in trace.points:
+        assert len(trace.calls(point)) == settings["max_new_tokens"]
+        same(trace.calls(point), local_trace.calls(point))
+    assert remote.recordings() == {}
+
+
 def hidden_gradient(module, tokens, loss_fn):
     """The gradient at model.layers.0's output by torch.autograd.grad on the unwrapped module."""
     captured = {}

@@ -226,6 +226,7 @@ class Model:
         grad: str | Sequence[str] = (),
         loss: Loss | Callable[[Any], torch.Tensor] | None = None,
         probes: Sequence[Probe] = (),
+        generate: bool = False,
         **kwargs: Any,
     ) -> tuple[Any, Trace]:
         """One forward, and a :class:`Trace` of the values it computed at the points in ``record``.
@@ -234,14 +235,21 @@ class Model:
         (``"blocks.*.resid_post"``). With ``loss`` (as for ``backward``) the
         forward is followed by a backward, and the trace holds the gradients at
         the points in ``grad`` (``trace.grad``) and the loss (``trace.loss``).
+        With ``generate=True`` the call is ``generate`` instead, and
+        ``trace.calls(name)`` holds the value at each step: the prompt's pass
+        first, then one per generated token after the first.
         The values are detached copies belonging to this call alone: save
         contexts and ``recordings()`` are not touched. ``probes`` and any patches
-        apply as in ``forward``; other keyword arguments go to the forward.
+        apply as in ``forward``; other keyword arguments go to the forward (or generate).
         """
         record, grad = point_names("record", record), point_names("grad", grad)
-        if grad and loss is None:
-            raise NeurotapError(GRAD_NEEDS_LOSS)
-        args, kwargs = self._inputs(self.module, args, kwargs)
+        check_run(grad, loss, generate)
+        call = self.module
+        if generate:
+            call = getattr(self.module, "generate", None)
+            if call is None:
+                raise NeurotapError(f"{type(self.module).__name__} has no generate(); run without generate=True")
+        args, kwargs = self._inputs(call, args, kwargs)
         inventory = self.inventory(args, kwargs)
         values: dict[str, SaveContext] = {}
         grads: dict[str, SaveContext] = {}
@@ -249,7 +257,8 @@ class Model:
         tracing += [probe(name, _tracer(grads, name), grad=True) for name in _expanded(grad, inventory)]
         with self._lock, self._no_new_empty_contexts():
             if loss is None:
-                output = self.forward(*args, probes=[*probes, *tracing], **kwargs)
+                run = self.generate if generate else self.forward
+                output = run(*args, probes=[*probes, *tracing], **kwargs)
                 return output, Trace(in_execution_order(_recorded(values), inventory))
             output, value = self._forward_backward(args, kwargs, loss, [*probes, *tracing])
         recorded, gradients = (in_execution_order(_recorded(c), inventory) for c in (values, grads))
@@ -463,6 +472,19 @@ GRAD_NEEDS_LOSS = (
     "run(grad=...) needs something to differentiate: give a loss as well, "
     "loss=nt.CrossEntropy(targets) or loss=nt.LogitDiff(correct, wrong)"
 )
+
+
+def check_run(grad: list[str], loss: Any, generate: bool) -> None:
+    """Refuse, before anything runs, a ``run`` whose arguments do not go together."""
+    if generate and (grad or loss is not None):
+        raise NeurotapError(
+            "run(generate=True) traces values only: generate runs without autograd, so it takes no grad= or "
+            "loss=; trace one forward of the generated tokens with loss= for gradients"
+        )
+    if grad and loss is None:
+        raise NeurotapError(GRAD_NEEDS_LOSS)
+    if loss is not None:
+        check_loss(loss)
 
 
 def point_names(argument: str, names: str | Sequence[str]) -> list[str]:

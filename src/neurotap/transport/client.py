@@ -38,11 +38,11 @@ import torch
 from ..errors import MissedPointError, NeurotapError, PatchError, ProbeError, UnknownPointError
 from ..model.lens import LogitLens, check_lens_arguments, text_tokens
 from ..model.losses import check_loss
-from ..model.model import GRAD_NEEDS_LOSS, PatchSpec, patches_to_probes, point_names
+from ..model.model import PatchSpec, check_run, patches_to_probes, point_names
 from ..model.text import check_token_ids, is_text, text_to_ids
 from ..model.trace import Trace
 from ..points import Point, PointList, is_pattern, matching, split_narrowing, unknown_point
-from ..probes import Probe, Record, Recordings, Replace, SaveContext, probe
+from ..probes import Probe, Recordings, Replace, SaveContext, probe
 from .executor import RecordingLimitError, RequestTimeoutError
 from .limits import RequestTooCostlyError
 from .wire import (
@@ -58,6 +58,8 @@ from .wire import (
     decode,
     encode_request,
     read_frames,
+    trace_of,
+    traced_probes,
 )
 
 
@@ -304,6 +306,7 @@ class RemoteModel:
         loss: Any = None,
         probes: Sequence[Probe] = (),
         outputs: Sequence[str] | None = None,
+        generate: bool = False,
         **kwargs: Any,
     ) -> tuple[Any, Trace]:
         """``nt.Model.run`` on the server, in one request: the output and a :class:`~neurotap.Trace` of this call.
@@ -312,24 +315,15 @@ class RemoteModel:
         server are not touched.
         """
         record, grad = point_names("record", record), point_names("grad", grad)
-        if grad and loss is None:
-            raise NeurotapError(GRAD_NEEDS_LOSS)
-        if loss is not None:
-            check_loss(loss)
-        traced = [ProbeSpec(name, Record(), trace=True) for name in dict.fromkeys(record)]
-        traced += [ProbeSpec(name, Record(), grad=True, trace=True) for name in dict.fromkeys(grad)]
-        op = "forward" if loss is None else "backward"
-        answer = self._run(op, args, kwargs, probes, outputs, loss, traced)
+        check_run(grad, loss, generate)
+        op = "generate" if generate else "forward" if loss is None else "backward"
+        answer = self._run(op, args, kwargs, probes, outputs, loss, traced_probes(record, grad))
         if "trace" not in answer:
             raise NeurotapError(
                 "this server sent no trace back (an older neurotap); "
                 "record with probes and read them with recordings() there"
             )
-        values: dict[str, list] = {}
-        grads: dict[str, list] = {}
-        for entry in answer["trace"]:
-            (grads if entry["grad"] else values)[entry["point"]] = entry["data"].get("record", [])
-        return answer["output"], Trace(values, grads, answer["loss"])
+        return answer["output"], trace_of(answer["trace"], answer["loss"])
 
     def _run(
         self,

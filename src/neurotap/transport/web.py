@@ -59,11 +59,10 @@ from fastapi.responses import JSONResponse, Response
 
 from ..errors import NeurotapError
 from ..experiments import activation_patching
-from ..model import Trace
 from ..points import split_narrowing
 from ..probes import Record, Replace, Skip
 from .server import ApiError
-from .wire import ProbeSpec, RunRequest, build_tokenizer
+from .wire import ProbeSpec, RunRequest, build_tokenizer, trace_of, traced_probes
 
 MAX_TEXT_CHARACTERS = 8000
 MAX_LENS_POSITIONS = 64  # every layer's residual meets the whole vocabulary: layers x positions x vocab x hidden
@@ -412,10 +411,8 @@ class _ServedModel:
 
     def run(self, ids: torch.Tensor, *, record: Any = (), probes: Any = (), outputs: Any = None, **kwargs: Any) -> Any:
         """``RemoteModel.run`` without a loss: the output and a trace of the points in ``record``."""
-        traced = [ProbeSpec(name, Record(), trace=True) for name in dict.fromkeys(record)]
-        result = self._result(ids, probes, outputs, kwargs, traced)
-        values = {entry["point"]: entry["data"].get("record", []) for entry in result.trace or [] if not entry["grad"]}
-        return result.output, Trace(values)
+        result = self._result(ids, probes, outputs, kwargs, traced_probes(record))
+        return result.output, trace_of(result.trace or [])
 
     def _result(self, ids: torch.Tensor, probes: Any, outputs: Any, kwargs: dict, traced: Any = ()) -> Any:
         if self._cancelled:

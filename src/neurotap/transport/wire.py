@@ -73,7 +73,8 @@ import torch
 
 from ..errors import NeurotapError, PatchError
 from ..model.losses import LOSSES, CrossEntropy, LogitDiff, is_builtin_loss, logits_of  # noqa: F401  (re-exported)
-from ..probes import PATCHES, SAE, Custom, Patch
+from ..model.trace import Trace
+from ..probes import PATCHES, SAE, Custom, Patch, Record
 
 PROTOCOL = 1
 PROTOCOL_HEADER = "X-Neurotap-Protocol"
@@ -173,6 +174,21 @@ class RunResult:
     loss: float | None = None
     error: ErrorInfo | None = None
     trace: list[dict[str, Any]] | None = None  # {point, grad, data} of each traced probe, in execution order
+
+
+def traced_probes(record: Sequence[str], grad: Sequence[str] = ()) -> list[ProbeSpec]:
+    """The probes of a ``run``: whatever they record comes back in the answer's trace."""
+    traced = [ProbeSpec(name, Record(), trace=True) for name in dict.fromkeys(record)]
+    return traced + [ProbeSpec(name, Record(), grad=True, trace=True) for name in dict.fromkeys(grad)]
+
+
+def trace_of(entries: Sequence[Mapping[str, Any]], loss: float | None = None) -> Trace:
+    """The :class:`~neurotap.Trace` of an answer's ``trace`` entries."""
+    values: dict[str, list] = {}
+    grads: dict[str, list] = {}
+    for entry in entries:
+        (grads if entry["grad"] else values)[entry["point"]] = entry["data"].get(Record().key, [])
+    return Trace(values, grads, loss)
 
 
 # -- values -----------------------------------------------------------------------------------------
