@@ -186,9 +186,28 @@ def test_experiments_through_a_server_equal_local(local, remote):
     torch.testing.assert_close(there.values, here.values, rtol=0, atol=1e-5)
     assert (there.points, there.positions, there.tokens) == (here.points, here.positions, here.tokens)
     here = nt.experiments.causal_trace(local, PROMPT, "france", "paris", samples=3)
-    there = nt.experiments.causal_trace(remote, PROMPT, "france", "paris", samples=3)
+    sent = []
+    there = nt.experiments.causal_trace(Watched(remote, sent), PROMPT, "france", "paris", samples=3)
     torch.testing.assert_close(there.values, here.values, rtol=0, atol=1e-5)
     assert there.clean == pytest.approx(here.clean, abs=1e-6)
+    assert there.corrupt == pytest.approx(here.corrupt, abs=1e-6)
+    # the server skipped the layers before each restored one: layer 1's cells sent a Skip for layer 0
+    skipped = [{p.point for p in probes if isinstance(p.fn, nt.Skip)} for probes in sent]
+    assert {"model.layers.0.output", "model.layers.1.output"} in skipped
+
+
+class Watched:
+    """A model whose forwards note the probes they were given, and otherwise the model itself."""
+
+    def __init__(self, model, sent):
+        self._model, self._sent = model, sent
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def forward(self, *args, probes=(), **kwargs):
+        self._sent.append(list(probes))
+        return self._model.forward(*args, probes=probes, **kwargs)
 
 
 def test_experiments_refuse_bad_input_clearly_and_leave_the_model_clean(local):

@@ -9,7 +9,6 @@ cells, and only plain data travels to a server.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -17,6 +16,7 @@ import torch
 
 from ..errors import NeurotapError
 from ..model import LogitDiff, Model
+from ..model.lens import chosen_positions, layer_points, prompt_ids, text_tokens
 from ..model.losses import logits_of
 from ..points import is_pattern, split_narrowing
 from ..probes import Add, Probe, Replace, Skip, probe
@@ -49,24 +49,23 @@ class Runner:
     def ids(self, prompt: Any, name: str = "the prompt") -> torch.Tensor:
         """``[1, seq]`` token ids of text or ids."""
         if isinstance(prompt, str):
-            return self.tokenizer(name)(prompt, return_tensors="pt").input_ids
-        ids = torch.as_tensor(prompt)
-        if ids.dim() == 1:
-            ids = ids.unsqueeze(0)
-        if ids.dim() != 2 or ids.shape[0] != 1 or ids.is_floating_point() or ids.shape[1] == 0:
+            return torch.tensor([text_tokens(self.model.tokenizer, prompt, name)])
+        return prompt_ids(prompt, name)
+
+    def prompt_pair(self, clean: Any, corrupt: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """The token ids of a clean and a corrupted prompt, which must be of one length."""
+        clean_ids, corrupt_ids = self.ids(clean, "the clean prompt"), self.ids(corrupt, "the corrupted prompt")
+        if clean_ids.shape != corrupt_ids.shape:
             raise NeurotapError(
-                f"{name} must be text or the token ids of one prompt ([seq] or [1, seq] integers), "
-                f"got a {ids.dtype} tensor of shape {tuple(ids.shape)}"
+                f"the clean and corrupted prompts must have the same number of tokens, got {clean_ids.shape[1]} "
+                f"and {corrupt_ids.shape[1]}; reword one of them"
             )
-        return ids.long()
+        return clean_ids, corrupt_ids
 
     def token(self, target: Any) -> int:
         """A token id: an int, or the first token of a text (``" Paris"``)."""
         if isinstance(target, str):
-            ids = self.tokenizer("the target")(target, add_special_tokens=False).input_ids
-            if not ids:
-                raise NeurotapError(f"the target {target!r} has no tokens")
-            return int(ids[0])
+            return text_tokens(self.model.tokenizer, target, "the target", special=False)[0]
         if isinstance(target, int) and not isinstance(target, bool):
             return target
         raise NeurotapError(f"the target must be a token id (int) or text, got {type(target).__name__}")
@@ -78,23 +77,17 @@ class Runner:
         return tuple(tokenizer.decode([int(i)]) for i in ids[0])
 
     def positions(self, positions: Any, length: int) -> list[int]:
-        if positions is None:
-            return list(range(length))
-        chosen = [positions] if isinstance(positions, int) else list(positions)
-        for t in chosen:
-            if not isinstance(t, int) or not -length <= t < length:
-                raise NeurotapError(f"position {t!r} is outside the prompt's {length} tokens")
-        return [t % length for t in chosen]
+        return chosen_positions(positions, length)
 
     def layers(self) -> list[str]:
         """Every ``blocks.N.resid_post``, in layer order."""
-        found = sorted(int(m[1]) for m in map(re.compile(r"blocks\.(\d+)\.resid_post").fullmatch, self.aliases) if m)
+        found = layer_points(self.aliases)
         if not found:
             raise NeurotapError(
                 "this model has no blocks.N.resid_post aliases (see m.aliases()); pass the points of the "
                 "hidden states to restore, points=[...]"
             )
-        return [f"blocks.{i}.resid_post" for i in found]
+        return found
 
     # -- running ----------------------------------------------------------------------------------
 
@@ -116,11 +109,8 @@ class Runner:
         self, ids: torch.Tensor, points: Sequence[str], probes: Sequence[Probe] = (), *, rows: Any = 0
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The last position's logits and ``value[rows]`` at each point (patterns expanded), in one forward."""
-        kwargs = self.arguments()
-        if not self.local:
-            kwargs["outputs"] = ["logits"]
         with torch.no_grad():
-            output, trace = self.model.run(ids, record=list(points), probes=list(probes), **kwargs)
+            output, trace = self.model.run(ids, record=list(points), probes=list(probes), **self.arguments())
         names = trace.points if any(map(is_pattern, points)) else list(points)
         logits = logits_of(output)[:, -1].detach().float().cpu()
         return logits, {p: _tensor(p, trace[p])[rows] for p in names}
@@ -244,12 +234,7 @@ def activation_patching(
     ``batch`` patched copies of the corrupted prompt, one cell each.
     """
     runner = Runner(model)
-    clean_ids, corrupt_ids = runner.ids(clean, "the clean prompt"), runner.ids(corrupt, "the corrupted prompt")
-    if clean_ids.shape != corrupt_ids.shape:
-        raise NeurotapError(
-            f"the clean and corrupted prompts must have the same number of tokens, got {clean_ids.shape[1]} "
-            f"and {corrupt_ids.shape[1]}; reword one of them"
-        )
+    clean_ids, corrupt_ids = runner.prompt_pair(clean, corrupt)
     names = _point_names(points)
     chosen = runner.positions(positions, clean_ids.shape[1])
     score, metric_name = _scorer(metric, runner)
@@ -292,12 +277,7 @@ def attribution_patching(
     gradient the server takes.
     """
     runner = Runner(model)
-    clean_ids, corrupt_ids = runner.ids(clean, "the clean prompt"), runner.ids(corrupt, "the corrupted prompt")
-    if clean_ids.shape != corrupt_ids.shape:
-        raise NeurotapError(
-            f"the clean and corrupted prompts must have the same number of tokens, got {clean_ids.shape[1]} "
-            f"and {corrupt_ids.shape[1]}; reword one of them"
-        )
+    clean_ids, corrupt_ids = runner.prompt_pair(clean, corrupt)
     names = _point_names(points)
     chosen = runner.positions(positions, clean_ids.shape[1])
     score, metric_name = _scorer(metric, runner)
@@ -392,7 +372,7 @@ def causal_trace(
     per_forward = max(1, batch // samples)
     scores = []
     raw = [runner.aliases[layer] for layer in layers]
-    if runner.local and points is None and all(not split_narrowing(name)[1] for name in raw):
+    if points is None and all(not split_narrowing(name)[1] for name in raw):
         # The layers before a restored one compute what the noised run computed: skip them, and start
         # from that run's hidden state with the one position restored. Half the work, the same numbers.
         corrupt_logits, noised = runner.capture(ids.expand(samples, -1), layers, [corrupted(1)], rows=slice(None))

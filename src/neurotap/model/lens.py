@@ -89,24 +89,38 @@ def text_tokens(tokenizer: Any, text: str, what: str, *, special: bool = True) -
     return ids
 
 
-def check_lens_arguments(ids: torch.Tensor, positions: Any, top: Any) -> tuple[torch.Tensor, list[int]]:
-    ids = torch.as_tensor(ids)
+def prompt_ids(prompt: Any, what: str = "the prompt") -> torch.Tensor:
+    """``[1, seq]`` token ids of one prompt given as ids ``[seq]`` or ``[1, seq]``."""
+    ids = torch.as_tensor(prompt)
     if ids.dim() == 1:
         ids = ids.unsqueeze(0)
     if ids.dim() != 2 or ids.shape[0] != 1 or ids.is_floating_point() or ids.shape[1] == 0:
         raise NeurotapError(
-            f"logit_lens reads one prompt: token ids of shape [seq] or [1, seq], got {tuple(ids.shape)}"
+            f"{what} must be text or the token ids of one prompt ([seq] or [1, seq] integers), "
+            f"got a {ids.dtype} tensor of shape {tuple(ids.shape)}"
         )
-    length = ids.shape[1]
-    chosen = [positions] if isinstance(positions, int) else list(range(length) if positions is None else positions)
+    return ids.long()
+
+
+def chosen_positions(positions: Any, length: int) -> list[int]:
+    """``positions`` (an int, a list of them, or None for all) within a prompt of ``length`` tokens, counted from 0."""
+    if positions is None:
+        return list(range(length))
+    chosen = [positions] if isinstance(positions, int) else list(positions)
     for t in chosen:
         if not isinstance(t, int) or isinstance(t, bool) or not -length <= t < length:
-            raise NeurotapError(f"logit_lens position {t!r} is outside the prompt's {length} tokens")
+            raise NeurotapError(f"position {t!r} is outside the prompt's {length} tokens")
+    return [t % length for t in chosen]
+
+
+def check_lens_arguments(ids: Any, positions: Any, top: Any) -> tuple[torch.Tensor, list[int]]:
+    ids = prompt_ids(ids)
+    chosen = chosen_positions(positions, ids.shape[1])
     if not chosen:
         raise NeurotapError("logit_lens needs at least one position")
     if not isinstance(top, int) or isinstance(top, bool) or top < 1:
         raise NeurotapError(f"logit_lens top must be a positive integer, got {top!r}")
-    return ids.long(), [t % length for t in chosen]
+    return ids, chosen
 
 
 def logit_lens(model: Any, ids: Any, positions: Any = -1, *, top: int = 5, token: int | None = None) -> LogitLens:
