@@ -236,6 +236,15 @@ def test_backward_gradients_flow_back_through_every_stage(remote, local):
         close(recorded[name]["record"][0], expected[name]["record"][0])
     remote.clear_recordings()
 
+    def surprise(output):  # a loss function (code: the server runs with --allow-code), taken on the last rank
+        return output.logits[:, -1].logsumexp(-1).mean()
+
+    _, got = remote.run(x, grad=points, loss=surprise)
+    _, want = local.run(x, grad=points, loss=surprise)
+    assert got.loss == pytest.approx(want.loss, rel=1e-6)
+    for point in points:
+        close(got.grad[point], want.grad[point])
+
 
 def test_a_failing_gradient_patch_on_the_first_stage_fails_only_its_request(remote, local):
     x = ids(15)
