@@ -5,7 +5,10 @@ one-process ``neurotap serve`` and ``neurotap serve --ranks N`` for each N, chec
 that they agree, then sends the same requests to each in turn, round after round
 (so that all see the same machine load): a forward on ``[1, 32]`` and on
 ``[8, 128]`` token ids (the logits come back, as a client would ask for them) and
-a greedy 16-token generate from 8 tokens. It prints the median latencies, their
+a greedy 16-token generate from 8 tokens; then the throughput of 8 concurrent
+clients sending forwards of mixed lengths (``[1, 16..64]``, a ``Mean`` probe
+each) against the same requests sent one at a time, and how many passes the
+concurrent requests took (they share padded passes). It prints the median latencies, their
 ratio to one process, each process's peak RSS (once loaded, and at the end), and
 where a sharded request's time goes: each rank's seconds sending to the next
 rank (hidden states, the logits to rank 0, a generation's scores) and waiting
@@ -23,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import torch
@@ -63,7 +67,8 @@ class Server:
         line = self.process.stdout.readline()
         if " on http://" not in line:
             raise RuntimeError(f"the server did not start: {line!r}")
-        self.remote = nt.connect(line.split(" on ")[1].split()[0], timeout=600)
+        self.url = line.split(" on ")[1].split()[0]
+        self.remote = nt.connect(self.url, timeout=600)
 
     def rows(self) -> list[dict]:
         """One row per process: peak RSS now and once loaded (MB), and, sharded, seconds in transfers."""
@@ -92,6 +97,69 @@ def requests(vocab: int) -> dict:
         "forward [8, 128]": lambda rm: rm.forward(long, outputs=["logits"])["logits"],
         "generate 16 tokens": lambda rm: rm.generate(prompt, max_new_tokens=16, min_new_tokens=16, do_sample=False),
     }
+
+
+def throughput(servers: dict, vocab: int, rounds: int, clients: int = 8, per_client: int = 3) -> None:
+    """Requests per second of ``clients`` concurrent clients against the same requests sent one at a time."""
+    work = [
+        [
+            torch.randint(
+                0, vocab, (1, 16 + (7 * c + 13 * k) % 49), generator=torch.Generator().manual_seed(100 * c + k)
+            )
+            for k in range(per_client)
+        ]
+        for c in range(clients)
+    ]
+    probes = [nt.probe("model.layers.1.mlp.mul", nt.Mean(dims=(0, 1)))]
+    remotes = {n: [nt.connect(s.url, timeout=600) for _ in range(clients)] for n, s in servers.items()}
+
+    def sequential(n: int) -> float:
+        start = time.perf_counter()
+        for c in range(clients):
+            for ids in work[c]:
+                remotes[n][0].forward(ids, probes=probes, outputs=["logits"])
+        return clients * per_client / (time.perf_counter() - start)
+
+    def concurrent(n: int) -> float:
+        barrier = threading.Barrier(clients + 1)
+
+        def run(c: int) -> None:
+            barrier.wait()
+            for ids in work[c]:
+                remotes[n][c].forward(ids, probes=probes, outputs=["logits"])
+
+        threads = [threading.Thread(target=run, args=(c,)) for c in range(clients)]
+        for thread in threads:
+            thread.start()
+        barrier.wait()
+        start = time.perf_counter()
+        for thread in threads:
+            thread.join()
+        return clients * per_client / (time.perf_counter() - start)
+
+    try:
+        rates = {(n, kind): [] for n in servers for kind in ("sequential", "concurrent")}
+        shared = {n: [0, 0, 0] for n in servers}  # requests, passes, padded passes of the concurrent runs
+        for _ in range(rounds):
+            for n in servers:
+                rates[n, "sequential"].append(sequential(n))
+                before = servers[n].remote.info()
+                rates[n, "concurrent"].append(concurrent(n))
+                after = servers[n].remote.info()
+                for i, key in enumerate(("requests", "passes", "padded_passes")):
+                    shared[n][i] += after[key] - before[key]
+        print(f"  {clients} clients, forwards of [1, 16..64] with a Mean probe (load {os.getloadavg()[0]:.1f}):")
+        for n in servers:
+            seq, conc = statistics.median(rates[n, "sequential"]), statistics.median(rates[n, "concurrent"])
+            requests, passes, padded = shared[n]
+            print(
+                f"    {n} {'process' if n == 1 else 'ranks'}: sequential {seq:.2f} req/s, concurrent {conc:.2f} req/s, "
+                f"x{conc / seq:.2f}; concurrent: {requests} requests in {passes} passes, {padded} padded"
+            )
+    finally:
+        for clients_of in remotes.values():
+            for rm in clients_of:
+                rm.close()
 
 
 def compare(name: str, model: str, counts: list[int], repeats: int, vocab: int) -> None:
@@ -140,6 +208,7 @@ def compare(name: str, model: str, counts: list[int], repeats: int, vocab: int) 
                     f"    {n} ranks {median * 1000:.1f} ms (x{median / one:.2f}, {(median - one) * 1000:+.1f} ms; "
                     f"sending {sends * 1000:.1f} ms of it); ms per rank: {', '.join(per_rank)}"
                 )
+        throughput(servers, vocab, max(1, repeats // 2 + 1))
         end = {n: [row["peak_rss_mb"] for row in s.rows()] for n, s in servers.items()}
         for n in servers:
             rss = " / ".join(f"{a:.0f} -> {b:.0f}" for a, b in zip(loaded[n], end[n]))

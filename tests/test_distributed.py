@@ -323,6 +323,152 @@ def test_recordings_are_metered_at_every_probe_call(remote):
     assert remote.recordings() == {}
 
 
+# -- batching --------------------------------------------------------------------------------------
+
+
+def queued_behind_a_slow_request(server, tmp_path, calls):
+    """Each of ``calls`` (a function of a client) from its own client, all sent while the server is busy with
+    another client's slow request, so that they queue up and the server's next batch takes them all.
+
+    Returns their results (or the exceptions they raised), the clients (still open, for their recordings) and
+    how many requests, passes and padded passes the server ran meanwhile.
+    """
+    import concurrent.futures
+
+    started = tmp_path / "started"
+
+    def slow(ctx, value, started=str(started)):
+        import pathlib
+        import time
+
+        pathlib.Path(started).touch()
+        time.sleep(2.0)
+
+    def counts():
+        info = server.info()
+        return torch.tensor([info["requests"], info["passes"], info["padded_passes"]])
+
+    clients = [nt.connect(server.url) for _ in calls]  # connected first: a connection asks the server too
+    blocker = nt.connect(server.url)
+    before = counts()
+    with concurrent.futures.ThreadPoolExecutor(len(calls) + 1) as pool:
+        blocked = pool.submit(blocker.forward, ids(29), probes=[nt.probe(f"{FIRST}.mlp.mul", slow)])
+        deadline = time.monotonic() + 30
+        while not started.exists():
+            assert time.monotonic() < deadline and not blocked.done(), "the slow request did not start"
+            time.sleep(0.02)
+        futures = [pool.submit(call, client) for call, client in zip(calls, clients)]
+        blocked.result()
+        results = [f.exception() or f.result() for f in futures]
+    blocker.close()
+    ran = counts() - before
+    return results, clients, {"requests": int(ran[0]), "passes": int(ran[1]), "padded_passes": int(ran[2])}
+
+
+def test_concurrent_requests_of_different_lengths_share_padded_passes_and_get_what_they_get_alone(
+    server, local, tmp_path
+):
+    requests = [  # (op, ids, keyword arguments): probes on every stage, patches, reductions, gradients
+        ("forward", ids(30, rows=2, length=5), {"probes": [
+            nt.probe(f"{FIRST}.mlp.mul", nt.Record()), nt.probe(f"{LAST}.mlp.mul", nt.Mean(dims=(0, 1)))]}),
+        ("forward", ids(31, rows=1, length=9), {"probes": [
+            nt.probe("model.layers.2.output", nt.Scale(0.5)), nt.probe("lm_head.output", nt.Record())]}),
+        ("forward", ids(32, rows=1, length=7), {"probes": [
+            nt.probe("blocks.1.resid_post", nt.Record()), nt.probe(f"{LAST}.mlp.mul", nt.Zero(index=(..., 3))),
+            nt.probe("model.norm.output", nt.Max(dims=(0, 1)))]}),
+        ("backward", ids(33, rows=1, length=6), {"loss": nt.CrossEntropy(ids(34, rows=1, length=6)), "probes": [
+            nt.probe("model.layers.2.output", nt.Record(), grad=True), nt.probe(f"{FIRST}.output", nt.Record())]}),
+        ("backward", ids(35, rows=2, length=8), {"loss": nt.LogitDiff(3, 4), "probes": [
+            nt.probe(f"{FIRST}.mlp.mul", nt.Record(), grad=True), nt.probe(f"{LAST}.mlp.mul", nt.Scale(2.0))]}),
+        ("generate", ids(36, rows=1, length=5), {"max_new_tokens": 4, "do_sample": False, "probes": [
+            nt.probe("lm_head.output", nt.Zero(index=(..., 44))), nt.probe(f"{LAST}.mlp.mul", nt.Record())]}),
+        ("generate", ids(37, rows=2, length=5), {"max_new_tokens": 4, "do_sample": False, "probes": [
+            nt.probe(f"{FIRST}.mlp.mul", nt.Scale(1.5))]}),
+    ]  # fmt: skip
+    calls = [lambda rm, op=op, x=x, kw=kw: getattr(rm, op)(x, **kw) for op, x, kw in requests]
+    results, clients, ran = queued_behind_a_slow_request(server, tmp_path, calls)
+    try:
+        for (op, x, kw), result, client in zip(requests, results, clients):
+            assert not isinstance(result, Exception), result
+            want = getattr(local, op)(x, **kw)  # alone, in one process
+            if op == "forward":
+                close(result["logits"], want.logits)
+            elif op == "backward":
+                assert result == pytest.approx(want, rel=1e-5)
+            else:
+                assert torch.equal(result, want)
+            got, expected = client.recordings(), local_recordings(local)
+            assert set(got) == set(expected), op
+            for name, saved in expected.items():
+                assert set(got[name]) == set(saved)
+                for key, value in saved.items():
+                    if isinstance(value, list):
+                        assert len(got[name][key]) == len(value), name
+                        for a, b in zip(got[name][key], value):
+                            close(a, b)
+                    elif isinstance(value, torch.Tensor):
+                        close(got[name][key], value)
+                    else:
+                        assert got[name][key] == value
+    finally:
+        for client in clients:
+            client.close()
+    # the slow request; the forwards in one padded pass, the backwards in another, the generations in one
+    assert ran == {"requests": len(requests) + 1, "passes": 4, "padded_passes": 2}
+
+
+def test_a_probe_raising_on_rank_1_in_a_shared_pass_fails_its_request_alone(server, local, tmp_path):
+    def explode(ctx, value):
+        raise ValueError("boom on rank 1")
+
+    requests = [
+        (ids(38, rows=1, length=6), [nt.probe("model.layers.2.mlp.mul", explode), nt.probe(FIRST + ".output",
+                                                                                            nt.Record())]),
+        (ids(39, rows=2, length=8), [nt.probe(f"{FIRST}.mlp.mul", nt.Record()), nt.probe(f"{LAST}.output",
+                                                                                          nt.Record())]),
+        (ids(40, rows=1, length=5), []),
+    ]  # fmt: skip
+    calls = [lambda rm, x=x, probes=probes: rm.forward(x, probes=probes) for x, probes in requests]
+    results, clients, ran = queued_behind_a_slow_request(server, tmp_path, calls)
+    try:
+        assert isinstance(results[0], nt.ProbeError) and "boom on rank 1" in str(results[0])
+        assert "ValueError" in (results[0].remote_traceback or "")
+        assert clients[0].recordings() == {}  # rank 0's part of the failed request was not kept either
+        for (x, probes), result, client in zip(requests[1:], results[1:], clients[1:]):
+            close(result["logits"], local.forward(x, probes=probes).logits)
+            got, expected = client.recordings(), local_recordings(local)
+            assert set(got) == set(expected)
+            for name in expected:
+                close(got[name]["record"][0], expected[name]["record"][0])
+        close(clients[0].forward(ids(41))["logits"], local.forward(ids(41)).logits)  # the ranks are in step
+    finally:
+        for client in clients:
+            client.close()
+    assert ran == {"requests": 4, "passes": 3, "padded_passes": 2}  # the slow one, the shared try, the others
+
+
+def test_stop_at_ends_the_forward_on_the_rank_owning_the_point(remote, local):
+    def never(ctx, value):
+        raise AssertionError("a layer after the stop_at point ran")
+
+    x = ids(42)
+    for point in ("model.layers.1.output", "model.layers.2.mlp.mul", "blocks.2.resid_post", "model.norm.output"):
+        probes = [nt.probe(f"{FIRST}.mlp.mul", nt.Mean(dims=(0, 1))), nt.probe("model.layers.2.mlp.mul", nt.Record())]
+        if point != "model.norm.output":
+            probes.append(nt.probe(f"{LAST}.mlp.mul", never))  # the last rank's layer: never reached
+        got = remote.forward(x, stop_at=point, probes=probes)
+        want = local.forward(x, stop_at=point, probes=probes)
+        close(got, want)
+        recorded, expected = remote.recordings(), local_recordings(local)
+        assert set(recorded) == set(expected), point
+        close(recorded[f"{FIRST}.mlp.mul"]["mean"], expected[f"{FIRST}.mlp.mul"]["mean"])
+        if "model.layers.2.mlp.mul" in expected:
+            close(recorded["model.layers.2.mlp.mul"]["record"][0], expected["model.layers.2.mlp.mul"]["record"][0])
+        remote.clear_recordings()
+    assert remote.forward(x, stop_at="model.layers.2.output", outputs=[]) is None
+    close(remote.forward(x)["logits"], local.forward(x).logits)
+
+
 # -- errors ----------------------------------------------------------------------------------------
 
 

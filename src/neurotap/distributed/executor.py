@@ -8,12 +8,15 @@ wait for the next command included, so rank 0 sends a no-op while idle. A
 request travels as its wire-format bytes (``encode_request``), so every rank
 decodes it with the same checks.
 
-For each request every rank builds the probes at the points it owns (the owning
-rank's, or every rank's for glue before the decoder layers, which each computes
-for itself), writing to staged copies of the session's save contexts. After the
-pass all ranks exchange their outcome (an all-gather): the request's recordings
-are committed on every rank, or, if any rank failed, on none, and the client
-gets the error of the rank that raised it.
+Every rank runs the batch with the one-process executor's rules (``_StageExecutor``
+is an ``InProcessExecutor`` on the rank's stage): the same passes, padded where
+lengths differ, in the same order, each rank running the probes at the points
+it owns (the owning rank's, or every rank's for glue before the decoder layers,
+which each computes for itself) and writing to staged copies of the sessions'
+save contexts. After each pass all ranks exchange their outcome (an
+all-gather): if any rank failed, all raise the same error and retry alike;
+otherwise each request's recordings are committed on every rank, or on none,
+and the client gets the error of the rank that raised it.
 """
 
 from __future__ import annotations
@@ -37,20 +40,24 @@ from ..model.losses import loss_value
 from ..model.plan import GRADIENT_TARGETS, expand_probes
 from ..points import Inventory, Point, matching, ordered_names, split_narrowing, unknown_point
 from ..points.aliases import find_aliases
-from ..probes import Patch, SaveContext, Skip, probe
+from ..probes import SaveContext, Skip
+from ..transport.batching import Readings, Tokens, Unbatchable
 from ..transport.executor import (
     Executor,
+    InProcessExecutor,
+    Pass,
     RecordingLimitError,
+    ReportedError,
+    RequestCancelledError,
     RequestTimeoutError,
-    _Meter,
+    _RequestFailed,
     _trace_of,
     error_info,
     recorded_size,
     selected_fields,
     sendable,
-    staged_copy,
 )
-from ..transport.limits import Limits, ModelShape, check_request, check_selection
+from ..transport.limits import Limits, ModelShape, check_request
 from ..transport.wire import (
     ErrorInfo,
     RunRequest,
@@ -66,7 +73,7 @@ DEFAULT_RANK_TIMEOUT = 50.0
 
 
 class _Rank:
-    """What every rank holds: its stage, the merged inventory, its sessions' save contexts."""
+    """What every rank holds: its stage, the merged inventory, and the executor that batches on its stage."""
 
     def __init__(
         self,
@@ -90,14 +97,8 @@ class _Rank:
         self.stage: Stage = build_stage(resolve_folder(folder), self.rank, self.world, self.pipe)
         self.model: Model = wrap(self.stage.module)
         self.stage.module.register_forward_pre_hook(self.pipe.new_step, prepend=True)
-        # rank 0 alone holds a request's deadline: once it passes, rank 0 fails the next step and the others
-        # follow as after any failure, so a long generate stops between steps
-        self.deadline: float | None = None
-        self.stage.module.register_forward_pre_hook(self._check_deadline)
-        self.sessions: dict[str, dict[str, SaveContext]] = {}
-        self.sizes: dict[str, dict[str, int]] = {}
-        self.requests = 0
         self._take_inventory()
+        self.executor = _StageExecutor(self)
 
     # -- inventory ---------------------------------------------------------------------------------
 
@@ -108,7 +109,6 @@ class _Rank:
             inventory = self.model.inventory()  # every rank's dry run at once: the stand-ins pass hidden states on
         finally:
             self.pipe.end()
-            self.deadline = None
         points, static, between = point_owners(inventory, self.stage.split, self.rank)
         mine = {
             "points": [p.to_dict() for p in points],
@@ -119,8 +119,7 @@ class _Rank:
             "pid": os.getpid(),
             "machine": machine_id(),
         }
-        everyone: list[Any] = [None] * self.world
-        dist.all_gather_object(everyone, mine, group=self.data)
+        everyone = self.exchange(mine)
         self.points: dict[str, Point] = {}
         self.static: dict[str, Point] = {}
         self.owners: dict[str, list[int]] = collections.defaultdict(list)
@@ -149,13 +148,17 @@ class _Rank:
             if rank != self.rank and part["machine"] == machine_id()
         }
 
-    def _check_deadline(self, *_: Any) -> None:
-        if self.deadline is not None and time.time() > self.deadline:
-            raise RequestTimeoutError("the request ran past the server's request timeout (--request-timeout)")
+    def exchange(self, mine: Any, failure: BaseException | None = None) -> list[Any]:
+        """What every rank has to say, in rank order, on every rank; ``failure``: what this rank saw fail."""
+        everyone: list[Any] = [None] * self.world
+        try:
+            dist.all_gather_object(everyone, mine, group=self.data)
+        except RuntimeError as error:
+            rank = failure.rank if isinstance(failure, RankFailedError) else None
+            raise RankFailedError(rank, _first_line(error)) from error
+        return everyone
 
-    # -- a request on this rank --------------------------------------------------------------------
-
-    def _owners(self, name: str) -> tuple[str, list[int]]:
+    def owners_of(self, name: str) -> tuple[str, list[int]]:
         """The raw point name a probe's point names and the ranks that run it."""
         try:
             base, keys = split_narrowing(name)
@@ -166,8 +169,6 @@ class _Rank:
             keys = alias_keys + keys
         owners = self.owners.get(base)
         if owners is None:
-            from ..model.plan import unknown_point
-
             raise unknown_point(base, [*self.points, *self.aliases])
         if base in self.between:
             raise NeurotapError(
@@ -177,137 +178,12 @@ class _Rank:
         raw = base + "".join(f"[{k}]" if isinstance(k, int) else f'["{k}"]' for k in keys)
         return raw, owners
 
-    def _probes(
-        self, request: RunRequest, staged: dict[str, SaveContext], traced: dict[str, SaveContext], kept: set[str]
-    ) -> list:
-        """This rank's probes of ``request``, saving to ``staged`` (for the session) or ``traced`` (for the answer);
-        ``kept`` gets the names whose saves this rank reports (glue every rank computes is reported once)."""
-        if request.stop_at is not None and request.outputs != []:  # with no output wanted, running on is only slower
-            raise NeurotapError(
-                "a sharded server cannot end a forward early (stop_at) yet: every rank runs its whole stage. "
-                "Leave stop_at out, or serve the model in one process"
-            )
-        probes = []
-        meter = _Meter(self.max_session_bytes)
+    def check(self, request: RunRequest) -> None:
+        """Refuse, before any rank runs it, a request naming a point no rank can probe."""
         for spec in request.probes:
-            raw, owners = self._owners(spec.point)
-            if self.rank not in owners:
-                continue
-            if isinstance(spec.fn, Skip):  # it stands in for the module's call and records nothing
-                probes.append(probe(raw, spec.fn))
-                continue
-            name = spec.point + ".grad" if spec.grad else spec.point
-            saves = traced if spec.trace else staged
-            ctx = saves.get(name)
-            if ctx is None:
-                kept_ctx = None if spec.trace else self.sessions.get(request.session, {}).get(name)
-                ctx = saves[name] = staged_copy(kept_ctx, name)
-            if owners[0] == self.rank:
-                kept.add(name)
-            metered = "trace " + name if spec.trace else name
-            fn = _writing_to(spec.fn, ctx, self.limits, meter, metered)
-            probes.append(probe(raw, fn, grad=spec.grad, optional=spec.optional))
-        return probes
-
-    def run(self, request: RunRequest, seed: int) -> RunResult:
-        """One request, in step with the other ranks: on rank 0, its result."""
-        self.requests += 1
-        staged: dict[str, SaveContext] = {}
-        traced: dict[str, SaveContext] = {}
-        kept: set[str] = set()
-        try:
-            request.probes = expand_probes(request.probes, self.inventory)  # patterns: one probe per point
-            probes = self._probes(request, staged, traced, kept)
-        except NeurotapError as error:  # the same on every rank: nothing ran, nothing to exchange
-            return RunResult(error=error_info(error))
-
-        output, loss, failure, failed_rank = None, None, None, None
-        self.pipe.begin(request.op)
-        self.deadline = request.deadline
-        try:
-            output, loss = self._call(request, probes, seed)
-        except Exception as error:
-            failure = error
-            seen = self.pipe.drain(error)
-            failed_rank = seen.rank if seen is not None else None
-            if seen is not None and failure is not seen and not isinstance(failure, RankFailedError):
-                failure = seen
-        finally:
-            self.pipe.end()
-
-        sizes, parts = {}, {}
-        if failure is None:
-            try:
-                if self.rank == 0:
-                    selected_fields(sendable(output), request.outputs)  # the names are checked before anything commits
-                parts = self._stage_parts(output, request.op)
-            except NeurotapError as error:
-                failure = error
-            try:
-                sizes = {name: recorded_size(staged[name]._data, name) for name in kept if name in staged}
-            except NeurotapError as error:
-                failure, sizes = error, {}
-        ours = self.sizes.get(request.session, {})
-        mine = {
-            "ok": failure is None,
-            "aborted": isinstance(failure, Aborted),
-            "rank_failed": isinstance(failure, RankFailedError),
-            "failed_rank": failed_rank,
-            "error": error_info(failure) if failure is not None else None,
-            "sizes": sizes,
-            "loss": loss,
-            "parts": parts,
-            "trace": {name: dict(traced[name]._data) for name in kept if name in traced} if failure is None else {},
-            "kept_bytes": sum(size for name, size in ours.items() if name not in sizes),
-            "before": sum(ours.values()),
-            "server_bytes": sum(sum(session.values()) for session in self.sizes.values()),
-        }
-        everyone: list[Any] = [None] * self.world
-        try:
-            dist.all_gather_object(everyone, mine, group=self.data)
-        except RuntimeError as error:
-            raise RankFailedError(failed_rank, _first_line(error)) from error
-        dead = [e for e in everyone if e["rank_failed"]]
-        if dead:
-            raise RankFailedError(next((e["failed_rank"] for e in dead if e["failed_rank"] is not None), None))
-        errors = [e for e in everyone if not e["ok"]]
-        if errors:
-            chosen = next((e for e in errors if not e["aborted"]), errors[0])
-            return RunResult(error=chosen["error"])
-        # the limits hold for the session's recordings on all ranks together
-        total = sum(e["kept_bytes"] + sum(e["sizes"].values()) for e in everyone)
-        before = sum(e["before"] for e in everyone)
-        server = sum(e["server_bytes"] for e in everyone) - before + total
-        refusal = None
-        if total > self.max_session_bytes:
-            refusal = (
-                f"this request would bring the session's recordings to {total} bytes, over the server's "
-                f"limit of {self.max_session_bytes} (--max-session-bytes)"
-            )
-        elif total > before and server > self.max_total_bytes:
-            refusal = (
-                f"the server's recordings would reach {server} bytes, over its limit of {self.max_total_bytes} "
-                "for all sessions together (--max-total-bytes)"
-            )
-        if refusal is not None:
-            advice = "; fetch them with recordings() and clear_recordings(), or reduce on the server (nt.Mean, ...)"
-            return RunResult(error=error_info(RecordingLimitError(refusal + advice)))
-        self.sessions.setdefault(request.session, {}).update({name: staged[name] for name in kept if name in staged})
-        self.sizes.setdefault(request.session, {}).update(sizes)
-        if self.rank == 0:
-            output = selected_fields(
-                sendable(_merged(output, [e["parts"] for e in everyone], request.op)), request.outputs
-            )
-        else:
-            output = None
-        trace = None
-        if any(spec.trace for spec in request.probes):
-            saved = {}
-            for part in everyone:
-                for name, data in part["trace"].items():
-                    saved.setdefault(name, SaveContext(name))._data.update(data)
-            trace = _trace_of(request, saved, self.inventory)
-        return RunResult(output=output, loss=everyone[self.stage.split.last]["loss"], trace=trace)
+            self.owners_of(spec.point)
+        if request.stop_at is not None:
+            self.owners_of(request.stop_at)
 
     def _stage_parts(self, output: Any, op: str) -> dict[str, Any]:
         """What of ``output`` this rank computed and rank 0 lacks: the hidden states and attentions of its
@@ -336,25 +212,6 @@ class _Rank:
             parts["logits"] = output["logits"]
         return parts
 
-    def _call(self, request: RunRequest, probes: list, seed: int) -> tuple[Any, float | None]:
-        if request.op == "generate":
-            from transformers import LogitsProcessorList
-
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)  # sampling draws the same on every rank, so all pick the same tokens
-                output = self.model.generate(
-                    *request.args,
-                    probes=probes,
-                    logits_processor=LogitsProcessorList([_SharedScores(self.pipe)]),
-                    **request.kwargs,
-                )
-            return output, None
-        if request.op == "backward":
-            return self._backward(request, probes)
-        with torch.no_grad():
-            output = self.model.forward(*request.args, probes=probes, **request.kwargs)
-        return self._gathered_logits(output), None
-
     def _gathered_logits(self, output: Any) -> Any:
         """``output`` with, on rank 0, the last rank's logits in it."""
         logits = output.get("logits") if isinstance(output, Mapping) else None
@@ -367,47 +224,13 @@ class _Rank:
             output["logits"] = received
         return output
 
-    def _backward(self, request: RunRequest, probes: list) -> tuple[Any, float | None]:
-        """Forward down the stages, the loss on the last, its gradient back up them, rank to rank.
-
-        Each rank computes only the gradients its probes ask for and the one at what it
-        received (for the rank before): no weight's ``.grad`` is touched.
-        """
-        loss = None
-        targets: list[torch.Tensor] = []
-        noting = GRADIENT_TARGETS.set(targets)
-        try:
-            with torch.enable_grad():
-                output = self.model.forward(*request.args, probes=probes, **request.kwargs)
-        finally:
-            GRADIENT_TARGETS.reset(noting)
-        wanted = [*targets, *([self.pipe.received] if self.rank > 0 else [])]
-        if self.rank == self.stage.split.last:
-            with torch.enable_grad():
-                value = loss_value(request.loss, output)
-            loss = float(value.detach())
-            if not value.requires_grad:
-                raise NeurotapError("the loss does not depend on anything that requires grad")
-            self._gathered_logits(output)  # rank 0 gets them before the gradients start back
-            grads = torch.autograd.grad(value, wanted, allow_unused=True) if wanted else ()
-        else:
-            self._gathered_logits(output)
-            sent = self.pipe.sent
-            gradient = self.pipe.gradient_in() if sent is not None else None
-            going_on = wanted and sent is not None
-            grads = torch.autograd.grad(sent, wanted, gradient, allow_unused=True) if going_on else ()
-        if self.rank > 0:
-            self.pipe.gradient_out(grads[-1] if grads else None)
-        return output, loss
-
     # -- sessions ----------------------------------------------------------------------------------
 
     def recordings(self, session: str) -> dict[str, dict[str, Any]]:
-        return {name: dict(ctx._data) for name, ctx in self.sessions.get(session, {}).items() if len(ctx)}
+        return self.executor.recordings(session)
 
     def clear(self, session: str) -> None:
-        self.sessions.pop(session, None)
-        self.sizes.pop(session, None)
+        self.executor.clear_recordings(session)
 
     def facts(self) -> tuple[float, int, str, dict[str, float]]:
         """This rank's peak RSS (MB), process id, the device its weights are on, and its seconds in transfers."""
@@ -420,6 +243,304 @@ class _Rank:
         except AttributeError:
             return None
         return tensor.detach().clone() if tensor.device.type != "meta" else None
+
+
+class _StageExecutor(InProcessExecutor):
+    """The one-process executor's batching, run on every rank in step on its own stage.
+
+    Every rank gets the same batch and plans the same passes (the shape readings
+    are passes of every rank too, and each rank shares what its points saw), so
+    all run the same passes in the same order. Each rank runs the probes at the
+    points it owns. After a pass all ranks exchange their outcome: if any rank
+    failed, every rank raises the same error, so the retries that follow (the
+    request at fault left out, or each request alone) are the same everywhere;
+    otherwise each request's recordings are committed on every rank, or on none.
+    """
+
+    def __init__(self, rank: _Rank) -> None:
+        super().__init__(
+            rank.model,
+            limits=rank.limits,
+            max_session_bytes=rank.max_session_bytes,
+            max_total_bytes=rank.max_total_bytes,
+        )
+        self.local = rank
+        self.seeds: list[int] = []  # a seed per request of the batch, alike on every rank: sampling draws alike
+        self._agreed: list[Any] = []  # every rank's outcome of the last pass
+
+    def _inventory(self) -> Any:
+        return self.local.inventory
+
+    def _local_point(self, point: str) -> str | None:
+        raw, owners = self.local.owners_of(point)
+        return raw if self.local.rank in owners else None
+
+    def _kept(self, request: RunRequest) -> set[str]:
+        """The saves of ``request`` this rank keeps: glue every rank computes is kept by the first alone."""
+        kept = set()
+        for spec in request.probes:
+            if not isinstance(spec.fn, Skip) and self.local.owners_of(spec.point)[1][0] == self.local.rank:
+                kept.add(spec.point + ".grad" if spec.grad else spec.point)
+        return kept
+
+    # -- shape readings, on every rank --------------------------------------------------------------
+
+    def _read_layouts(self, tokens: Tokens, points: set[str]) -> Readings:
+        known = self._readings.get(tokens.key)
+        fresh = known is None or not known.read or any(p not in known.points for p in points)
+        readings = super()._read_layouts(tokens, points)
+        if fresh and any(self.local.exchange(readings.output is None)):
+            readings.output = None  # every rank cuts its own output: all must agree that they can
+        return readings
+
+    def _shape_run(
+        self, tokens: Tokens, shape: tuple[int, int], *, padded: bool, points: list[str]
+    ) -> tuple[Any, dict[str, list]]:
+        local = self.local
+        here = {p: self._local_point(p) for p in points}
+        mine = sorted({raw for raw in here.values() if raw is not None})
+        output, shapes, failure = None, {}, None
+        local.pipe.begin("forward")
+        try:
+            output, shapes = super()._shape_run(tokens, shape, padded=padded, points=mine)
+            output = local._gathered_logits(output)
+        except Exception as error:
+            failure = error
+            failure = local.pipe.drain(error) or failure
+        finally:
+            local.pipe.end()
+        seen = {p: shapes[raw] for p, raw in here.items() if raw is not None and self._reports(p)}
+        everyone = local.exchange((_failure(failure), seen), failure)
+        _raise_agreed([e[0] for e in everyone])
+        merged: dict[str, list] = {}
+        for _, part in everyone:
+            merged.update(part)
+        return output, merged
+
+    def _reports(self, point: str) -> bool:
+        return self.local.owners_of(point)[1][0] == self.local.rank
+
+    # -- a pass, on every rank ----------------------------------------------------------------------
+
+    def _run_pass(self, run: Pass) -> tuple[Any, list[Any]]:
+        local = self.local
+        request = run.requests[0]
+        stop = None
+        if request.stop_at is not None:  # the ranks after the one owning the point have nothing to do
+            raw, owners = local.owners_of(request.stop_at)
+            stop = (raw, owners[0])
+        output, parts, failure = None, [], None
+        if stop is None or local.rank <= stop[1]:
+            local.pipe.begin(request.op, until=stop[1] if stop is not None else None)
+            try:
+                self._check_deadline()
+                output, parts = self._stage_pass(run, stop)
+            except Exception as error:
+                failure = error
+                seen = local.pipe.drain(error)
+                if seen is not None and not isinstance(failure, RankFailedError):
+                    failure = seen
+            finally:
+                local.pipe.end()
+        outcome = self._outcome(run, output, parts, stop) if failure is None else []
+        everyone = local.exchange(
+            {"failure": _failure(failure), "requests": outcome, "bytes": self.recorded_bytes(), "stop": stop}, failure
+        )
+        _raise_agreed([e["failure"] for e in everyone])
+        self._agreed = everyone
+        return output, parts
+
+    def _stage_pass(self, run: Pass, stop: tuple[str, int] | None) -> tuple[Any, list[Any]]:
+        local = self.local
+        request = run.requests[0]
+        if request.op == "generate":
+            from transformers import LogitsProcessorList
+
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.seeds[run.indices[0]])  # every rank draws alike, so all pick the same tokens
+                output = self.model.generate(
+                    *run.args,
+                    probes=run.probes,
+                    logits_processor=LogitsProcessorList([_SharedScores(local.pipe)]),
+                    **run.kwargs,
+                    **run.extra,
+                )
+            return output, []
+        if request.op == "backward":
+            return None, self._stage_backward(run)
+        stop_here = stop[0] if stop is not None and stop[1] == local.rank else None
+        with torch.no_grad():
+            output = self._forward(run.args, run.kwargs, run.by_name, run.probes, stop_here)
+        return (output if stop is not None else local._gathered_logits(output)), []
+
+    def _stage_backward(self, run: Pass) -> list[Any]:
+        """Forward down the stages, the losses on the last, their gradients back up them, rank to rank.
+
+        Each rank computes only the gradients its probes ask for and the one at what it
+        received (for the rank before): no weight's ``.grad`` is touched.
+        """
+        local, pipe = self.local, self.local.pipe
+        targets: list[torch.Tensor] = []
+        noting = GRADIENT_TARGETS.set(targets)
+        try:
+            with torch.enable_grad():
+                output = self._forward(run.args, run.kwargs, run.by_name, run.probes)
+        finally:
+            GRADIENT_TARGETS.reset(noting)
+        wanted = [*targets, *([pipe.received] if local.rank > 0 else [])]
+        if local.rank == local.stage.split.last:
+            total = None
+            with torch.enable_grad():
+                for k, request in enumerate(run.requests):
+                    try:
+                        loss = loss_value(request.loss, run.part_of(output, k))
+                    except Exception as error:
+                        raise _RequestFailed(k, error) from error
+                    run.losses[k] = float(loss.detach())
+                    total = loss if total is None else total + loss
+            if total is None or not total.requires_grad:
+                raise NeurotapError("the loss does not depend on anything that requires grad")
+            local._gathered_logits(output)  # rank 0 gets them before the gradients start back
+            grads = torch.autograd.grad(total, wanted, allow_unused=True) if wanted else ()
+        else:
+            local._gathered_logits(output)
+            sent = pipe.sent
+            gradient = pipe.gradient_in() if sent is not None else None
+            going_on = wanted and sent is not None
+            grads = torch.autograd.grad(sent, wanted, gradient, allow_unused=True) if going_on else ()
+        if local.rank > 0:
+            pipe.gradient_out(grads[-1] if grads else None)
+        return [run.part_of(output, k) for k in range(len(run.requests))]
+
+    def _outcome(self, run: Pass, output: Any, parts: list[Any], stop: tuple[str, int] | None) -> list[dict]:
+        """What this rank has of each request of a pass that succeeded here."""
+        local = self.local
+        holder = stop[1] if stop is not None else 0  # the rank whose output the client gets
+        ran = stop is None or local.rank <= stop[1]
+        outcome = []
+        for k, request in enumerate(run.requests):
+            kept = self._kept(request)
+            entry: dict[str, Any] = {"error": None, "cancelled": request.cancelled, "loss": run.losses[k]}
+            entry.update(sizes={}, parts={}, trace={})
+            try:
+                mine = (parts[k] if parts else run.part_of(output, k)) if ran else None
+                if local.rank == holder:  # the names are checked before anything commits
+                    selected_fields(sendable(mine), request.outputs)
+                if stop is None:
+                    entry["parts"] = local._stage_parts(mine, request.op)
+                elif local.rank == holder and request.outputs != []:
+                    entry["parts"] = {"value": mine}
+                staged, traced = run.staged[k], run.traced[k]
+                entry["sizes"] = {name: recorded_size(staged[name]._data, name) for name in kept if name in staged}
+                entry["trace"] = {name: dict(traced[name]._data) for name in kept if name in traced}
+            except NeurotapError as error:
+                entry["error"] = error_info(error)
+            ours = self._session_bytes.get(request.session, {})
+            entry["kept_bytes"] = sum(size for name, size in ours.items() if name not in entry["sizes"])
+            entry["before"] = sum(ours.values())
+            outcome.append(entry)
+        return outcome
+
+    def _results(self, run: Pass, output: Any, parts: list[Any]) -> dict[int, RunResult]:
+        everyone, local = self._agreed, self.local
+        server = sum(e["bytes"] for e in everyone)
+        stop = everyone[0]["stop"]
+        results: dict[int, RunResult] = {}
+        for k, (index, request) in enumerate(zip(run.indices, run.requests)):
+            entries = [e["requests"][k] for e in everyone]
+            if entries[0]["cancelled"]:  # its client went away: nothing of it is kept
+                results[index] = RunResult(error=error_info(RequestCancelledError("the client went away")))
+                continue
+            errors = [e["error"] for e in entries if e["error"] is not None]
+            if errors:
+                results[index] = RunResult(error=errors[0])
+                continue
+            refusal = self._refusal(entries, server)
+            if refusal is not None:
+                results[index] = RunResult(error=error_info(refusal))
+                continue
+            server += sum(e["kept_bytes"] + sum(e["sizes"].values()) - e["before"] for e in entries)
+            staged, mine = run.staged[k], entries[local.rank]
+            self._sessions.setdefault(request.session, {}).update({n: staged[n] for n in mine["sizes"]})
+            self._session_bytes.setdefault(request.session, {}).update(mine["sizes"])
+            answer = None
+            if local.rank == 0 and stop is not None:
+                value = next((e["parts"]["value"] for e in entries if "value" in e["parts"]), None)
+                answer = selected_fields(sendable(value), request.outputs)
+            elif local.rank == 0:
+                whole = _merged(
+                    parts[k] if parts else run.part_of(output, k), [e["parts"] for e in entries], request.op
+                )
+                answer = selected_fields(sendable(whole), request.outputs)
+            trace = None
+            if any(spec.trace for spec in request.probes):
+                saved = {
+                    spec.point + ".grad" * spec.grad: SaveContext(spec.point + ".grad" * spec.grad)
+                    for spec in request.probes
+                    if spec.trace
+                }  # a rank after a stop_at point ran none of its probes
+                for entry in entries:
+                    for name, data in entry["trace"].items():
+                        saved.setdefault(name, SaveContext(name))._data.update(data)
+                trace = _trace_of(request, saved, self._inventory())
+            results[index] = RunResult(output=answer, loss=entries[local.stage.split.last]["loss"], trace=trace)
+        return results
+
+    def _refusal(self, entries: list[dict], server: int) -> RecordingLimitError | None:
+        """Why a request's recordings cannot be kept: the limits hold for all ranks together."""
+        total = sum(e["kept_bytes"] + sum(e["sizes"].values()) for e in entries)
+        before = sum(e["before"] for e in entries)
+        refusal = None
+        if total > self.max_session_bytes:
+            refusal = (
+                f"this request would bring the session's recordings to {total} bytes, over the server's "
+                f"limit of {self.max_session_bytes} (--max-session-bytes)"
+            )
+        elif total > before and server - before + total > self.max_total_bytes:
+            refusal = (
+                f"the server's recordings would reach {server - before + total} bytes, over its limit of "
+                f"{self.max_total_bytes} for all sessions together (--max-total-bytes)"
+            )
+        if refusal is None:
+            return None
+        advice = "; fetch them with recordings() and clear_recordings(), or reduce on the server (nt.Mean, ...)"
+        return RecordingLimitError(refusal + advice)
+
+
+def _failure(error: BaseException | None) -> tuple | None:
+    """What a rank tells the others of how its part of a pass failed (plain data)."""
+    if error is None:
+        return None
+    if isinstance(error, RankFailedError):
+        return ("rank failed", error.rank)
+    if isinstance(error, Aborted):
+        return ("aborted",)
+    if isinstance(error, _RequestFailed):
+        return ("request", error.index, error_info(error.error))
+    for kind in (RequestTimeoutError, RequestCancelledError, Unbatchable):
+        if isinstance(error, kind):
+            return (kind.__name__, str(error))
+    return ("other", error_info(error))
+
+
+def _raise_agreed(failures: list[tuple | None]) -> None:
+    """Raise, on every rank alike, what failed a pass on some rank: the error of the first rank that raised one
+    of its own (the others only stopped because of it)."""
+    named = [f for f in failures if f is not None]
+    if not named:
+        return
+    dead = [f for f in named if f[0] == "rank failed"]
+    if dead:
+        raise RankFailedError(next((f[1] for f in dead if f[1] is not None), None))
+    chosen = next((f for f in named if f[0] != "aborted"), named[0])
+    kinds = {kind.__name__: kind for kind in (RequestTimeoutError, RequestCancelledError, Unbatchable)}
+    if chosen[0] == "request":
+        raise _RequestFailed(chosen[1], ReportedError(chosen[2]))
+    if chosen[0] in kinds:
+        raise kinds[chosen[0]](chosen[1])
+    if chosen[0] == "other":
+        raise ReportedError(chosen[1])
+    raise Aborted("a rank stopped without saying why")
 
 
 class _SharedScores:
@@ -450,29 +571,6 @@ def _merged(output: Any, parts: list[dict[str, Any]], op: str) -> Any:
     if logits is not None:
         output["logits"] = logits
     return output
-
-
-def _writing_to(
-    fn: Callable[..., Any], ctx: SaveContext, limits: Limits, meter: _Meter, metered: str
-) -> Callable[..., Any]:
-    """``fn`` writing to the request's staged context rather than the plan's, within the server's limits: a patch's
-    selection is bounded before it runs, and what the request recorded on this rank is measured after every call."""
-    is_patch = isinstance(fn, Patch)
-
-    def staged(plan_ctx: SaveContext, value: Any) -> Any:
-        object.__setattr__(ctx, "call", plan_ctx.call)
-        object.__setattr__(ctx, "step", plan_ctx.step)
-        if is_patch:
-            check_selection(ctx.point, fn, value, limits)
-        try:
-            result = fn(ctx, value)
-            meter.measure(metered, ctx)
-            return result
-        except (SystemExit, KeyboardInterrupt) as error:  # fails the request, not the rank
-            raise RuntimeError(f"the probe raised {type(error).__name__}") from error
-
-    staged.__name__ = getattr(fn, "__name__", type(fn).__name__)
-    return staged
 
 
 def resolve_folder(name: str) -> Any:
@@ -603,9 +701,9 @@ class ShardedExecutor(Executor):
             "vocab_size": getattr(config, "vocab_size", None),
             "max_position_embeddings": getattr(config, "max_position_embeddings", None),
             "has_generate": hasattr(module, "generate"),
-            "requests": self.local.requests,
-            "passes": self.local.requests,
-            "padded_passes": 0,
+            "requests": self.local.executor.requests,
+            "passes": self.local.executor.passes,  # fewer than requests where requests shared passes
+            "padded_passes": self.local.executor.padded_passes,
             "ranks": ranks,
         }
 
@@ -648,10 +746,11 @@ class ShardedExecutor(Executor):
                     body = encode_request(request)
                     decoded = decode_request(body, allow_code=self.local.allow_code)
                     check_request(decoded, self.limits, self.shape)
+                    self.local.check(decoded)
                 except NeurotapError as error:  # WireError, RequestTooCostlyError and unknown patterns included
                     results[index] = RunResult(error=error_info(error))
                     continue
-                decoded.session, decoded.deadline = request.session, request.deadline
+                decoded.session, decoded.deadline, decoded.timeout = request.session, request.deadline, request.timeout
                 batch[index] = decoded
                 seed = int(torch.randint(0, 2**31 - 1, (1,), generator=self._seed))
                 send.append((index, request.session, body, seed))
@@ -664,8 +763,10 @@ class ShardedExecutor(Executor):
     def _execute(self, batch: list[RunRequest], send: list, results: list) -> None:
         try:
             self._command("execute", [(session, body, seed) for _, session, body, seed in send])
-            for index, _session, _body, seed in send:
-                results[index] = self.local.run(batch[index], seed)
+            self.local.executor.seeds = [seed for *_, seed in send]
+            ran = self.local.executor.execute([batch[index] for index, *_ in send])
+            for (index, *_), result in zip(send, ran):
+                results[index] = result
         except RankFailedError as error:
             self._record(error)
             for index, *_ in send:
@@ -742,10 +843,13 @@ def follow(
             if kind == "stop":
                 return 0
             if kind == "execute":
-                for session, body, seed in command[1]:
+                batch = []
+                for session, body, _seed in command[1]:
                     request = decode_request(body, allow_code=allow_code)
                     request.session = session
-                    local.run(request, seed)
+                    batch.append(request)
+                local.executor.seeds = [seed for *_, seed in command[1]]
+                local.executor.execute(batch)
             elif kind == "describe":
                 dist.gather_object(local.facts(), None, dst=0, group=local.data)
             elif kind == "recordings":

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import NeurotapError
+from ..transport.executor import ExecutorFailedError
 from .stages import Link
 
 OK, ABORTED, RANK_FAILED = 0, 1, 2
@@ -31,7 +32,7 @@ _HEADER = 8
 _DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.bool]
 
 
-class RankFailedError(NeurotapError):
+class RankFailedError(ExecutorFailedError):
     """A rank died or stopped answering; the sharded server cannot go on."""
 
     def __init__(self, rank: int | None, detail: str = "") -> None:
@@ -56,6 +57,7 @@ class Pipe(Link):
         self.last = world - 1
         self.group = group
         self.generating = self.backward = self.active = False
+        self.until: int | None = None
         self._recv = self._send = self._final = self._grad_recv = self._grad_send = False
         self.received: torch.Tensor | None = None  # what came in and went out, for the backward pass
         self.sent: torch.Tensor | None = None
@@ -64,10 +66,13 @@ class Pipe(Link):
 
     # -- a pass ------------------------------------------------------------------------------------
 
-    def begin(self, op: str) -> None:
-        """A pass of ``op``: "forward", "generate" (one step per forward) or "backward"."""
+    def begin(self, op: str, until: int | None = None) -> None:
+        """A pass of ``op``: "forward", "generate" (one step per forward) or "backward". A forward that ends
+        on rank ``until`` (at its stop_at point) runs on the ranks up to that one, and its value goes to rank 0
+        with the pass's outcome, not down the pipe."""
         self.generating = op == "generate"
         self.backward = op == "backward"
+        self.until = until
         self.active = True
         self.steps = 0
 
@@ -82,8 +87,8 @@ class Pipe(Link):
             return
         self.steps += 1
         self._recv = self.rank > 0
-        self._send = self.rank < self.last
-        self._final = self.generating or self.rank in (0, self.last)
+        self._send = self.rank < (self.last if self.until is None else self.until)
+        self._final = self.until is None and (self.generating or self.rank in (0, self.last))
         # a backward pass then sends gradients the other way: rank r + 1 to rank r
         self._grad_recv = self.backward and self.rank < self.last
         self._grad_send = self.backward and self.rank > 0

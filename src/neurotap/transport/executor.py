@@ -23,6 +23,7 @@ import math
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -88,6 +89,18 @@ class _RequestFailed(NeurotapError):
         self.error = error
 
 
+class ExecutorFailedError(NeurotapError):
+    """The executor can run nothing more (a rank of a sharded server failed): no request is tried again."""
+
+
+class ReportedError(NeurotapError):
+    """An error that another process described (a rank of a sharded server): its status and message as sent."""
+
+    def __init__(self, info: ErrorInfo) -> None:
+        super().__init__(info.message)
+        self.info = info
+
+
 _STATUS: list[tuple[type[BaseException], int]] = [  # the first that matches
     (RecordingLimitError, 413),
     (RequestTooCostlyError, 413),
@@ -101,6 +114,8 @@ _STATUS: list[tuple[type[BaseException], int]] = [  # the first that matches
 
 def error_info(error: BaseException) -> ErrorInfo:
     """The HTTP status and JSON error for an exception raised while serving a request."""
+    if isinstance(error, ReportedError):
+        return error.info
     cause = error.__cause__ if isinstance(error, ProbeError) and error.__cause__ is not None else None
     status = next((code for kind, code in _STATUS if isinstance(error, kind)), 422)
     name = type(error).__name__
@@ -113,6 +128,24 @@ def error_info(error: BaseException) -> ErrorInfo:
     if isinstance(error, ProbeError):
         trace = "".join(traceback.format_exception(cause or error))
     return ErrorInfo(status, name, message, trace)
+
+
+@dataclass
+class Pass:
+    """One pass being run: its requests (and their indices in the batch), its inputs and probes, and where each
+    request's saves go."""
+
+    indices: list[int]
+    requests: list[RunRequest]
+    args: tuple
+    kwargs: dict[str, Any]
+    by_name: bool  # the token ids go to the model by name, not positionally
+    probes: list
+    part_of: Callable[[Any, int], Any]  # (the pass's output, k) -> request k's part of it
+    staged: list[dict[str, SaveContext]]  # request k's saves for its session, committed if it succeeds
+    traced: list[dict[str, SaveContext]]  # request k's saves that go back with its answer
+    losses: list[float | None]
+    extra: dict[str, Any]  # more arguments for generate: a shared generation's stopping criteria
 
 
 class Executor(abc.ABC):
@@ -288,7 +321,7 @@ class InProcessExecutor(Executor):
         tokens: dict[int, Tokens] = {}
         costs: dict[int, int] = {}
         lengths: dict[tuple, set[int]] = collections.defaultdict(set)
-        inventory = self.model.inventory()
+        inventory = self._inventory()
         for index, request in enumerate(batch):
             try:
                 request.probes = expand_probes(request.probes, inventory)  # patterns: one probe per point
@@ -326,7 +359,7 @@ class InProcessExecutor(Executor):
         )
         # a parameter or buffer has no rows to share out, a skipped module runs for no row, and a pass ends at
         # one stop_at: such requests run alone
-        points = self.model.inventory().points
+        points = inventory.points
         flat: list[Group] = []
         for group in groups:
             alone = [i for i in group.indices if len(group.indices) > 1 and self._runs_alone(batch[i], points)]
@@ -355,6 +388,8 @@ class InProcessExecutor(Executor):
             try:
                 alone_output, alone_shapes = self._shape_run(tokens, ALONE_READING, padded=False, points=chunk)
                 padded_output, padded_shapes = self._shape_run(tokens, PADDED_READING, padded=True, points=chunk)
+            except ExecutorFailedError:
+                raise
             except Exception:  # a bad point name or a model that refuses the call: the real run says why
                 if len(chunk) > 1:
                     chunks.extend([p] for p in chunk)
@@ -414,6 +449,8 @@ class InProcessExecutor(Executor):
                 for index in pending:
                     results[index] = RunResult(error=error_info(error))
                 return
+            except ExecutorFailedError:
+                raise
             except Exception as error:
                 if len(pending) == 1:
                     results[pending[0]] = RunResult(error=error_info(error))
@@ -453,6 +490,9 @@ class InProcessExecutor(Executor):
         probes = []
         for k, request in enumerate(requests):
             for spec in request.probes:
+                point = self._local_point(spec.point)
+                if point is None:
+                    continue  # another process runs it
                 view = None
                 if padded:
                     layouts = readings.points[spec.point]
@@ -462,13 +502,13 @@ class InProcessExecutor(Executor):
                 name = spec.point + ".grad" if spec.grad else spec.point
                 done = (lambda k=k: finished[k] is not None) if generating else None
                 if isinstance(spec.fn, Skip):  # it stands in for the module's call, records nothing and runs alone
-                    probes.append(probe(spec.point, spec.fn, optional=spec.optional))
+                    probes.append(probe(point, spec.fn, optional=spec.optional))
                     continue
                 if spec.trace:
                     traced[k].setdefault(name, SaveContext(name))
                 saves = traced[k] if spec.trace else staged[k]
                 isolated = self._isolated(spec.fn, k, request.session, name, saves, view, meters[k], done, spec.trace)
-                probes.append(probe(spec.point, isolated, grad=spec.grad, optional=spec.optional))
+                probes.append(probe(point, isolated, grad=spec.grad, optional=spec.optional))
         by_name = False
         if padded:
             args, kwargs = padded_inputs(
@@ -488,46 +528,71 @@ class InProcessExecutor(Executor):
                 return mine if finished[k] is None else mine[:, : prompt + finished[k]]
             return rows_of(output, row_slices[k], total) if shared else output
 
+        run = Pass(
+            indices,
+            requests,
+            args,
+            kwargs,
+            by_name,
+            probes,
+            part_of,
+            staged,
+            traced,
+            [None] * len(requests),
+            {"stopping_criteria": watch} if generating else {},
+        )
         now = time.time()
         ends = [min(now + (r.timeout or math.inf), r.deadline or math.inf) for r in requests]
         self._deadline = max(ends) if max(ends) < math.inf else None
         self._running = requests
-        self._check_deadline()
         self.passes += 1
         self.padded_passes += padded
-        losses: list[float | None] = [None] * len(requests)
-        parts: list[Any] = []
         try:
-            op = requests[0].op
-            if op == "generate":
-                extra = {"stopping_criteria": watch} if generating else {}
-                output = self.model.generate(*args, probes=probes, **kwargs, **extra)
-            elif op == "forward":
-                with torch.no_grad():
-                    output = self._forward(args, kwargs, by_name, probes, requests[0].stop_at)
-            else:
-                parts = self._backward(requests, part_of, args, kwargs, by_name, probes, losses)
+            output, parts = self._run_pass(run)
         except _RequestFailed as failure:
             failure.index = indices[failure.index]
             raise
         finally:
             self._deadline = None
             self._running = ()
+        return self._results(run, output, parts)
 
+    def _local_point(self, point: str) -> str | None:
+        """The name to probe ``point`` at in this process; None where another process runs it."""
+        return point
+
+    def _inventory(self) -> Any:
+        """Every point of the model, for patterns and the order of traces."""
+        return self.model.inventory()
+
+    def _run_pass(self, run: Pass) -> tuple[Any, list[Any]]:
+        """The pass itself: its output, or for a backward each request's part of it."""
+        self._check_deadline()
+        op = run.requests[0].op
+        if op == "generate":
+            return self.model.generate(*run.args, probes=run.probes, **run.kwargs, **run.extra), []
+        if op == "forward":
+            with torch.no_grad():
+                return self._forward(run.args, run.kwargs, run.by_name, run.probes, run.requests[0].stop_at), []
+        parts = self._backward(run.requests, run.part_of, run.args, run.kwargs, run.by_name, run.probes, run.losses)
+        return None, parts
+
+    def _results(self, run: Pass, output: Any, parts: list[Any]) -> dict[int, RunResult]:
+        """Each request's answer; its recordings are committed to its session if it succeeded."""
         results: dict[int, RunResult] = {}
-        for k, (index, request) in enumerate(zip(indices, requests)):
+        for k, (index, request) in enumerate(zip(run.indices, run.requests)):
             if request.cancelled:  # its client went away: nothing of it is kept
                 results[index] = RunResult(error=error_info(RequestCancelledError("the client went away")))
                 continue
-            mine = parts[k] if parts else part_of(output, k)
+            mine = parts[k] if parts else run.part_of(output, k)
             try:
                 mine = selected_fields(sendable(mine), request.outputs)
-                self._commit(request.session, staged[k], request.owner)
+                self._commit(request.session, run.staged[k], request.owner)
             except NeurotapError as error:
                 results[index] = RunResult(error=error_info(error))
                 continue
-            trace = _trace_of(request, traced[k], self.model.inventory())
-            results[index] = RunResult(output=mine, loss=losses[k], trace=trace)
+            trace = _trace_of(request, run.traced[k], self._inventory())
+            results[index] = RunResult(output=mine, loss=run.losses[k], trace=trace)
         return results
 
     def _forward(
