@@ -15,6 +15,9 @@ rank (hidden states, the logits to rank 0, a generation's scores) and waiting
 for what it receives, which includes the other ranks' compute, from the
 ``send_s``/``receive_s`` counters in ``/v1/info``.
 
+Every server process computes on one thread, so that the splits compare on a
+machine with few cores.
+
 Run: python bench/bench_sharded.py [--smollm2] [--ranks 2,3] [--repeats 5]
 """
 
@@ -62,7 +65,7 @@ class Server:
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"},  # one thread per process
         )
         line = self.process.stdout.readline()
         if " on http://" not in line:

@@ -369,7 +369,7 @@ def test_concurrent_requests_of_different_lengths_share_padded_passes_and_get_wh
     server, local, tmp_path
 ):
     requests = [  # (op, ids, keyword arguments): probes on every stage, patches, reductions, gradients
-        ("forward", ids(30, rows=2, length=5), {"probes": [
+        ("forward", [ids(30, rows=2, length=5), ids(43, rows=1, length=6)], {"probes": [
             nt.probe(f"{FIRST}.mlp.mul", nt.Record()), nt.probe(f"{LAST}.mlp.mul", nt.Mean(dims=(0, 1)))]}),
         ("forward", ids(31, rows=1, length=9), {"probes": [
             nt.probe("model.layers.2.output", nt.Scale(0.5)), nt.probe("lm_head.output", nt.Record())]}),
@@ -385,12 +385,16 @@ def test_concurrent_requests_of_different_lengths_share_padded_passes_and_get_wh
         ("generate", ids(37, rows=2, length=5), {"max_new_tokens": 4, "do_sample": False, "probes": [
             nt.probe(f"{FIRST}.mlp.mul", nt.Scale(1.5))]}),
     ]  # fmt: skip
-    calls = [lambda rm, op=op, x=x, kw=kw: getattr(rm, op)(x, **kw) for op, x, kw in requests]
+
+    def each(model, op, inputs, kwargs):  # a list of inputs: one request after another, the last one's answer
+        return [getattr(model, op)(x, **kwargs) for x in (inputs if isinstance(inputs, list) else [inputs])][-1]
+
+    calls = [lambda rm, op=op, x=x, kw=kw: each(rm, op, x, kw) for op, x, kw in requests]
     results, clients, ran = queued_behind_a_slow_request(server, tmp_path, calls)
     try:
         for (op, x, kw), result, client in zip(requests, results, clients):
             assert not isinstance(result, Exception), result
-            want = getattr(local, op)(x, **kw)  # alone, in one process
+            want = each(local, op, x, kw)  # alone, in one process
             if op == "forward":
                 close(result["logits"], want.logits)
             elif op == "backward":
@@ -413,8 +417,9 @@ def test_concurrent_requests_of_different_lengths_share_padded_passes_and_get_wh
     finally:
         for client in clients:
             client.close()
-    # the slow request; the forwards in one padded pass, the backwards in another, the generations in one
-    assert ran == {"requests": len(requests) + 1, "passes": 4, "padded_passes": 2}
+    # the slow request; the forwards in one padded pass, the backwards in another, the generations in one; then
+    # the first client's second forward, whose reductions add to what its first one saved in the shared pass
+    assert ran == {"requests": len(requests) + 2, "passes": 5, "padded_passes": 2}
 
 
 def test_a_probe_raising_on_rank_1_in_a_shared_pass_fails_its_request_alone(server, local, tmp_path):
