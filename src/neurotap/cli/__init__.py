@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-from ..errors import NeurotapError
+from ..errors import NeurotapError, UnknownPointError
 
 COMMANDS = ("demo", "points", "serve", "inspect", "collect", "export")
 
@@ -25,4 +25,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args) or 0
     except NeurotapError as error:  # a user's mistake: the message says what to do, a traceback would bury it
-        parser.exit(2, f"neurotap {args.command}: error: {error}\n")
+        parser.exit(2, f"neurotap {args.command}: error: {explained(error, getattr(args, 'model', None))}\n")
+
+
+def explained(error: NeurotapError, model: str | None) -> str:
+    """The error's message, naming the command that lists a model's points where it names the Python call."""
+    from ..points.pattern import LISTING
+
+    if isinstance(error, UnknownPointError) and model:
+        return str(error).replace(LISTING, f"List them with `neurotap points {model} PREFIX`.")
+    return str(error)

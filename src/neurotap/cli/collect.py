@@ -63,18 +63,22 @@ def _arguments(args: argparse.Namespace) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     from ..datasets import collect, parallel
-    from ..datasets.collect import check_seq_len, check_settings
+    from ..datasets.collect import check_points, check_seq_len, check_settings
     from ..errors import NeurotapError
+    from ..model.load import skeleton
+    from . import explained
 
     points = [p.strip() for p in args.points.split(",") if p.strip()]
     model = None
     distributed = parallel.launched_by_torchrun()
     try:
-        # a mistyped --out, an unreadable --data or a bad size should not cost a model load (or N) first
+        # a mistyped --out or point, an unreadable --data or a bad size should not cost a model load (or N) first
         check_settings(points, args.out, args.data, args.text_field, args.seq_len, args.batch, args.tokens,
                        args.dtype, args.shard_mb)  # fmt: skip
-        if args.server is None:
-            check_seq_len(args.seq_len, _config(args.model).get("max_position_embeddings"))
+        structure = skeleton(args.model) if args.server is None and not distributed else None
+        if structure is not None:  # the module tree without weights: its points and config
+            check_points(structure, points)
+            check_seq_len(args.seq_len, getattr(structure.module.config, "max_position_embeddings", None))
         if args.ranks != 1 and not distributed:
             return parallel.launch(_arguments(args), args.ranks)
         model, tokenizer = _model(args)
@@ -94,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
             progress=not args.quiet,
         )
     except NeurotapError as error:
-        print(f"neurotap collect: {error}", file=sys.stderr)
+        print(f"neurotap collect: {explained(error, args.model)}", file=sys.stderr)
         return 2
     finally:
         if args.server is not None and model is not None:
@@ -130,20 +134,6 @@ def _model(args: argparse.Namespace):
         # the server runs the model; only its tokenizer is needed here
         tokenizer = model_layer.load(args.model).tokenizer
     return remote, tokenizer
-
-
-def _config(name: str) -> dict:
-    """The model's config.json where it is already on disk (a folder, or the built-in model's cache); else {}."""
-    import json
-
-    from ..model.load import BUILTIN, cache_dir
-
-    path = (cache_dir() / name if name in BUILTIN else Path(name)) / "config.json"
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}  # loading the model reports what is wrong with it
-    return config if isinstance(config, dict) else {}
 
 
 def _tokenizer(folder: str):

@@ -13,11 +13,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..errors import UnknownPointError
     from ..model import load
 
-    try:
-        print(load(args.model).points(args.prefix))
-    except UnknownPointError as error:  # the message names the closest points; say how to list the others here
-        raise UnknownPointError(f"{error}; see them all with `neurotap points {args.model} PREFIX`") from None
+    print(load(args.model).points(args.prefix))
     return 0

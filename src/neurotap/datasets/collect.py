@@ -159,7 +159,7 @@ def prepare(
 ) -> Job:
     points = [points] if isinstance(points, str) else list(points)
     sources = check_settings(points, out, data, text_field, seq_len, batch_size, tokens, dtype, shard_mb)
-    points = _expanded(model, points)
+    points = check_points(model, points)
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     if tokenizer is None:
         raise DatasetError("collect needs a tokenizer: the model has none, so pass tokenizer=...")
@@ -278,15 +278,22 @@ def _max_positions(model: Any) -> Any:
     return facts.get("max_position_embeddings") if isinstance(facts, dict) else None
 
 
-def _expanded(model: Any, points: list[str]) -> list[str]:
-    """Patterns (``model.layers.*.output``) as the point names they match, in execution order."""
-    if not any(is_pattern(point) for point in points):
+def check_points(model: Any, points: list[str]) -> list[str]:
+    """The point names ``points`` stand for, patterns as their matches in execution order.
+
+    A local model's names are checked against its inventory, so that a name it lacks (or
+    a pattern that matches nothing) fails with the closest names before anything runs; a
+    remote model's server checks them itself.
+    """
+    local = isinstance(model, Model)
+    if not local and not any(is_pattern(point) for point in points):
         return points
     names = model.points().names()
+    known = set(names)
     expanded = []
     for point in points:
         found = matching(point, names) if is_pattern(point) else [point]
-        if not found:
+        if not found or (local and found[0] not in known):
             raise unknown_point(point, names)
         expanded.extend(found)
     return list(dict.fromkeys(expanded))
@@ -542,10 +549,7 @@ class _LocalRunner:
         self.points = points
         self.dtype = dtype
         self.sinks = {point: _Sink(point) for point in points}
-        order = {name: number for number, name in enumerate(model.points().names())}
-        missing = [p for p in points if p not in order]
-        if missing:
-            model.points(missing[0])  # raises UnknownPointError with close matches
+        order = {name: number for number, name in enumerate(model.points().names())}  # check_points knew them
         self.sinks[max(points, key=order.__getitem__)].stops = True
         config = getattr(model.module, "config", None)
         self.kwargs = {"use_cache": False} if getattr(config, "use_cache", None) is not None else {}

@@ -83,6 +83,35 @@ def load(
     return _load_hub(name, options)
 
 
+def skeleton(name_or_path: str | os.PathLike[str], *, attn_implementation: str = "eager") -> Model | None:
+    """The model's module tree built from its config on the ``meta`` device, wrapped: its points, no weights.
+
+    For checking point names before a load: no weight is read or allocated, and the
+    dry run on ``meta`` tensors sees the same points as one on the loaded model
+    (SmolLM2: about a second beyond the imports a load needs anyway). A GGUF file, the
+    built-in model included, is converted on its first use, since its config comes
+    with the copy. None where there is no local config (a Hub id), or where the
+    forward cannot run on ``meta`` tensors: the load reports those.
+    """
+    folder = local_folder(os.fspath(name_or_path))
+    if folder is None:
+        return None
+    import torch
+
+    transformers = _transformers()
+    config = transformers.AutoConfig.from_pretrained(folder)
+    model_class = _model_class(config)
+    build = getattr(model_class, "_from_config", None) or model_class.from_config  # a model class, or an Auto one
+    with torch.device("meta"):
+        module = build(config, attn_implementation=attn_implementation).eval()
+    model = wrap(module)
+    try:
+        model.inventory()
+    except Exception:  # noqa: BLE001 - code that needs real values (``.item()``): the real dry run will tell
+        return None
+    return model
+
+
 def local_folder(name: str) -> Path | None:
     """The model folder that ``name`` stands for here, converting a GGUF file on first use; None if none."""
     if name in BUILTIN:

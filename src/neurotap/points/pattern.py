@@ -22,6 +22,7 @@ from ..errors import UnknownPointError
 from .inventory import Inventory
 from .point import split_narrowing
 
+LISTING = "List them with model.points(prefix)."  # the command line says its own way instead
 _RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
 _MAX_RANGE = 1 << 16
 
@@ -141,4 +142,4 @@ def unknown_point(name: str, known: Iterable[str]) -> UnknownPointError:
     )
     hint = f"; closest: {', '.join(close)}" if close else ""
     what = "matches" if is_pattern(name) else "named"
-    return UnknownPointError(f"no point {what} {name!r} in this model{hint}. List them with model.points(prefix).")
+    return UnknownPointError(f"no point {what} {name!r} in this model{hint}. {LISTING}")
