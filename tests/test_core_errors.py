@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -509,6 +512,7 @@ PUBLIC = [
     "load",
     "plot",
     "probe",
+    "stop",
     "wrap",
 ]
 
@@ -522,3 +526,50 @@ def test_core_public_surface_is_the_documented_list() -> None:
     assert all(issubclass(error, nt.NeurotapError) for error in errors)
     assert issubclass(nt.SourceUnavailableWarning, UserWarning)
     assert issubclass(nt.MissedPointWarning, UserWarning)
+
+
+_SCRIPT = """
+import torch, neurotap as nt
+from transformers import LlamaConfig, LlamaForCausalLM
+config = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                     num_key_value_heads=1)
+m = nt.wrap(LlamaForCausalLM(config).eval())
+ids = torch.tensor([[1, 2, 3]])
+misfit = nt.Replace(torch.zeros(7))
+"""
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "says"),
+    [
+        ("m.forward(ids, probes=[nt.probe('model.layers.0.mlp.mul', misfit)])", "PatchError", "does not fit"),
+        ("with m.patch({'model.layers.1.mlp.mul': misfit}):\n    m.generate(ids, max_new_tokens=2)", "PatchError",
+         "does not fit"),
+        ("m.run(ids, record='model.layers.*.mlp.mull')", "UnknownPointError", "no point matches"),
+        ("with m.patch({'model.layers.0.mlp.mull': misfit}):\n    pass", "UnknownPointError", "no point named"),
+        ("m.backward(ids, loss=nt.LogitDiff(1, 2), probes=[nt.probe('args.labels', nt.Record())])", "MissedPointError",
+         "without reaching 'args.labels'"),
+        ("m.forward(ids, probes=[nt.probe('model.layers.0.mlp.mul', lambda ctx, value: 1 / 0)])", "ProbeError",
+         "raised ZeroDivisionError"),
+    ],
+)  # fmt: skip
+def test_core_an_error_in_user_code_is_on_top_of_a_short_traceback(tmp_path, call: str, error: str, says: str) -> None:
+    """Raised from the call the user made: the model's and the library's frames under it would bury the message."""
+    script = tmp_path / "user.py"
+    script.write_text(_SCRIPT + call + "\n")
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    printed = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and printed[-1].startswith(f"neurotap.errors.{error}: "), result.stderr[-3000:]
+    assert says in printed[-1]
+    frames = [line for line in printed if line.lstrip().startswith('File "')]
+    assert frames[-2].endswith(", in <module>") and str(script) in frames[-2], frames  # the user's own line
+    inside = [frame for frame in frames if f"{os.sep}neurotap{os.sep}" in frame]
+    assert len(inside) <= (2 if error == "ProbeError" else 1), frames  # a probe's own exception keeps its place
+
+
+def test_core_full_tracebacks_are_kept_on_request(tmp_path) -> None:
+    script = tmp_path / "user.py"
+    script.write_text(_SCRIPT + "m.forward(ids, probes=[nt.probe('model.layers.0.mlp.mul', misfit)])\n")
+    env = {**os.environ, "NEUROTAP_FULL_TRACEBACKS": "1"}
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env)
+    assert "neurotap.errors.PatchError: " in result.stderr and "in _fitted" in result.stderr  # where it was found

@@ -682,11 +682,19 @@ def test_launch_and_connect_starts_then_reuses(folder, tmp_path, monkeypatch, lo
         second.close()
         with pytest.raises(nt.NeurotapError, match="already serves"):
             nt.launch_and_connect("smollm2-135m", port=port)
+        first.close()
+        nt.stop(port)  # returns once the process has exited
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(first.url + "/health")
+        nt.stop(port)  # nothing serves there any more: nothing to do
     finally:
         first.close()
-        os.kill(pid, signal.SIGTERM)
         from neurotap.transport import client
 
+        for process in client._launched:
+            process.terminate()
         while client._launched:
             client._launched.pop().wait(30)
 

@@ -79,6 +79,7 @@ __all__ = [
     "load",
     "plot",
     "probe",
+    "stop",
     "wrap",
 ]
 
@@ -90,6 +91,7 @@ _LAZY = {
     "RemoteModel": "transport",
     "connect": "transport",
     "launch_and_connect": "transport",
+    "stop": "transport",
 }
 
 

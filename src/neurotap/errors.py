@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+import os
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+_Function = TypeVar("_Function", bound=Callable[..., Any])
+
 
 class NeurotapError(Exception):
     """Root of every error neurotap raises on purpose."""
@@ -39,3 +46,25 @@ class MissedPointWarning(UserWarning):
 
 class SourceUnavailableWarning(UserWarning):
     """A forward whose source cannot be rewritten: only its module points exist."""
+
+
+def raised_at_the_call(function: _Function) -> _Function:
+    """``function``, raising neurotap's errors from its own frame rather than from deep inside the forward.
+
+    A mistake such as a patch that does not fit is found inside the model's code, tens
+    of frames (torch's, the model's, neurotap's) below the user's call; the message
+    says everything, so those frames only bury it. ``NEUROTAP_FULL_TRACEBACKS=1``
+    keeps them, for work on neurotap itself. A chained cause (a probe's own
+    exception) stays as it was.
+    """
+
+    @functools.wraps(function)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(*args, **kwargs)
+        except NeurotapError as error:
+            if os.environ.get("NEUROTAP_FULL_TRACEBACKS"):
+                raise
+            raise error.with_traceback(None)  # noqa: B904 - the same error, without the frames under this one
+
+    return call  # type: ignore[return-value]

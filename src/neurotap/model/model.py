@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..errors import MissedPointError, MissedPointWarning, NeurotapError, UnknownPointError
+from ..errors import MissedPointError, MissedPointWarning, NeurotapError, UnknownPointError, raised_at_the_call
 from ..points import (
     Attachment,
     Inventory,
@@ -75,6 +75,7 @@ class Model:
 
     # -- points -----------------------------------------------------------------------------------
 
+    @raised_at_the_call
     def points(self, prefix: str | None = None) -> PointList:
         """Every probe point, in execution order; only those under ``prefix`` if given.
 
@@ -144,6 +145,7 @@ class Model:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.forward(*args, **kwargs)
 
+    @raised_at_the_call
     def forward(self, *args: Any, probes: Sequence[Probe] = (), stop_at: str | None = None, **kwargs: Any) -> Any:
         """The module's forward, with ``probes`` active for this call (and any patches).
 
@@ -153,6 +155,7 @@ class Model:
         """
         return self._run(self.module, args, kwargs, probes, stop_at)
 
+    @raised_at_the_call
     def generate(self, *args: Any, probes: Sequence[Probe] = (), **kwargs: Any) -> Any:
         """The module's ``generate``; probes and patches fire at every step (``ctx.step``)."""
         generate = getattr(self.module, "generate", None)
@@ -160,6 +163,7 @@ class Model:
             raise NeurotapError(f"{type(self.module).__name__} has no generate(); use forward()")
         return self._run(generate, args, kwargs, probes)
 
+    @raised_at_the_call
     def backward(
         self, *args: Any, loss: Loss | Callable[[Any], torch.Tensor], probes: Sequence[Probe] = (), **kwargs: Any
     ) -> float:
@@ -219,6 +223,7 @@ class Model:
                 parameter.grad = grad
         return output, value
 
+    @raised_at_the_call
     def run(
         self,
         *args: Any,
@@ -378,8 +383,8 @@ class Model:
         else:
             raise MissedPointError(message, tuple(points))
 
-    @contextlib.contextmanager
-    def patch(self, patches: PatchSpec, *, optional: bool = False) -> Iterator[Model]:
+    @raised_at_the_call
+    def patch(self, patches: PatchSpec, *, optional: bool = False) -> contextlib.AbstractContextManager[Model]:
         """Apply ``{point: patch or [patches]}`` to every forward inside the ``with`` block.
 
         Nested blocks compose: inner patches run after outer ones at the same
@@ -388,6 +393,11 @@ class Model:
         would with that probe, unless the block is ``optional``.
         """
         layer = patches_to_probes(patches, optional=optional)
+        Plan(layer, self.inventory(), {})  # an unknown point fails here, at the call, rather than inside contextlib
+        return self._patched(layer)
+
+    @contextlib.contextmanager
+    def _patched(self, layer: list[Probe]) -> Iterator[Model]:
         with self._lock:
             plan = Plan([p for lay in self._layers for p in lay] + layer, self.inventory(), self._contexts)
             self._detach()
@@ -421,6 +431,7 @@ class Model:
     def _missed_directly(self, points: list[str]) -> None:
         self._missed(points, generating=False, directly=True)
 
+    @raised_at_the_call
     def unembed(self, residual: torch.Tensor) -> torch.Tensor:
         """Logits of a residual-stream value ``[..., hidden]``: the model's final norm, then its output embeddings.
 
@@ -428,6 +439,7 @@ class Model:
         """
         return unembed(self, residual)
 
+    @raised_at_the_call
     def logit_lens(
         self, ids: Any, positions: int | Sequence[int] | None = -1, *, top: int = 5, token: int | str | None = None
     ) -> LogitLens:
