@@ -16,7 +16,7 @@ from test_datasets import LAYER0, tiny  # noqa: F401 - the tiny model folder
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "neurotap", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "neurotap", *args], capture_output=True, text=True, timeout=600)
 
 
 def test_an_unknown_model_is_a_clear_error(tmp_path):
