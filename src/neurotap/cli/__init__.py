@@ -7,7 +7,7 @@ import importlib
 
 from ..errors import NeurotapError, UnknownPointError
 
-COMMANDS = ("demo", "points", "serve", "inspect", "collect", "export")
+COMMANDS = ("demo", "points", "serve", "inspect", "collect", "export", "cache")
 
 
 def main(argv: list[str] | None = None) -> int:

