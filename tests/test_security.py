@@ -8,6 +8,7 @@ and gets exactly the local model's logits.
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -226,6 +227,43 @@ def test_sae_top_examples_are_bounded_before_the_pass(server, canary, local):
         local.clear_recordings()
         for key in ("sae_top_values", "sae_top_where", "sae_fired"):
             torch.testing.assert_close(rm.recordings()[point][key], expected[key])
+    assert_served(canary, local)
+
+
+def test_sae_dense_features_are_bounded_before_the_pass(server, canary, local):
+    d_in, d_sae, length = local.module.config.hidden_size, 4096, 32
+    generator = torch.Generator().manual_seed(1)
+    w_enc, w_dec = torch.randn(d_in, d_sae, generator=generator) * 0.1, torch.randn(d_sae, d_in, generator=generator)
+    b_enc, b_dec = torch.randn(d_sae, generator=generator) * 0.1, torch.zeros(d_in)
+    sae = nt.SAE(W_enc=w_enc, b_enc=b_enc, W_dec=w_dec * 0.1, b_dec=b_dec, record=False)
+    point = "model.layers.1.output"
+    with nt.connect(server.url, token=ALPHA) as rm:
+        # 256 tokens x 4,096 features, float32: 4 MiB per dense copy, over the server's 8 MiB with the rest
+        with pytest.raises(nt.NeurotapError, match=r"SAE features .*--max-request-memory") as caught:
+            rm.forward(ids(10, rows=8, length=length), probes=[nt.probe(point, sae)], outputs=[])
+        assert caught.value.status == 413
+        assert rm.recordings() == {}
+        fitting = int(re.search(r"at most (\d+) tokens", str(caught.value))[1])
+        assert 0 < fitting < 8 * length
+        tokens = ids(11, rows=fitting // length, length=length)  # as many whole rows as the server says fit
+        out = rm.forward(tokens, probes=[nt.probe(point, sae)], outputs=["logits"])
+
+        def reconstruct(_module, _args, value):  # the SAE by hand, on the unwrapped model
+            features = torch.relu((value - b_dec) @ w_enc + b_enc)
+            seen.append(features)
+            return features @ (w_dec * 0.1) + b_dec
+
+        seen: list[torch.Tensor] = []
+        hook = local.module.model.layers[1].register_forward_hook(reconstruct)
+        try:
+            with torch.no_grad():
+                expected = local.module(tokens).logits
+        finally:
+            hook.remove()
+        torch.testing.assert_close(out.logits, expected, rtol=1e-4, atol=1e-4)
+        saved = rm.recordings()[point]
+        assert saved["sae_tokens"] == tokens.numel()
+        torch.testing.assert_close(saved["sae_fired"], (seen[0] > 0).reshape(-1, d_sae).sum(0))
     assert_served(canary, local)
 
 

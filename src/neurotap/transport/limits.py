@@ -8,7 +8,9 @@ generation settings, token count or estimated activation memory are over them,
 with an error that says which setting to change. While a request
 runs, :func:`check_selection` bounds what a patch's ``index=`` selects and what
 a ``TopK`` keeps, before the patch allocates it; an ``SAE``'s top examples
-(``examples x d_sae``), known from the patch alone, are bounded before the pass.
+(``examples x d_sae``), known from the patch alone, are bounded before the pass,
+and its dense feature activations (``tokens x d_sae`` per call) count towards the
+request's memory estimate.
 
 The memory estimate is deliberately rough (activations of one layer at a time,
 attention scores, logits, the KV cache, the outputs asked for); it exists to
@@ -271,10 +273,22 @@ def check_request(request: RunRequest, limits: Limits, shape: ModelShape) -> int
                 "positions (max_position_embeddings)"
             )
     positions, memory = estimate(request, shape)
+    features = _sae_feature_bytes(request, positions)
+    memory += features
     if positions > limits.max_request_tokens:
         raise RequestTooCostlyError(
             f"this request computes {positions} positions (rows x tokens, beams and return sequences included); "
             f"this server takes {limits.max_request_tokens} per request (--max-request-tokens): split it"
+        )
+    if memory > limits.max_request_memory and features:
+        saes = [spec for spec in request.probes if isinstance(spec.fn, SAE)]
+        widths = " + ".join(f"{spec.fn.d_sae} at {spec.point!r}" for spec in saes[:3]) + (" + ..." if saes[3:] else "")
+        fitting = positions * limits.max_request_memory // memory  # fewer rows or shorter ones cost no more a token
+        raise RequestTooCostlyError(
+            f"this request's SAE features ({positions} tokens x {widths} features, dense in each call) would need, "
+            f"with its other activations, about {_size(memory)}; this server allows "
+            f"{_size(limits.max_request_memory)} per request (--max-request-memory): send at most {fitting} tokens "
+            "a request, or start the server with a larger --max-request-memory"
         )
     if memory > limits.max_request_memory:
         raise RequestTooCostlyError(
@@ -282,6 +296,16 @@ def check_request(request: RunRequest, limits: Limits, shape: ModelShape) -> int
             f"{_size(limits.max_request_memory)} per request (--max-request-memory): send fewer rows or tokens"
         )
     return memory
+
+
+def _sae_feature_bytes(request: RunRequest, positions: int) -> int:
+    """What the SAEs of a request hold at once in one call: pre-activations, features and their mask,
+    ``[tokens, d_sae]`` each, at most every position of the pass at once."""
+    total = 0
+    for spec in request.probes:
+        if isinstance(spec.fn, SAE):
+            total += positions * spec.fn.d_sae * (3 * spec.fn.W_enc.element_size() + 1)
+    return total
 
 
 # -- while a request runs ------------------------------------------------------------------------------
