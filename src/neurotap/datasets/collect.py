@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import inspect
 import json
 import os
@@ -95,15 +96,10 @@ def collect(
     an interruption and it carries on where the last complete shard ended.
     """
     job = prepare(
-        model, points, out, data, text_field, seq_len, batch_size, tokens, dtype, shard_mb, tokenizer, model_name
-    )
-    folder, runner, settings, documents, tokenizer = (
-        job.folder,
-        job.runner,
-        job.settings,
-        job.documents,
-        job.tokenizer,
-    )
+        model, tokenizer, model_name, points=points, out=out, data=data, text_field=text_field, seq_len=seq_len,
+        batch_size=batch_size, tokens=tokens, dtype=dtype, shard_mb=shard_mb,
+    )  # fmt: skip
+    folder, runner, settings, documents, tokenizer = job.folder, job.runner, job.settings, job.documents, job.tokenizer
     try:
         with _locked(folder):
             refuse_parallel_leftovers(folder)
@@ -143,43 +139,28 @@ class Job:
     sources: list[Source]
 
 
-def prepare(
-    model: Any,
-    points: Sequence[str] | str,
-    out: str | Path,
-    data: Any,
-    text_field: str,
-    seq_len: int,
-    batch_size: int,
-    tokens: int | None,
-    dtype: str,
-    shard_mb: float,
-    tokenizer: Any,
-    model_name: str | None,
-) -> Job:
-    points = [points] if isinstance(points, str) else list(points)
-    sources = check_settings(points, out, data, text_field, seq_len, batch_size, tokens, dtype, shard_mb)
-    points = check_points(model, points)
+def prepare(model: Any, tokenizer: Any = None, model_name: str | None = None, **arguments: Any) -> Job:
+    """:func:`collect`'s arguments (all but ``progress``; :func:`check_settings` names the rest), checked, and
+    what they give."""
+    if isinstance(arguments.get("points"), str):
+        arguments["points"] = [arguments["points"]]
+    sources = check_settings(**arguments)
+    points = check_points(model, list(arguments["points"]))
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     if tokenizer is None:
         raise DatasetError("collect needs a tokenizer: the model has none, so pass tokenizer=...")
-    folder = Path(out)
-    runner = _runner(model, points, dtype)  # before any folder is made: an unknown point leaves nothing behind
-    check_seq_len(seq_len, _max_positions(model))
+    runner = _runner(model, points, arguments["dtype"])  # before any folder is made: nothing left behind
+    check_seq_len(arguments["seq_len"], _max_positions(model))
     settings = {
         "model": model_name or _model_label(model),
         "points": points,
-        "dtype": dtype,
-        "seq_len": seq_len,
-        "batch_size": batch_size,
-        "tokens": tokens,
-        "shard_mb": shard_mb,
-        "text_field": text_field,
+        **{name: arguments[name] for name in ("dtype", "seq_len", "batch_size", "tokens", "shard_mb", "text_field")},
         "sources": [source.describe() for source in sources],
         "tokenizer": tokenizer_description(tokenizer),
     }
     settings = json.loads(json.dumps(settings))  # as the manifest will hold them: tuples become lists
-    return Job(folder, runner, settings, lambda: read_documents(sources, text_field), tokenizer, sources)
+    documents = functools.partial(read_documents, sources, arguments["text_field"])
+    return Job(Path(arguments["out"]), runner, settings, documents, tokenizer, sources)
 
 
 RANK_MANIFEST = re.compile(r"manifest\.rank-(\d+)\.json")
@@ -451,46 +432,73 @@ def _new_manifest(settings: dict[str, Any], shapes: dict[str, list[int]]) -> dic
 
 def _verify_listed_shards(folder: Path, manifest: dict[str, Any]) -> None:
     seen: set[tuple[int, int]] = set()
-    for number, shard in enumerate(manifest["shards"]):
-        path = folder / shard["file"]
-        if open_shard(folder, manifest, number, seen) is None:
+    for number, entry in enumerate(manifest["shards"]):
+        if not shard_intact(folder, manifest, entry, folder / MANIFEST, seen):
             # everything from here on is written again
             del manifest["shards"][number:]
             manifest["tokens"] = sum(s["tokens"] for s in manifest["shards"])
             manifest["complete"] = manifest["exhausted"] = False
             return
-        if sha256_file(path) != shard["sha256"]:
-            raise CorruptShardError(
-                f"shard {path} does not match the sha256 in the manifest: it was damaged. Delete it and run the "
-                "same command again to rewrite it and the shards after it"
-            )
+
+
+def shard_intact(
+    folder: Path, manifest: dict[str, Any], entry: dict[str, Any], listed_in: Path, seen: set[tuple[int, int]]
+) -> bool:
+    """Whether the shard ``entry`` (listed in ``listed_in``) is on disk as it records; False if it is missing.
+
+    ``seen`` gathers the files opened, as :func:`~.format.open_shard` has it.
+    """
+    view = {**manifest, "shards": [entry] * (entry["index"] + 1)}  # open_shard reads shards[index] only
+    if open_shard(folder, view, entry["index"], seen) is None:
+        return False
+    path = folder / entry["file"]
+    if sha256_file(path) != entry["sha256"]:
+        raise CorruptShardError(
+            f"shard {path} does not match the sha256 in {listed_in.name}: it was damaged. Delete it and run the "
+            "same command again to rewrite it and the shards after it"
+        )
+    return True
 
 
 def _resume(folder: Path, manifest: dict[str, Any], documents: Iterator[Document], tokenizer: Any) -> Packer:
-    """A packer at the end of the last listed shard, checked by packing that shard again.
+    """A packer at the end of the last listed shard (see :func:`packer_after`)."""
+    shards = manifest["shards"]
+    if not shards:
+        return Packer(documents, tokenizer, manifest["settings"]["seq_len"])
+    return packer_after(folder, manifest, shards[-1], documents, tokenizer, folder / MANIFEST, len(shards) - 1)
+
+
+def packer_after(
+    folder: Path,
+    manifest: dict[str, Any],
+    entry: dict[str, Any],
+    documents: Iterator[Document],
+    tokenizer: Any,
+    listed_in: Path,
+    position: int,
+) -> Packer:
+    """A packer at the end of the shard ``entry`` (``shards[position]`` of the manifest ``listed_in``), checked
+    by packing that shard again.
 
     Nothing else vouches for the ``start`` and ``end`` positions a restart carries on
     from; the shard's tokens (already checked against its sha256) and the position
     the packer reaches must come out as recorded.
     """
-    seq_len = manifest["settings"]["seq_len"]
-    if not manifest["shards"]:
-        return Packer(documents, tokenizer, seq_len)
-    index = len(manifest["shards"]) - 1
-    last = manifest["shards"][index]
-    packer = Packer(documents, tokenizer, seq_len, start=(last["start"]["document"], last["start"]["token"]))
-    packed = packer.take(last["sequences"])
-    stored = open_shard(folder, manifest, index, set()).array(TOKENS)
+    start = (entry["start"]["document"], entry["start"]["token"])
+    packer = Packer(documents, tokenizer, manifest["settings"]["seq_len"], start=start)
+    packed = packer.take(entry["sequences"])
+    view = {**manifest, "shards": [entry] * (entry["index"] + 1)}  # open_shard reads shards[index] only
+    stored = open_shard(folder, view, entry["index"], set()).array(TOKENS)
     end = {"document": packer.position[0], "token": packer.position[1]}
     if packed.tokens.size != stored.size or not np.array_equal(packed.tokens.reshape(-1), stored):
-        field, found, expected = f"shards[{index}].start", last["start"], "the position its tokens were packed from"
-    elif end != last["end"]:
-        field, found, expected = f"shards[{index}].end", last["end"], f"{end}, where packing its sequences ends"
+        field, found, expected = f"shards[{position}].start", entry["start"], "the position its tokens were packed from"
+    elif end != entry["end"]:
+        field, found, expected = f"shards[{position}].end", entry["end"], f"{end}, where packing its sequences ends"
     else:
         return packer
     raise CorruptDatasetError(
-        f"the manifest {folder / MANIFEST} is damaged or was edited: {field} is {found}, expected {expected}; a "
-        "resumed collection would repeat or skip text. Restore manifest.json, or collect again into a new folder"
+        f"the manifest {listed_in} is damaged or was edited: {field} is {found}, expected {expected}; a resumed "
+        f"collection would repeat or skip text. Restore {listed_in.name}, or collect again into a new folder"
     )
 
 

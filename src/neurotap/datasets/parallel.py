@@ -28,8 +28,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from .collect import (
     RANK_MANIFEST,
     _check_shapes,
@@ -41,19 +39,18 @@ from .collect import (
     _open_manifest,
     _verify_listed_shards,
     collect,
+    packer_after,
     prepare,
+    shard_intact,
 )
 from .corpus import Packer, estimate_tokens
 from .format import (
     FORMAT,
     FORMAT_VERSION,
-    TOKENS,
+    MANIFEST,
     CorruptDatasetError,
-    CorruptShardError,
     DatasetError,
-    open_shard,
     read_manifest,
-    sha256_file,
     write_atomic,
     write_manifest,
 )
@@ -108,9 +105,10 @@ def collect_rank(model: Any, points: Any, out: str | Path, **options: Any) -> Ac
     arguments.apply_defaults()
     settings = dict(arguments.arguments)
     progress = settings.pop("progress")
+    settings.pop("model")
     dist.init_process_group("gloo")
     try:
-        return _Rank(dist, dist.get_rank(), dist.get_world_size()).run(settings, progress)
+        return _Rank(dist, dist.get_rank(), dist.get_world_size()).run(model, settings, progress)
     finally:
         dist.destroy_process_group()
 
@@ -139,9 +137,9 @@ class _Rank:
         else:
             self.agree(None)
 
-    def run(self, settings: dict[str, Any], progress: bool) -> ActivationDataset | None:
+    def run(self, model: Any, settings: dict[str, Any], progress: bool) -> ActivationDataset | None:
         with self.step():
-            job = prepare(**settings)
+            job = prepare(model, **settings)
         folder = job.folder
         with contextlib.ExitStack() as stack:
             with self.step():
@@ -231,26 +229,13 @@ class _Work:
             index = entry.get("index") if isinstance(entry, dict) else None
             if not isinstance(index, int) or index % self.world_size != self.rank or index < listed:
                 raise CorruptDatasetError(f"{self.path} lists a shard that is not this rank's: {entry!r}")
-            if not self._intact(index, entry):
+            if not shard_intact(self.folder, self.manifest, entry, self.path, set()):
                 break  # it, and this rank's shards after it, are written again
             kept.append(entry)
         mine["shards"] = kept
         mine["exhausted"] = bool(mine.get("exhausted")) and len(kept) == len(mine.get("shards", kept))
         self._clear_leftovers({entry["index"] for entry in kept}, listed)
         return mine
-
-    def _intact(self, index: int, entry: dict[str, Any]) -> bool:
-        """Whether this rank's shard ``index`` is on disk as its entry records (False if missing)."""
-        view = {**self.manifest, "shards": [entry] * (index + 1)}  # open_shard reads only shards[index]
-        if open_shard(self.folder, view, index, set()) is None:
-            return False
-        path = self.folder / entry["file"]
-        if sha256_file(path) != entry["sha256"]:
-            raise CorruptShardError(
-                f"shard {path} does not match the sha256 in {self.path.name}: it was damaged. Delete it and run the "
-                "same command again to rewrite it"
-            )
-        return True
 
     def _clear_leftovers(self, kept: set[int], listed: int) -> None:
         for path in self.folder.iterdir():
@@ -269,23 +254,13 @@ class _Work:
 
     def _packer(self) -> tuple[Packer, int]:
         """A packer where this rank carries on, and the shard index it stands at."""
-        shards = self.manifest["shards"] + sorted(self.mine["shards"], key=lambda e: e["index"])
-        documents = self.job.documents()
-        if not shards:
-            return Packer(documents, self.job.tokenizer, self.seq_len), 0
-        last = max(shards, key=lambda e: e["index"])
-        packer = Packer(
-            documents, self.job.tokenizer, self.seq_len, start=(last["start"]["document"], last["start"]["token"])
-        )
-        packed = packer.take(last["sequences"])
-        view = {**self.manifest, "shards": [last] * (last["index"] + 1)}
-        stored = open_shard(self.folder, view, last["index"], set()).array(TOKENS)
-        end = {"document": packer.position[0], "token": packer.position[1]}
-        if not np.array_equal(packed.tokens.reshape(-1), stored) or end != last["end"]:
-            raise CorruptDatasetError(
-                f"shard {last['file']} does not repack to what its manifest entry records; a resumed collection "
-                "would repeat or skip text. Delete the rank manifests and collect again into a new folder"
-            )
+        job = self.job
+        listed = [(entry, self.folder / MANIFEST, n) for n, entry in enumerate(self.manifest["shards"])]
+        listed += [(entry, self.path, n) for n, entry in enumerate(self.mine["shards"])]
+        if not listed:
+            return Packer(job.documents(), job.tokenizer, self.seq_len), 0
+        last, where, position = max(listed, key=lambda found: found[0]["index"])
+        packer = packer_after(self.folder, self.manifest, last, job.documents(), job.tokenizer, where, position)
         return packer, last["index"] + 1
 
     def _share(self) -> int:
