@@ -14,7 +14,6 @@ mask, the rotary tables) runs on every rank, each computing it for its layers.
 from __future__ import annotations
 
 import json
-import re
 import resource
 from dataclasses import dataclass
 from pathlib import Path
@@ -412,7 +411,7 @@ def point_owners(inventory: Any, split: Split, rank: int) -> tuple[list[Any], li
     points, between = [], {}
     for position, name in enumerate(names):
         point = inventory.points[name]
-        owner = _owner(point, split)
+        owner = split.part_owner(point.module)
         if owner is None and not _under(point.module, split.layout.layers):
             if position > last:
                 owner = split.last
@@ -427,7 +426,7 @@ def point_owners(inventory: Any, split: Split, rank: int) -> tuple[list[Any], li
     for name, point in inventory.static.items():
         if name in inventory.points:
             continue
-        owner = _owner(point, split)
+        owner = split.part_owner(point.module)
         if owner is None or owner == rank:
             static.append(point)
     return points, static, between
@@ -435,15 +434,3 @@ def point_owners(inventory: Any, split: Split, rank: int) -> tuple[list[Any], li
 
 def _under(path: str, prefix: str) -> bool:
     return path == prefix or path.startswith(prefix + ".")
-
-
-def _owner(point: Any, split: Split) -> int | None:
-    owner = split.part_owner(point.module)
-    if owner is None and point.kind == "op" and len(point.scope) == 1:
-        # the call site of a part (``self.embed_tokens(...)``, ``self.lm_head(...)``) holds that part's output
-        site = _REPEAT.sub("", point.scope[0])
-        owner = split.part_owner(f"{point.module}.{site}" if point.module else site)
-    return owner
-
-
-_REPEAT = re.compile(r"_\d+$")
