@@ -26,6 +26,7 @@ import datetime
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -98,6 +99,7 @@ class _Rank:
         self.model: Model = wrap(self.stage.module)
         self.stage.module.register_forward_pre_hook(self.pipe.new_step, prepend=True)
         self._take_inventory()
+        self.liveness = self.pipe.liveness = Liveness(self.rank, self.world)
         self.executor = _StageExecutor(self)
 
     # -- inventory ---------------------------------------------------------------------------------
@@ -155,8 +157,13 @@ class _Rank:
             dist.all_gather_object(everyone, mine, group=self.data)
         except RuntimeError as error:
             rank = failure.rank if isinstance(failure, RankFailedError) else None
-            raise RankFailedError(rank, _first_line(error)) from error
+            raise self.liveness.declare(RankFailedError(rank, _first_line(error))) from error
         return everyone
+
+    def end_silent_neighbours(self, rank_timeout: float) -> None:
+        """After a failure: kill the ranks of this machine that went silent (hung or stopped ranks end only so)."""
+        silent = set(self.liveness.silent(after=max(3.0, rank_timeout / 2)))
+        end_ranks({rank: pid for rank, pid in self.neighbours.items() if rank in silent})
 
     def owners_of(self, name: str) -> tuple[str, list[int]]:
         """The raw point name a probe's point names and the ranks that run it."""
@@ -621,7 +628,9 @@ class ShardedExecutor(Executor):
         self.failed: RankFailedError | None = None
         self.on_failure = on_failure
         self._seed = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
-        self.liveness = Liveness(0, self.local.world)
+        self.liveness = self.local.liveness
+        self._recording = threading.Lock()
+        self.liveness.start(lambda error: self._record(error or RankFailedError(None, "the rendezvous store is gone")))
         # every transfer times out, the wait for the next command included: while idle, rank 0 sends a
         # no-op often enough that the others never time out and that a hung rank is found within the timeout
         self._lock = threading.RLock()
@@ -657,13 +666,11 @@ class ShardedExecutor(Executor):
             self._fail(RankFailedError(None, _first_line(error)))
 
     def _record(self, error: RankFailedError) -> None:
-        """The first rank failure ends the server; a rank that went silent is the one named."""
-        if self.failed is not None:
-            return
-        silent = self.liveness.silent()
-        if silent and error.rank not in silent:
-            error = RankFailedError(silent[0], "it stopped answering")
-        self.failed = error
+        """The first rank failure ends the server; every rank names the one declared first (``Liveness``)."""
+        with self._recording:
+            if self.failed is not None:
+                return
+            self.failed = error = self.liveness.declare(error)
         if self.on_failure is not None:
             self.on_failure(error, dict(self.local.neighbours))
 
@@ -807,8 +814,8 @@ class ShardedExecutor(Executor):
             if self.failed is None:
                 try:
                     _broadcast(("stop",), self.local.data)
-                except RuntimeError:
-                    pass
+                except RuntimeError as error:  # the others learn it from the store and end
+                    self.liveness.declare(RankFailedError(None, _first_line(error)))
 
 
 def _unavailable(error: RankFailedError) -> ErrorInfo:
@@ -827,14 +834,23 @@ def follow(
         max_total_bytes=max_total_bytes,
         rank_timeout=rank_timeout,
     )
-    liveness = Liveness(local.rank, local.world)
+
+    def leave(error: RankFailedError | None) -> None:
+        # a failure declared by any rank ends this one at once, even in the middle of a transfer that would
+        # only time out; with the launcher's store gone, so is rank 0's machine
+        local.end_silent_neighbours(rank_timeout)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+
+    local.liveness.start(leave)
     while True:
         try:
             command = _broadcast(None, local.data)
-        except RuntimeError:
+        except RuntimeError as error:
             # rank 0 is gone, or stopped sending even its no-ops: a rank 0 that hangs would hold the launcher up
-            silent = set(liveness.silent(after=rank_timeout / 2))
-            end_ranks({rank: pid for rank, pid in local.neighbours.items() if rank in silent})
+            local.liveness.declare(RankFailedError(0, _first_line(error)))
+            local.end_silent_neighbours(rank_timeout)
             return 1
         kind = command[0]
         try:
@@ -858,7 +874,10 @@ def follow(
                 local.clear(command[1])
             elif kind == "parameter":
                 dist.gather_object(local.parameter(command[1]), None, dst=0, group=local.data)
-        except (RankFailedError, RuntimeError):
+        except (RankFailedError, RuntimeError) as error:
+            if isinstance(error, RuntimeError):  # a gather of rank 0's: a RankFailedError is declared already
+                local.liveness.declare(RankFailedError(None, _first_line(error)))
+            local.end_silent_neighbours(rank_timeout)
             return 1
 
 

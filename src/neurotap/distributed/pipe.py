@@ -16,8 +16,11 @@ So a pass ends on every rank, and every rank then learns what happened.
 
 from __future__ import annotations
 
+import json
+import os
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -42,6 +45,7 @@ class RankFailedError(ExecutorFailedError):
             "the server is shutting down (restart it)"
         )
         self.rank = rank
+        self.detail = detail
 
 
 class Aborted(NeurotapError):
@@ -63,6 +67,7 @@ class Pipe(Link):
         self.sent: torch.Tensor | None = None
         # seconds spent sending, and waiting for what other ranks send (their compute included), since the start
         self.seconds = {"send": 0.0, "receive": 0.0}
+        self.liveness: Liveness | None = None  # where a failed transfer is declared to every rank
 
     # -- a pass ------------------------------------------------------------------------------------
 
@@ -258,32 +263,51 @@ class Pipe(Link):
         try:
             run()
         except RuntimeError as error:  # gloo: the peer closed the connection, or the group's timeout passed
-            raise RankFailedError(peer, _first_line(error)) from error
+            failure = RankFailedError(peer, _first_line(error))
+            raise (self.liveness.declare(failure) if self.liveness is not None else failure) from error
         finally:
             self.seconds[kind] += time.perf_counter() - start
 
 
 class Liveness:
-    """Each rank stamps the time into the rendezvous store every second, so that rank 0 can name a rank
-    that stopped answering (a timeout alone says only that some transfer did not finish)."""
+    """Each rank stamps the time into the rendezvous store every second, so that a rank that stopped answering
+    can be named (a timeout alone says only that some transfer did not finish), and the first rank to see a
+    failure writes it there, so that every rank learns of it within a second, even one blocked in a transfer.
+    """
 
     def __init__(self, rank: int, world: int, interval: float = 1.0) -> None:
         self.rank, self.world, self.interval = rank, world, interval
+        # a launcher that restarts the ranks (torchrun --max-restarts) keeps its store: each start has its own keys
+        self._prefix = f"neurotap/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+        self._failed = self._prefix + "failed"
         try:
             self.store = dist.distributed_c10d._get_default_store()
         except (AttributeError, RuntimeError, ValueError):
             self.store = None  # naming a hung rank is then left to the transfer that timed out
-            return
-        threading.Thread(target=self._beat, name="neurotap-liveness", daemon=True).start()
+
+    def start(self, on_failure: Callable[[RankFailedError | None], None]) -> None:
+        """Beat from now on; once any rank declares a failure, ``on_failure(error)`` runs on the beating
+        thread, and ``on_failure(None)`` if the store itself goes (with the launcher that started rank 0)."""
+        if self.store is not None:
+            threading.Thread(target=self._beat, args=(on_failure,), name="neurotap-liveness", daemon=True).start()
 
     def _key(self, rank: int) -> str:
-        return f"neurotap/alive/{rank}"
+        return f"{self._prefix}alive/{rank}"
 
-    def _beat(self) -> None:
+    def _beat(self, on_failure: Callable[[RankFailedError | None], None]) -> None:
+        misses = 0
         while True:
             try:
                 self.store.set(self._key(self.rank), repr(time.time()))
-            except Exception:  # the store went away with the launcher: nothing left to tell
+                declared = self.declared()
+                misses = 0
+            except Exception:
+                declared, misses = None, misses + 1
+                if misses == 3:
+                    on_failure(None)
+                    return
+            if declared is not None:
+                on_failure(declared)
                 return
             time.sleep(self.interval)
 
@@ -302,6 +326,32 @@ class Liveness:
             except Exception:
                 return []
         return silent
+
+    def declare(self, error: RankFailedError) -> RankFailedError:
+        """Tell every rank that the server failed; the failure they all name (the first declared, and a rank
+        that went silent rather than the one a transfer happened to time out on)."""
+        silent = self.silent()
+        if silent and error.rank not in silent:
+            error = RankFailedError(silent[0], "it stopped answering")
+        if self.store is None:
+            return error
+        mine = json.dumps({"rank": error.rank, "detail": error.detail})
+        try:
+            first = self.store.compare_set(self._failed, "", mine)
+            return _failure_of(first)
+        except Exception:
+            return error
+
+    def declared(self) -> RankFailedError | None:
+        """The failure a rank declared, if any."""
+        if self.store is None or not self.store.check([self._failed]):
+            return None
+        return _failure_of(self.store.get(self._failed))
+
+
+def _failure_of(declared: bytes) -> RankFailedError:
+    facts = json.loads(declared)
+    return RankFailedError(facts["rank"], facts["detail"])
 
 
 def _header(status: int, failed: int | None, tensor: torch.Tensor | None) -> torch.Tensor:
