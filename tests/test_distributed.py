@@ -711,7 +711,153 @@ def test_gpt2_over_three_ranks_equals_one_process(tmp_path):
             got, want = remote.recordings(), local_recordings(local)
             close(got["transformer.h.0.output.grad"]["record"][0], want["transformer.h.0.output.grad"]["record"][0])
     finally:
-        assert server.stop() == 0, "".join(server.log)
+        stop_cleanly(server)
+
+
+def stop_cleanly(server: serving.Server) -> None:
+    """SIGTERM: rank 0 finishes, tells the others to stop, and every process exits 0, within seconds."""
+    started = time.monotonic()
+    code = server.stop()
+    assert code == 0, "".join(server.log)
+    assert time.monotonic() - started < EXIT_WITHIN
+
+
+def test_a_hub_id_is_served_from_the_hugging_face_cache_and_a_missing_one_refused_before_any_rank(
+    folder, local, tmp_path, monkeypatch
+):
+    import shutil
+    import subprocess
+
+    repo = tmp_path / "hf" / "hub" / "models--tiny-org--tiny-deep"  # the layout huggingface_hub writes
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(folder, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+
+    started = time.monotonic()
+    refused = subprocess.run(
+        [sys.executable, "-c", serving.LAUNCH, "serve", "tiny-org/never-downloaded", "--ranks", "2"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert refused.returncode == 2, refused.stderr
+    assert "'tiny-org/never-downloaded'" in refused.stderr and "not in the local cache" in refused.stderr
+    assert str(tmp_path / "hf" / "hub") in refused.stderr
+    assert "[rank" not in refused.stderr and time.monotonic() - started < 60  # refused before any rank started
+
+    server = Server(Path("tiny-org/tiny-deep"), 2)
+    try:
+        with nt.connect(server.url) as remote:
+            assert [row["layers"] for row in remote.info()["ranks"]] == [[0, 2], [2, 4]]
+            x = ids(31)
+            probes = [nt.probe(f"{LAST}.mlp.mul", nt.Record())]
+            close(remote.forward(x, probes=probes)["logits"], local.forward(x, probes=probes).logits)
+            close(
+                remote.recordings()[f"{LAST}.mlp.mul"]["record"][0],
+                local_recordings(local)[f"{LAST}.mlp.mul"]["record"][0],
+            )
+    finally:
+        stop_cleanly(server)
+
+
+def test_collect_through_a_sharded_server_equals_a_local_collection(folder, local, tmp_path):
+    from neurotap.cli import main
+    from neurotap.datasets import ActivationDataset, collect
+
+    points = [f"{FIRST}.mlp.mul", f"{LAST}.output"]  # one on each rank
+    sizes = dict(seq_len=16, batch_size=4, tokens=600, shard_mb=0.05)
+    server = Server(folder, 2)
+    try:
+        options = ["--seq-len", "16", "--batch", "4", "--tokens", "600", "--shard-mb", "0.05", "--quiet"]
+        out = tmp_path / "remote"
+        assert main(["collect", "--model", str(folder), "--server", server.url, "--points", ",".join(points),
+                     "--out", str(out), *options]) == 0  # fmt: skip
+    finally:
+        stop_cleanly(server)
+    remote = ActivationDataset(out)
+    here = collect(local, points, tmp_path / "local", progress=False, **sizes)
+    assert remote.num_shards == here.num_shards > 2
+    assert torch.equal(remote.read("tokens"), here.read("tokens"))
+    for point in points:
+        torch.testing.assert_close(remote.read(point), here.read(point), rtol=1e-5, atol=1e-6)
+
+
+def test_under_torchrun_the_options_that_set_ranks_or_devices_are_refused(folder):
+    import subprocess
+
+    torchrun = {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(serving.free_port())}
+    refused = subprocess.run(
+        [sys.executable, "-m", "neurotap.serve", str(folder), "--ranks", "2", "--device-map", "auto"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **torchrun},
+    )
+    assert refused.returncode == 2
+    assert "under torchrun" in refused.stderr and "leave out --ranks, --device-map" in refused.stderr
+
+
+@pytest.mark.slow
+def test_torchrun_on_two_nodes_serves_as_two_ranks_do_and_one_node_lost_ends_the_other(folder, local):
+    import subprocess
+
+    rendezvous, port = serving.free_port(), serving.free_port()
+    node = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+        "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{rendezvous}", "--local-addr", "127.0.0.1",
+        "-m", "neurotap.serve", str(folder), "--port", str(port), "--rank-timeout", str(RANK_TIMEOUT),
+    ]  # fmt: skip
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo", "PYTHONUNBUFFERED": "1"}
+    nodes = [
+        subprocess.Popen(node, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        for _ in range(2)
+    ]
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline and all(n.poll() is None for n in nodes), "the two nodes did not start"
+            time.sleep(0.5)
+        with nt.connect(url) as remote:
+            ranks = remote.info()["ranks"]
+            assert [row["layers"] for row in ranks] == [[0, 2], [2, 4]]
+            x = ids(32)
+            probes = [nt.probe(f"{FIRST}.mlp.mul", nt.Record()), nt.probe(f"{LAST}.output", nt.Record())]
+            close(remote.forward(x, probes=probes)["logits"], local.forward(x, probes=probes).logits)
+            recorded, expected = remote.recordings(), local_recordings(local)
+            for name in (f"{FIRST}.mlp.mul", f"{LAST}.output"):
+                close(recorded[name]["record"][0], expected[name]["record"][0])
+        # rank 0's machine dies: its launcher and rank 0 at once; the other node's processes must end by themselves
+        rank0 = ranks[0]["pid"]
+        first = next(n for n in nodes if _parent(rank0) == n.pid)
+        other = next(n for n in nodes if n is not first)
+        rank1 = ranks[1]["pid"]
+        lost = time.monotonic()
+        first.kill()
+        os.kill(rank0, signal.SIGKILL)
+        assert other.wait(timeout=RANK_TIMEOUT + EXIT_WITHIN) != 0
+        print(f"the other node exited {time.monotonic() - lost:.1f} s after rank 0's was lost")
+        with pytest.raises(ProcessLookupError):
+            os.kill(rank1, 0)
+    finally:
+        for n in nodes:
+            if n.poll() is None:
+                os.killpg(n.pid, signal.SIGKILL)
+                n.wait()
+
+
+def _parent(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as stat:
+        return int(stat.read().rsplit(")", 1)[1].split()[1])
 
 
 FAMILIES = {  # tiny configs of the other supported layouts; 4 layers, split 2 + 2

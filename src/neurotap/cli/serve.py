@@ -213,9 +213,19 @@ def settings_of(args: argparse.Namespace, tokens: list[str]):
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..datasets.parallel import launched_by_torchrun
     from ..errors import NeurotapError
     from ..transport.server import is_loopback, read_tokens
 
+    if launched_by_torchrun():  # this process is one rank of a sharded server, started by torchrun or --ranks
+        options = {"--ranks": args.ranks != 1, "--device-map": args.device_map, "--dataset": args.dataset}
+        if any(options.values()):
+            given = ", ".join(option for option, value in options.items() if value)
+            print(f"neurotap serve: under torchrun, its options set the ranks; leave out {given}", file=sys.stderr)
+            return 2
+        from ..distributed.launch import run_rank
+
+        return run_rank(args)
     try:
         tokens = read_tokens(args.token_file) if args.token_file else []
         if not is_loopback(args.host) and not tokens:

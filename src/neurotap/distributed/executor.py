@@ -581,12 +581,11 @@ def _merged(output: Any, parts: list[dict[str, Any]], op: str) -> Any:
 
 
 def resolve_folder(name: str) -> Any:
-    """The model folder for a name ``nt.load`` takes: a built-in model's cached copy, or the folder itself."""
-    from pathlib import Path
+    """The model folder for a name ``nt.load`` takes: a built-in model's cached copy, a Hub model's snapshot in
+    the Hugging Face cache, or the folder itself."""
+    from ..model.load import model_folder
 
-    from ..model.load import local_folder
-
-    return local_folder(name) or Path(name)
+    return model_folder(name)
 
 
 # -- commands ----------------------------------------------------------------------------------------

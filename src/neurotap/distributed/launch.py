@@ -1,9 +1,11 @@
-"""Starting a sharded server: ``neurotap serve MODEL --ranks N`` and the entry every rank runs.
+"""Starting a sharded server: ``neurotap serve MODEL --ranks N`` and what every rank runs.
 
 ``launch`` starts torch's elastic agent (the launcher behind ``torchrun``) on this
-machine with N workers, each running ``python -m neurotap.distributed`` with the
-same options; under ``torchrun`` that module is started directly. Rank 0 serves
-HTTP; the others follow its commands.
+machine with N workers, each running ``python -m neurotap.serve`` with the same
+options; ``torchrun ... -m neurotap.serve`` starts them directly, on as many
+machines as it is told. A ``serve`` started by either (``RANK``, ``WORLD_SIZE``
+and the rendezvous address in its environment) is one rank (``run_rank``): rank 0
+serves HTTP, the others follow its commands.
 """
 
 from __future__ import annotations
@@ -56,12 +58,17 @@ def launch(args: argparse.Namespace) -> int:
     """Run ``args.ranks`` ranks on this machine under torch's elastic agent, then exit with the server's status."""
     from torch.distributed.launcher.api import LaunchConfig
 
+    from ..model.load import local_folder
     from .executor import resolve_folder
     from .stages import check_folder
 
     try:
-        # a built-in model is converted once here, not by every rank at once
-        check_folder(resolve_folder(args.model))
+        # a built-in model is converted once here, and a Hub model found in the cache (or downloaded) once, not
+        # by every rank at once; the ranks then read the folder
+        folder = resolve_folder(args.model)
+        check_folder(folder)
+        if local_folder(args.model) is None:  # a Hub id: the ranks read the snapshot found here
+            args.model = str(folder)
     except NeurotapError as error:
         print(f"neurotap serve: {error}", file=sys.stderr)
         return 2
@@ -95,7 +102,7 @@ def _run(config: Any, args: argparse.Namespace) -> int:
     from torch.distributed.launcher.api import elastic_launch
 
     try:
-        elastic_launch(config, sys.executable)("-m", "neurotap.distributed", *_argv(args))
+        elastic_launch(config, sys.executable)("-m", "neurotap.serve", *_argv(args))
     except ChildFailedError as error:
         failed = ", ".join(
             f"rank {rank} (exit code {failure.exitcode})" for rank, failure in sorted(error.failures.items())
@@ -107,32 +114,38 @@ def _run(config: Any, args: argparse.Namespace) -> int:
     return 0
 
 
-def rank_main(argv: list[str] | None = None) -> int:
-    """What each rank runs (``python -m neurotap.distributed MODEL [serve options]``, under torchrun)."""
+def run_rank(args: argparse.Namespace) -> int:
+    """One rank of a sharded server, started by ``launch`` or by torchrun; ends the process."""
+    code = _rank(args)
+    # the rank's work is done; tearing torch.distributed down would only wait for the rendezvous store several
+    # seconds, and the launcher (or a supervisor) waits for this exit
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _rank(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
-    args = _parser().parse_args(["serve", *(sys.argv[1:] if argv is None else argv)])
     # the default group only sets the ranks up (loading may take long); requests use one with --rank-timeout
     dist.init_process_group("gloo", timeout=datetime.timedelta(hours=1))
-    try:
-        if dist.get_rank() == 0:
-            return _serve(args)
-        # the launcher forwards SIGTERM to every rank at once; rank 0 finishes its requests and then says stop
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        from ..cli.serve import settings_of
-        from .executor import follow
+    if dist.get_rank() == 0:
+        return _serve(args)
+    # the launcher forwards SIGTERM to every rank at once; rank 0 finishes its requests and then says stop
+    # (after a failure, every rank ends by itself: see Liveness)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from ..cli.serve import settings_of
+    from .executor import follow
 
-        return follow(
-            args.model,
-            allow_code=args.allow_code,
-            limits=settings_of(args, []).limits,
-            max_session_bytes=args.max_session_bytes,
-            max_total_bytes=args.max_total_bytes,
-            rank_timeout=args.rank_timeout,
-        )
-    finally:
-        sys.stdout.flush()
+    return follow(
+        args.model,
+        allow_code=args.allow_code,
+        limits=settings_of(args, []).limits,
+        max_session_bytes=args.max_session_bytes,
+        max_total_bytes=args.max_total_bytes,
+        rank_timeout=args.rank_timeout,
+    )
 
 
 def _serve(args: argparse.Namespace) -> int:

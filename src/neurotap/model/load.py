@@ -125,6 +125,38 @@ def local_folder(name: str) -> Path | None:
     return None
 
 
+def model_folder(name: str) -> Path:
+    """The folder of files that ``name`` (anything ``nt.load`` takes) stands for, for code that reads the files
+    itself (each rank of a sharded server reads its own tensors): a Hub id's snapshot in the Hugging Face cache,
+    downloaded first where the Hub can be reached."""
+    folder = local_folder(name)
+    if folder is not None:
+        return folder
+    if Path(name).exists() or not _is_hub_id(name):
+        return Path(name)  # what is wrong with it is said by whoever reads it
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return Path(snapshot_download(name, allow_patterns=_MODEL_FILES))
+    except LocalEntryNotFoundError as error:
+        raise NeurotapError(
+            f"{name!r} is no folder or file here, and as a Hugging Face Hub model it is not in the local cache "
+            f"({_hub_cache()}) and the Hub cannot be reached (offline, or HF_HUB_OFFLINE is set); pass a local "
+            "folder that holds the model instead (save_pretrained() or `hf download` on a machine with access "
+            "writes one)"
+        ) from error
+    except RepositoryNotFoundError as error:
+        raise NeurotapError(
+            f"{name!r} is not a model on the Hugging Face Hub (no such repository), and no such folder or file "
+            "exists here"
+        ) from error
+
+
+# what a model folder needs: the config, safetensors weights and their index, and the tokenizer's files
+_MODEL_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]
+
+
 def _load_folder(folder: Path, options: dict[str, Any]) -> Model:
     transformers = _transformers()
     config = transformers.AutoConfig.from_pretrained(folder)
