@@ -224,3 +224,21 @@ def test_neurotap_cache_lists_replaces_and_clears_gguf_copies(tiny, tmp_path, mo
     assert main(["cache", "--clear", f"gguf/{second.name}"]) == 0
     assert capsys.readouterr().out.startswith(f"deleted gguf/{second.name} (")
     assert not second.exists() and listed() == [f"no converted models in {tmp_path / 'cache'}"]
+
+
+def test_a_gated_hub_model_says_so_and_how_to_get_access(monkeypatch):
+    # offline, no real gated repository can be reached: the Hub client's own error is raised where it would be
+    import httpx
+    import huggingface_hub
+    from huggingface_hub.errors import GatedRepoError
+
+    import neurotap as nt
+
+    def gated(repo_id, filename, **_):
+        response = httpx.Response(403, request=httpx.Request("GET", f"https://huggingface.co/{repo_id}/{filename}"))
+        raise GatedRepoError("Access to model meta-llama/Llama-3.2-1B is restricted.", response=response)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", gated)
+    with pytest.raises(nt.NeurotapError, match="is a gated model on the Hugging Face Hub") as refused:
+        nt.load("meta-llama/Llama-3.2-1B")
+    assert "https://huggingface.co/meta-llama/Llama-3.2-1B" in str(refused.value) and "HF_TOKEN" in str(refused.value)

@@ -169,13 +169,24 @@ def _load_hub(repo_id: str, options: dict[str, Any]) -> Model:
     """A Hub model through ``from_pretrained``; the config is fetched first, so a miss costs nothing."""
     transformers = _transformers()
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
 
     revision = options.pop("revision", None)
     try:
         hf_hub_download(repo_id, "config.json", revision=revision)
     except LocalEntryNotFoundError as error:
         raise NeurotapError(_not_reachable(repo_id)) from error
+    except GatedRepoError as error:  # before RepositoryNotFoundError, which it subclasses
+        raise NeurotapError(
+            f"{repo_id!r} is a gated model on the Hugging Face Hub: ask for access on "
+            f"https://huggingface.co/{repo_id}, "
+            "then log in on this machine (`hf auth login`, or set HF_TOKEN to a token of that account)"
+        ) from error
     except (RepositoryNotFoundError, EntryNotFoundError) as error:
         raise NeurotapError(
             f"{repo_id!r} is not a model on the Hugging Face Hub (no such repository, or no config.json in it), "
