@@ -320,8 +320,11 @@ class Model:
                 with managed_call():
                     result = call(*args, **kwargs)
             else:
-                every = (*(p for layer in self._layers for p in layer), *probes)
-                plan = self._plan(every, self.inventory(args, kwargs))
+                every = (*(p for layer in self._layers for p in layer), *probes) if self._layers else tuple(probes)
+                inventory = self._inventory
+                if inventory is None or not inventory.ran:
+                    inventory = self.inventory(args, kwargs)
+                plan = self._plan(every, inventory)
                 once = call is self.module  # one root forward: start it here rather than from a hook on the root
                 self._detach()
                 try:

@@ -7,12 +7,11 @@ probes.
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import copy
 import dataclasses
 import functools
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -68,13 +67,17 @@ def stopping_probe(point: str) -> Probe:
 _managed_calls = 0
 
 
-@contextlib.contextmanager
-def managed_call() -> Iterator[None]:
-    global _managed_calls
-    _managed_calls += 1
-    try:
-        yield
-    finally:
+class managed_call:
+    """``with managed_call():`` around a call made through an ``nt.Model``."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        global _managed_calls
+        _managed_calls += 1
+
+    def __exit__(self, *_: Any) -> None:
+        global _managed_calls
         _managed_calls -= 1
 
 
@@ -151,7 +154,7 @@ def _check_replacement(point: str, original: Any, result: Any) -> None:
 class BoundProbe:
     """A probe with its save context and the narrowing of its point name."""
 
-    __slots__ = ("fn", "ctx", "keys", "grad", "point", "optional")
+    __slots__ = ("fn", "ctx", "keys", "grad", "point", "optional", "trusted")
 
     def __init__(self, probe: Probe, ctx: SaveContext, keys: tuple) -> None:
         self.fn = probe.fn
@@ -160,6 +163,7 @@ class BoundProbe:
         self.grad = probe.grad
         self.point = probe.point
         self.optional = probe.optional
+        self.trusted = type(probe.fn) in _SAVE_NOTHING  # these return a tensor of the value's shape and dtype
 
     def _call(self, value: Any, call: int, step: int, ctx: SaveContext | None = None) -> Any:
         ctx = self.ctx if ctx is None else ctx
@@ -170,10 +174,13 @@ class BoundProbe:
         except _PASS_THROUGH:
             raise
         except Exception as error:
-            raise ProbeError(
-                f"the probe {getattr(self.fn, '__name__', type(self.fn).__name__)} at {self.point!r} "
-                f"(call {call}, step {step}) raised {type(error).__name__}: {error}"
-            ) from error
+            raise self.failed(error, call, step) from error
+
+    def failed(self, error: Exception, call: int, step: int) -> ProbeError:
+        return ProbeError(
+            f"the probe {getattr(self.fn, '__name__', type(self.fn).__name__)} at {self.point!r} "
+            f"(call {call}, step {step}) raised {type(error).__name__}: {error}"
+        )
 
     def apply(self, value: Any, call: int, step: int, ctx: SaveContext | None = None) -> Any:
         """The value with this probe applied; ``ctx`` stands in for the probe's own save context if given."""
@@ -186,7 +193,8 @@ class BoundProbe:
         result = self._call(target, call, step, ctx)
         if result is None or result is target:
             return value
-        _check_replacement(self.point, target, result)
+        if not self.trusted:
+            _check_replacement(self.point, target, result)
         return _replace(value, self.keys, result) if self.keys else result
 
     def _hook_gradient(self, target: Any, call: int, step: int) -> Any:
@@ -224,7 +232,7 @@ GRADIENT_TARGETS: contextvars.ContextVar[list[torch.Tensor] | None] = contextvar
 class Tap:
     """Everything bound at one point, called with the value each time it fires."""
 
-    __slots__ = ("point", "bound", "state", "calls", "forward_id")
+    __slots__ = ("point", "bound", "state", "calls", "forward_id", "plain")
 
     def __init__(self, point: Point, state: RunState) -> None:
         self.point = point
@@ -232,6 +240,12 @@ class Tap:
         self.state = state
         self.calls = 0
         self.forward_id = -1
+        self.plain: BoundProbe | None = None  # the one probe, when it reads or edits the whole value
+
+    def bound_all(self) -> None:
+        """Called once every probe is bound."""
+        only = self.bound[0] if len(self.bound) == 1 else None
+        self.plain = only if only is not None and not only.keys and not only.grad else None
 
     def __call__(self, value: Any) -> Any:
         if _replays:
@@ -244,6 +258,22 @@ class Tap:
         self.calls = call + 1
         if state.region is not None:
             return state.region.fire(self, value, call, state.step)
+        if self.plain is not None:  # one probe on the whole value, no gradient: the common case, inlined
+            bound = self.plain
+            ctx = bound.ctx
+            object.__setattr__(ctx, "call", call)
+            object.__setattr__(ctx, "step", state.step)
+            try:
+                result = bound.fn(ctx, value)
+            except _PASS_THROUGH:
+                raise
+            except Exception as error:
+                raise bound.failed(error, call, state.step) from error
+            if result is None or result is value:
+                return value
+            if not bound.trusted:
+                _check_replacement(bound.point, value, result)
+            return result
         for bound in self.bound:
             value = bound.apply(value, call, state.step)
         return value
@@ -354,22 +384,41 @@ def attach_taps(
     attachment: Attachment, taps: Iterable[tuple[Point, Any]], modules: Mapping[str, torch.nn.Module]
 ) -> None:
     """Put each ``(point, fire)`` on the module tree: hooks for module points, frames for op points."""
+    hooks, frames = split_taps(taps)
+    attach_split(attachment, hooks, frames, modules)
+
+
+def split_taps(taps: Iterable[tuple[Point, Any]]) -> tuple[list[tuple[Point, Any]], dict[str, Frame]]:
+    """The module-point taps, and the op-point taps gathered into one frame per module path."""
+    hooks = []
     frames: dict[str, Frame] = {}
     for point, fire in taps:
+        if point.kind in ("input", "output", "argument"):
+            hooks.append((point, fire))
+            continue
+        frame = frames.get(point.module)
+        if frame is None:
+            frame = frames[point.module] = Frame()
+        for site in point.scope[:-1]:
+            frame = frame.children.setdefault(site, Frame())
+        frame.taps[point.scope[-1]] = fire
+    return hooks, frames
+
+
+def attach_split(
+    attachment: Attachment,
+    hooks: list[tuple[Point, Any]],
+    frames: dict[str, Frame],
+    modules: Mapping[str, torch.nn.Module],
+) -> None:
+    for point, fire in hooks:
         module = modules[point.module]
         if point.kind == "input":
             attachment.on_input(module, fire)
         elif point.kind == "output":
             attachment.on_output(module, fire)
-        elif point.kind == "argument":
-            attachment.on_argument(module, point.scope[0], fire)
         else:
-            frame = frames.get(point.module)
-            if frame is None:
-                frame = frames[point.module] = Frame()
-            for site in point.scope[:-1]:
-                frame = frame.children.setdefault(site, Frame())
-            frame.taps[point.scope[-1]] = fire
+            attachment.on_argument(module, point.scope[0], fire)
     for path, frame in frames.items():
         if not attachment.on_ops(modules[path], frame):
             where = path or "the root module"
@@ -448,7 +497,9 @@ class Plan:
         self.skips: dict[str, _Skipping] = {}  # module path -> what runs in place of its forward
         self.bases: dict[str, str] = {}  # each probe's point name -> the raw point it resolved to
         self._held: list[tuple[Tap, dict[str, Any], torch.Tensor]] = []  # parameters and buffers patched
-        self._above_taps: tuple[str, ...] | None = None  # the modules that contain a tapped one
+        self._above_taps: tuple[tuple[str, dict], ...] | None = None  # the modules that contain a tapped one
+        # what attach puts where, worked out on the first attach: taps on tensors, hooks, one frame per module
+        self._split: tuple[list[Tap], list[tuple[Point, Tap]], dict[str, Frame]] | None = None
         for probe in expand_probes(probes, inventory):
             try:
                 base, keys = split_narrowing(probe.point)
@@ -472,6 +523,8 @@ class Plan:
             if base not in self.taps:
                 self.taps[base] = Tap(point, self.state)
             self.taps[base].bound.append(BoundProbe(probe, ctx, keys))
+        for tap in self.taps.values():
+            tap.bound_all()
 
     def missed(self, since: int, stopped_at: str | None = None, inventory: Inventory | None = None) -> list[str]:
         """The points, as the probes name them, that no forward after forward number ``since`` reached.
@@ -479,9 +532,17 @@ class Plan:
         A forward that stopped at ``stopped_at`` is expected to have reached only
         the points that the dry run saw before it.
         """
-        order = {name: number for number, name in enumerate(inventory.points)} if stopped_at and inventory else {}
-        end = order.get(stopped_at, -1) if stopped_at else None
         names: dict[str, None] = {}
+        if not stopped_at:
+            for tap in self.taps.values():
+                if tap.forward_id <= since:
+                    names.update((bound.point, None) for bound in tap.bound if not bound.optional)
+            for skipping in self.skips.values():
+                if skipping.forward_id <= since and not skipping.bound[0].optional:
+                    names[skipping.bound[0].point] = None
+            return list(names)
+        order = {name: number for number, name in enumerate(inventory.points)} if inventory else {}
+        end = order.get(stopped_at, -1)
         for tap in (*self.taps.values(), *self.skips.values()):
             if end is not None and order.get(tap.point.name, end) >= end:
                 continue
@@ -504,21 +565,21 @@ class Plan:
         calls in a ``patch`` block). Without it, for a caller that runs the root
         exactly once, nothing is put on the root for that; the caller calls ``start_forward``.
         """
+        if self._split is None:
+            on_tensors = [tap for tap in self.taps.values() if tap.point.kind in _TENSOR_KINDS]
+            others = [(tap.point, tap) for tap in self.taps.values() if tap.point.kind not in _TENSOR_KINDS]
+            self._split = (on_tensors, *split_taps(others))
+        on_tensors, hooks, frames = self._split
         attachment = Attachment()
         try:
-            held = [
-                (tap, *attachment.hold_tensor(modules[tap.point.module], tap.point.scope[0]))
-                for tap in self.taps.values()
-                if tap.point.kind in _TENSOR_KINDS
-            ]
+            held = [(tap, *attachment.hold_tensor(modules[tap.point.module], tap.point.scope[0])) for tap in on_tensors]
             self._held = held
             if hooked and held:
                 attachment.before_forward(root, self.start_forward)
                 attachment.after_forward(root, functools.partial(_put_back, held))
             elif hooked:
                 attachment.before_forward(root, self.state.new_forward)
-            taps = [(tap.point, tap) for tap in self.taps.values() if tap.point.kind not in _TENSOR_KINDS]
-            attach_taps(attachment, taps, modules)
+            attach_split(attachment, hooks, frames, modules)
             for path, skipping in self.skips.items():
                 skipping.keyword = first_parameter(modules[path])
                 attachment.skip(modules[path], skipping)
@@ -554,10 +615,9 @@ class Plan:
             for tap in self.taps.values():
                 parts = tap.point.module.split(".") if tap.point.module else []
                 layers.update(".".join(parts[:depth]) for depth in range(len(parts)))
-            self._above_taps = tuple(layers)
-        for path in self._above_taps:
-            module = modules[path]
-            own = module.__dict__
+            self._above_taps = tuple((path, modules[path].__dict__) for path in layers)
+        for path, own in self._above_taps:
             if own.get("gradient_checkpointing") is True and "_gradient_checkpointing_func" in own:
+                module = modules[path]
                 wrapped = functools.partial(_checkpoint_region, self, modules, own["_gradient_checkpointing_func"])
                 attachment.swap(module, "_gradient_checkpointing_func", wrapped)

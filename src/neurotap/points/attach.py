@@ -24,11 +24,18 @@ from .rewrite import FRAME_ATTR, TappedFunction, defining_class, expandable, pus
 Fire = Callable[[Any], Any]
 
 
+_tapped_forwards: dict[tuple[type, Any], TappedFunction | None] = {}
+
+
 def tapped_forward(module: torch.nn.Module) -> TappedFunction | None:
     cls = type(module)
-    if cls.__module__.partition(".")[0] == "torch":
-        return None  # torch's own layers: their inputs and outputs are the points
-    return tapped(cls.forward, "method", defining_class(cls, "forward"))
+    key = (cls, cls.forward)  # the class's forward as it is now: code may have replaced it since
+    if key not in _tapped_forwards:
+        if cls.__module__.partition(".")[0] == "torch":
+            _tapped_forwards[key] = None  # torch's own layers: their inputs and outputs are the points
+        else:
+            _tapped_forwards[key] = tapped(cls.forward, "method", defining_class(cls, "forward"))
+    return _tapped_forwards[key]
 
 
 def forward_replaced(module: torch.nn.Module) -> bool:
@@ -363,32 +370,36 @@ class Attachment:
     def detach(self) -> None:
         for handle in self._handles:
             handle.remove()
-        for module, name, previous in reversed(self._swapped):  # a skip goes on after a tapped forward
-            if previous is _MISSING:
-                module.__dict__.pop(name, None)
-            else:
-                module.__dict__[name] = previous
-        for module, slot, previous_forward, previous_frame in reversed(self._tapped_modules):
-            for name, previous in ((FRAME_ATTR, previous_frame), (slot, previous_forward)):
-                if previous is None:
+        if self._swapped:
+            for module, name, previous in reversed(self._swapped):  # a skip goes on after a tapped forward
+                if previous is _MISSING:
                     module.__dict__.pop(name, None)
                 else:
                     module.__dict__[name] = previous
-        for table, name, original in reversed(self._held):
-            table[name] = original
-        for module, name in self._remembered:
-            pristine = module.__dict__.get(_PRISTINE, {})
-            pristine.pop(name, None)
-            if not pristine:
-                module.__dict__.pop(_PRISTINE, None)
+            self._swapped.clear()
+        if self._tapped_modules:
+            for module, slot, previous_forward, previous_frame in reversed(self._tapped_modules):
+                for name, previous in ((FRAME_ATTR, previous_frame), (slot, previous_forward)):
+                    if previous is None:
+                        module.__dict__.pop(name, None)
+                    else:
+                        module.__dict__[name] = previous
+            self._tapped_modules.clear()
+        if self._held:
+            for table, name, original in reversed(self._held):
+                table[name] = original
+            self._held.clear()
+        if self._remembered:
+            for module, name in self._remembered:
+                pristine = module.__dict__.get(_PRISTINE, {})
+                pristine.pop(name, None)
+                if not pristine:
+                    module.__dict__.pop(_PRISTINE, None)
+            self._remembered.clear()
         for module, previous in reversed(self._claimed.values()):
             if previous is None:
                 module.__dict__.pop(_REDUCE, None)
             else:
                 module.__dict__[_REDUCE] = previous
         self._handles.clear()
-        self._tapped_modules.clear()
         self._claimed.clear()
-        self._remembered.clear()
-        self._swapped.clear()
-        self._held.clear()
