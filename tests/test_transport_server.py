@@ -683,12 +683,15 @@ def test_launch_and_connect_starts_then_reuses(folder, tmp_path, monkeypatch, lo
         with pytest.raises(nt.NeurotapError, match="already serves"):
             nt.launch_and_connect("smollm2-135m", port=port)
         first.close()
-        nt.stop(port)  # returns once the process has exited
+        nt.stop("another-model")  # a model nothing here serves: nothing to do
+        assert httpx.get(first.url + "/health").json()["pid"] == pid
+        nt.stop(str(folder))  # by the name it was launched with; returns once the process has exited
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
         with pytest.raises(httpx.ConnectError):
             httpx.get(first.url + "/health")
         nt.stop(port)  # nothing serves there any more: nothing to do
+        nt.stop(str(folder))
     finally:
         first.close()
         from neurotap.transport import client

@@ -484,17 +484,35 @@ def _terminate(pid: Any, url: str, timeout: float) -> None:
     raise NeurotapError(f"the server at {url} (pid {pid}) did not stop within {timeout:g} s")
 
 
-def stop(port: int = 8000, *, token: str | None = None, timeout: float = 60.0) -> None:
-    """Stop the ``neurotap serve`` process on 127.0.0.1:``port`` (one ``launch_and_connect`` started, say)."""
+def stop(server: int | str = 8000, *, token: str | None = None, timeout: float = 60.0) -> None:
+    """Stop a ``neurotap serve`` process on this machine, returning once it has exited.
+
+    ``server`` is its port on 127.0.0.1, or the model name a ``launch_and_connect``
+    started it with (every such server of that model is stopped). Nothing serving
+    there is nothing to do.
+    """
+    if isinstance(server, str):
+        from ..model.load import cache_dir
+
+        for log in sorted(cache_dir().glob("serve-*.log")):  # launch_and_connect's, one per port
+            port = log.stem.removeprefix("serve-")
+            if port.isdigit() and (_health(int(port), token) or {}).get("model") == server:
+                stop(int(port), token=token, timeout=timeout)
+        return
+    health = _health(server, token)
+    if health is not None:
+        _terminate(health.get("pid"), f"http://127.0.0.1:{server}", timeout)
+
+
+def _health(port: int, token: str | None) -> dict[str, Any] | None:
+    """What the server on 127.0.0.1:``port`` says of itself, or None when nothing answers there."""
     import httpx
 
-    url = f"http://127.0.0.1:{port}"
     headers = {PROTOCOL_HEADER: str(PROTOCOL), **({"Authorization": f"Bearer {token}"} if token else {})}
     try:
-        health = httpx.get(url + "/health", headers=headers, timeout=5.0).json()
+        return httpx.get(f"http://127.0.0.1:{port}/health", headers=headers, timeout=5.0).json()
     except (httpx.HTTPError, ValueError):
-        return  # nothing serves there
-    _terminate(health.get("pid"), url, timeout)
+        return None
 
 
 def launch_and_connect(
@@ -552,7 +570,7 @@ def launch_and_connect(
         _launched.append(process)  # it outlives this call on purpose; keep the handle
         print(
             f"neurotap: starting `neurotap serve {model}` on {url} (log: {logfile}); it stops after "
-            f"{idle_timeout:g} s without requests (idle_timeout=...), or with rm.shutdown() or nt.stop({port})",
+            f"{idle_timeout:g} s without requests (idle_timeout=...), or with rm.shutdown() or nt.stop({model!r})",
             file=sys.stderr,
             flush=True,
         )
