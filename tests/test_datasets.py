@@ -471,6 +471,14 @@ def test_patterns_collect_every_match_in_layer_order(model: nt.Model, tmp_path: 
     assert not (tmp_path / "q").exists()
 
 
+def test_aliases_and_their_patterns_collect_what_their_points_hold(model: nt.Model, tmp_path: Path) -> None:
+    ds = collect(model, ["blocks.*.resid_post"], tmp_path / "a", seq_len=16, tokens=64, progress=False)
+    assert ds.points == ["blocks.0.resid_post", "blocks.1.resid_post"]
+    raw = collect(model, ["model.layers.{0..1}.output"], tmp_path / "r", seq_len=16, tokens=64, progress=False)
+    for layer in range(2):
+        assert torch.equal(ds.read(f"blocks.{layer}.resid_post"), raw.read(f"model.layers.{layer}.output"))
+
+
 def test_running_out_of_data_ends_the_collection_early(
     model: nt.Model, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

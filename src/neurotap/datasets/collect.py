@@ -24,7 +24,7 @@ import torch
 
 from ..errors import NeurotapError
 from ..model import Model
-from ..points import is_pattern, matching, unknown_point
+from ..points import is_pattern, matching, ordered_names, unknown_point
 from ..probes import Record, probe
 from .corpus import (
     Document,
@@ -269,7 +269,7 @@ def check_points(model: Any, points: list[str]) -> list[str]:
     local = isinstance(model, Model)
     if not local and not any(is_pattern(point) for point in points):
         return points
-    names = model.points().names()
+    names = ordered_names(model.inventory()) if local else model.points().names()  # aliases too, locally
     known = set(names)
     expanded = []
     for point in points:
@@ -557,7 +557,7 @@ class _LocalRunner:
         self.points = points
         self.dtype = dtype
         self.sinks = {point: _Sink(point) for point in points}
-        order = {name: number for number, name in enumerate(model.points().names())}  # check_points knew them
+        order = {name: number for number, name in enumerate(ordered_names(model.inventory()))}  # check_points knew them
         self.sinks[max(points, key=order.__getitem__)].stops = True
         config = getattr(model.module, "config", None)
         self.kwargs = {"use_cache": False} if getattr(config, "use_cache", None) is not None else {}
