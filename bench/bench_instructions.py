@@ -1,0 +1,120 @@
+"""Per-call overhead counted in CPU instructions under callgrind, so a loaded machine cannot blur it.
+
+    python bench/bench_instructions.py [--calls 5]      # needs valgrind (apt-get install valgrind)
+
+Timings on a shared machine drift with its load (bench/bench_core.py says how much); the
+number of instructions a call executes does not. This runs bench_core's tiny-Llama tasks
+(2 x 16 tokens, one thread) under ``valgrind --tool=callgrind``, counting only while each
+variant runs, and prints for each task the instructions a call adds over the plain
+forward: hand-written torch hooks against neurotap, and their ratio (the goal is at most
+1.15). Instructions are not time (a cache miss costs more than an add), so confirm a
+change with bench_core on a quiet machine; but a change that removes instructions from
+the per-call path shows here at once and exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import neurotap as nt  # noqa: E402
+from bench_core import TASKS, probes_for, tiny_llama, with_hooks  # noqa: E402
+
+CHILD = "NEUROTAP_INSTRUCTIONS_CHILD"
+
+
+def variants() -> dict[str, object]:
+    torch.set_num_threads(1)
+    module = tiny_llama()
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    m = nt.wrap(module)
+    m.points()
+    layers = len(module.model.layers)
+    store: list = []
+
+    def hooks(task: str):
+        def call() -> None:
+            store.clear()
+            with_hooks(module, task, lambda: module(ids), store)
+
+        return call
+
+    def neurotap(task: str):
+        probes = probes_for(task, layers)
+
+        def call() -> None:
+            m.forward(ids, probes=probes)
+            m.clear_recordings()
+
+        return call
+
+    found = {"plain": lambda: module(ids)}
+    for task in TASKS:
+        found[f"hooks {task}"] = hooks(task)
+        found[f"neurotap {task}"] = neurotap(task)
+    return found
+
+
+def child(calls: int) -> None:
+    def control(*args: str) -> None:
+        subprocess.run(["callgrind_control", *args, str(os.getpid())], capture_output=True, check=True)
+
+    with torch.no_grad():
+        found = variants()
+        for call in found.values():
+            for _ in range(3):  # warm: rewritten sources, plan caches, allocator
+                call()
+        control("--zero")
+        for name, call in found.items():
+            control("--instr=on")
+            for _ in range(calls):
+                call()
+            control("--instr=off")
+            control(f"--dump={name.replace(' ', '_')}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calls", type=int, default=5, help="calls counted per variant")
+    args = parser.parse_args()
+    if os.environ.get(CHILD):
+        child(args.calls)
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        command = [
+            "valgrind",
+            "--tool=callgrind",
+            "--instr-atstart=no",
+            f"--callgrind-out-file={folder}/counts.%p",
+            sys.executable,
+            __file__,
+            "--calls",
+            str(args.calls),
+        ]
+        done = subprocess.run(command, env={**os.environ, CHILD: "1"}, capture_output=True, text=True)
+        if done.returncode != 0:
+            sys.exit(f"valgrind failed ({done.returncode}):\n{done.stderr[-3000:]}")
+        per_call = {}
+        for dump in Path(folder).glob("counts.*.*"):
+            text = dump.read_text()
+            name = next(line for line in text.splitlines() if line.startswith("desc: Trigger")).rsplit(" ", 1)[-1]
+            total = int(next(line for line in text.splitlines() if line.startswith("totals:")).split()[1])
+            per_call[name.replace("_", " ")] = total / args.calls
+    plain = per_call["plain"]
+    print(f"tiny Llama, 2 x 16 tokens: the plain forward executes {plain / 1e3:,.0f} k instructions")
+    print(f"{'task':<40} {'hand hooks add':>15} {'neurotap adds':>15} {'ratio':>7}")
+    for task, what in TASKS.items():
+        hooks = per_call[f"hooks {task}"] - plain
+        ours = per_call[f"neurotap {task}"] - plain
+        print(f"{what:<40} {hooks / 1e3:>13,.0f} k {ours / 1e3:>13,.0f} k {ours / hooks:>6.2f}x")
+
+
+if __name__ == "__main__":
+    main()
