@@ -74,44 +74,77 @@ _GPT_NEOX = Family(
     },
     top={"embed": "embed_in.output", "ln_final": "final_layer_norm.output", "logits": "/lm_head.output"},
 )
-_BERT_LIKE = Family(  # BERT, RoBERTa, XLM-RoBERTa, ELECTRA: post-norm, so the stream is read after each LayerNorm
+
+
+def _post_norm_encoder(
+    *,
+    bases: tuple[str, ...],
+    stack: str,
+    attention: str,
+    q: str,
+    k: str,
+    v: str,
+    attention_out: str,
+    attention_norm: str,
+    mlp_in: str,
+    activation: str,
+    mlp_out: str,
+) -> Family:
+    """An encoder block in BERT's post-norm order, from the paths of its parts under the layer.
+
+    The block is ``attention -> LayerNorm(attention out + stream) -> mlp -> LayerNorm(mlp out + stream)``,
+    so the stream is read after each LayerNorm: ``resid_mid`` is the attention LayerNorm's output,
+    ``resid_post`` the block's (its output LayerNorm's), which is the next block's ``resid_pre``.
+    ``attn.out`` and ``mlp.out`` are the two projections before their residual sums.
+    """
+    return Family(
+        bases=bases,
+        stack=stack,
+        marker=f"{attention}.{q}.input",
+        per_layer={
+            "resid_pre": "input",
+            "attn.q": f"{attention}.{q}.output",
+            "attn.k": f"{attention}.{k}.output",
+            "attn.v": f"{attention}.{v}.output",
+            "attn.pattern": f"{attention}.attention_interface.softmax",
+            "attn.out": f"{attention_out}.output",
+            "resid_mid": f"{attention_norm}.output",
+            "mlp.pre": f"{mlp_in}.output",
+            "mlp.post": f"{activation}.output",
+            "mlp.out": f"{mlp_out}.output",
+            "resid_post": "output",
+        },
+        top={"embed": "embeddings.word_embeddings.output", "pos_embed": "embeddings.position_embeddings.output"},
+    )
+
+
+_BERT_LIKE = _post_norm_encoder(  # BERT, RoBERTa, XLM-RoBERTa, ELECTRA
     bases=("bert.", "roberta.", "electra.", ""),
     stack="encoder.layer",
-    marker="attention.self.input",
-    per_layer={
-        "resid_pre": "input",
-        "resid_mid": "attention.output.output",
-        "resid_post": "output",
-        "attn.q": "attention.self.query.output",
-        "attn.k": "attention.self.key.output",
-        "attn.v": "attention.self.value.output",
-        "attn.pattern": "attention.self.attention_interface.softmax",
-        "attn.out": "attention.output.dense.output",
-        "mlp.pre": "intermediate.dense.output",
-        "mlp.post": "intermediate.output",
-        "mlp.out": "output.dense.output",
-    },
-    top={"embed": "embeddings.word_embeddings.output", "pos_embed": "embeddings.position_embeddings.output"},
+    attention="attention.self",
+    q="query",
+    k="key",
+    v="value",
+    attention_out="attention.output.dense",
+    attention_norm="attention.output",  # BertSelfOutput returns LayerNorm(dense(attention) + stream)
+    mlp_in="intermediate.dense",
+    activation="intermediate",  # BertIntermediate returns the activation of its dense layer
+    mlp_out="output.dense",
 )
-_DISTILBERT = Family(
+_DISTILBERT = _post_norm_encoder(
     bases=("distilbert.", ""),
     stack="transformer.layer",
-    marker="attention.q_lin.input",
-    per_layer={
-        "resid_pre": "input",
-        "resid_mid": "sa_layer_norm.output",
-        "resid_post": "output",
-        "attn.q": "attention.q_lin.output",
-        "attn.k": "attention.k_lin.output",
-        "attn.v": "attention.v_lin.output",
-        "attn.pattern": "attention.attention_interface.softmax",
-        "attn.out": "attention.out_lin.output",
-        "mlp.pre": "ffn.lin1.output",
-        "mlp.post": "ffn.activation.output",
-        "mlp.out": "ffn.lin2.output",
-    },
-    top={"embed": "embeddings.word_embeddings.output", "pos_embed": "embeddings.position_embeddings.output"},
+    attention="attention",
+    q="q_lin",
+    k="k_lin",
+    v="v_lin",
+    attention_out="attention.out_lin",
+    attention_norm="sa_layer_norm",
+    mlp_in="ffn.lin1",
+    activation="ffn.activation",
+    mlp_out="ffn.lin2",
 )
+
 FAMILIES = (_GPT_NEOX, _GPT2, _LLAMA_LIKE, _BERT_LIKE, _DISTILBERT)
 
 
