@@ -551,6 +551,13 @@ misfit = nt.Replace(torch.zeros(7))
          "without reaching 'args.labels'"),
         ("m.forward(ids, probes=[nt.probe('model.layers.0.mlp.mul', lambda ctx, value: 1 / 0)])", "ProbeError",
          "raised ZeroDivisionError"),
+        ("with m.patch({'model.layers.0.mlp.mul': misfit}):\n    m.module(ids)", "PatchError", "does not fit"),
+        ("with m.patch({'model.layers.1.mlp.mul': nt.Custom(lambda ctx, value: 1 / 0)}):\n    m.module(ids)",
+         "ProbeError", "raised ZeroDivisionError"),
+        ("nt.experiments.activation_patching(m, ids, ids, nt.LogitDiff(1, 2), ['model.layers.0.mlp.mull'])",
+         "UnknownPointError", "no point named"),
+        ("nt.experiments.causal_trace(m, ids, [0], 3, points=['model.layers.0.output'], samples=2, batch=0)",
+         "NeurotapError", "batch (rows per forward) must be a positive integer"),
     ],
 )  # fmt: skip
 def test_core_an_error_in_user_code_is_on_top_of_a_short_traceback(tmp_path, call: str, error: str, says: str) -> None:
@@ -567,9 +574,16 @@ def test_core_an_error_in_user_code_is_on_top_of_a_short_traceback(tmp_path, cal
     assert len(inside) <= (2 if error == "ProbeError" else 1), frames  # a probe's own exception keeps its place
 
 
-def test_core_full_tracebacks_are_kept_on_request(tmp_path) -> None:
+@pytest.mark.parametrize(
+    "call",
+    [
+        "m.forward(ids, probes=[nt.probe('model.layers.0.mlp.mul', misfit)])",
+        "with m.patch({'model.layers.0.mlp.mul': misfit}):\n    m.module(ids)",
+    ],
+)
+def test_core_full_tracebacks_are_kept_on_request(tmp_path, call: str) -> None:
     script = tmp_path / "user.py"
-    script.write_text(_SCRIPT + "m.forward(ids, probes=[nt.probe('model.layers.0.mlp.mul', misfit)])\n")
+    script.write_text(_SCRIPT + call + "\n")
     env = {**os.environ, "NEUROTAP_FULL_TRACEBACKS": "1"}
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env)
     assert "neurotap.errors.PatchError: " in result.stderr and "in _fitted" in result.stderr  # where it was found

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 
 import httpx
@@ -243,6 +244,24 @@ def test_get_parameter(remote, local):
     same(remote.get_parameter(name), local.get_parameter(name))
     with pytest.raises(nt.UnknownPointError):
         remote.get_parameter("model.nope.weight")
+
+
+def test_errors_from_the_server_are_raised_from_the_call_the_user_made(remote, monkeypatch):
+    """The client's frames under the user's call would bury the server's message, as the library's do locally."""
+    misfit = [nt.probe(MUL, nt.Replace(torch.zeros(7)))]
+    for call in (lambda: remote.forward(ids(1), probes=misfit), lambda: remote(ids(1), probes=misfit)):
+        with pytest.raises(nt.PatchError, match="does not fit") as caught:
+            call()
+        frames = traceback.extract_tb(caught.value.__traceback__)
+        assert "probes=misfit" in frames[1].line and len(frames) == 3, frames  # pytest's line, the user's, one more
+        assert frames[2].filename.endswith(os.path.join("neurotap", "errors.py")), frames
+    with pytest.raises(nt.UnknownPointError) as caught:
+        remote.run(ids(1), record="model.layers.*.mlp.mull")
+    assert len(traceback.extract_tb(caught.value.__traceback__)) == 2  # this line, one more
+    monkeypatch.setenv("NEUROTAP_FULL_TRACEBACKS", "1")
+    with pytest.raises(nt.PatchError) as caught:
+        remote.forward(ids(1), probes=misfit)
+    assert "_raise_for" in [frame.name for frame in traceback.extract_tb(caught.value.__traceback__)]
 
 
 def test_compressed_requests_and_responses(server, local):

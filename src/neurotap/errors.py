@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -63,8 +64,29 @@ def raised_at_the_call(function: _Function) -> _Function:
         try:
             return function(*args, **kwargs)
         except NeurotapError as error:
-            if os.environ.get("NEUROTAP_FULL_TRACEBACKS"):
+            if _full_tracebacks():
                 raise
             raise error.with_traceback(None)  # noqa: B904 - the same error, without the frames under this one
 
     return call  # type: ignore[return-value]
+
+
+def raised_at_the_module_call() -> None:
+    """For a forward hook on a model's root module that runs also when the forward raises (``always_call``).
+
+    A call made directly on the module (``m.module(ids)`` in a ``patch`` block) has
+    no neurotap frame above it to re-raise from, so a neurotap error raised in the
+    forward loses its frames here instead, and torch re-raises it from the module
+    call. Only the error that torch's call is handling is touched: on success, the
+    hook may run inside an ``except`` block of the caller's, whose error stays as it is.
+    """
+    error = sys.exc_info()[1]
+    if error is None or not isinstance(error, NeurotapError) or _full_tracebacks():
+        return
+    trace = error.__traceback__
+    if trace is not None and trace.tb_frame.f_code.co_name == "_call_impl":  # torch's module call is handling it
+        error.__traceback__ = None
+
+
+def _full_tracebacks() -> bool:
+    return bool(os.environ.get("NEUROTAP_FULL_TRACEBACKS"))

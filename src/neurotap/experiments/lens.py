@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from ..errors import raised_at_the_call
 from ..model.lens import LogitLens
 
 
+@raised_at_the_call
 def logit_lens(
     model: Any, ids: Any, positions: int | Sequence[int] | None = -1, *, top: int = 5, token: int | str | None = None
 ) -> LogitLens:

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..errors import NeurotapError
+from ..errors import NeurotapError, raised_at_the_call
 from ..model import LogitDiff, Model
 from ..model.lens import chosen_positions, layer_points, prompt_ids, text_tokens
 from ..model.losses import logits_of
@@ -215,6 +215,7 @@ def _point_names(points: Any) -> list[str]:
     return names
 
 
+@raised_at_the_call
 def activation_patching(
     model: Any,
     clean: Any,
@@ -259,6 +260,7 @@ def activation_patching(
     )
 
 
+@raised_at_the_call
 def attribution_patching(
     model: Any,
     clean: Any,
@@ -324,6 +326,7 @@ def subject_span(runner: Runner, prompt: Any, ids: torch.Tensor, subject: Any) -
     return chosen[0], chosen[-1] + 1
 
 
+@raised_at_the_call
 def causal_trace(
     model: Any,
     prompt: Any,

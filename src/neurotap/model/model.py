@@ -13,7 +13,14 @@ from typing import Any
 
 import torch
 
-from ..errors import MissedPointError, MissedPointWarning, NeurotapError, UnknownPointError, raised_at_the_call
+from ..errors import (
+    MissedPointError,
+    MissedPointWarning,
+    NeurotapError,
+    UnknownPointError,
+    raised_at_the_call,
+    raised_at_the_module_call,
+)
 from ..points import (
     Attachment,
     Inventory,
@@ -430,6 +437,7 @@ class Model:
     def _reattach(self) -> None:
         if self._layer_plan is not None and self._attached is None:
             self._attached = self._layer_plan.attach(self.module, self._named_modules(), self._missed_directly)
+            self._attached.after_forward(self.module, raised_at_the_module_call)
 
     def _missed_directly(self, points: list[str]) -> None:
         self._missed(points, generating=False, directly=True)

@@ -35,7 +35,14 @@ from typing import Any
 
 import torch
 
-from ..errors import MissedPointError, NeurotapError, PatchError, ProbeError, UnknownPointError
+from ..errors import (
+    MissedPointError,
+    NeurotapError,
+    PatchError,
+    ProbeError,
+    UnknownPointError,
+    raised_at_the_call,
+)
 from ..model.lens import LogitLens, check_lens_arguments, text_tokens
 from ..model.losses import check_loss
 from ..model.model import PatchSpec, check_run, patches_to_probes, point_names
@@ -203,6 +210,7 @@ class RemoteModel:
         self.close()
         _terminate(pid, self.url, timeout)
 
+    @raised_at_the_call
     def info(self) -> dict[str, Any]:
         response = self._http.get("/v1/info")
         _raise_for(response)
@@ -210,11 +218,13 @@ class RemoteModel:
 
     # -- points ----------------------------------------------------------------------------------
 
+    @raised_at_the_call
     def points(self, prefix: str | None = None) -> PointList:
         response = self._http.get("/v1/points", params={"prefix": prefix} if prefix else None)
         _raise_for(response)
         return PointList(Point.from_dict(row) for row in response.json())
 
+    @raised_at_the_call
     def aliases(self) -> dict[str, str]:
         """Short canonical point names (``blocks.3.resid_post``) -> raw point names, as the server resolves them."""
         response = self._http.get("/v1/aliases")
@@ -243,10 +253,12 @@ class RemoteModel:
             self._tokenizer.append(build_tokenizer(described) if described is not None else None)
         return self._tokenizer[0]
 
+    @raised_at_the_call
     def encode(self, text: str) -> torch.Tensor:
         """Token ids ``[1, n]`` of ``text``, as the server's model reads them."""
         return self._require_tokenizer()(text, return_tensors="pt").input_ids
 
+    @raised_at_the_call
     def decode(self, ids: Any) -> str:
         """The text of token ids (a tensor or a list; the first row of a ``[1, n]`` tensor)."""
         if isinstance(ids, torch.Tensor) and ids.dim() == 2 and ids.shape[0] == 1:
@@ -260,9 +272,11 @@ class RemoteModel:
 
     # -- running ---------------------------------------------------------------------------------
 
+    @raised_at_the_call
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.forward(*args, **kwargs)
 
+    @raised_at_the_call
     def forward(
         self,
         *args: Any,
@@ -278,10 +292,12 @@ class RemoteModel:
         """
         return self._run("forward", args, kwargs, probes, outputs, stop_at=stop_at)["output"]
 
+    @raised_at_the_call
     def generate(self, *args: Any, probes: Sequence[Probe] = (), **kwargs: Any) -> Any:
         """The model's ``generate`` on the server; probes and patches fire at every step."""
         return self._run("generate", args, kwargs, probes, None)["output"]
 
+    @raised_at_the_call
     def backward(
         self,
         *args: Any,
@@ -298,6 +314,7 @@ class RemoteModel:
         check_loss(loss)
         return self._run("backward", args, kwargs, probes, [], loss)["loss"]
 
+    @raised_at_the_call
     def run(
         self,
         *args: Any,
@@ -367,6 +384,7 @@ class RemoteModel:
         _raise_for(response)
         return decode(response.content)
 
+    @raised_at_the_call
     def unembed(self, residual: torch.Tensor) -> torch.Tensor:
         """Logits of a residual-stream value ``[..., hidden]`` through the served model's final norm and head.
 
@@ -385,6 +403,7 @@ class RemoteModel:
         logits = self.forward(dummy, probes=probes, outputs=["logits"], use_cache=False)["logits"]
         return logits.reshape(*residual.shape[:-1], logits.shape[-1])
 
+    @raised_at_the_call
     def logit_lens(
         self, ids: Any, positions: int | Sequence[int] | None = -1, *, top: int = 5, token: int | str | None = None
     ) -> LogitLens:
@@ -425,6 +444,7 @@ class RemoteModel:
 
     # -- results ---------------------------------------------------------------------------------
 
+    @raised_at_the_call
     def recordings(self, points: Sequence[str] | None = None) -> dict[str, SaveContext]:
         """What probes saved in this session, by point name (only ``points`` if given); streamed."""
         params = [("point", p) for p in points] if points else None
@@ -439,9 +459,11 @@ class RemoteModel:
                 result[message["point"]] = ctx
         return result
 
+    @raised_at_the_call
     def clear_recordings(self) -> None:
         _raise_for(self._http.delete("/v1/recordings"))
 
+    @raised_at_the_call
     def get_parameter(self, name: str) -> torch.Tensor:
         """A copy of the parameter ``name`` (a tensor on the CPU)."""
         response = self._http.get(f"/v1/parameters/{name}")
