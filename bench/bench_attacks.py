@@ -17,7 +17,8 @@ once (5), slowloris, slow bodies, the connection cap and clients that never read
 their answer (6), a long pass with requests queued behind it (7), Host/Origin
 (8), then compressed bodies, request framing, odd values, point names and paths,
 many probes at one point, the shared session cap of a server without tokens, the
-web inspector's routes, concurrent clears and a session closed mid-body (9).
+web inspector's routes, concurrent clears and a session closed mid-body (9), point
+patterns that are costly to match (10).
 
 One row per attack: requests sent, responses by status class, 5xx (those by
 design, 503 for the connection cap and 504 for the request timeout, counted
@@ -1615,6 +1616,35 @@ def attack_web_routes(server: Server, tally: Tally) -> list:
     return checks
 
 
+def attack_patterns(server: Server, tally: Tally) -> list:
+    """Point patterns whose matching could take the model's thread: huge ranges, many ``*``, endless digits."""
+    checks: list = []
+    raw = Raw(server)
+    one = {"ids": ids()}
+    cases = {
+        "6 ranges {0..65536}": "model.layers." + ".".join(["{0..65536}"] * 6) + ".mlp.mul",
+        "30 stars then a miss": "model.layers.*.mlp." + "*" * 30 + "Q",
+        "12 x '*u' then a miss": "model.layers.*.mlp." + "*u" * 12 + "Q",
+        "'*t*' in 5 parts": ".".join(["*t*"] * 5),
+        "a range of 5000 digits": "model.layers.{0.." + "9" * 5000 + "}.mlp.mul",
+        "600 '*.' parts": "*." * 600 + "mul",
+        "500 ranges in one name": "model.layers." + "{0..9}" * 500,
+    }
+    for what, pattern in cases.items():
+        start = time.monotonic()
+        body = message(run_doc("forward", probes=[probe_doc(pattern, patch("Record"))]), one)
+        result = tally.send(what, lambda b=body: raw.run(b))
+        seconds = time.monotonic() - start
+        expect(
+            checks,
+            f"pattern {what}: a 4xx within 5 s",
+            400 <= code(result) < 500 and seconds < 5,
+            f"{brief(result)} in {seconds:.1f} s",
+        )
+    raw.close()
+    return checks
+
+
 def attack_open_server_eviction(server: Server, tally: Tally) -> list:
     """On a server without tokens every client shares one session cap."""
     checks: list = []
@@ -1700,6 +1730,7 @@ def main() -> int:
                 ("9d open-server session cap", "B", attack_open_server_eviction),
                 ("9f web routes (tokenize)", "A", attack_web_routes),
                 ("9e races + closed mid-body", "A", attack_races),
+                ("10a point patterns", "A", attack_patterns),
             ]
             if options.smollm2:
                 attacks += [

@@ -682,3 +682,42 @@ def test_malformed_text_for_the_inspector_is_refused(server, canary, local):
     for body in [b"[" * 30_000, b'{"a":' * 10_000, b'{"text": "\\ud800 x \\udc80"}']:
         refused(httpx.post(url, content=body, headers=headers(**{"Content-Type": "application/json"})), 400)
     assert_served(canary, local)
+
+
+def test_point_patterns_cost_little_whatever_they_hold(server, canary, local):
+    """A pattern of a few hundred bytes once took the model's thread for minutes (one alternative per number of a
+    range; a backtracking search over many ``*``); each is now answered at once, and the next client is served."""
+    with nt.connect(server.url, token=ALPHA) as rm:
+        ranges = "model.layers." + ".".join(["{0..65536}"] * 6) + ".mlp.mul"
+        stars = "model.layers.*.mlp." + "*" * 30 + "Q"
+        alternating = "model.layers.*.mlp." + "*u" * 12 + "Q"
+        digits = "model.layers.{0.." + "9" * 5000 + "}.mlp.mul"
+        for pattern, says in [
+            (ranges, "no point matches"),
+            (stars, "no point matches"),
+            (alternating, "more than 2 wildcards"),
+            (digits, "at most 1000"),
+            ("model.layers.{0.." + "9" * 40 + "}.mlp.mul", "empty or too long"),
+        ]:
+            start = time.monotonic()
+            with pytest.raises(nt.UnknownPointError, match=says) as caught:
+                rm.forward(ids(6), probes=[nt.probe(pattern, nt.Record())])
+            assert caught.value.status == 404 and time.monotonic() - start < 10
+        assert rm.recordings() == {}
+        rm.forward(ids(6), probes=[nt.probe("model.layers.{0..1}.mlp.mul*", nt.Record())], outputs=[])
+        expected = {}
+        hooks = [
+            layer.mlp.down_proj.register_forward_pre_hook(lambda m, a, i=i: expected.setdefault(i, a[0].clone()))
+            for i, layer in enumerate(local.module.model.layers)
+        ]
+        try:
+            with torch.no_grad():
+                local.module(ids(6))
+        finally:
+            for hook in hooks:
+                hook.remove()
+        recorded = rm.recordings()
+        assert sorted(recorded) == [f"model.layers.{i}.mlp.mul" for i in range(len(expected))]
+        for i, value in expected.items():
+            torch.testing.assert_close(recorded[f"model.layers.{i}.mlp.mul"]["record"][0], value)
+    assert_served(canary, local)

@@ -324,3 +324,15 @@ def test_wrong_inputs_say_what_to_pass(worded) -> None:
     with pytest.raises(nt.NeurotapError, match="no tokenizer"):
         nt.wrap(worded.module).forward("the city")
     assert_clean(worded.module)
+
+
+def test_ranges_select_exactly_their_numbers() -> None:
+    from neurotap.points import matching
+
+    names = [f"blocks.{n}.resid_post" for n in range(2500)] + ["blocks.07.resid_post", "blocks.x.resid_post"]
+    for low, high in [(0, 0), (0, 9), (3, 117), (10, 99), (99, 1000), (123, 2467), (0, 65536)]:
+        expected = [f"blocks.{n}.resid_post" for n in range(low, min(high, 2499) + 1)]
+        assert matching(f"blocks.{{{low}..{high}}}.resid_post", names) == expected
+    assert matching("blocks.{1..2}0.resid_post", names) == ["blocks.10.resid_post", "blocks.20.resid_post"]
+    assert matching("blocks.{0..9}*.resid_post", names)[:3] == [f"blocks.{n}.resid_post" for n in range(3)]
+    assert len(matching("blocks.{0..9}*.resid_post", names)) == 2501  # every number, "07" too: * takes the rest

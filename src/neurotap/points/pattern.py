@@ -24,7 +24,10 @@ from .point import split_narrowing
 
 LISTING = "List them with model.points(prefix)."  # the command line says its own way instead
 _RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
-_MAX_RANGE = 1 << 16
+_SEPARATORS = re.compile(r"([.\[\]])")
+MAX_PATTERN_CHARACTERS = 1000
+MAX_WILDCARDS_PER_PART = 2
+_MAX_DIGITS = 18
 
 
 def is_pattern(name: str) -> bool:
@@ -33,27 +36,102 @@ def is_pattern(name: str) -> bool:
 
 @functools.lru_cache(maxsize=512)
 def compile_pattern(pattern: str, *, prefix: bool = False) -> re.Pattern[str]:
-    """The regular expression of ``pattern``; with ``prefix``, names under a match match too."""
-    parts = []
+    """The regular expression of ``pattern``; with ``prefix``, names under a match match too.
+
+    Matching costs at most a small polynomial of the name's length, whatever the
+    pattern: each part between separators (``.``, ``[``, ``]``) has to cover the
+    whole part of the name there, so it is matched once and never retried (an
+    atomic group, written as a lookahead and a back-reference), and it holds at
+    most :data:`MAX_WILDCARDS_PER_PART` wildcards. A range is a small expression
+    over its digits, not one alternative per number.
+    """
+    if len(pattern) > MAX_PATTERN_CHARACTERS:
+        raise UnknownPointError(
+            f"the point pattern {pattern[:60]!r}... has {len(pattern)} characters; a pattern has at most "
+            f"{MAX_PATTERN_CHARACTERS}: name fewer points at once"
+        )
+    regex, groups = [], 0
+    for number, part in enumerate(_parts(pattern)):
+        if number % 2:  # a separator
+            regex.append(re.escape(part))
+        elif part:
+            groups += 1
+            regex.append(f"(?=({_part(part, pattern)})(?![^.\\[\\]]))\\{groups}")  # to the part's end, once
+    return re.compile("".join(regex) + (r"(?:[.\[].*)?" if prefix else ""))
+
+
+def _parts(pattern: str) -> list[str]:
+    """``pattern`` cut at its separators, the separators kept: part, separator, part, ... (ranges hold dots)."""
+    masked = _RANGE.sub(lambda found: "{" + "," * (len(found.group(0)) - 2) + "}", pattern)
+    parts, position = [], 0
+    for piece in _SEPARATORS.split(masked):
+        parts.append(pattern[position : position + len(piece)])
+        position += len(piece)
+    return parts
+
+
+def _part(part: str, pattern: str) -> str:
+    """The expression of one part of a pattern: literals, ``*`` and ranges, without separators."""
+    part = re.sub(r"\*+", "*", part)
+    if part.count("*") + len(_RANGE.findall(part)) > MAX_WILDCARDS_PER_PART:
+        raise UnknownPointError(
+            f"the point pattern {pattern[:80]!r} has more than {MAX_WILDCARDS_PER_PART} wildcards (* or {{a..b}}) "
+            f"in its part {part[:40]!r}; write at most {MAX_WILDCARDS_PER_PART} between two dots"
+        )
+    pieces = []
     position = 0
-    for found in _RANGE.finditer(pattern):
-        parts.append(_literal(pattern[position : found.start()], pattern))
-        low, high = int(found.group(1)), int(found.group(2))
-        if low > high or high - low > _MAX_RANGE:
+    for found in _RANGE.finditer(part):
+        pieces.append(_literal(part[position : found.start()], pattern))
+        low, high = found.group(1), found.group(2)
+        if len(high) > _MAX_DIGITS or len(low) > _MAX_DIGITS or int(low) > int(high):
             raise UnknownPointError(
-                f"the range {found.group(0)} in the point pattern {pattern!r} is empty or too long: "
+                f"the range {found.group(0)} in the point pattern {pattern[:80]!r} is empty or too long: "
                 f"write {{a..b}} with a <= b"
             )
-        parts.append("(?:" + "|".join(str(n) for n in range(low, high + 1)) + ")")
+        pieces.append(_numbers(int(low), int(high)))
         position = found.end()
-    parts.append(_literal(pattern[position:], pattern))
-    return re.compile("".join(parts) + (r"(?:[.\[].*)?" if prefix else ""))
+    pieces.append(_literal(part[position:], pattern))
+    return "".join(pieces)
+
+
+def _numbers(low: int, high: int) -> str:
+    """An expression for the numbers ``low`` to ``high`` as written in names (no leading zeros)."""
+    alternatives = []
+    for digits in range(len(str(low)), len(str(high)) + 1):
+        first = max(low, 10 ** (digits - 1) if digits > 1 else 0)
+        last = min(high, 10**digits - 1)
+        if first <= last:
+            alternatives += _same_length(str(first), str(last))
+    return "(?:" + "|".join(alternatives) + ")"
+
+
+def _same_length(low: str, high: str) -> list[str]:
+    """Expressions for the digit strings from ``low`` to ``high``, both of one length."""
+    if low == high:
+        return [low]
+    if len(low) == 1:
+        return [f"[{low}-{high}]"]
+    if low[0] == high[0]:
+        return [low[0] + rest for rest in _same_length(low[1:], high[1:])]
+    rest = len(low) - 1
+    found = []
+    start, end = int(low[0]), int(high[0])
+    if low[1:] != "0" * rest:
+        found += [low[0] + tail for tail in _same_length(low[1:], "9" * rest)]
+        start += 1
+    if high[1:] != "9" * rest:
+        end -= 1
+    if start <= end:
+        found.append(f"[{start}-{end}][0-9]{{{rest}}}")
+    if high[1:] != "9" * rest:
+        found += [high[0] + tail for tail in _same_length("0" * rest, high[1:])]
+    return found
 
 
 def _literal(text: str, pattern: str) -> str:
     if "{" in text or "}" in text:
         raise UnknownPointError(
-            f"cannot read the point pattern {pattern!r}: braces hold a range of numbers, {{0..5}}; "
+            f"cannot read the point pattern {pattern[:80]!r}: braces hold a range of numbers, {{0..5}}; "
             "* stands for one dotted component"
         )
     return r"[^.\[\]]*".join(re.escape(piece) for piece in text.split("*"))
