@@ -212,6 +212,67 @@ def test_generate_with_the_kv_cache_and_patches_at_every_step(remote, local):
     remote.clear_recordings()
 
 
+def test_a_traced_generate_has_every_steps_values_from_every_stage_in_execution_order(remote, local):
+    x = ids(25, rows=1, length=5)
+    patches = {f"{FIRST}.mlp.mul": nt.Scale(0.5), "lm_head.output": nt.Zero(index=(..., 44))}  # at every step
+    record = [
+        "model.rotary_emb.output[0]",
+        f"{FIRST}.mlp.mul",
+        "model.layers.2.output",
+        f"{LAST}.mlp.mul",
+        "lm_head.output",
+    ]
+    with remote.patch(patches):
+        got, trace = remote.run(x, record=record, generate=True, max_new_tokens=4, do_sample=False)
+
+    expected: dict[str, list] = {point: [] for point in record}  # hand hooks on the unwrapped model's generate
+    modules = dict(local.module.named_modules())
+
+    def keeper(point, edit=None):
+        def hook(module, args, output):
+            value = output[0] if point.endswith("[0]") else output
+            if edit is not None:
+                value = edit(value)
+            expected[point].append(value.detach().clone())
+            return value if edit is not None else None
+
+        return hook
+
+    def zero_44(value):
+        value = value.clone()
+        value[..., 44] = 0
+        return value
+
+    def product_halved(module, args):  # the MLP's product, scaled before down_proj reads it
+        return (args[0] * 0.5,)
+
+    handles = [
+        modules["model.rotary_emb"].register_forward_hook(keeper("model.rotary_emb.output[0]")),
+        modules[f"{FIRST}.mlp.down_proj"].register_forward_pre_hook(product_halved),
+        modules[f"{FIRST}.mlp.down_proj"].register_forward_pre_hook(
+            lambda m, a: expected[record[1]].append(a[0].clone())
+        ),
+        modules["model.layers.2"].register_forward_hook(keeper("model.layers.2.output")),
+        modules[f"{LAST}.mlp.down_proj"].register_forward_pre_hook(
+            lambda m, a: expected[record[3]].append(a[0].clone())
+        ),
+        modules["lm_head"].register_forward_hook(keeper("lm_head.output", zero_44)),
+    ]
+    try:
+        with torch.no_grad():
+            want = local.module.generate(x, max_new_tokens=4, do_sample=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert torch.equal(got, want)
+    assert trace.points == record  # in execution order, across the ranks
+    for point in record:
+        assert len(trace.calls(point)) == len(expected[point]) == 4, point  # the prompt's pass, then 1 a step
+        for a, b in zip(trace.calls(point), expected[point]):
+            close(a, b)
+    assert remote.recordings() == {}
+
+
 def test_backward_gradients_flow_back_through_every_stage(remote, local):
     x = ids(13)
     points = ["model.embed_tokens.output", f"{FIRST}.mlp.mul", "model.layers.2.output", f"{LAST}.mlp.mul"]
@@ -466,6 +527,30 @@ def test_stop_at_ends_the_forward_on_the_rank_owning_the_point(remote, local):
     close(remote.forward(x)["logits"], local.forward(x).logits)
 
 
+def test_a_stop_at_point_its_rank_never_reaches_fails_as_in_one_process(remote, local):
+    x = ids(43)
+    record = nt.probe(f"{FIRST}.mlp.mul", nt.Record())
+    for point, skipped in (
+        ("args.attention_mask", None),  # not passed: fires on no rank
+        ("loss_function", None),  # no labels, no loss: after the head, on the last rank
+        ("model.layers.1.mlp.mul", "model.layers.1.output"),  # inside a skipped layer of rank 0's
+        (f"{LAST}.mlp.mul", f"{LAST}.output"),  # ... and of the last rank's
+    ):
+        probes = [record, *([nt.probe(skipped, nt.Skip())] if skipped else [])]
+        with pytest.raises(nt.MissedPointError) as one:
+            local.forward(x, stop_at=point, probes=probes)
+        local.clear_recordings()
+        with pytest.raises(nt.MissedPointError) as sharded:
+            remote.forward(x, stop_at=point, probes=probes)
+        assert str(one.value) in str(sharded.value), point
+        assert remote.recordings() == {}
+    mask = torch.ones_like(x)
+    close(remote.forward(x, attention_mask=mask, stop_at="args.attention_mask"), mask)  # passed: rank 0 stops there
+    with pytest.raises(nt.NeurotapError, match="labels"):  # the model's own loss: refused before any rank runs
+        remote.forward(x, labels=x)
+    close(remote.forward(x)["logits"], local.forward(x).logits)  # the ranks are in step
+
+
 # -- errors ----------------------------------------------------------------------------------------
 
 
@@ -531,6 +616,30 @@ def test_recording_limits_hold_for_all_ranks_together(server, local):
         one.clear_recordings()
         other.forward(x, probes=[last])
         assert list(other.recordings()) == ["lm_head.output"]
+
+
+def test_each_tokens_share_of_the_recording_limit_holds_for_all_ranks_together(folder, tmp_path):
+    tokens = ["first-token-0123456789", "second-token-0123456789"]
+    (tmp_path / "tokens").write_text("\n".join(tokens))
+    x = ids(19, rows=8, length=64)  # each of these values: 262144 bytes; each token's share 600000 / 2
+    first, last = nt.probe(f"{FIRST}.mlp.mul", nt.Record()), nt.probe("lm_head.output", nt.Record())
+    limits = ["--max-session-bytes", "300000", "--max-total-bytes", "600000"]
+    server = Server(folder, 2, "--token-file", str(tmp_path / "tokens"), *limits)
+    try:
+        with nt.connect(server.url, token=tokens[0]) as one, nt.connect(server.url, token=tokens[0]) as same:
+            one.forward(x, probes=[first])  # on rank 0
+            with pytest.raises(nt.NeurotapError, match="your token's sessions") as refused:
+                same.forward(x, probes=[last])  # on the last rank: 524288 bytes for the token, 600000 in all
+            assert refused.value.status == 413
+            assert same.recordings() == {}
+            with nt.connect(server.url, token=tokens[1]) as other:
+                other.forward(x, probes=[last])  # the other token's share is its own
+                assert list(other.recordings()) == ["lm_head.output"]
+            one.clear_recordings()
+            same.forward(x, probes=[last])
+            assert list(same.recordings()) == ["lm_head.output"]
+    finally:
+        stop_cleanly(server)
 
 
 def test_a_generate_past_the_request_timeout_stops_between_steps(remote, local):
@@ -770,26 +879,36 @@ def test_a_hub_id_is_served_from_the_hugging_face_cache_and_a_missing_one_refuse
         stop_cleanly(server)
 
 
-def test_collect_through_a_sharded_server_equals_a_local_collection(folder, local, tmp_path):
+def test_collect_through_a_sharded_server_equals_a_local_collection_and_stops_on_the_last_points_rank(
+    folder, local, tmp_path
+):
     from neurotap.cli import main
     from neurotap.datasets import ActivationDataset, collect
 
-    points = [f"{FIRST}.mlp.mul", f"{LAST}.output"]  # one on each rank
+    everywhere, first_rank = [f"{FIRST}.mlp.mul", f"{LAST}.output"], [f"{FIRST}.mlp.mul", "model.layers.1.output"]
     sizes = dict(seq_len=16, batch_size=4, tokens=600, shard_mb=0.05)
+    options = ["--seq-len", "16", "--batch", "4", "--tokens", "600", "--shard-mb", "0.05", "--quiet"]
     server = Server(folder, 2)
     try:
-        options = ["--seq-len", "16", "--batch", "4", "--tokens", "600", "--shard-mb", "0.05", "--quiet"]
-        out = tmp_path / "remote"
-        assert main(["collect", "--model", str(folder), "--server", server.url, "--points", ",".join(points),
-                     "--out", str(out), *options]) == 0  # fmt: skip
+        counters = []
+        for name, points in (("both", everywhere), ("first", first_rank)):
+            counters.append(server.info()["ranks"])
+            assert main(["collect", "--model", str(folder), "--server", server.url, "--points", ",".join(points),
+                         "--out", str(tmp_path / name), *options]) == 0  # fmt: skip
+        counters.append(server.info()["ranks"])
     finally:
         stop_cleanly(server)
-    remote = ActivationDataset(out)
-    here = collect(local, points, tmp_path / "local", progress=False, **sizes)
-    assert remote.num_shards == here.num_shards > 2
-    assert torch.equal(remote.read("tokens"), here.read("tokens"))
-    for point in points:
-        torch.testing.assert_close(remote.read(point), here.read(point), rtol=1e-5, atol=1e-6)
+    for name, points in (("both", everywhere), ("first", first_rank)):
+        remote = ActivationDataset(tmp_path / name)
+        here = collect(local, points, tmp_path / f"local-{name}", progress=False, **sizes)
+        assert remote.num_shards == here.num_shards > 2
+        assert torch.equal(remote.read("tokens"), here.read("tokens"))
+        for point in points:
+            torch.testing.assert_close(remote.read(point), here.read(point), rtol=1e-5, atol=1e-6)
+    (_, rank_1), (rank_0_before, rank_1_before), (rank_0_after, rank_1_after) = counters
+    assert rank_1_before["receive_s"] > rank_1["receive_s"]  # the first collection ran on both ranks
+    assert rank_1_after["receive_s"] == rank_1_before["receive_s"]  # the second, on rank 0 alone
+    assert rank_0_after["send_s"] == rank_0_before["send_s"]  # nothing went down the pipeline
 
 
 def test_under_torchrun_the_options_that_set_ranks_or_devices_are_refused(folder):

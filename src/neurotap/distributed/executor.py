@@ -85,10 +85,12 @@ class _Rank:
         max_session_bytes: int,
         max_total_bytes: int,
         rank_timeout: float,
+        max_owner_bytes: int | None = None,  # rank 0's: every rank takes it from there
     ) -> None:
         self.rank = dist.get_rank()
         self.limits = limits
         self.max_total_bytes = max_total_bytes
+        self.max_owner_bytes = max_owner_bytes
         self.world = dist.get_world_size()
         self.allow_code = allow_code
         self.max_session_bytes = max_session_bytes
@@ -120,8 +122,10 @@ class _Rank:
             "peak_rss_mb": self.stage.peak_rss_mb,
             "pid": os.getpid(),
             "machine": machine_id(),
+            "max_owner_bytes": self.max_owner_bytes,
         }
         everyone = self.exchange(mine)
+        self.max_owner_bytes = everyone[0]["max_owner_bytes"]  # rank 0 knows the tokens that share the limit
         self.points: dict[str, Point] = {}
         self.static: dict[str, Point] = {}
         self.owners: dict[str, list[int]] = collections.defaultdict(list)
@@ -186,7 +190,13 @@ class _Rank:
         return raw, owners
 
     def check(self, request: RunRequest) -> None:
-        """Refuse, before any rank runs it, a request naming a point no rank can probe."""
+        """Refuse, before any rank runs it, a request naming a point no rank can probe, or asking for the model's
+        own loss (only the last rank has the logits it needs)."""
+        if "labels" in request.kwargs:
+            raise NeurotapError(
+                "a sharded server does not compute the model's own loss from labels=; pass the loss instead: "
+                "backward(ids, loss=nt.CrossEntropy(targets)), or run(ids, loss=...)"
+            )
         for spec in request.probes:
             self.owners_of(spec.point)
         if request.stop_at is not None:
@@ -270,6 +280,7 @@ class _StageExecutor(InProcessExecutor):
             limits=rank.limits,
             max_session_bytes=rank.max_session_bytes,
             max_total_bytes=rank.max_total_bytes,
+            max_owner_bytes=rank.max_owner_bytes,
         )
         self.local = rank
         self.seeds: list[int] = []  # a seed per request of the batch, alike on every rank: sampling draws alike
@@ -445,12 +456,14 @@ class _StageExecutor(InProcessExecutor):
             ours = self._session_bytes.get(request.session, {})
             entry["kept_bytes"] = sum(size for name, size in ours.items() if name not in entry["sizes"])
             entry["before"] = sum(ours.values())
+            entry["owner_bytes"] = self.recorded_bytes(request.owner)
             outcome.append(entry)
         return outcome
 
     def _results(self, run: Pass, output: Any, parts: list[Any]) -> dict[int, RunResult]:
         everyone, local = self._agreed, self.local
         server = sum(e["bytes"] for e in everyone)
+        owners: dict[str, int] = {}  # what each owner's sessions hold on all ranks, as this pass commits
         stop = everyone[0]["stop"]
         results: dict[int, RunResult] = {}
         for k, (index, request) in enumerate(zip(run.indices, run.requests)):
@@ -462,11 +475,15 @@ class _StageExecutor(InProcessExecutor):
             if errors:
                 results[index] = RunResult(error=errors[0])
                 continue
-            refusal = self._refusal(entries, server)
+            held = owners.setdefault(request.owner, sum(e["owner_bytes"] for e in entries))
+            refusal = self._refusal(entries, server, held)
             if refusal is not None:
                 results[index] = RunResult(error=error_info(refusal))
                 continue
-            server += sum(e["kept_bytes"] + sum(e["sizes"].values()) - e["before"] for e in entries)
+            grown = sum(e["kept_bytes"] + sum(e["sizes"].values()) - e["before"] for e in entries)
+            server += grown
+            owners[request.owner] += grown
+            self._owners[request.session] = request.owner
             staged, mine = run.staged[k], entries[local.rank]
             self._sessions.setdefault(request.session, {}).update({n: staged[n] for n in mine["sizes"]})
             self._session_bytes.setdefault(request.session, {}).update(mine["sizes"])
@@ -493,8 +510,9 @@ class _StageExecutor(InProcessExecutor):
             results[index] = RunResult(output=answer, loss=entries[local.stage.split.last]["loss"], trace=trace)
         return results
 
-    def _refusal(self, entries: list[dict], server: int) -> RecordingLimitError | None:
-        """Why a request's recordings cannot be kept: the limits hold for all ranks together."""
+    def _refusal(self, entries: list[dict], server: int, owner: int) -> RecordingLimitError | None:
+        """Why a request's recordings cannot be kept: the limits hold for all ranks together (``server``: what
+        every session holds, ``owner``: what the sessions of the request's owner hold)."""
         total = sum(e["kept_bytes"] + sum(e["sizes"].values()) for e in entries)
         before = sum(e["before"] for e in entries)
         refusal = None
@@ -502,6 +520,12 @@ class _StageExecutor(InProcessExecutor):
             refusal = (
                 f"this request would bring the session's recordings to {total} bytes, over the server's "
                 f"limit of {self.max_session_bytes} (--max-session-bytes)"
+            )
+        elif total > before and owner - before + total > self.max_owner_bytes:
+            refusal = (
+                f"the recordings of your token's sessions would reach {owner - before + total} bytes, over the "
+                f"server's limit of {self.max_owner_bytes} for one token (--max-total-bytes, shared equally among "
+                "the tokens)"
             )
         elif total > before and server - before + total > self.max_total_bytes:
             refusal = (
@@ -608,6 +632,7 @@ class ShardedExecutor(Executor):
         limits: Limits | None = None,
         max_session_bytes: int = 1 << 30,
         max_total_bytes: int = 4 << 30,
+        max_owner_bytes: int | None = None,
         rank_timeout: float = DEFAULT_RANK_TIMEOUT,
         on_failure: Callable[[RankFailedError, dict[int, int]], None] | None = None,
     ) -> None:
@@ -619,6 +644,7 @@ class ShardedExecutor(Executor):
             limits=self.limits,
             max_session_bytes=max_session_bytes,
             max_total_bytes=max_total_bytes,
+            max_owner_bytes=max_owner_bytes,
             rank_timeout=rank_timeout,
         )
         self.shape = ModelShape.of(self.local.stage.module)
@@ -757,9 +783,10 @@ class ShardedExecutor(Executor):
                     results[index] = RunResult(error=error_info(error))
                     continue
                 decoded.session, decoded.deadline, decoded.timeout = request.session, request.deadline, request.timeout
+                decoded.owner = request.owner
                 batch[index] = decoded
                 seed = int(torch.randint(0, 2**31 - 1, (1,), generator=self._seed))
-                send.append((index, request.session, body, seed))
+                send.append((index, (request.session, request.owner), body, seed))
         if not send:
             return [r or RunResult(error=error_info(NeurotapError("not run"))) for r in results]
         with self._lock:
@@ -822,7 +849,13 @@ def _unavailable(error: RankFailedError) -> ErrorInfo:
 
 
 def follow(
-    folder: str, *, allow_code: bool, limits: Limits, max_session_bytes: int, max_total_bytes: int, rank_timeout: float
+    folder: str,
+    *,
+    allow_code: bool,
+    limits: Limits,
+    max_session_bytes: int,
+    max_total_bytes: int,
+    rank_timeout: float,
 ) -> int:
     """The loop of every rank but 0: run rank 0's commands until it says stop (or is gone)."""
     local = _Rank(
@@ -859,9 +892,9 @@ def follow(
                 return 0
             if kind == "execute":
                 batch = []
-                for session, body, _seed in command[1]:
+                for (session, owner), body, _seed in command[1]:
                     request = decode_request(body, allow_code=allow_code)
-                    request.session = session
+                    request.session, request.owner = session, owner
                     batch.append(request)
                 local.executor.seeds = [seed for *_, seed in command[1]]
                 local.executor.execute(batch)

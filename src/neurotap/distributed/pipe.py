@@ -163,6 +163,10 @@ class Pipe(Link):
         return received
 
     def send(self, hidden: torch.Tensor) -> None:
+        if self.until == self.rank:
+            # the forward was to stop on this rank's layers and did not: nothing after them runs, and the
+            # forward ends here with its stop_at point missed, as in one process
+            return
         if not self._send:
             raise NeurotapError("the pipeline sent twice in one step")
         self._send = False

@@ -13,6 +13,7 @@ mask, the rotary tables) runs on every rank, each computing it for its layers.
 
 from __future__ import annotations
 
+import collections
 import json
 import resource
 from dataclasses import dataclass
@@ -403,33 +404,52 @@ def point_owners(inventory: Any, split: Split, rank: int) -> tuple[list[Any], li
     Returns ``(points, static, between)``: the inventory's points that this rank
     computes for real, the static sites it owns, and, by name, glue points that
     fire between decoder layers (each call another layer's, so no single rank
-    sees them whole).
+    sees them whole). A glue site the dry run did not reach (the loss, without
+    labels) runs where the last site before it in the same code ran.
     """
     names = list(inventory.points)
     in_layers = [i for i, n in enumerate(names) if _under(inventory.points[n].module, split.layout.layers)]
     first, last = (in_layers[0], in_layers[-1]) if in_layers else (len(names), -1)
-    points, between = [], {}
-    for position, name in enumerate(names):
-        point = inventory.points[name]
+    between: dict[str, bool] = {}
+
+    def owner_at(position: int, point: Any) -> int | None:
         owner = split.part_owner(point.module)
         if owner is None and not _under(point.module, split.layout.layers):
             if position > last:
-                owner = split.last
-            elif position > first:
-                between[name] = True
-                owner = 0  # listed once; refused when probed
-            else:
-                owner = rank  # before the layers: every rank computes it for itself
-        if owner == rank:
-            points.append(point)
+                return split.last
+            if position > first:
+                between[point.name] = True
+                return 0  # listed once; refused when probed
+            return rank  # before the layers: every rank computes it for itself
+        return owner
+
+    points = [point for position, point in enumerate(inventory.points.values()) if owner_at(position, point) == rank]
+    sites: dict[tuple, list[tuple[int, int]]] = collections.defaultdict(list)  # a function's sites that ran
+    for position, point in enumerate(inventory.points.values()):
+        if point.kind == "op":
+            sites[(point.module, point.scope[:-1])].append((_line(point), position))
     static = []
     for name, point in inventory.static.items():
         if name in inventory.points:
             continue
-        owner = split.part_owner(point.module)
-        if owner is None or owner == rank:
+        ran_before = [
+            position for line, position in sites.get((point.module, point.scope[:-1]), []) if line <= _line(point)
+        ]
+        if point.kind == "op" and ran_before:
+            owner = owner_at(max(ran_before), point)
+        else:
+            owner = split.part_owner(point.module)
+            owner = rank if owner is None else owner
+        if owner == rank:
             static.append(point)
     return points, static, between
+
+
+def _line(point: Any) -> int:
+    """The line of the model's code a point's source names (``file.py:123  code``)."""
+    location = point.source.split("  ")[0]
+    number = location.rpartition(":")[2]
+    return int(number) if number.isdigit() else 0
 
 
 def _under(path: str, prefix: str) -> bool:
