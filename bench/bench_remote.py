@@ -7,9 +7,10 @@ Prints:
 - the same for greedy generate of 16 tokens, each client zeroing its own unit (goal >= 2.5x on the tiny model)
 - bytes for "mean over positions of every layer's residual" against shipping the full activations
 - ``rm.run`` tracing every layer's residual against the same Record probes and a ``recordings()`` fetch
+- bytes received by remote experiments on SmolLM2: a built-in metric read on the server against the logits shipped
 
 Random models, built here; the server is a real ``neurotap serve`` process on 127.0.0.1.
-Run: python bench/bench_remote.py [overhead] [forward] [generate] [bytes] [trace]  (default: all)
+Run: python bench/bench_remote.py [overhead] [forward] [generate] [bytes] [trace] [experiments]  (default: all)
 """
 
 from __future__ import annotations
@@ -227,12 +228,69 @@ def trace_cost(folder: str, vocab: int, layers: int) -> None:
         server.stop()
 
 
+def experiment_bytes(rounds: int = 3) -> None:
+    """Remote activation patching on SmolLM2, 30 layers x 2 positions: the built-in metric read on the server
+    (``nt.LogitDiff``) against the same metric as a function of the logits, which ships every row's logits."""
+    server = Server("smollm2-135m")
+    try:
+        with nt.connect(server.url) as rm:
+            received = [0]
+            post = rm._http.post
+
+            def counted(*args, **kwargs):
+                response = post(*args, **kwargs)
+                received[0] += len(response.content)
+                return response
+
+            rm._http.post = counted
+            paris, rome = 7042, 7268
+            points = "blocks.*.resid_post"
+            clean, corrupt = "The capital of France is", "The capital of Italy is"
+
+            def logit_diff(logits):
+                return logits[:, paris] - logits[:, rome]
+
+            variants = {
+                "nt.LogitDiff, read on the server": nt.LogitDiff(paris, rome),
+                "the same metric as a function": logit_diff,
+            }
+            times: dict[str, list[float]] = {name: [] for name in variants}
+            sizes: dict[str, int] = {}
+            tables = {}
+            loads = []
+            for _ in range(rounds):
+                for name, metric in variants.items():
+                    received[0] = 0
+                    start = time.perf_counter()
+                    tables[name] = nt.experiments.activation_patching(rm, clean, corrupt, metric, points, [3, 4]).values
+                    times[name].append(time.perf_counter() - start)
+                    sizes[name] = received[0]
+                    loads.append(os.getloadavg()[0])
+            print(
+                f"remote activation_patching, SmolLM2, 30 layers x 2 positions (60 rows), load {min(loads):.1f}-"
+                f"{max(loads):.1f}, medians of {rounds}:"
+            )
+            for name in variants:
+                print(f"  {name:<36} {sizes[name] / 1e6:8.3f} MB received  {statistics.median(times[name]):6.2f} s")
+            first, second = list(tables.values())
+            print(f"  largest difference between the tables: {float((first - second).abs().max()):.2e}")
+            received[0] = 0
+            start = time.perf_counter()
+            nt.experiments.causal_trace(rm, clean, "France", " Paris", samples=2)
+            print(
+                f"remote causal_trace, SmolLM2, 30 layers x 5 positions x 2 samples: {received[0] / 1e6:.3f} MB "
+                f"received in {time.perf_counter() - start:.1f} s (load {os.getloadavg()[0]:.1f})"
+            )
+    finally:
+        server.stop()
+
+
 def main() -> None:
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         tiny = save_model(os.path.join(tmp, "tiny"), hidden=64, layers=2, vocab=128)
         small = save_model(os.path.join(tmp, "small"), hidden=256, layers=6, vocab=2048)
-        wanted = set(sys.argv[1:]) or {"overhead", "forward", "generate", "bytes", "trace"}
+        wanted = set(sys.argv[1:]) or {"overhead", "forward", "generate", "bytes", "trace", "experiments"}
         if "overhead" in wanted:
             overhead(tiny)
         if "forward" in wanted:
@@ -246,6 +304,8 @@ def main() -> None:
             wire_bytes(small, 2048, 6)
         if "trace" in wanted:
             trace_cost(small, 2048, 6)
+        if "experiments" in wanted:
+            experiment_bytes()
 
 
 if __name__ == "__main__":

@@ -490,6 +490,7 @@ PUBLIC = [
     "PointList",
     "Probe",
     "ProbeError",
+    "Probability",
     "Project",
     "Record",
     "RemoteModel",

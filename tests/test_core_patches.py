@@ -421,6 +421,7 @@ def test_core_patches_are_plain_data() -> None:
         "Max",
         "Norm",
         "Project",
+        "Probability",
         "TopK",
         "Skip",
         "Custom",

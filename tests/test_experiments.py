@@ -185,6 +185,9 @@ def test_experiments_through_a_server_equal_local(local, remote):
     there = nt.experiments.activation_patching(remote, PROMPT, CORRUPT, nt.LogitDiff(paris, france), points)
     torch.testing.assert_close(there.values, here.values, rtol=0, atol=1e-5)
     assert (there.points, there.positions, there.tokens) == (here.points, here.positions, here.tokens)
+    # a function of the logits runs here, on the logits the server sends back
+    there = nt.experiments.activation_patching(remote, PROMPT, CORRUPT, lambda z: z[:, paris] - z[:, france], points)
+    torch.testing.assert_close(there.values, here.values, rtol=0, atol=1e-5)
     here = nt.experiments.causal_trace(local, PROMPT, "france", "paris", samples=3)
     sent = []
     there = nt.experiments.causal_trace(Watched(remote, sent), PROMPT, "france", "paris", samples=3)
@@ -208,6 +211,10 @@ class Watched:
     def forward(self, *args, probes=(), **kwargs):
         self._sent.append(list(probes))
         return self._model.forward(*args, probes=probes, **kwargs)
+
+    def run(self, *args, probes=(), **kwargs):
+        self._sent.append(list(probes))
+        return self._model.run(*args, probes=probes, **kwargs)
 
 
 def test_experiments_refuse_bad_input_clearly_and_leave_the_model_clean(local):

@@ -124,6 +124,32 @@ def test_run_of_generate_traces_every_step(llama) -> None:
     assert_clean(llama.module, state)
 
 
+def test_run_records_readings_of_the_values(llama) -> None:
+    """``record={name: reading}`` keeps what the patch reads of each value, computed here from the hand values."""
+    inputs = example_inputs("llama")
+    token = 7
+    output, trace = llama.run(
+        **inputs,
+        record={
+            "blocks.*.resid_post": nt.Norm(),
+            "model.layers.0.mlp.mul": nt.Record(index=(slice(None), -1, torch.tensor([3, 5]))),
+            "lm_head.output": nt.Probability(token, index=(slice(None), -1)),
+        },
+    )
+    expected, hidden, mul, _, _ = hand_values(llama.module, inputs)
+    assert trace.points == ["model.layers.0.mlp.mul", "blocks.0.resid_post", "blocks.1.resid_post", "lm_head.output"]
+    for i in range(LAYERS):
+        torch.testing.assert_close(trace[f"blocks.{i}.resid_post"], hidden[i].norm(dim=-1))
+    assert torch.equal(trace["model.layers.0.mlp.mul"], mul[0][:, -1, [3, 5]])
+    torch.testing.assert_close(trace["lm_head.output"], torch.softmax(expected.logits[:, -1], dim=-1)[:, token])
+    assert not llama.recordings()
+    with pytest.raises(nt.NeurotapError, match=r"takes a patch that reads each value .*got Zero"):
+        llama.run(**inputs, record={"blocks.0.resid_post": nt.Zero()})
+    with pytest.raises(nt.PatchError, match="Probability at 'lm_head.output': token 999 is not an entry"):
+        llama.run(**inputs, record={"lm_head.output": nt.Probability(999)})
+    assert_clean(llama.module)
+
+
 def test_run_values_are_copies(llama) -> None:
     inputs = example_inputs("llama")
     _, first = llama.run(**inputs, record="blocks.0.resid_post")

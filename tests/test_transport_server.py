@@ -787,6 +787,16 @@ def test_run_traces_remotely_in_one_request(remote, local):
     same(after[MUL]["mean"], before[MUL]["mean"])
     same(after["model.layers.1.output"]["norm"], [hidden[1].norm(dim=-1)])
     remote.clear_recordings()
+    # readings: what the patch reads of each value is computed on the server, and only that comes back
+    out, trace = remote.run(
+        tokens,
+        record={"blocks.*.resid_post": nt.Norm(), "lm_head.output": nt.Probability(5, index=(slice(None), -1))},
+        outputs=[],
+    )
+    assert out is None and trace.points == ["blocks.0.resid_post", "blocks.1.resid_post", "lm_head.output"]
+    same(trace.stack("blocks.*.resid_post"), torch.stack([h.norm(dim=-1) for h in hidden]))
+    same(trace["lm_head.output"], torch.softmax(logits[:, -1], dim=-1)[:, 5])
+    assert not remote.recordings()
 
 
 def test_run_with_a_loss_remotely(remote, local):

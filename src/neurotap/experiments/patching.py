@@ -10,6 +10,7 @@ cells, and only plain data travels to a server.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -18,8 +19,9 @@ from ..errors import NeurotapError, raised_at_the_call
 from ..model import LogitDiff, Model
 from ..model.lens import chosen_positions, layer_points, prompt_ids, text_tokens
 from ..model.losses import logits_of
+from ..model.trace import Trace
 from ..points import is_pattern, split_narrowing
-from ..probes import Add, Probe, Replace, Skip, probe
+from ..probes import Add, Patch, Probability, Probe, Record, Replace, Skip, probe
 from .results import PatchingResult
 
 Metric = Callable[[torch.Tensor], torch.Tensor] | LogitDiff
@@ -96,36 +98,51 @@ class Runner:
             return {"logits_to_keep": 1, "use_cache": False}
         return {}
 
-    def logits(self, ids: torch.Tensor, probes: Sequence[Probe] = ()) -> torch.Tensor:
-        """The last position's logits of every row, ``[rows, vocab]``, float32 on the CPU."""
-        kwargs = self.arguments()
-        if not self.local:
-            kwargs["outputs"] = ["logits"]
-        with torch.no_grad():
-            output = self.model.forward(ids, probes=list(probes), **kwargs)
-        return logits_of(output)[:, -1].detach().float().cpu()
+    def scores(self, ids: torch.Tensor, metric: Measure, probes: Sequence[Probe] = ()) -> torch.Tensor:
+        """The metric of every row, ``[rows]``, float32 on the CPU."""
+        return self.capture(ids, [], metric, probes)[0]
 
     def capture(
-        self, ids: torch.Tensor, points: Sequence[str], probes: Sequence[Probe] = (), *, rows: Any = 0
+        self, ids: torch.Tensor, points: Sequence[str], metric: Measure, probes: Sequence[Probe] = (), *, rows: Any = 0
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The last position's logits and ``value[rows]`` at each point (patterns expanded), in one forward."""
+        """The metric of every row and ``value[rows]`` at each point (patterns expanded), in one forward.
+
+        A built-in metric is read at the logits where the model runs, so through a
+        server one or two numbers per row come back rather than the vocabulary's logits.
+        """
+        record: dict[str, Any] = {p: Record() for p in points}
+        at = self.aliases.get("logits") if metric.reading is not None else None
+        if at is not None:
+            record[at] = metric.reading
+        kwargs = self.arguments()
+        if not self.local:
+            kwargs["outputs"] = [] if at is not None else ["logits"]
         with torch.no_grad():
-            output, trace = self.model.run(ids, record=list(points), probes=list(probes), **self.arguments())
-        names = trace.points if any(map(is_pattern, points)) else list(points)
-        logits = logits_of(output)[:, -1].detach().float().cpu()
-        return logits, {p: _tensor(p, trace[p])[rows] for p in names}
+            if record:
+                output, trace = self.model.run(ids, record=record, probes=list(probes), **kwargs)
+            else:  # a metric function of the logits, and no values wanted
+                output, trace = self.model.forward(ids, probes=list(probes), **kwargs), Trace({})
+        if at is not None:
+            scores = metric.of_reading(_tensor(at, trace[at]).float().cpu())
+        else:
+            logits = logits_of(output)[:, -1].detach().float().cpu()
+            scores = _checked(torch.as_tensor(metric.score(logits)), logits).detach().float().cpu()
+        names = [p for p in trace.points if p != at] if any(map(is_pattern, points)) else list(points)
+        return scores, {p: _tensor(p, trace[p])[rows] for p in names}
 
     def gradients(
-        self, ids: torch.Tensor, points: Sequence[str], metric: Metric, score: Callable[[torch.Tensor], torch.Tensor]
+        self, ids: torch.Tensor, points: Sequence[str], metric: Measure
     ) -> tuple[float, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """The metric, each point's value and the metric's gradient there (first row): one forward, one backward."""
         if not self.local:
-            if not isinstance(metric, LogitDiff):
+            if not isinstance(metric.given, LogitDiff):
                 raise NeurotapError(
                     "through a server, the gradient is taken there, of a built-in loss: pass the metric as "
                     "nt.LogitDiff(correct, wrong)"
                 )
-            _, trace = self.model.run(ids, record=points, grad=points, loss=metric, outputs=[], **self.arguments())
+            _, trace = self.model.run(
+                ids, record=points, grad=points, loss=metric.given, outputs=[], **self.arguments()
+            )
             values = {p: _tensor(p, trace[p])[0] for p in points}
             return trace.loss, values, {p: _tensor(p, trace.grad[p])[0] for p in points}
         kept: dict[str, torch.Tensor] = {}
@@ -143,7 +160,7 @@ class Runner:
         with torch.enable_grad():
             output = self.model.forward(ids, probes=[probe(p, keeper(p)) for p in points], **self.arguments())
             logits = logits_of(output)[:, -1].float()
-            value = _checked(score(logits), logits)
+            value = _checked(metric.score(logits), logits)
             grads = torch.autograd.grad(value.sum(), [kept[p] for p in points], allow_unused=True)
         values = {p: kept[p][0].detach() for p in points}
         return float(value.detach()[0]), values, {p: _zeros_if_none(g, kept[p])[0] for p, g in zip(points, grads)}
@@ -179,24 +196,49 @@ def _restoring(cells: list[tuple[str, int]], clean: dict[str, torch.Tensor], cop
     ]
 
 
-def _scorer(metric: Metric, runner: Runner) -> tuple[Callable[[torch.Tensor], torch.Tensor], str]:
-    """``metric`` as a function of the last position's logits ``[rows, vocab] -> [rows]``, and its name."""
+@dataclass(frozen=True)
+class Measure:
+    """A metric of the last position's logits ``[rows, vocab] -> [rows]``, and for a built-in one how to read it.
+
+    ``reading`` is a patch that reads, at the logits, only what the metric needs
+    (two logits, one probability), and ``of_reading`` turns what it read into the
+    metric; so the metric is computed where the model runs, a server's included.
+    """
+
+    name: str
+    score: Callable[[torch.Tensor], torch.Tensor]
+    given: Any = None  # the metric as the caller gave it
+    reading: Patch | None = None
+    of_reading: Callable[[torch.Tensor], torch.Tensor] = lambda read: read
+
+
+def _measure(metric: Metric, runner: Runner) -> Measure:
     if isinstance(metric, LogitDiff):
         if metric.position != -1:
             raise NeurotapError("experiments read the last position's logits: use nt.LogitDiff(correct, wrong)")
         correct, wrong = metric.correct, metric.wrong
         names = runner.tokens(torch.tensor([[correct, wrong]]))
-        return (lambda logits: logits[:, correct] - logits[:, wrong]), f"logit diff {names[0]!r} - {names[1]!r}"
+        return Measure(
+            f"logit diff {names[0]!r} - {names[1]!r}",
+            lambda logits: logits[:, correct] - logits[:, wrong],
+            metric,
+            Record(index=(slice(None), -1, torch.tensor([correct, wrong]))),
+            lambda read: read[:, 0] - read[:, 1],
+        )
     if callable(metric):
-        return metric, getattr(metric, "__name__", type(metric).__name__)
+        return Measure(getattr(metric, "__name__", type(metric).__name__), metric, metric)
     raise NeurotapError(
         "metric must be nt.LogitDiff(correct, wrong) or a function of the last position's logits "
         f"[rows, vocab] returning [rows], got {type(metric).__name__}"
     )
 
 
-def _scored(score: Callable[[torch.Tensor], torch.Tensor], logits: torch.Tensor) -> torch.Tensor:
-    return _checked(torch.as_tensor(score(logits)), logits).detach().float().cpu()
+def _probability(token: int, runner: Runner) -> Measure:
+    return Measure(
+        f"p({runner.tokens(torch.tensor([[token]]))[0]!r})",
+        lambda logits: torch.softmax(logits, dim=-1)[:, token],
+        reading=Probability(token, index=(slice(None), -1)),
+    )
 
 
 def _checked(values: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -238,14 +280,14 @@ def activation_patching(
     clean_ids, corrupt_ids = runner.prompt_pair(clean, corrupt)
     names = _point_names(points)
     chosen = runner.positions(positions, clean_ids.shape[1])
-    score, metric_name = _scorer(metric, runner)
+    measure = _measure(metric, runner)
     _check_batch(batch)
-    clean_logits, values = runner.capture(clean_ids, names)
+    clean_scores, values = runner.capture(clean_ids, names, measure)
     names = list(values)
-    corrupt_logits = runner.logits(corrupt_ids)
+    corrupt_scores = runner.scores(corrupt_ids, measure)
     cells = [(point, position) for point in names for position in chosen]
     scores = [
-        _scored(score, runner.logits(corrupt_ids.expand(len(chunk), -1), _restoring(chunk, values)))
+        runner.scores(corrupt_ids.expand(len(chunk), -1), measure, _restoring(chunk, values))
         for chunk in _chunks(cells, batch)
     ]
     return PatchingResult(
@@ -254,9 +296,9 @@ def activation_patching(
         tuple(names),
         tuple(chosen),
         tuple(runner.tokens(clean_ids)[t] for t in chosen),
-        metric_name,
-        float(_scored(score, clean_logits)[0]),
-        float(_scored(score, corrupt_logits)[0]),
+        measure.name,
+        float(clean_scores[0]),
+        float(corrupt_scores[0]),
     )
 
 
@@ -282,10 +324,10 @@ def attribution_patching(
     clean_ids, corrupt_ids = runner.prompt_pair(clean, corrupt)
     names = _point_names(points)
     chosen = runner.positions(positions, clean_ids.shape[1])
-    score, metric_name = _scorer(metric, runner)
-    clean_logits, clean_values = runner.capture(clean_ids, names)
+    measure = _measure(metric, runner)
+    clean_scores, clean_values = runner.capture(clean_ids, names, measure)
     names = list(clean_values)
-    corrupt_metric, corrupt_values, grads = runner.gradients(corrupt_ids, names, metric, score)
+    corrupt_metric, corrupt_values, grads = runner.gradients(corrupt_ids, names, measure)
     rows = []
     for point in names:
         delta = (clean_values[point] - corrupt_values[point]).float() * grads[point].float()
@@ -296,8 +338,8 @@ def attribution_patching(
         tuple(names),
         tuple(chosen),
         tuple(runner.tokens(clean_ids)[t] for t in chosen),
-        metric_name,
-        float(_scored(score, clean_logits)[0]),
+        measure.name,
+        float(clean_scores[0]),
         corrupt_metric,
     )
 
@@ -359,7 +401,8 @@ def causal_trace(
     if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
         raise NeurotapError(f"samples must be a positive integer, got {samples!r}")
     _check_batch(batch)
-    clean_logits, clean = runner.capture(ids, [*layers, "embed"])
+    probability = _probability(token, runner)
+    clean_scores, clean = runner.capture(ids, [*layers, "embed"], probability)
     layers = [name for name in clean if name != "embed"]
     embeddings = clean["embed"]
     draws = torch.randn(samples, end - start, embeddings.shape[-1], generator=torch.Generator().manual_seed(seed))
@@ -368,9 +411,6 @@ def causal_trace(
     def corrupted(copies: int) -> Probe:
         return probe("embed", Add(noises.repeat(copies, 1, 1), index=(slice(None), slice(start, end))))
 
-    def probability(logits: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(logits, dim=-1)[:, token]
-
     cells = [(layer, position) for layer in layers for position in range(ids.shape[1])]
     per_forward = max(1, batch // samples)
     scores = []
@@ -378,8 +418,10 @@ def causal_trace(
     if points is None and all(not split_narrowing(name)[1] for name in raw):
         # The layers before a restored one compute what the noised run computed: skip them, and start
         # from that run's hidden state with the one position restored. Half the work, the same numbers.
-        corrupt_logits, noised = runner.capture(ids.expand(samples, -1), layers, [corrupted(1)], rows=slice(None))
-        corrupt = probability(corrupt_logits).mean()
+        noised_scores, noised = runner.capture(
+            ids.expand(samples, -1), layers, probability, [corrupted(1)], rows=slice(None)
+        )
+        corrupt = noised_scores.mean()
         for depth, layer in enumerate(layers):
             skipped = [probe(name, Skip()) for name in raw[:depth]]
             for chunk in _chunks([cell for cell in cells if cell[0] == layer], per_forward):
@@ -387,21 +429,21 @@ def causal_trace(
                 for k, (_, position) in enumerate(chunk):
                     hidden[k * samples : (k + 1) * samples, position] = clean[layer][position]
                 restored = probe(raw[depth], Skip(value=hidden))
-                logits = runner.logits(ids.expand(hidden.shape[0], -1), [*skipped, restored])
-                scores.append(probability(logits).view(len(chunk), samples).mean(1))
+                restored_scores = runner.scores(ids.expand(hidden.shape[0], -1), probability, [*skipped, restored])
+                scores.append(restored_scores.view(len(chunk), samples).mean(1))
     else:
-        corrupt = probability(runner.logits(ids.expand(samples, -1), [corrupted(1)])).mean()
+        corrupt = runner.scores(ids.expand(samples, -1), probability, [corrupted(1)]).mean()
         for chunk in _chunks(cells, per_forward):
-            rows = len(chunk) * samples
-            logits = runner.logits(ids.expand(rows, -1), [corrupted(len(chunk)), *_restoring(chunk, clean, samples)])
-            scores.append(probability(logits).view(len(chunk), samples).mean(1))
+            restoring = [corrupted(len(chunk)), *_restoring(chunk, clean, samples)]
+            restored_scores = runner.scores(ids.expand(len(chunk) * samples, -1), probability, restoring)
+            scores.append(restored_scores.view(len(chunk), samples).mean(1))
     return PatchingResult(
         "causal_trace",
         torch.cat(scores).view(len(layers), ids.shape[1]),
         tuple(layers),
         tuple(range(ids.shape[1])),
         runner.tokens(ids),
-        f"p({runner.tokens(torch.tensor([[token]]))[0]!r})",
-        float(probability(clean_logits)[0]),
+        probability.name,
+        float(clean_scores[0]),
         float(corrupt),
     )

@@ -34,7 +34,7 @@ from ..points import (
     take_inventory,
     unknown_point,
 )
-from ..probes import Patch, Probe, Record, Recordings, SaveContext, probe
+from ..probes import Norm, Patch, Probability, Probe, Project, Record, Recordings, SaveContext, probe
 from .lens import LogitLens, logit_lens, unembed
 from .losses import Loss, check_loss, loss_value
 from .plan import GRADIENT_TARGETS, Plan, Stopped, managed_call, stopping_probe
@@ -234,7 +234,7 @@ class Model:
     def run(
         self,
         *args: Any,
-        record: str | Sequence[str] = (),
+        record: str | Sequence[str] | Mapping[str, Patch] = (),
         grad: str | Sequence[str] = (),
         loss: Loss | Callable[[Any], torch.Tensor] | None = None,
         probes: Sequence[Probe] = (),
@@ -244,7 +244,10 @@ class Model:
         """One forward, and a :class:`Trace` of the values it computed at the points in ``record``.
 
         ``record`` and ``grad`` take point names, aliases and patterns
-        (``"blocks.*.resid_post"``). With ``loss`` (as for ``backward``) the
+        (``"blocks.*.resid_post"``); ``record`` also takes ``{name: reading}``, a
+        patch that keeps a reading of each value rather than a copy of it
+        (``nt.Record(index=...)``, ``nt.Norm``, ``nt.Project``, ``nt.Probability``):
+        through a server only the readings travel. With ``loss`` (as for ``backward``) the
         forward is followed by a backward, and the trace holds the gradients at
         the points in ``grad`` (``trace.grad``) and the loss (``trace.loss``).
         With ``generate=True`` the call is ``generate`` instead, and
@@ -254,7 +257,7 @@ class Model:
         contexts and ``recordings()`` are not touched. ``probes`` and any patches
         apply as in ``forward``; other keyword arguments go to the forward (or generate).
         """
-        record, grad = point_names("record", record), point_names("grad", grad)
+        readings, grad = readings_of(record), point_names("grad", grad)
         check_run(grad, loss, generate)
         call = self.module
         if generate:
@@ -265,8 +268,9 @@ class Model:
         inventory = self.inventory(args, kwargs)
         values: dict[str, SaveContext] = {}
         grads: dict[str, SaveContext] = {}
-        tracing = [probe(name, _tracer(values, name)) for name in _expanded(record, inventory)]
-        tracing += [probe(name, _tracer(grads, name), grad=True) for name in _expanded(grad, inventory)]
+        traced = {match: reading for name, reading in readings.items() for match in expand(name, inventory)}
+        tracing = [probe(name, _tracer(values, name, reading)) for name, reading in traced.items()]
+        tracing += [probe(name, _tracer(grads, name, Record()), grad=True) for name in _expanded(grad, inventory)]
         with self._lock, self._no_new_empty_contexts():
             if loss is None:
                 run = self.generate if generate else self.forward
@@ -510,6 +514,24 @@ def check_run(grad: list[str], loss: Any, generate: bool) -> None:
         check_loss(loss)
 
 
+READINGS = (Record, Norm, Project, Probability)  # the patches that append one reading of each value to a list
+
+
+def readings_of(record: str | Sequence[str] | Mapping[str, Patch]) -> dict[str, Patch]:
+    """``record=`` as ``{point name or pattern: the patch that reads its values}``; names alone are recorded whole."""
+    if not isinstance(record, Mapping):
+        return {name: Record() for name in point_names("record", record)}
+    for name, reading in record.items():
+        point_names("record", [name])
+        if not isinstance(reading, READINGS):
+            kinds = ", ".join(f"nt.{kind.__name__}" for kind in READINGS)
+            raise NeurotapError(
+                f"run(record={{{name!r}: ...}}) takes a patch that reads each value ({kinds}), got "
+                f"{type(reading).__name__}; put patches that change values or keep running totals in probes="
+            )
+    return dict(record)
+
+
 def point_names(argument: str, names: str | Sequence[str]) -> list[str]:
     """``record=`` or ``grad=`` as a list of point names and patterns."""
     names = [names] if isinstance(names, str) else list(names)
@@ -524,19 +546,19 @@ def _expanded(names: list[str], inventory: Inventory) -> list[str]:
     return list(dict.fromkeys(match for name in names for match in expand(name, inventory)))
 
 
-def _tracer(contexts: dict[str, SaveContext], name: str) -> Callable[[SaveContext, Any], None]:
-    """A probe that records each value at ``name`` into a context of its own, away from the model's."""
+def _tracer(contexts: dict[str, SaveContext], name: str, reading: Patch) -> Callable[[SaveContext, Any], None]:
+    """A probe that reads each value at ``name`` into a context of its own, away from the model's."""
     ctx = contexts[name] = SaveContext(name)
-    record = Record()
 
     def trace(_: SaveContext, value: Any) -> None:
-        record(ctx, value)
+        reading(ctx, value)
 
     return trace
 
 
 def _recorded(contexts: dict[str, SaveContext]) -> dict[str, list[Any]]:
-    return {name: ctx["record"] for name, ctx in contexts.items() if "record" in ctx}
+    """Each traced point's readings: the one list its reading patch appends to."""
+    return {name: next(iter(ctx._data.values())) for name, ctx in contexts.items() if len(ctx)}
 
 
 def wrap(module: torch.nn.Module, tokenizer: Any = None, *, example: Any = None) -> Model:

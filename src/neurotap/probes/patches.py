@@ -309,6 +309,31 @@ class Project(Patch):
 
 
 @dataclass(frozen=True, eq=False)
+class Probability(Patch):
+    """Append the softmax over the last dimension of each value, at its entry ``token``.
+
+    At the logits, ``Probability(token, index=(slice(None), -1))`` is each row's
+    probability of ``token`` at the last position: one number per row, rather
+    than the vocabulary's logits. ``token`` may be a list of entries.
+    """
+
+    token: Any = 0
+    index: Index = None
+    key: str = "probability"
+
+    def __call__(self, ctx: SaveContext, value: Any) -> None:
+        tensor = _reduced(ctx, value, self)
+        try:
+            chosen = torch.softmax(tensor, dim=-1)[..., self.token]
+        except (IndexError, TypeError, RuntimeError) as error:
+            raise PatchError(
+                f"Probability at {ctx.point!r}: token {self.token!r} is not an entry of the last dimension of the "
+                f"value of shape {_shape(tensor)}: {error}"
+            ) from None
+        ctx._data.setdefault(self.key, []).append(chosen)
+
+
+@dataclass(frozen=True, eq=False)
 class TopK(Patch):
     """The ``k`` largest values of every unit along ``dim``, across every call.
 
@@ -377,5 +402,6 @@ class Custom(Patch):
 
 
 PATCHES: dict[str, type[Patch]] = {
-    cls.__name__: cls for cls in (Zero, Add, Replace, Scale, Record, Mean, Sum, Max, Norm, Project, TopK, Skip, Custom)
+    cls.__name__: cls
+    for cls in (Zero, Add, Replace, Scale, Record, Mean, Sum, Max, Norm, Project, Probability, TopK, Skip, Custom)
 }

@@ -30,7 +30,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -45,11 +45,11 @@ from ..errors import (
 )
 from ..model.lens import LogitLens, check_lens_arguments, text_tokens
 from ..model.losses import check_loss
-from ..model.model import PatchSpec, check_run, patches_to_probes, point_names
+from ..model.model import PatchSpec, check_run, patches_to_probes, point_names, readings_of
 from ..model.text import check_token_ids, is_text, text_to_ids
 from ..model.trace import Trace
 from ..points import Point, PointList, is_pattern, matching, split_narrowing, unknown_point
-from ..probes import Probe, Recordings, Replace, SaveContext, probe
+from ..probes import Patch, Probe, Recordings, Replace, SaveContext, probe
 from .executor import RecordingLimitError, RequestTimeoutError
 from .limits import RequestTooCostlyError
 from .wire import (
@@ -318,7 +318,7 @@ class RemoteModel:
     def run(
         self,
         *args: Any,
-        record: str | Sequence[str] = (),
+        record: str | Sequence[str] | Mapping[str, Patch] = (),
         grad: str | Sequence[str] = (),
         loss: Any = None,
         probes: Sequence[Probe] = (),
@@ -331,10 +331,10 @@ class RemoteModel:
         The values come back with the answer; the session's recordings on the
         server are not touched.
         """
-        record, grad = point_names("record", record), point_names("grad", grad)
+        readings, grad = readings_of(record), point_names("grad", grad)
         check_run(grad, loss, generate)
         op = "generate" if generate else "forward" if loss is None else "backward"
-        answer = self._run(op, args, kwargs, probes, outputs, loss, traced_probes(record, grad))
+        answer = self._run(op, args, kwargs, probes, outputs, loss, traced_probes(readings, grad))
         if "trace" not in answer:
             raise NeurotapError(
                 "this server sent no trace back (an older neurotap); "

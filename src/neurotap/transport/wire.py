@@ -176,18 +176,22 @@ class RunResult:
     trace: list[dict[str, Any]] | None = None  # {point, grad, data} of each traced probe, in execution order
 
 
-def traced_probes(record: Sequence[str], grad: Sequence[str] = ()) -> list[ProbeSpec]:
-    """The probes of a ``run``: whatever they record comes back in the answer's trace."""
-    traced = [ProbeSpec(name, Record(), trace=True) for name in dict.fromkeys(record)]
+def traced_probes(record: Sequence[str] | Mapping[str, Patch], grad: Sequence[str] = ()) -> list[ProbeSpec]:
+    """The probes of a ``run``: whatever they read comes back in the answer's trace.
+
+    ``record`` names the points, or maps each to the patch that reads its values there.
+    """
+    readings = record if isinstance(record, Mapping) else dict.fromkeys(record, Record())
+    traced = [ProbeSpec(name, reading, trace=True) for name, reading in readings.items()]
     return traced + [ProbeSpec(name, Record(), grad=True, trace=True) for name in dict.fromkeys(grad)]
 
 
 def trace_of(entries: Sequence[Mapping[str, Any]], loss: float | None = None) -> Trace:
-    """The :class:`~neurotap.Trace` of an answer's ``trace`` entries."""
+    """The :class:`~neurotap.Trace` of an answer's ``trace`` entries: each the one list its reading appended to."""
     values: dict[str, list] = {}
     grads: dict[str, list] = {}
     for entry in entries:
-        (grads if entry["grad"] else values)[entry["point"]] = entry["data"].get(Record().key, [])
+        (grads if entry["grad"] else values)[entry["point"]] = next(iter(entry["data"].values()), [])
     return Trace(values, grads, loss)
 
 
