@@ -349,6 +349,39 @@ def test_stream_ranks_get_disjoint_blocks_and_equal_batch_counts(small: Activati
         next(ds.stream(MUL1, 10, rank=3, world_size=3))
 
 
+def test_stream_and_gather_values_equal_the_shard_files_read_by_safetensors(small: ActivationDataset) -> None:
+    ds = small
+    files = [ds.path / shard["file"] for shard in ds.manifest["shards"]]
+    by_hand = torch.cat([load_file(path)[MUL1] for path in files])  # every row, from the files themselves
+    assert len(by_hand) == len(ds)
+
+    def drop_from_page_cache() -> None:
+        # so that the reader's read-ahead finds the pages missing and asks for them
+        for path in files:
+            descriptor = os.open(path, os.O_RDONLY)
+            os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(descriptor)
+
+    for shuffle in ("chunks", "rows", None):
+        fresh = ActivationDataset(ds.path)
+        drop_from_page_cache()
+        items = list(fresh.stream(MUL1, 100, shuffle=shuffle, chunk_rows=40, buffer_rows=300, seed=7, rows=True))
+        rows = torch.cat([r for _, r in items])
+        assert sorted(rows.tolist()) == list(range(len(ds))), shuffle  # every row once in the epoch
+        for values, picked in items:
+            assert torch.equal(values, by_hand[picked]), shuffle
+    # rows in any order, repeated, within one shard and across shards
+    sizes = [shard["tokens"] for shard in ds.manifest["shards"]]
+    for rows in ([5, 3, 3, 0], [len(ds) - 1, 0, sizes[0], sizes[0] - 1, 7, len(ds) - 1], list(range(len(ds)))[::-1]):
+        assert torch.equal(ds.gather(MUL1, rows), by_hand[rows])
+    assert ds.gather(MUL1, []).shape == (0, *by_hand.shape[1:])
+    batch = next(ds.stream(MUL1, 64))
+    kept = batch.clone()
+    for _ in ds.stream(MUL1, 64):
+        pass
+    assert torch.equal(batch, kept)  # a batch kept by the caller is never overwritten by later ones
+
+
 def test_top_examples_match_a_brute_force_search(model: nt.Model, tmp_path: Path) -> None:
     ds = collect(
         model, [LAYER0, MUL1], tmp_path / "acts", seq_len=32, batch_size=4, tokens=3000, shard_mb=0.2, progress=False

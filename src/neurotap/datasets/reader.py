@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,18 +155,34 @@ class ActivationDataset:
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
         if len(rows) and (rows.min() < 0 or rows.max() >= len(self)):
             raise DatasetError(f"row indices must lie in [0, {len(self)}); got {rows.min()} .. {rows.max()}")
-        order = np.argsort(rows, kind="stable")
-        ordered = rows[order]
-        owners = np.searchsorted(self._first_rows, ordered, side="right") - 1
-        parts = []
-        for index in np.unique(owners):
-            mine = ordered[owners == index] - self._first_rows[index]
-            parts.append(self.shard(int(index)).tensor(name, mine))
-        if not parts:
-            return self._empty(name)
-        result = torch.cat(parts) if len(parts) > 1 else parts[0]
-        inverse = torch.from_numpy(np.argsort(order, kind="stable"))
-        return result[inverse]
+        return self._take(name, rows)
+
+    def _take(self, name: str, rows: np.ndarray, *, ascending: bool = False) -> torch.Tensor:
+        """Rows of an entry, in the given order, copied from the memory maps into a new tensor.
+
+        Rows lying in one shard, or given in ascending order, are copied once, straight into the
+        result; otherwise each shard's rows are taken first and then put in place.
+        """
+        template = self._empty(name)
+        out = np.empty((len(rows), *template.shape[1:]), dtype=_as_numpy(template).dtype)
+        if not len(rows):
+            return _from_numpy(out, template.dtype)
+        owners = np.searchsorted(self._first_rows, rows, side="right") - 1
+        if ascending or owners[0] == owners[-1] and np.all(owners == owners[0]):
+            cuts = np.flatnonzero(np.diff(owners)) + 1
+            for lo, hi in zip(np.r_[0, cuts].tolist(), np.r_[cuts, len(rows)].tolist()):
+                index = int(owners[lo])
+                local = rows[lo:hi] - self._first_rows[index]
+                source = self.shard(index).array(name)
+                if ascending and local[-1] - local[0] + 1 == len(local):  # one run: a plain slice copy
+                    out[lo:hi] = source[local[0] : local[-1] + 1]
+                else:
+                    np.take(source, local, axis=0, out=out[lo:hi], mode="clip")  # "clip": no buffered copy
+        else:
+            for index in np.unique(owners).tolist():
+                places = np.flatnonzero(owners == index)
+                out[places] = np.take(self.shard(index).array(name), rows[places] - self._first_rows[index], axis=0)
+        return _from_numpy(out, template.dtype)
 
     def _empty(self, name: str) -> torch.Tensor:
         if name in self.manifest["shapes"]:
@@ -220,9 +234,10 @@ class ActivationDataset:
           contiguous rows (default: one sequence of the dataset, at least 256 rows); each epoch
           visits the blocks in a new random order, reading each with one sequential read,
           into a mixing buffer of ``buffer_rows`` rows, from which each batch takes a random
-          sample (its rows come in ascending order within the batch). Blocks are read ahead
-          sequentially and each value is copied once, straight into its batch, so this runs
-          near the speed of a plain read of the files; rows whose blocks lie within one
+          sample (its rows come in ascending order within the batch). Each value is copied
+          once, straight from the memory-mapped shards into its batch, while the kernel reads
+          the blocks of the next buffer's fill ahead, each as one sequential read (blocks
+          already in the page cache are not asked for again); rows whose blocks lie within one
           buffer of each other in the block order can meet in a batch.
         - ``"rows"``: a uniform random order of all rows, each batch gathered row by row
           (as :meth:`batches` with ``shuffle=True``): the best mixing, the slowest reads.
@@ -240,6 +255,8 @@ class ActivationDataset:
 
         With ``rows=True`` each item is ``(batch, row_indices)``: the dataset rows the
         batch holds, for :meth:`example` and :meth:`text`.
+
+        Every batch is a new tensor: one kept by the caller is never overwritten by a later one.
         """
         self._entry(point)
         if batch_size < 1:
@@ -295,65 +312,43 @@ class ActivationDataset:
                 if limit is not None and given >= limit:
                     return
                 picked = plan.order[start : start + batch_size]
-                yield from emit(self.gather(point, picked), torch.from_numpy(picked))
+                yield from emit(self._take(point, picked), torch.from_numpy(picked))
             return
-        blocks = plan.blocks()
-        # The mixing buffer holds row numbers, not values: each batch is gathered from the memory maps in one copy,
-        # as the raw read makes one; the blocks entering the buffer are read ahead sequentially by the kernel.
+        # The mixing buffer holds row numbers, not values: each batch is copied from the memory maps once, straight
+        # into its tensor, as the raw read copies once; the blocks entering the buffer are read ahead by the kernel.
+        starts, lengths = plan.spans()
+        ends = np.cumsum(lengths)
         generator = torch.Generator().manual_seed(seed)
         fill_to = max(buffer_rows, batch_size)
         pending = np.empty(0, dtype=np.int64)
-        cursor = 0
-        while cursor < len(blocks) or len(pending):
-            entering = []
-            while cursor < len(blocks) and len(pending) + sum(hi - lo for lo, hi in entering) < fill_to:
-                entering.append(blocks[cursor])
-                cursor += 1
-            self._read_ahead(point, entering)
-            pool = np.concatenate([pending, *(np.arange(lo, hi, dtype=np.int64) for lo, hi in entering)])
+        cursor = 0  # blocks entered so far
+        if len(starts):
+            self._read_ahead(point, starts, lengths, 0, _blocks_to(ends, 0, fill_to))
+        while cursor < len(starts) or len(pending):
+            last = _blocks_to(ends, cursor, fill_to - len(pending))
+            # the blocks of the next fill are read while this one is copied out
+            self._read_ahead(point, starts, lengths, last, _blocks_to(ends, last, fill_to))
+            pool = np.concatenate([pending, _block_rows(starts[cursor:last], lengths[cursor:last])])
+            cursor = last
             if plan.mode:
                 pool = pool[torch.randperm(len(pool), generator=generator).numpy()]
-            handed = len(pool) if cursor == len(blocks) else len(pool) - len(pool) % batch_size
+            handed = len(pool) if cursor == len(starts) else len(pool) - len(pool) % batch_size
             for start in range(0, handed, batch_size):
                 if limit is not None and given >= limit:
                     return
                 picked = np.sort(pool[start : min(start + batch_size, handed)])
-                yield from emit(self._gather_sorted(point, picked), torch.from_numpy(picked))
+                yield from emit(self._take(point, picked, ascending=True), torch.from_numpy(picked))
             pending = pool[handed:]
 
-    def _gather_sorted(self, name: str, rows: np.ndarray) -> torch.Tensor:
-        """Rows (ascending) of an entry, copied once from the memory maps into a new tensor."""
-        template = self._empty(name)
-        out = np.empty((len(rows), *template.shape[1:]), dtype=_as_numpy(template).dtype)
-        owners = np.searchsorted(self._first_rows, rows, side="right") - 1
-        cuts = np.flatnonzero(np.diff(owners)) + 1
-        for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, len(rows)]):
-            index = int(owners[lo])
-            local = rows[lo:hi] - self._first_rows[index]
-            source = self.shard(index).array(name)
-            if local[-1] - local[0] + 1 == len(local):  # one run: a plain slice copy
-                out[lo:hi] = source[local[0] : local[-1] + 1]
-            else:
-                np.take(source, local, axis=0, out=out[lo:hi], mode="clip")  # "clip": no buffered copy
-        return _from_numpy(out, template.dtype)
-
-    def _read_ahead(self, name: str, blocks: list[tuple[int, int]]) -> None:
-        """Ask the kernel to read these blocks of an entry into the page cache, each as one sequential read."""
-        advise = getattr(os, "posix_fadvise", None)
-        if advise is None or not blocks:
-            return
-        row_bytes = int(np.prod(self._empty(name).shape[1:], dtype=np.int64)) * self._empty(name).element_size()
-        for lo, hi in blocks:
+    def _read_ahead(self, name: str, starts: np.ndarray, lengths: np.ndarray, first: int, last: int) -> None:
+        """Ask the kernel to read blocks ``first:last`` of an entry into the page cache, each as one sequential read."""
+        for lo, count in zip(starts[first:last].tolist(), lengths[first:last].tolist()):
+            hi = lo + count
             index = int(np.searchsorted(self._first_rows, lo, side="right") - 1)
             while lo < hi:
-                first = int(self._first_rows[index])
-                end = min(hi, first + self.manifest["shards"][index]["tokens"])
-                shard = self.shard(index)
-                begin = shard.data_start + shard.entries[name]["data_offsets"][0]
-                with contextlib.suppress(OSError), open(shard.path, "rb") as file:
-                    advise(
-                        file.fileno(), begin + (lo - first) * row_bytes, (end - lo) * row_bytes, os.POSIX_FADV_WILLNEED
-                    )
+                begin = int(self._first_rows[index])
+                end = min(hi, begin + self.manifest["shards"][index]["tokens"])
+                self.shard(index).read_ahead(name, lo - begin, end - begin)
                 lo, index = end, index + 1
 
     # -- text --------------------------------------------------------------------------------------
@@ -515,24 +510,34 @@ class _StreamPlan:
         generator = torch.Generator().manual_seed(seed)
         if mode == "rows":
             self.all = torch.randperm(total, generator=generator).numpy()
-            self.order = self.all[rank::world_size]
-            return
-        count = -(-total // chunk)
-        self.all = torch.randperm(count, generator=generator).numpy() if mode == "chunks" else np.arange(count)
+        else:
+            count = -(-total // chunk)
+            self.all = torch.randperm(count, generator=generator).numpy() if mode == "chunks" else np.arange(count)
         self.order = self.all[rank::world_size]
 
-    def block(self, number: int) -> tuple[int, int]:
-        return number * self.chunk, min((number + 1) * self.chunk, self.total)
-
-    def blocks(self) -> list[tuple[int, int]]:
-        return [self.block(int(number)) for number in self.order]
+    def spans(self, numbers: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """First rows and lengths of this rank's blocks (or of the blocks ``numbers``), in visiting order."""
+        starts = (self.order if numbers is None else numbers).astype(np.int64) * self.chunk
+        return starts, np.minimum(starts + self.chunk, self.total) - starts
 
     def rows_of(self, rank: int) -> int:
         """How many rows ``rank`` gets this epoch."""
         mine = self.all[rank :: self.world_size]
-        if self.mode == "rows":
-            return len(mine)
-        return sum(hi - lo for lo, hi in (self.block(int(number)) for number in mine))
+        return len(mine) if self.mode == "rows" else int(self.spans(mine)[1].sum())
+
+
+def _block_rows(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """The rows of blocks given by first row and length, one block after another."""
+    placed = np.cumsum(lengths) - lengths
+    return np.arange(int(lengths.sum()), dtype=np.int64) + np.repeat(starts - placed, lengths)
+
+
+def _blocks_to(ends: np.ndarray, first: int, rows: int) -> int:
+    """The end of the blocks from block ``first`` on that hold ``rows`` more rows (``ends``: running row counts)."""
+    if rows <= 0 or first >= len(ends):
+        return first
+    entered = int(ends[first - 1]) if first else 0
+    return min(int(np.searchsorted(ends, entered + rows, side="left")) + 1, len(ends))
 
 
 def _largest(values: np.ndarray, k: int) -> np.ndarray:
