@@ -287,3 +287,66 @@ def toy():
     model = wrap_tiny("toy")
     yield model
     assert_clean(model.module)
+
+
+def first_tensor(value: Any) -> torch.Tensor:
+    return value if isinstance(value, torch.Tensor) else value[0]
+
+
+def alias_values_by_hand(module: nn.Module, stack: str, per_layer: dict, top: dict, inputs: dict) -> dict[str, Any]:
+    """Every alias's value from plain PyTorch hooks on a copy, plus the eager attentions and the logits.
+
+    ``per_layer`` maps an alias under ``blocks.N`` to ``(path under the layer, "in" or "out")``: the
+    module's first input or (the first tensor of) its output; ``top`` the same for whole-model aliases.
+    """
+    import copy
+
+    reference = copy.deepcopy(module)  # output_attentions leaves transformers' own capturing hooks on a module
+    layers = len(reference.get_submodule(stack))
+    where = {
+        f"blocks.{i}.{alias}": (f"{stack}.{i}.{path}".rstrip("."), how)
+        for i in range(layers)
+        for alias, (path, how) in per_layer.items()
+    }
+    where.update(top)
+    values: dict[str, Any] = {}
+
+    def keep(alias: str, how: str):
+        def before(_m, args, kwargs) -> None:
+            values.setdefault(alias, args[0] if args else kwargs["hidden_states"])
+
+        def after(_m, _args, _kwargs, out) -> None:
+            values.setdefault(alias, first_tensor(out))
+
+        return before if how == "in" else after
+
+    handles = []
+    for alias, (path, how) in where.items():
+        sub = reference.get_submodule(path)
+        register = sub.register_forward_pre_hook if how == "in" else sub.register_forward_hook
+        handles.append(register(keep(alias, how), with_kwargs=True))
+    try:
+        with torch.no_grad():
+            plain = reference(**inputs, output_attentions=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for i in range(layers):
+        values[f"blocks.{i}.attn.pattern"] = plain.attentions[i]
+    if "logits" in plain:
+        values["logits"] = plain.logits
+    return values
+
+
+def assert_aliases_read(model: Any, expected: dict[str, Any], inputs: dict, *, atol: float, rtol: float = 1e-5) -> None:
+    """Each alias in ``expected``, recorded by the model in one forward, is its hand value; the model is left clean."""
+    import neurotap as nt
+
+    with torch.no_grad():
+        model.forward(**inputs, probes=[nt.probe(alias, nt.Record()) for alias in sorted(expected)])
+    recorded = model.recordings()
+    for alias in sorted(expected):
+        got = first_tensor(recorded[alias]["record"][0])
+        assert got.shape == expected[alias].shape and torch.allclose(got, expected[alias], atol=atol, rtol=rtol), alias
+    model.clear_recordings()
+    assert_clean(model.module)

@@ -3,7 +3,6 @@ generation and gradients agree with computations made without neurotap."""
 
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
@@ -13,6 +12,8 @@ import torch.nn.functional as F
 import neurotap as nt
 from conftest import (
     Arch,
+    alias_values_by_hand,
+    assert_aliases_read,
     assert_clean,
     assert_same_output,
     example_inputs,
@@ -430,14 +431,15 @@ def test_core_points_describe_themselves(arch: Arch) -> None:
 # -- 7. aliases -----------------------------------------------------------------------------------
 
 # Where each alias's value is in each family, written out independently of neurotap's table: a module path
-# (under the layer for per-layer aliases) and which of its values: "in" (first input), "out", "out0" (output[0]).
+# (under the layer for per-layer aliases) and which of its values: "in" (first input) or "out" (the output,
+# or its first tensor).
 _LLAMA_REFERENCE = {
     "resid_pre": ("", "in"),
     "resid_post": ("", "out"),
     "attn.q": ("self_attn.q_proj", "out"),
     "attn.k": ("self_attn.k_proj", "out"),
     "attn.v": ("self_attn.v_proj", "out"),
-    "attn.out": ("self_attn", "out0"),
+    "attn.out": ("self_attn", "out"),
     "mlp.pre": ("mlp.gate_proj", "out"),
     "mlp.post": ("mlp.down_proj", "in"),
     "mlp.out": ("mlp", "out"),
@@ -450,7 +452,7 @@ ALIAS_REFERENCE = {
         {
             "resid_pre": ("", "in"),
             "resid_post": ("", "out"),
-            "attn.out": ("attn", "out0"),
+            "attn.out": ("attn", "out"),
             "mlp.pre": ("mlp.c_fc", "out"),
             "mlp.post": ("mlp.c_proj", "in"),
             "mlp.out": ("mlp", "out"),
@@ -466,7 +468,7 @@ ALIAS_REFERENCE = {
         {
             "resid_pre": ("", "in"),
             "resid_post": ("", "out"),
-            "attn.out": ("attention", "out0"),
+            "attn.out": ("attention", "out"),
             "mlp.pre": ("mlp.dense_h_to_4h", "out"),
             "mlp.post": ("mlp.dense_4h_to_h", "in"),
             "mlp.out": ("mlp", "out"),
@@ -475,10 +477,6 @@ ALIAS_REFERENCE = {
     ),
 }
 _RESIDUAL_MID = {"llama", "gpt2"}  # GPT-NeoX adds attention and MLP to the residual together
-
-
-def _first(value):
-    return value if isinstance(value, torch.Tensor) else value[0]
 
 
 def test_core_every_alias_of_every_family_is_the_value_it_names(decoder: Arch) -> None:
@@ -493,52 +491,11 @@ def test_core_every_alias_of_every_family_is_the_value_it_names(decoder: Arch) -
         expected_names |= {f"blocks.{i}.resid_mid" for i in range(layers)}
     assert set(model.aliases()) == expected_names
 
-    references: dict[str, torch.Tensor] = {}
-    reference = copy.deepcopy(module)  # output_attentions leaves transformers' own capturing hooks on a module
-    where = {
-        f"blocks.{i}.{alias}": (f"{stack}.{i}.{path}".rstrip("."), how)
-        for i in range(layers)
-        for alias, (path, how) in per_layer.items()
-    }
-    where.update(top)
-
-    def keep_input(alias: str):
-        def hook(_m, args, kwargs) -> None:
-            references.setdefault(alias, args[0] if args else kwargs["hidden_states"])
-
-        return hook
-
-    def keep_output(alias: str, how: str):
-        def hook(_m, _args, out) -> None:
-            references.setdefault(alias, _first(out) if how == "out0" else out)
-
-        return hook
-
-    handles = []
-    for alias, (path, how) in where.items():
-        sub = reference.get_submodule(path)
-        if how == "in":
-            handles.append(sub.register_forward_pre_hook(keep_input(alias), with_kwargs=True))
-        else:
-            handles.append(sub.register_forward_hook(keep_output(alias, how)))
-    try:
-        with torch.no_grad():
-            plain = reference(**inputs, output_attentions=True)
-    finally:
-        for handle in handles:
-            handle.remove()
+    references = alias_values_by_hand(module, stack, per_layer, top, inputs)
     for i in range(layers):
-        references[f"blocks.{i}.attn.pattern"] = plain.attentions[i]
         if decoder.family in _RESIDUAL_MID:
             references[f"blocks.{i}.resid_mid"] = (
                 references[f"blocks.{i}.resid_pre"] + references[f"blocks.{i}.attn.out"]
             )
-    references["logits"] = plain.logits
     assert references.keys() == expected_names
-
-    with torch.no_grad():
-        model.forward(**inputs, probes=[nt.probe(alias, nt.Record()) for alias in sorted(expected_names)])
-    recorded = model.recordings()
-    for alias in sorted(expected_names):
-        assert close(_first(recorded[alias]["record"][0]), _first(references[alias])), alias
-    assert_clean(module)
+    assert_aliases_read(model, references, inputs, atol=ATOL, rtol=RTOL)

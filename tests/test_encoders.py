@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import copy
-from typing import Any
 
 import pytest
 import torch
 
 import neurotap as nt
-from conftest import SEQ, VOCAB, assert_clean
+from conftest import SEQ, VOCAB, alias_values_by_hand, assert_aliases_read, assert_clean
 
 # Where each alias's value is, written out independently of neurotap's table: a module path under the layer
 # (or under the root for the top-level aliases) and which of its values: "in" (first input) or "out".
@@ -77,59 +76,6 @@ def _build(name: str) -> torch.nn.Module:
     return getattr(transformers, model_cls)(config).eval()
 
 
-def _first(value: Any) -> torch.Tensor:
-    return value if isinstance(value, torch.Tensor) else value[0]
-
-
-def hand_values(module: torch.nn.Module, stack: str, per_layer: dict, top: dict, inputs: dict) -> dict[str, Any]:
-    """Every alias's value from plain PyTorch hooks on a copy, plus the eager attentions and the logits."""
-    reference = copy.deepcopy(module)  # output_attentions leaves transformers' own capturing hooks on a module
-    layers = len(reference.get_submodule(stack))
-    where = {
-        f"blocks.{i}.{alias}": (f"{stack}.{i}.{path}".rstrip("."), how)
-        for i in range(layers)
-        for alias, (path, how) in per_layer.items()
-    }
-    where.update(top)
-    values: dict[str, Any] = {}
-
-    def keep(alias: str, how: str):
-        def before(_m, args, kwargs) -> None:
-            values.setdefault(alias, args[0] if args else kwargs["hidden_states"])
-
-        def after(_m, _args, _kwargs, out) -> None:
-            values.setdefault(alias, _first(out))
-
-        return before if how == "in" else after
-
-    handles = []
-    for alias, (path, how) in where.items():
-        sub = reference.get_submodule(path)
-        register = sub.register_forward_pre_hook if how == "in" else sub.register_forward_hook
-        handles.append(register(keep(alias, how), with_kwargs=True))
-    try:
-        with torch.no_grad():
-            plain = reference(**inputs, output_attentions=True)
-    finally:
-        for handle in handles:
-            handle.remove()
-    for i in range(layers):
-        values[f"blocks.{i}.attn.pattern"] = plain.attentions[i]
-    if "logits" in plain:
-        values["logits"] = plain.logits
-    return values
-
-
-def assert_aliases_read_the_hand_values(model: nt.Model, expected: dict[str, Any], inputs: dict) -> None:
-    with torch.no_grad():
-        model.forward(**inputs, probes=[nt.probe(alias, nt.Record()) for alias in sorted(expected)])
-    recorded = model.recordings()
-    for alias in sorted(expected):
-        assert torch.allclose(_first(recorded[alias]["record"][0]), expected[alias], atol=1e-6), alias
-    model.clear_recordings()
-    assert_clean(model.module)
-
-
 @pytest.mark.parametrize("name", list(ENCODERS))
 def test_every_alias_of_an_encoder_is_the_value_it_names(name: str) -> None:
     *_, stack, per_layer, base = ENCODERS[name]
@@ -139,12 +85,12 @@ def test_every_alias_of_an_encoder_is_the_value_it_names(name: str) -> None:
     top = {"embed": (f"{embeddings}.word_embeddings", "out"), "pos_embed": (f"{embeddings}.position_embeddings", "out")}
     ids = torch.randint(3, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(1))
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    expected = hand_values(module, stack, per_layer, top, inputs)
+    expected = alias_values_by_hand(module, stack, per_layer, top, inputs)
 
     layers = len(module.get_submodule(stack))
     names = {f"blocks.{i}.{alias}" for i in range(layers) for alias in [*per_layer, "attn.pattern"]} | set(top)
     assert set(model.aliases()) == names | ({"logits"} if "logits" in expected else set())
-    assert_aliases_read_the_hand_values(model, expected, inputs)
+    assert_aliases_read(model, expected, inputs, atol=1e-6)
 
 
 def test_a_patch_at_an_encoder_alias_equals_the_same_edit_by_hand() -> None:
@@ -177,9 +123,9 @@ def test_the_real_minilm_loads_from_its_folder_and_its_aliases_read_the_hand_val
     assert type(model.module).__name__ == "BertModel" and model.module.config.num_hidden_layers == 6
     inputs = dict(model.tokenizer(["The cat sat on the mat.", "Paris is in France"], return_tensors="pt", padding=True))
     top = {"embed": ("embeddings.word_embeddings", "out"), "pos_embed": ("embeddings.position_embeddings", "out")}
-    expected = hand_values(model.module, "encoder.layer", _BERT_LAYER, top, inputs)
+    expected = alias_values_by_hand(model.module, "encoder.layer", _BERT_LAYER, top, inputs)
     assert len(expected) == 6 * (len(_BERT_LAYER) + 1) + 2
-    assert_aliases_read_the_hand_values(model, expected, inputs)
+    assert_aliases_read(model, expected, inputs, atol=1e-6)
 
     # the weights are the trained ones: a sentence is closer to its paraphrase than to an unrelated one
     texts = ["A man is playing a guitar.", "Someone plays the guitar.", "The stock market fell sharply today."]
