@@ -8,7 +8,9 @@ import socket
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 LAUNCH = "import sys; from neurotap.cli import main; sys.exit(main())"
 
@@ -78,3 +80,29 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def concurrently(url: str, clients: int, work: Callable[[int, Any], Any]) -> dict[int, Any]:
+    """``work(c, rm)`` for each client ``c``, each in a thread of its own with its own connection, started
+    together; what each returned, by client. An error in any client fails the caller."""
+    import neurotap as nt
+
+    got: dict[int, Any] = {}
+    errors: list[Exception] = []
+    barrier = threading.Barrier(clients)
+
+    def run(c: int) -> None:
+        try:
+            with nt.connect(url) as rm:
+                barrier.wait()
+                got[c] = work(c, rm)
+        except Exception as error:  # surfaced below
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=(c,)) for c in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    return got

@@ -66,16 +66,21 @@ def assert_same(actual, expected) -> None:
         assert actual == expected
 
 
-def test_shared_pass_equals_each_request_alone(module):
-    executor = InProcessExecutor(nt.wrap(module))
-    batch = requests()
-    results = executor.execute(batch)
-    assert executor.passes == 1, "four forwards of the same length share one pass"
+def assert_each_as_alone(module, executor, batch, results) -> None:
+    """Each request's logits and recordings from a shared pass equal those of the request run alone."""
     for request, result in zip(batch, results):
         assert result.error is None, result.error
         output, recordings = alone(module, request)
         assert_same(result.output["logits"], output.logits)
         assert_same(executor.recordings(request.session), recordings)
+
+
+def test_shared_pass_equals_each_request_alone(module):
+    executor = InProcessExecutor(nt.wrap(module))
+    batch = requests()
+    results = executor.execute(batch)
+    assert executor.passes == 1, "four forwards of the same length share one pass"
+    assert_each_as_alone(module, executor, batch, results)
 
 
 def test_a_failing_probe_fails_only_its_request(module):
@@ -479,11 +484,7 @@ def test_a_request_that_patches_a_weight_runs_alone(module):
     executor = InProcessExecutor(nt.wrap(module))
     results = executor.execute(batch)
     assert executor.passes == 2, "the others share a pass; the weight's request runs on its own"
-    for request, result in zip(batch, results):
-        assert result.error is None, result.error
-        output, recordings = alone(module, request)
-        assert_same(result.output["logits"], output.logits)
-        assert_same(executor.recordings(request.session), recordings)
+    assert_each_as_alone(module, executor, batch, results)
 
 
 def test_a_request_that_skips_a_layer_runs_alone_and_the_layer_passes_its_input_on(module):

@@ -22,7 +22,7 @@ from conftest import VOCAB, tiny_llama
 from neurotap.transport import CrossEntropy, LogitDiff
 from neurotap.transport.client import ClientTimeoutError
 from neurotap.transport.wire import MEDIA_TYPE, PROTOCOL, PROTOCOL_HEADER, SESSION_HEADER
-from serving import LAUNCH, Server, free_port, save_with_word_tokenizer
+from serving import LAUNCH, Server, concurrently, free_port, save_with_word_tokenizer
 
 KEY = nt.Record().key
 MUL = "model.layers.0.mlp.mul"
@@ -311,30 +311,17 @@ def run_clients_concurrently(server, local, requests_of, clients: int = 6) -> No
                 outs.append(local.forward(tokens, probes=probes).logits)
         expected_out[c], expected_rec[c] = outs, local_recordings(local)
 
-    got_out, got_rec, errors = {}, {}, []
-    barrier = threading.Barrier(clients)
+    def work(c: int, rm) -> tuple[list, dict]:
+        outs = []
+        for tokens, probes, patches in requests_of(c):
+            with rm.patch(patches):
+                outs.append(rm.forward(tokens, probes=probes).logits)
+        return outs, rm.recordings()
 
-    def work(c: int) -> None:
-        try:
-            with nt.connect(server.url) as rm:
-                barrier.wait()
-                outs = []
-                for tokens, probes, patches in requests_of(c):
-                    with rm.patch(patches):
-                        outs.append(rm.forward(tokens, probes=probes).logits)
-                got_out[c], got_rec[c] = outs, rm.recordings()
-        except Exception as error:  # surfaced below
-            errors.append(error)
-
-    threads = [threading.Thread(target=work, args=(c,)) for c in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not errors, errors
+    got = concurrently(server.url, clients, work)
     for c in range(clients):
-        same(got_out[c], expected_out[c])
-        same(got_rec[c], expected_rec[c])
+        same(got[c][0], expected_out[c])
+        same(got[c][1], expected_rec[c])
 
 
 def test_concurrent_clients_get_their_sequential_results(server, local):
@@ -823,23 +810,11 @@ def test_run_with_a_loss_remotely(remote, local):
 def test_traces_of_concurrent_clients_are_their_own(server, local):
     """Requests of several lengths may share a padded pass: each trace holds its own rows at 1e-5."""
     clients = 4
-    got, errors = {}, []
-    barrier = threading.Barrier(clients)
 
-    def work(c: int) -> None:
-        try:
-            with nt.connect(server.url) as rm:
-                barrier.wait()
-                got[c] = rm.run(ids(500 + c, rows=1 + c % 2, length=4 + 3 * c), record="blocks.*.resid_post")[1]
-        except Exception as error:  # surfaced below
-            errors.append(error)
+    def work(c: int, rm):
+        return rm.run(ids(500 + c, rows=1 + c % 2, length=4 + 3 * c), record="blocks.*.resid_post")[1]
 
-    threads = [threading.Thread(target=work, args=(c,)) for c in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not errors, errors
+    got = concurrently(server.url, clients, work)
     for c in range(clients):
         _, hidden, _, _, _ = hand_trace(local.module, ids(500 + c, rows=1 + c % 2, length=4 + 3 * c))
         same(got[c].stack("blocks.*.resid_post"), torch.stack(hidden))
