@@ -885,7 +885,7 @@ def test_collect_through_a_sharded_server_equals_a_local_collection_and_stops_on
     from neurotap.cli import main
     from neurotap.datasets import ActivationDataset, collect
 
-    everywhere, first_rank = [f"{FIRST}.mlp.mul", f"{LAST}.output"], [f"{FIRST}.mlp.mul", "model.layers.1.output"]
+    everywhere, first_rank = [f"{FIRST}.mlp.mul", f"{LAST}.output"], [f"{FIRST}.mlp.mul", "blocks.1.resid_post"]
     sizes = dict(seq_len=16, batch_size=4, tokens=600, shard_mb=0.05)
     options = ["--seq-len", "16", "--batch", "4", "--tokens", "600", "--shard-mb", "0.05", "--quiet"]
     server = Server(folder, 2)

@@ -606,8 +606,10 @@ class _RecordingRunner:
         self.kwargs: dict[str, Any] = {"outputs": []} if "outputs" in takes else {}
         if "stop_at" in takes:  # nor run past the last point it stores
             order = {name: number for number, name in enumerate(model.points().names())}
-            if all(point in order for point in points):
-                self.kwargs["stop_at"] = max(points, key=order.__getitem__)
+            aliases = model.aliases() if callable(getattr(model, "aliases", None)) else {}
+            raw = {point: aliases.get(point, point) for point in points}  # an alias is where its point is
+            if all(name in order for name in raw.values()):
+                self.kwargs["stop_at"] = max(points, key=lambda point: order[raw[point]])
 
     def _record(self, ids: torch.Tensor) -> dict[str, Any]:
         self.model.clear_recordings()
