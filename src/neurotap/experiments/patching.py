@@ -257,6 +257,20 @@ def _point_names(points: Any) -> list[str]:
     return names
 
 
+def _clean_run(
+    model: Any, clean: Any, corrupt: Any, metric: Metric, points: Any, positions: Any
+) -> tuple[Runner, torch.Tensor, torch.Tensor, list[int], Measure, float, dict[str, torch.Tensor]]:
+    """What both patchings start from: the runner, both prompts' ids, the positions, the metric, and the
+    clean run's metric and values at the points (patterns expanded)."""
+    runner = Runner(model)
+    clean_ids, corrupt_ids = runner.prompt_pair(clean, corrupt)
+    names = _point_names(points)
+    chosen = runner.positions(positions, clean_ids.shape[1])
+    measure = _measure(metric, runner)
+    clean_scores, values = runner.capture(clean_ids, names, measure)
+    return runner, clean_ids, corrupt_ids, chosen, measure, float(clean_scores[0]), values
+
+
 @raised_at_the_call
 def activation_patching(
     model: Any,
@@ -276,13 +290,10 @@ def activation_patching(
     second dimension, the sequence for residual-stream points. Each forward runs
     ``batch`` patched copies of the corrupted prompt, one cell each.
     """
-    runner = Runner(model)
-    clean_ids, corrupt_ids = runner.prompt_pair(clean, corrupt)
-    names = _point_names(points)
-    chosen = runner.positions(positions, clean_ids.shape[1])
-    measure = _measure(metric, runner)
     _check_batch(batch)
-    clean_scores, values = runner.capture(clean_ids, names, measure)
+    runner, clean_ids, corrupt_ids, chosen, measure, clean_score, values = _clean_run(
+        model, clean, corrupt, metric, points, positions
+    )
     names = list(values)
     corrupt_scores = runner.scores(corrupt_ids, measure)
     cells = [(point, position) for point in names for position in chosen]
@@ -297,7 +308,7 @@ def activation_patching(
         tuple(chosen),
         tuple(runner.tokens(clean_ids)[t] for t in chosen),
         measure.name,
-        float(clean_scores[0]),
+        clean_score,
         float(corrupt_scores[0]),
     )
 
@@ -320,12 +331,9 @@ def attribution_patching(
     through a server the metric must be ``nt.LogitDiff(correct, wrong)``, whose
     gradient the server takes.
     """
-    runner = Runner(model)
-    clean_ids, corrupt_ids = runner.prompt_pair(clean, corrupt)
-    names = _point_names(points)
-    chosen = runner.positions(positions, clean_ids.shape[1])
-    measure = _measure(metric, runner)
-    clean_scores, clean_values = runner.capture(clean_ids, names, measure)
+    runner, clean_ids, corrupt_ids, chosen, measure, clean_score, clean_values = _clean_run(
+        model, clean, corrupt, metric, points, positions
+    )
     names = list(clean_values)
     corrupt_metric, corrupt_values, grads = runner.gradients(corrupt_ids, names, measure)
     rows = []
@@ -339,7 +347,7 @@ def attribution_patching(
         tuple(chosen),
         tuple(runner.tokens(clean_ids)[t] for t in chosen),
         measure.name,
-        float(clean_scores[0]),
+        clean_score,
         corrupt_metric,
     )
 
