@@ -21,7 +21,15 @@ import torch
 import neurotap as nt
 import serving
 from conftest import VOCAB, tiny_llama
-from neurotap.transport.wire import PROTOCOL, PROTOCOL_HEADER
+from neurotap.transport.wire import (
+    MEDIA_TYPE,
+    PROTOCOL,
+    PROTOCOL_HEADER,
+    SESSION_HEADER,
+    ProbeSpec,
+    RunRequest,
+    encode_request,
+)
 
 RANK_TIMEOUT = 8  # seconds; a failed server exits within this plus EXIT_WITHIN
 EXIT_WITHIN = 10
@@ -651,6 +659,43 @@ def test_a_generate_past_the_request_timeout_stops_between_steps(remote, local):
     with pytest.raises(nt.NeurotapError, match="request timeout"):  # 40 steps of 0.5 s, 8 s allowed
         remote.generate(ids(20, rows=1, length=4), max_new_tokens=40, probes=[nt.probe(f"{LAST}.mlp.mul", slow)])
     close(remote.forward(ids(20))["logits"], local.forward(ids(20)).logits)
+
+
+def test_a_client_that_goes_away_stops_its_pass_on_every_rank_and_leaves_nothing(server, remote, local, tmp_path):
+    calls = tmp_path / "calls"
+
+    def slow(ctx, value, calls=str(calls)):  # on the last rank, which alone never hears from the client
+        import time
+
+        with open(calls, "a") as seen:
+            seen.write(".")
+        time.sleep(0.1)
+
+    def count(ctx, value):
+        counted.append(1)
+
+    x, steps = ids(44, rows=1, length=5), {"max_new_tokens": 40, "do_sample": False}
+    counted: list[int] = []
+    local.generate(x, **steps, probes=[nt.probe(f"{LAST}.mlp.mul", count)])  # the steps a whole run takes
+    recorded = [ProbeSpec(f"{FIRST}.mlp.mul", nt.Record()), ProbeSpec(f"{LAST}.output", nt.Record())]
+    request = RunRequest("generate", (x,), steps, [ProbeSpec(f"{LAST}.mlp.mul", slow), *recorded])
+    session = {PROTOCOL_HEADER: str(PROTOCOL), "Content-Type": MEDIA_TYPE, SESSION_HEADER: remote._session}
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(server.url + "/v1/run", content=encode_request(request), headers=session, timeout=1.0)
+    seen, deadline = -1, time.monotonic() + 30
+    while seen != calls.stat().st_size:  # until the last rank has stopped calling the probe
+        assert time.monotonic() < deadline, "the pass did not stop"
+        seen = calls.stat().st_size
+        time.sleep(1.0)
+    assert 0 < seen < len(counted) / 2, (seen, len(counted))
+    assert remote.recordings() == {}
+    x = ids(45)
+    close(remote.forward(x, probes=[nt.probe(s.point, nt.Record()) for s in recorded])["logits"],
+          local.forward(x, probes=[nt.probe(s.point, nt.Record()) for s in recorded]).logits)  # fmt: skip
+    got, expected = remote.recordings(), local_recordings(local)
+    assert set(got) == set(expected)
+    for name in expected:
+        close(got[name]["record"][0], expected[name]["record"][0])
 
 
 def test_skipped_layers_on_every_stage_pass_their_input_on(remote, local):

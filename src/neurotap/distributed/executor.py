@@ -16,7 +16,10 @@ which each computes for itself) and writing to staged copies of the sessions'
 save contexts. After each pass all ranks exchange their outcome (an
 all-gather): if any rank failed, all raise the same error and retry alike;
 otherwise each request's recordings are committed on every rank, or on none,
-and the client gets the error of the rank that raised it.
+and the client gets the error of the rank that raised it. Only rank 0 hears that
+a request's client went away, or sees its time run out: it says so in the
+rendezvous store, which the other ranks read at their checkpoints, so that a pass
+stops on every rank and ends there as after any failure.
 """
 
 from __future__ import annotations
@@ -71,6 +74,7 @@ from .pipe import Aborted, Liveness, Pipe, RankFailedError, _first_line
 from .stages import Stage, build_stage, peak_rss_mb, point_owners
 
 DEFAULT_RANK_TIMEOUT = 50.0
+_LOOK_INTERVAL = 0.2  # seconds between the looks of rank 0 and of the others for a pass that is to stop
 
 
 class _Rank:
@@ -285,6 +289,22 @@ class _StageExecutor(InProcessExecutor):
         self.local = rank
         self.seeds: list[int] = []  # a seed per request of the batch, alike on every rank: sampling draws alike
         self._agreed: list[Any] = []  # every rank's outcome of the last pass
+        # the pass under way (its number, alike on every rank; its deadline and requests), for rank 0's watcher
+        self.current: tuple[int, float | None, list[RunRequest]] | None = None
+        self._next_look = 0.0
+
+    def _check_deadline(self, *_: Any) -> None:
+        super()._check_deadline()
+        # only rank 0 hears that the clients went away (and knows the deadlines): the others read its word from
+        # the store, often enough to stop soon and seldom enough to cost nothing (a store read is a round trip)
+        current, now = self.current, time.monotonic()
+        if self.local.rank == 0 or current is None or now < self._next_look:
+            return
+        self._next_look = now + _LOOK_INTERVAL
+        told = self.local.liveness.stopped_pass()
+        if told is not None and told[0] == current[0]:
+            kind = RequestCancelledError if told[1] == "cancelled" else RequestTimeoutError
+            raise kind(told[2])
 
     def _inventory(self) -> Any:
         return self.local.inventory
@@ -348,6 +368,7 @@ class _StageExecutor(InProcessExecutor):
             raw, owners = local.owners_of(request.stop_at)
             stop = (raw, owners[0])
         output, parts, failure = None, [], None
+        self.current = (self.passes, self._deadline, run.requests)
         if stop is None or local.rank <= stop[1]:
             local.pipe.begin(request.op, until=stop[1] if stop is not None else None)
             try:
@@ -360,6 +381,7 @@ class _StageExecutor(InProcessExecutor):
                     failure = seen
             finally:
                 local.pipe.end()
+        self.current = None
         outcome = self._outcome(run, output, parts, stop) if failure is None else []
         everyone = local.exchange(
             {"failure": _failure(failure), "requests": outcome, "bytes": self.recorded_bytes(), "stop": stop}, failure
@@ -662,6 +684,7 @@ class ShardedExecutor(Executor):
         self._stopped = False
         self._last_command = time.monotonic()
         threading.Thread(target=self._keep_alive, name="neurotap-keep-alive", daemon=True).start()
+        threading.Thread(target=self._watch_passes, name="neurotap-pass-watch", daemon=True).start()
 
     # -- driving the other ranks -------------------------------------------------------------------
 
@@ -680,6 +703,25 @@ class ShardedExecutor(Executor):
                         self._command("noop")
                 except RankFailedError:
                     return
+
+    def _watch_passes(self) -> None:
+        """Tell every rank, through the store, that the pass under way stops: its clients all went away, or
+        its time ran out. Rank 0 stops at its own checkpoints; this reaches the ranks computing meanwhile."""
+        told = None
+        while not self._stopped and self.failed is None:
+            time.sleep(_LOOK_INTERVAL)
+            current = self.local.executor.current
+            if current is None or current[0] == told:
+                continue
+            number, deadline, requests = current
+            if requests and all(r.cancelled for r in requests):
+                self.liveness.stop_pass(number, "cancelled", "the client went away before the request finished")
+                told = number
+            elif deadline is not None and time.time() > deadline:
+                self.liveness.stop_pass(
+                    number, "timeout", "the request ran past the server's request timeout (--request-timeout)"
+                )
+                told = number
 
     def _command(self, *command: Any) -> None:
         if self.failed is not None:
@@ -782,9 +824,9 @@ class ShardedExecutor(Executor):
                 except NeurotapError as error:  # WireError, RequestTooCostlyError and unknown patterns included
                     results[index] = RunResult(error=error_info(error))
                     continue
-                decoded.session, decoded.deadline, decoded.timeout = request.session, request.deadline, request.timeout
-                decoded.owner = request.owner
-                batch[index] = decoded
+                # rank 0 runs them in the object the server holds: there it marks the request cancelled
+                for name in _ENCODED_FIELDS:
+                    setattr(request, name, getattr(decoded, name))
                 seed = int(torch.randint(0, 2**31 - 1, (1,), generator=self._seed))
                 send.append((index, (request.session, request.owner), body, seed))
         if not send:
@@ -842,6 +884,9 @@ class ShardedExecutor(Executor):
                     _broadcast(("stop",), self.local.data)
                 except RuntimeError as error:  # the others learn it from the store and end
                     self.liveness.declare(RankFailedError(None, _first_line(error)))
+
+
+_ENCODED_FIELDS = ("op", "args", "kwargs", "probes", "outputs", "loss", "stop_at")
 
 
 def _unavailable(error: RankFailedError) -> ErrorInfo:

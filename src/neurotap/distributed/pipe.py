@@ -346,6 +346,24 @@ class Liveness:
         except Exception:
             return error
 
+    def stop_pass(self, number: int, kind: str, message: str) -> None:
+        """Rank 0's word that pass ``number`` stops on every rank (``kind``: "cancelled" or "timeout")."""
+        if self.store is not None:
+            try:
+                self.store.set(self._prefix + "stop", json.dumps([number, kind, message]))
+            except Exception:
+                pass  # the beat finds a store that is gone; the pass then ends with the server
+
+    def stopped_pass(self) -> tuple[int, str, str] | None:
+        """The last pass rank 0 said stops: its number, kind and message."""
+        try:
+            if self.store is None or not self.store.check([self._prefix + "stop"]):
+                return None
+            number, kind, message = json.loads(self.store.get(self._prefix + "stop"))
+        except Exception:
+            return None
+        return number, kind, message
+
     def declared(self) -> RankFailedError | None:
         """The failure a rank declared, if any."""
         if self.store is None or not self.store.check([self._failed]):
