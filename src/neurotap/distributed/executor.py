@@ -33,7 +33,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -168,6 +168,15 @@ class _Rank:
             raise self.liveness.declare(RankFailedError(rank, _first_line(error))) from error
         return everyone
 
+    def to_rank_0(self, mine: Any) -> list[Any] | None:
+        """What every rank has to say, in rank order, on rank 0 (None on the others)."""
+        everyone: list[Any] | None = [None] * self.world if self.rank == 0 else None
+        try:
+            dist.gather_object(mine, everyone, dst=0, group=self.data)
+        except RuntimeError as error:
+            raise self.liveness.declare(RankFailedError(None, _first_line(error))) from error
+        return everyone
+
     def end_silent_neighbours(self, rank_timeout: float) -> None:
         """After a failure: kill the ranks of this machine that went silent (hung or stopped ranks end only so)."""
         silent = set(self.liveness.silent(after=max(3.0, rank_timeout / 2)))
@@ -288,7 +297,7 @@ class _StageExecutor(InProcessExecutor):
         )
         self.local = rank
         self.seeds: list[int] = []  # a seed per request of the batch, alike on every rank: sampling draws alike
-        self._agreed: list[Any] = []  # every rank's outcome of the last pass
+        self._agreed: _Agreed | None = None  # the outcome of the last pass
         # the pass under way (its number, alike on every rank; its deadline and requests), for rank 0's watcher
         self.current: tuple[int, float | None, list[RunRequest]] | None = None
         self._next_look = 0.0
@@ -383,11 +392,14 @@ class _StageExecutor(InProcessExecutor):
                 local.pipe.end()
         self.current = None
         outcome = self._outcome(run, output, parts, stop) if failure is None else []
-        everyone = local.exchange(
-            {"failure": _failure(failure), "requests": outcome, "bytes": self.recorded_bytes(), "stop": stop}, failure
+        # every rank needs what decides each request's fate; only rank 0 the values that go back to the clients
+        status = [{key: entry[key] for key in _STATUS} for entry in outcome]
+        agreed = local.exchange(
+            {"failure": _failure(failure), "requests": status, "bytes": self.recorded_bytes()}, failure
         )
-        _raise_agreed([e["failure"] for e in everyone])
-        self._agreed = everyone
+        _raise_agreed([e["failure"] for e in agreed])
+        answers = local.to_rank_0([{key: entry[key] for key in _ANSWER} for entry in outcome])
+        self._agreed = _Agreed(agreed, answers, outcome, stop)
         return output, parts
 
     def _stage_pass(self, run: Pass, stop: tuple[str, int] | None) -> tuple[Any, list[Any]]:
@@ -476,6 +488,7 @@ class _StageExecutor(InProcessExecutor):
             except NeurotapError as error:
                 entry["error"] = error_info(error)
             ours = self._session_bytes.get(request.session, {})
+            entry["recorded"] = sum(entry["sizes"].values())
             entry["kept_bytes"] = sum(size for name, size in ours.items() if name not in entry["sizes"])
             entry["before"] = sum(ours.values())
             entry["owner_bytes"] = self.recorded_bytes(request.owner)
@@ -483,13 +496,13 @@ class _StageExecutor(InProcessExecutor):
         return outcome
 
     def _results(self, run: Pass, output: Any, parts: list[Any]) -> dict[int, RunResult]:
-        everyone, local = self._agreed, self.local
-        server = sum(e["bytes"] for e in everyone)
+        agreed, local = self._agreed, self.local
+        server = sum(e["bytes"] for e in agreed.everyone)
         owners: dict[str, int] = {}  # what each owner's sessions hold on all ranks, as this pass commits
-        stop = everyone[0]["stop"]
+        stop = agreed.stop
         results: dict[int, RunResult] = {}
         for k, (index, request) in enumerate(zip(run.indices, run.requests)):
-            entries = [e["requests"][k] for e in everyone]
+            entries = [e["requests"][k] for e in agreed.everyone]
             if entries[0]["cancelled"]:  # its client went away: nothing of it is kept
                 results[index] = RunResult(error=error_info(RequestCancelledError("the client went away")))
                 continue
@@ -502,21 +515,22 @@ class _StageExecutor(InProcessExecutor):
             if refusal is not None:
                 results[index] = RunResult(error=error_info(refusal))
                 continue
-            grown = sum(e["kept_bytes"] + sum(e["sizes"].values()) - e["before"] for e in entries)
+            grown = sum(e["kept_bytes"] + e["recorded"] - e["before"] for e in entries)
             server += grown
             owners[request.owner] += grown
             self._owners[request.session] = request.owner
-            staged, mine = run.staged[k], entries[local.rank]
-            self._sessions.setdefault(request.session, {}).update({n: staged[n] for n in mine["sizes"]})
-            self._session_bytes.setdefault(request.session, {}).update(mine["sizes"])
-            answer = None
-            if local.rank == 0 and stop is not None:
-                value = next((e["parts"]["value"] for e in entries if "value" in e["parts"]), None)
+            staged, sizes = run.staged[k], agreed.mine[k]["sizes"]
+            self._sessions.setdefault(request.session, {}).update({n: staged[n] for n in sizes})
+            self._session_bytes.setdefault(request.session, {}).update(sizes)
+            if local.rank != 0:
+                results[index] = RunResult()  # rank 0 answers the client
+                continue
+            given = [answers[k] for answers in agreed.answers]
+            if stop is not None:
+                value = next((g["parts"]["value"] for g in given if "value" in g["parts"]), None)
                 answer = selected_fields(sendable(value), request.outputs)
-            elif local.rank == 0:
-                whole = _merged(
-                    parts[k] if parts else run.part_of(output, k), [e["parts"] for e in entries], request.op
-                )
+            else:
+                whole = _merged(parts[k] if parts else run.part_of(output, k), [g["parts"] for g in given], request.op)
                 answer = selected_fields(sendable(whole), request.outputs)
             trace = None
             if any(spec.trace for spec in request.probes):
@@ -525,17 +539,17 @@ class _StageExecutor(InProcessExecutor):
                     for spec in request.probes
                     if spec.trace
                 }  # a rank after a stop_at point ran none of its probes
-                for entry in entries:
-                    for name, data in entry["trace"].items():
+                for part in given:
+                    for name, data in part["trace"].items():
                         saved.setdefault(name, SaveContext(name))._data.update(data)
                 trace = _trace_of(request, saved, self._inventory())
-            results[index] = RunResult(output=answer, loss=entries[local.stage.split.last]["loss"], trace=trace)
+            results[index] = RunResult(output=answer, loss=given[local.stage.split.last]["loss"], trace=trace)
         return results
 
     def _refusal(self, entries: list[dict], server: int, owner: int) -> RecordingLimitError | None:
         """Why a request's recordings cannot be kept: the limits hold for all ranks together (``server``: what
         every session holds, ``owner``: what the sessions of the request's owner hold)."""
-        total = sum(e["kept_bytes"] + sum(e["sizes"].values()) for e in entries)
+        total = sum(e["kept_bytes"] + e["recorded"] for e in entries)
         before = sum(e["before"] for e in entries)
         refusal = None
         if total > self.max_session_bytes:
@@ -558,6 +572,27 @@ class _StageExecutor(InProcessExecutor):
             return None
         advice = "; fetch them with recordings() and clear_recordings(), or reduce on the server (nt.Mean, ...)"
         return RecordingLimitError(refusal + advice)
+
+
+_STATUS = (
+    "error",
+    "cancelled",
+    "recorded",
+    "kept_bytes",
+    "before",
+    "owner_bytes",
+)  # of each request, from every rank to every rank
+_ANSWER = ("parts", "trace", "loss")  # of each request, from every rank to rank 0
+
+
+class _Agreed(NamedTuple):
+    """The outcome of a pass: every rank's status of it, on every rank; every rank's values of it, on rank 0
+    (None elsewhere); this rank's own entries, and the pass's ``stop_at`` (its raw point and owning rank)."""
+
+    everyone: list[dict]
+    answers: list[list[dict]] | None
+    mine: list[dict]
+    stop: tuple[str, int] | None
 
 
 def _failure(error: BaseException | None) -> tuple | None:
