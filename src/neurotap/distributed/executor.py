@@ -40,6 +40,7 @@ import torch.distributed as dist
 
 from ..errors import NeurotapError, UnknownPointError
 from ..model import Model, wrap
+from ..model.load import model_folder
 from ..model.losses import loss_value
 from ..model.plan import GRADIENT_TARGETS, expand_probes
 from ..points import Inventory, Point, matching, ordered_names, split_narrowing, unknown_point
@@ -101,7 +102,7 @@ class _Rank:
         # commands wait as long as researchers stay idle; what runs inside a request must answer in time
         self.data = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=rank_timeout))
         self.pipe = Pipe(self.rank, self.world, self.data)
-        self.stage: Stage = build_stage(resolve_folder(folder), self.rank, self.world, self.pipe)
+        self.stage: Stage = build_stage(model_folder(folder), self.rank, self.world, self.pipe)
         self.model: Model = wrap(self.stage.module)
         self.stage.module.register_forward_pre_hook(self.pipe.new_step, prepend=True)
         self._take_inventory()
@@ -254,14 +255,6 @@ class _Rank:
             output["logits"] = received
         return output
 
-    # -- sessions ----------------------------------------------------------------------------------
-
-    def recordings(self, session: str) -> dict[str, dict[str, Any]]:
-        return self.executor.recordings(session)
-
-    def clear(self, session: str) -> None:
-        self.executor.clear_recordings(session)
-
     def facts(self) -> tuple[float, int, str, dict[str, float]]:
         """This rank's peak RSS (MB), process id, the device its weights are on, and its seconds in transfers."""
         held = (p.device for p in self.stage.module.parameters() if p.device.type != "meta")
@@ -346,17 +339,15 @@ class _StageExecutor(InProcessExecutor):
         local = self.local
         here = {p: self._local_point(p) for p in points}
         mine = sorted({raw for raw in here.values() if raw is not None})
-        output, shapes, failure = None, {}, None
-        local.pipe.begin("forward")
-        try:
-            output, shapes = super()._shape_run(tokens, shape, padded=padded, points=mine)
-            output = local._gathered_logits(output)
-        except Exception as error:
-            failure = error
-            failure = local.pipe.drain(error) or failure
-        finally:
-            local.pipe.end()
-        seen = {p: shapes[raw] for p, raw in here.items() if raw is not None and self._reports(p)}
+
+        def reading() -> tuple[Any, dict[str, list]]:
+            output, shapes = super(_StageExecutor, self)._shape_run(tokens, shape, padded=padded, points=mine)
+            return local._gathered_logits(output), shapes
+
+        ran, failure = local.pipe.run("forward", reading)
+        output, shapes = ran or (None, {})
+        # a rank whose reading failed has none to report, but still tells the others why, as they all wait for it
+        seen = {p: shapes[raw] for p, raw in here.items() if raw is not None and self._reports(p)} if ran else {}
         everyone = local.exchange((_failure(failure), seen), failure)
         _raise_agreed([e[0] for e in everyone])
         merged: dict[str, list] = {}
@@ -379,17 +370,14 @@ class _StageExecutor(InProcessExecutor):
         output, parts, failure = None, [], None
         self.current = (self.passes, self._deadline, run.requests)
         if stop is None or local.rank <= stop[1]:
-            local.pipe.begin(request.op, until=stop[1] if stop is not None else None)
-            try:
+
+            def passing() -> tuple[Any, list[Any]]:
                 self._check_deadline()
-                output, parts = self._stage_pass(run, stop)
-            except Exception as error:
-                failure = error
-                seen = local.pipe.drain(error)
-                if seen is not None and not isinstance(failure, RankFailedError):
-                    failure = seen
-            finally:
-                local.pipe.end()
+                return self._stage_pass(run, stop)
+
+            ran, failure = local.pipe.run(request.op, passing, until=stop[1] if stop is not None else None)
+            if failure is None:
+                output, parts = ran
         self.current = None
         outcome = self._outcome(run, output, parts, stop) if failure is None else []
         # every rank needs what decides each request's fate; only rank 0 the values that go back to the clients
@@ -661,14 +649,6 @@ def _merged(output: Any, parts: list[dict[str, Any]], op: str) -> Any:
     return output
 
 
-def resolve_folder(name: str) -> Any:
-    """The model folder for a name ``nt.load`` takes: a built-in model's cached copy, a Hub model's snapshot in
-    the Hugging Face cache, or the folder itself."""
-    from ..model.load import model_folder
-
-    return model_folder(name)
-
-
 # -- commands ----------------------------------------------------------------------------------------
 
 
@@ -781,12 +761,10 @@ class ShardedExecutor(Executor):
         raise self.failed
 
     def _gather(self, value: Any) -> list[Any]:
-        everyone: list[Any] = [None] * self.local.world
         try:
-            dist.gather_object(value, everyone, dst=0, group=self.local.data)
-        except RuntimeError as error:
-            self._fail(RankFailedError(None, _first_line(error)))
-        return everyone
+            return self.local.to_rank_0(value)
+        except RankFailedError as error:
+            self._fail(error)
 
     # -- the Executor interface --------------------------------------------------------------------
 
@@ -831,7 +809,7 @@ class ShardedExecutor(Executor):
     def tokenizer(self) -> dict[str, Any] | None:
         from ..model.load import _has_tokenizer
 
-        folder = resolve_folder(self.folder)
+        folder = model_folder(self.folder)
         if not _has_tokenizer(folder):
             return None
         import transformers
@@ -864,10 +842,9 @@ class ShardedExecutor(Executor):
                     setattr(request, name, getattr(decoded, name))
                 seed = int(torch.randint(0, 2**31 - 1, (1,), generator=self._seed))
                 send.append((index, (request.session, request.owner), body, seed))
-        if not send:
-            return [r or RunResult(error=error_info(NeurotapError("not run"))) for r in results]
-        with self._lock:
-            self._execute(batch, send, results)
+        if send:
+            with self._lock:
+                self._execute(batch, send, results)
         return [r or RunResult(error=error_info(NeurotapError("not run"))) for r in results]
 
     def _execute(self, batch: list[RunRequest], send: list, results: list) -> None:
@@ -886,7 +863,7 @@ class ShardedExecutor(Executor):
     def recordings(self, session: str) -> dict[str, dict[str, Any]]:
         with self._lock:
             self._command("recordings", session)
-            parts = self._gather(self.local.recordings(session))
+            parts = self._gather(self.local.executor.recordings(session))
         merged: dict[str, dict[str, Any]] = {}
         for part in parts:
             for name, data in (part or {}).items():
@@ -896,7 +873,7 @@ class ShardedExecutor(Executor):
     def clear_recordings(self, session: str) -> None:
         with self._lock:
             self._command("clear", session)
-            self.local.clear(session)
+            self.local.executor.clear_recordings(session)
 
     def close_session(self, session: str) -> None:
         self.clear_recordings(session)
@@ -979,15 +956,15 @@ def follow(
                 local.executor.seeds = [seed for *_, seed in command[1]]
                 local.executor.execute(batch)
             elif kind == "describe":
-                dist.gather_object(local.facts(), None, dst=0, group=local.data)
+                local.to_rank_0(local.facts())
             elif kind == "recordings":
-                dist.gather_object(local.recordings(command[1]), None, dst=0, group=local.data)
+                local.to_rank_0(local.executor.recordings(command[1]))
             elif kind == "clear":
-                local.clear(command[1])
+                local.executor.clear_recordings(command[1])
             elif kind == "parameter":
-                dist.gather_object(local.parameter(command[1]), None, dst=0, group=local.data)
+                local.to_rank_0(local.parameter(command[1]))
         except (RankFailedError, RuntimeError) as error:
-            if isinstance(error, RuntimeError):  # a gather of rank 0's: a RankFailedError is declared already
+            if isinstance(error, RuntimeError):  # a RankFailedError is declared already
                 local.liveness.declare(RankFailedError(None, _first_line(error)))
             local.end_silent_neighbours(rank_timeout)
             return 1

@@ -58,14 +58,13 @@ def launch(args: argparse.Namespace) -> int:
     """Run ``args.ranks`` ranks on this machine under torch's elastic agent, then exit with the server's status."""
     from torch.distributed.launcher.api import LaunchConfig
 
-    from ..model.load import local_folder
-    from .executor import resolve_folder
+    from ..model.load import local_folder, model_folder
     from .stages import check_folder
 
     try:
         # a built-in model is converted once here, and a Hub model found in the cache (or downloaded) once, not
         # by every rank at once; the ranks then read the folder
-        folder = resolve_folder(args.model)
+        folder = model_folder(args.model)
         check_folder(folder)
         if local_folder(args.model) is None:  # a Hub id: the ranks read the snapshot found here
             args.model = str(folder)

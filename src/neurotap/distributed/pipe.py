@@ -98,6 +98,17 @@ class Pipe(Link):
         self._grad_recv = self.backward and self.rank < self.last
         self._grad_send = self.backward and self.rank > 0
 
+    def run(self, op: str, step: Callable[[], Any], until: int | None = None) -> tuple[Any, Exception | None]:
+        """``step()`` as a pass of ``op`` (see ``begin``): what it returned, or else the error that ended it here,
+        once this rank's transfers are complete (the rank failure they met, if any: it names the rank at fault)."""
+        self.begin(op, until)
+        try:
+            return step(), None
+        except Exception as error:
+            return None, self.drain(error) or error
+        finally:
+            self.end()
+
     def drain(self, error: BaseException) -> RankFailedError | None:
         """Complete this step's transfers after ``error``; the rank failure seen, if any."""
         if not self.active or self.world == 1:
