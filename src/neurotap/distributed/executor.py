@@ -296,6 +296,8 @@ class _StageExecutor(InProcessExecutor):
         self._next_look = 0.0
 
     def _check_deadline(self, *_: Any) -> None:
+        if not self.local.pipe.stoppable():
+            return
         super()._check_deadline()
         # only rank 0 hears that the clients went away (and knows the deadlines): the others read its word from
         # the store, often enough to stop soon and seldom enough to cost nothing (a store read is a round trip)
@@ -788,6 +790,7 @@ class ShardedExecutor(Executor):
             "vocab_size": getattr(config, "vocab_size", None),
             "max_position_embeddings": getattr(config, "max_position_embeddings", None),
             "has_generate": hasattr(module, "generate"),
+            "limits": self.limits.to_dict(),
             "requests": self.local.executor.requests,
             "passes": self.local.executor.passes,  # fewer than requests where requests shared passes
             "padded_passes": self.local.executor.padded_passes,

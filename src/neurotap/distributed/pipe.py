@@ -109,6 +109,14 @@ class Pipe(Link):
         finally:
             self.end()
 
+    def stoppable(self) -> bool:
+        """Whether this rank failing now stops the others in this step too. In a generation, a rank that has
+        sent its part of the step on would complete the step as if nothing had happened, and the others would
+        wait for it in the next one: such a rank stops in its next step instead."""
+        if not self.active or not self.generating or self.world == 1:
+            return True
+        return self._send or (self.rank == self.last and self._final)
+
     def drain(self, error: BaseException) -> RankFailedError | None:
         """Complete this step's transfers after ``error``; the rank failure seen, if any."""
         if not self.active or self.world == 1:
