@@ -99,7 +99,7 @@ def main() -> None:
             try:
                 times: dict[str, list[float]] = {name: [] for name in servers}
                 wrote: dict[str, list[list[int]]] = {name: [] for name in servers}
-                for name, server in servers.items():  # once each, checked, before any is timed
+                for server in servers.values():  # once each, checked, before any is timed
                     _, trace = server.remote.run(ids, record=POINTS)
                     for point in expected.points:
                         torch.testing.assert_close(trace[point], expected[point], rtol=1e-5, atol=1e-5)
