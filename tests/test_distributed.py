@@ -972,7 +972,9 @@ def test_under_torchrun_the_options_that_set_ranks_or_devices_are_refused(folder
 
 
 @pytest.mark.slow
-def test_torchrun_on_two_nodes_serves_as_two_ranks_do_and_one_node_lost_ends_the_other(folder, local):
+def start_two_nodes(folder: Path, both: dict | None = None, second: dict | None = None) -> tuple[list, str]:
+    """Two ``torchrun --nnodes 2`` nodes of one rank each on loopback, serving; ``both``, ``second``: more of
+    both nodes' environment, and of the second's. Returns the node processes and the URL, once it serves."""
     import subprocess
 
     rendezvous, port = serving.free_port(), serving.free_port()
@@ -981,22 +983,41 @@ def test_torchrun_on_two_nodes_serves_as_two_ranks_do_and_one_node_lost_ends_the
         "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{rendezvous}", "--local-addr", "127.0.0.1",
         "-m", "neurotap.serve", str(folder), "--port", str(port), "--rank-timeout", str(RANK_TIMEOUT),
     ]  # fmt: skip
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo", "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "MASTER_ADDR": "127.0.0.1",
+        "GLOO_SOCKET_IFNAME": "lo",
+        "PYTHONUNBUFFERED": "1",
+        **(both or {}),
+    }
     nodes = [
-        subprocess.Popen(node, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        for _ in range(2)
+        subprocess.Popen(node, env=e, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        for e in (env, {**env, **(second or {})})
     ]
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while True:
+        try:
+            if httpx.get(url + "/health").status_code == 200:
+                return nodes, url
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline or any(n.poll() is not None for n in nodes):
+            end_nodes(nodes)
+            raise AssertionError("the two nodes did not start")
+        time.sleep(0.5)
+
+
+def end_nodes(nodes: list) -> None:
+    for n in nodes:
+        if n.poll() is None:
+            os.killpg(n.pid, signal.SIGKILL)
+            n.wait()
+
+
+def test_torchrun_on_two_nodes_serves_as_two_ranks_do_and_one_node_lost_ends_the_other(folder, local):
+    nodes, url = start_two_nodes(folder)
     try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline and all(n.poll() is None for n in nodes), "the two nodes did not start"
-            time.sleep(0.5)
         with nt.connect(url) as remote:
             ranks = remote.info()["ranks"]
             assert [row["layers"] for row in ranks] == [[0, 2], [2, 4]]
@@ -1019,10 +1040,34 @@ def test_torchrun_on_two_nodes_serves_as_two_ranks_do_and_one_node_lost_ends_the
         with pytest.raises(ProcessLookupError):
             os.kill(rank1, 0)
     finally:
-        for n in nodes:
-            if n.poll() is None:
-                os.killpg(n.pid, signal.SIGKILL)
-                n.wait()
+        end_nodes(nodes)
+
+
+def test_a_stopped_rank_on_another_machine_ends_both_nodes_in_time(folder, tmp_path):
+    # the second node's processes take another host name, so that no rank counts the other as its machine's and
+    # kills it: each node is left to end its own processes, as on two machines
+    (tmp_path / "sitecustomize.py").write_text('import socket\nsocket.gethostname = lambda: "second-node"\n')
+    path = os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])
+    # a stopped rank ignores the SIGTERM its launcher sends: only the launcher's grace before its SIGKILL, kept
+    # short here, is added to the bound on the stopped rank's node
+    grace = 3
+    nodes, url = start_two_nodes(folder, {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(grace)}, {"PYTHONPATH": path})
+    try:
+        with nt.connect(url) as remote:
+            ranks = remote.info()["ranks"]
+        rank0, rank1 = ranks[0]["pid"], ranks[1]["pid"]
+        live = next(n for n in nodes if n.pid == _parent(rank0))
+        stuck = next(n for n in nodes if n.pid == _parent(rank1))
+        stopped = time.monotonic()
+        os.kill(rank1, signal.SIGSTOP)
+        for node, bound in ((live, RANK_TIMEOUT + EXIT_WITHIN), (stuck, RANK_TIMEOUT + EXIT_WITHIN + grace)):
+            assert node.wait(timeout=max(1.0, bound - (time.monotonic() - stopped))) != 0
+            print(f"a node exited {time.monotonic() - stopped:.1f} s after rank 1 was stopped")
+        for pid in (rank0, rank1):
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
+    finally:
+        end_nodes(nodes)
 
 
 def _parent(pid: int) -> int:
