@@ -18,7 +18,7 @@ their answer (6), a long pass with requests queued behind it (7), Host/Origin
 (8), then compressed bodies, request framing, odd values, point names and paths,
 many probes at one point, the shared session cap of a server without tokens, the
 web inspector's routes, concurrent clears and a session closed mid-body (9), point
-patterns that are costly to match (10).
+patterns that are costly to match, and traces sharing passes (10).
 
 One row per attack: requests sent, responses by status class, 5xx (those by
 design, 503 for the connection cap and 504 for the request timeout, counted
@@ -63,6 +63,7 @@ from neurotap.transport.wire import (
     ProbeSpec,
     RunRequest,
     encode_request,
+    traced_probes,
 )
 
 LAUNCH = "import sys; from neurotap.cli import main; sys.exit(main())"
@@ -1645,6 +1646,33 @@ def attack_patterns(server: Server, tally: Tally) -> list:
     return checks
 
 
+def attack_pass_recordings(server: Server, tally: Tally, count: int = 16) -> list:
+    """Requests sharing passes, each tracing just under a session's limit: together over --max-total-bytes."""
+    checks: list = []
+    tokens = ids(16, 64)  # 2 layers x [16, 64, 128] floats at each of 3 points: 3 MiB a request
+    record = ["model.layers.*.mlp.mul", "model.layers.*.mlp.up_proj.output", "model.layers.*.mlp.gate_proj.output"]
+    body = encode_request(RunRequest("forward", (tokens,), {}, traced_probes(record), []))
+    before = server.status("VmHWM")
+    raws = [Raw(server) for _ in range(count)]
+    answers: list[Any] = []
+
+    def send(raw: Raw) -> None:
+        answers.append(tally.send("traced", lambda: raw.run(body)))
+
+    threads = [threading.Thread(target=send, args=(raw,)) for raw in raws]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    grown = (server.status("VmHWM") - before) >> 20
+    expect(checks, f"{count} traced requests of 3 MiB at once are answered", all(code(a) == 200 for a in answers),
+           [brief(a) for a in answers][:3])  # fmt: skip
+    expect(checks, "(info) peak RSS grew by", True, f"{grown} MiB ({count} x 3 MiB traced; --max-total-bytes 16 MiB)")
+    for raw in raws:
+        raw.close()
+    return checks
+
+
 def attack_open_server_eviction(server: Server, tally: Tally) -> list:
     """On a server without tokens every client shares one session cap."""
     checks: list = []
@@ -1731,6 +1759,7 @@ def main() -> int:
                 ("9f web routes (tokenize)", "A", attack_web_routes),
                 ("9e races + closed mid-body", "A", attack_races),
                 ("10a point patterns", "A", attack_patterns),
+                ("10b 16 traces sharing passes", "A", attack_pass_recordings),
             ]
             if options.smollm2:
                 attacks += [

@@ -8,6 +8,7 @@ and gets exactly the local model's logits.
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import subprocess
@@ -721,3 +722,106 @@ def test_point_patterns_cost_little_whatever_they_hold(server, canary, local):
         for i, value in expected.items():
             torch.testing.assert_close(recorded[f"model.layers.{i}.mlp.mul"]["record"][0], value)
     assert_served(canary, local)
+
+
+def test_a_sharded_server_survives_requests_that_one_rank_cannot_serve(folder, local):
+    """``stop_at`` a weight of the second rank's layers once left rank 0 waiting to send it the hidden state until
+    the rank timeout, and then the whole server exited; such requests are now refused before any rank runs."""
+    server = Server(folder, "--ranks", "2", "--rank-timeout", "20")
+    try:
+        with nt.connect(server.url) as rm:
+            last = len(local.module.model.layers) - 1
+            for point in [f"model.layers.{last}.mlp.up_proj.weight", "model.rotary_emb.inv_freq"]:
+                start = time.monotonic()
+                with pytest.raises(nt.NeurotapError, match="cannot stop at") as caught:
+                    rm.forward(ids(5), stop_at=point)
+                assert caught.value.status == 422 and time.monotonic() - start < 10
+            ranges = "model.layers." + ".".join(["{0..65536}"] * 6) + ".mlp.mul"
+            with pytest.raises(nt.UnknownPointError, match="no point matches"):
+                rm.forward(ids(5), probes=[nt.probe(ranges, nt.Record())])
+            stopped = rm.forward(ids(5), stop_at=f"model.layers.{last}.mlp.mul")
+            expected = []
+            hook = local.module.model.layers[last].mlp.down_proj.register_forward_pre_hook(
+                lambda m, a: expected.append(a[0].clone())
+            )
+            try:
+                with torch.no_grad():
+                    local.module(ids(5))
+            finally:
+                hook.remove()
+            torch.testing.assert_close(stopped, expected[0])
+            assert_served(rm, local)
+        assert server.process.poll() is None
+    finally:
+        server.stop()
+
+
+def test_experiments_never_hold_the_threads_other_requests_need(tmp_path):
+    """Each inspector experiment (``POST /v1/patching``) held one of the few threads that decode every client's
+    requests until it ended, so a dozen of them kept a small forward of another client waiting for most of them."""
+    from serving import WORDS, save_with_word_tokenizer
+
+    worded = save_with_word_tokenizer(tiny_llama(), tmp_path / "worded")
+    server = Server(worded)
+    try:
+        clean = " ".join(WORDS[i % len(WORDS)] for i in range(40))
+        corrupt = " ".join(WORDS[(i * 7) % len(WORDS)] for i in range(40))
+        body = {"clean": clean, "corrupt": corrupt, "target": "paris"}
+        finished: list[int] = []
+
+        def experiment() -> None:
+            response = httpx.post(server.url + "/v1/patching", json=body, headers=headers(None), timeout=300)
+            finished.append(response.status_code)
+
+        count = min(32, (os.cpu_count() or 1) + 4) + 6  # more than asyncio's default threads
+        threads = [threading.Thread(target=experiment) for _ in range(count)]
+        for thread in threads:
+            thread.start()
+        time.sleep(0.5)
+        with nt.connect(server.url) as rm:
+            tokens = ids(3)
+            done_before = len(finished)
+            out = rm.forward(tokens, outputs=["logits"])
+            done_meanwhile = len(finished) - done_before
+            with torch.no_grad():
+                torch.testing.assert_close(out.logits, nt.load(str(worded)).module(tokens).logits)
+        for thread in threads:
+            thread.join(300)
+        assert done_meanwhile <= 2 and len(finished) == count and set(finished) <= {200, 504}
+    finally:
+        server.stop()
+
+
+def test_what_one_pass_records_stays_within_the_server_wide_limit(local):
+    """Requests batched into one pass each recorded up to --max-session-bytes, kept or traced, all of it held at
+    once: 32 requests, 32 times the limit of a session, whatever --max-total-bytes said. A pass whose requests
+    together outgrow it now runs each of them on its own, and each still gets its whole trace."""
+    from neurotap.transport.executor import InProcessExecutor
+    from neurotap.transport.wire import traced_probes
+
+    executor = InProcessExecutor(local, max_session_bytes=200_000, max_total_bytes=500_000)
+    tokens = [ids(50 + k, rows=4, length=16) for k in range(8)]  # 2 layers x [4, 16, 128] floats: 128 KiB each
+    batch = [
+        RunRequest("forward", (t,), {}, traced_probes(["model.layers.*.mlp.mul"]), [], session=f"s{k}")
+        for k, t in enumerate(tokens)
+    ]
+    results = executor.execute(batch)
+    assert executor.passes == 1 + len(batch)  # the shared pass stopped at the limit, then one pass each
+    layers = local.module.model.layers
+    for t, result in zip(tokens, results):
+        assert result.error is None, result.error
+        expected: list[torch.Tensor] = []
+        hooks = [
+            layer.mlp.down_proj.register_forward_pre_hook(lambda m, a, seen=expected: seen.append(a[0].clone()))
+            for layer in layers
+        ]
+        try:
+            with torch.no_grad():
+                local.module(t)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        got = {entry["point"]: entry["data"]["record"][0] for entry in result.trace}
+        assert list(got) == [f"model.layers.{i}.mlp.mul" for i in range(len(layers))]
+        for i, value in enumerate(expected):
+            torch.testing.assert_close(got[f"model.layers.{i}.mlp.mul"], value)

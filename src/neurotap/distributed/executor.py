@@ -214,7 +214,14 @@ class _Rank:
         for spec in request.probes:
             self.owners_of(spec.point)
         if request.stop_at is not None:
-            self.owners_of(request.stop_at)
+            raw, _ = self.owners_of(request.stop_at)
+            found = self.points.get(split_narrowing(raw)[0]) or self.static.get(split_narrowing(raw)[0])
+            if found is not None and found.kind in ("parameter", "buffer"):
+                # the owning rank would stop as its forward starts, before the hidden state it waits for arrives
+                raise NeurotapError(
+                    f"stop_at={request.stop_at!r} is a {found.kind}, which a sharded server cannot stop at: stop at "
+                    "a point the forward computes, or read it with get_parameter()"
+                )
 
     def _stage_parts(self, output: Any, op: str) -> dict[str, Any]:
         """What of ``output`` this rank computed and rank 0 lacks: the hidden states and attentions of its

@@ -76,6 +76,10 @@ class RecordingLimitError(NeurotapError):
     """A session's recordings would grow past the server's per-session or server-wide limit."""
 
 
+class _PassRecordingLimitError(RecordingLimitError):
+    """What the requests of one pass recorded together grew past the server-wide limit."""
+
+
 class RequestCancelledError(NeurotapError):
     """Every client of a pass went away, so the pass stopped."""
 
@@ -479,7 +483,9 @@ class InProcessExecutor(Executor):
         readings = self._readings[tokens[0].key] if padded else None
         staged: list[dict[str, SaveContext]] = [{} for _ in requests]
         traced: list[dict[str, SaveContext]] = [{} for _ in requests]  # saves that go back with the answer
-        meters = [_Meter(self.max_session_bytes) for _ in requests]
+        over = " together, over the server's limit for all sessions"
+        together = _Meter(self.max_total_bytes, over, "--max-total-bytes")
+        meters = [_Meter(self.max_session_bytes, together=together) for _ in requests]
         generating = shared and requests[0].op == "generate"
         if generating:  # each request stops where it would have stopped alone
             first = requests[0]
@@ -682,6 +688,8 @@ class InProcessExecutor(Executor):
                     check_selection(name, fn, part, limits)
                 result = fn(ctx, part)
                 meter.measure(metered, ctx)
+            except _PassRecordingLimitError:
+                raise
             # a probe that calls sys.exit() or raises KeyboardInterrupt fails its request, not the server
             except (Exception, SystemExit, KeyboardInterrupt) as error:
                 raise _RequestFailed(position, _as_probe_error(error, fn, name, ctx)) from error
@@ -812,9 +820,18 @@ def recorded_size(value: Any, point: str = "") -> int:
 class _Meter:
     """What one request has recorded so far, measured after every probe call without re-walking old lists."""
 
-    def __init__(self, budget: int) -> None:
+    def __init__(
+        self,
+        budget: int,
+        over: str = ", over the server's limit for a session",
+        flag: str = "--max-session-bytes",
+        together: _Meter | None = None,
+    ) -> None:
         self.budget = budget
         self.total = 0
+        self.over, self.flag = over, flag
+        # the pass's requests together: what they record, kept or traced, is held at once until the pass ends
+        self.together = together
         # (context, key) -> (the value, its length if a list, its bytes)
         self._sizes: dict[tuple[str, str], tuple[Any, int, int]] = {}
 
@@ -832,13 +849,19 @@ class _Meter:
             else:
                 grown = recorded_size(value, name)
             self._sizes[(name, key)] = (value, len(value) if isinstance(value, list) else 0, grown)
-            self.total += grown - size
+            self.grow(grown - size)
+
+    def grow(self, delta: int) -> None:
+        self.total += delta
         if self.total > self.budget:
-            raise RecordingLimitError(
-                f"the probes of this request recorded {self.total} bytes, over the server's limit for a session, "
-                f"{self.budget} "
-                "(--max-session-bytes); record less (index=...) or reduce on the server (nt.Mean, nt.TopK)"
+            whose = "this request" if self.together is not None else "the requests sharing this pass"
+            # the pass's total is nobody's fault alone: each of its requests is then run on its own
+            raise (RecordingLimitError if self.together is not None else _PassRecordingLimitError)(
+                f"the probes of {whose} recorded {self.total} bytes{self.over}, {self.budget} "
+                f"({self.flag}); record less (index=...) or reduce on the server (nt.Mean, nt.TopK)"
             )
+        if self.together is not None:
+            self.together.grow(delta)
 
 
 def sendable(value: Any) -> Any:

@@ -31,7 +31,8 @@ no model logic. Routes added here:
   ``nt.PatchingResult`` as ``to_dict()``, plus ``target`` and ``target_piece``). The
   experiment's forwards are runs through the executor, each bounded like any
   request, all of them within twice the request timeout; prompts of the same
-  length, at most :data:`MAX_LENS_POSITIONS` tokens.
+  length, at most :data:`MAX_LENS_POSITIONS` tokens. Experiments run on
+  :data:`MAX_EXPERIMENT_THREADS` threads of their own; more wait their turn.
 - ``GET /v1/dataset``: ``{"points", "shapes", "rows"}`` of the server's ``--dataset`` (404 without one)
 - ``POST /v1/top_examples``: ``{"point": str, "unit": int or [ints], "k": n, "before": n,
   "after": n}`` -> ``{"point", "unit", "examples": [{"value", "row", "sequence",
@@ -46,6 +47,7 @@ no model logic. Routes added here:
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import re
 import secrets
@@ -69,6 +71,7 @@ MAX_LENS_POSITIONS = 64  # every layer's residual meets the whole vocabulary: la
 MAX_LENS_TOP = 10
 MAX_EXAMPLES = 50
 MAX_CONTEXT = 64  # tokens of context on each side of an example
+MAX_EXPERIMENT_THREADS = 2
 _LENS_PASS_BYTES = 64 << 20  # the logits of one of the lens's passes: it puts in as many layers as fit
 _MAX_JSON_BYTES = 64 << 10
 _FILES = {"app.js": "text/javascript", "style.css": "text/css", "index.html": "text/html"}
@@ -91,6 +94,9 @@ def mount(app: Any, state: Any, executor: Any, settings: Any, dataset: Any = Non
     folder = Path(__file__).with_name("web")
     files = {name: (folder / name).read_bytes() for name in _FILES}
     tokenizers: list[Any] = []  # built once, on the worker thread
+    # an experiment's thread mostly waits for the worker; on threads of their own, however many experiments
+    # clients start, they never hold the threads that decode and encode every other client's requests
+    experiments = concurrent.futures.ThreadPoolExecutor(MAX_EXPERIMENT_THREADS, "neurotap-experiment")
 
     def static(name: str) -> Response:
         return Response(files[name], media_type=_FILES[name], headers=_HEADERS)
@@ -358,8 +364,8 @@ def mount(app: Any, state: Any, executor: Any, settings: Any, dataset: Any = Non
             return logits.float().softmax(-1)[:, target]
 
         probability.__name__ = f"p({piece!r})"
-        work = asyncio.ensure_future(
-            asyncio.to_thread(activation_patching, served, clean, corrupt, probability, points)
+        work = asyncio.get_running_loop().run_in_executor(
+            experiments, activation_patching, served, clean, corrupt, probability, points
         )
         try:
             while not work.done():
