@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.utils.hooks import RemovableHandle
 
 from ..errors import PatchError
 from .rewrite import FRAME_ATTR, TappedFunction, defining_class, expandable, push_helper_frame, tapped
@@ -173,7 +174,7 @@ def passed_arguments(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any
     return passed
 
 
-_MISSING = object()
+_ABSENT = object()  # what an attribute or table entry neurotap set was before it: there was none
 _HOOK_MARK = "_neurotap_hook"  # set on every hook neurotap registers, so copies can leave them out
 _REDUCE = "__reduce_ex__"
 _PRISTINE = "_neurotap_pristine"  # what the instance attributes neurotap replaced were before
@@ -186,9 +187,11 @@ _HOOK_DICTS = (
 )
 
 
-def _ours(hook: Callable[..., Any]) -> Callable[..., Any]:
-    setattr(hook, _HOOK_MARK, True)
-    return hook
+def _hook_id() -> int:
+    """A key for one hook, from the counter torch's own handles draw theirs from, so none can clash."""
+    key = RemovableHandle.next_id
+    RemovableHandle.next_id = key + 1
+    return key
 
 
 def _untapped_reduce(module: torch.nn.Module, _protocol: int) -> tuple:
@@ -204,7 +207,7 @@ def _untapped_reduce(module: torch.nn.Module, _protocol: int) -> tuple:
         if isinstance(slot, tuple):  # a parameter or buffer: (its table, its name)
             table, name = slot
             state[table] = {**state[table], name: value}
-        elif value is None:
+        elif value is _ABSENT:
             state.pop(slot, None)
         else:
             state[slot] = value
@@ -222,23 +225,32 @@ def _untapped_reduce(module: torch.nn.Module, _protocol: int) -> tuple:
 
 
 class Attachment:
-    """Hooks and tapped forwards on one module tree; ``detach()`` restores it exactly."""
+    """Hooks and tapped forwards on one module tree; ``detach()`` restores it exactly.
+
+    Everything it does is setting an entry of some table (an instance's ``__dict__``,
+    a hook dict, a parameter table), noted with what was there, so one loop undoes it all.
+    """
+
+    __slots__ = ("_log", "_claimed")
 
     def __init__(self) -> None:
-        self._handles: list[Any] = []
-        self._tapped_modules: list[tuple[torch.nn.Module, Any, Any, Any]] = []
-        self._claimed: dict[int, tuple[torch.nn.Module, Any]] = {}
-        self._remembered: list[tuple[torch.nn.Module, str | tuple[str, str]]] = []
-        self._swapped: list[tuple[torch.nn.Module, str, Any]] = []
-        self._held: list[tuple[dict[str, Any], str, torch.Tensor]] = []
+        self._log: list[tuple[dict, Any, Any]] = []  # (table, key, what was there or _ABSENT), in order
+        self._claimed: set[int] = set()  # the modules whose copies see them untapped
 
-    def _remember(self, module: torch.nn.Module, name: str | tuple[str, str], value: Any = _MISSING) -> None:
+    def _put(self, table: dict, key: Any, value: Any) -> None:
+        self._log.append((table, key, table.get(key, _ABSENT)))
+        table[key] = value
+
+    def _remember(self, module: torch.nn.Module, name: str | tuple[str, str], value: Any) -> None:
         """Keep what ``name`` was before neurotap, for copies made while it is replaced."""
         self._claim(module)
-        pristine = module.__dict__.setdefault(_PRISTINE, {})
+        own = module.__dict__
+        pristine = own.get(_PRISTINE)
+        if pristine is None:
+            pristine = {}
+            self._put(own, _PRISTINE, pristine)
         if name not in pristine:
-            pristine[name] = module.__dict__.get(name) if value is _MISSING else value  # type: ignore[arg-type]
-            self._remembered.append((module, name))
+            self._put(pristine, name, value)
 
     def hold_tensor(self, module: torch.nn.Module, name: str) -> tuple[dict[str, Any], torch.Tensor]:
         """The table holding parameter or buffer ``name`` and its tensor; the tensor goes back there on detach.
@@ -249,19 +261,46 @@ class Attachment:
         table = module.__dict__[table_name]
         original = table[name]
         self._remember(module, (table_name, name), original)
-        self._held.append((table, name, original))
+        self._put(table, name, original)
         return table, original
 
     def swap(self, module: torch.nn.Module, name: str, value: Any) -> None:
         """Set the instance attribute ``name`` of ``module`` to ``value`` until ``detach()``."""
-        self._remember(module, name)
-        self._swapped.append((module, name, module.__dict__.get(name, _MISSING)))
-        module.__dict__[name] = value
+        self._remember(module, name, module.__dict__.get(name, _ABSENT))
+        self._put(module.__dict__, name, value)
 
     def _claim(self, module: torch.nn.Module) -> None:
         if id(module) not in self._claimed:
-            self._claimed[id(module)] = (module, module.__dict__.get(_REDUCE))
-            module.__dict__[_REDUCE] = functools.partial(_untapped_reduce, module)
+            self._claimed.add(id(module))
+            self._put(module.__dict__, _REDUCE, functools.partial(_untapped_reduce, module))
+
+    def hook(
+        self,
+        module: torch.nn.Module,
+        hook: Callable[..., Any],
+        *,
+        before: bool = False,
+        with_kwargs: bool = False,
+        always: bool = False,
+        first: bool = False,
+    ) -> None:
+        """Register ``hook`` as ``register_forward_hook`` (``before``: ``register_forward_pre_hook``) would.
+
+        It goes straight into the module's hook tables, without a handle to remove it by: ``detach()`` does.
+        """
+        self._claim(module)
+        if not getattr(hook, _HOOK_MARK, False):
+            setattr(hook, _HOOK_MARK, True)
+        key = _hook_id()
+        own = module.__dict__
+        hooks = own["_forward_pre_hooks" if before else "_forward_hooks"]
+        self._put(hooks, key, hook)
+        if with_kwargs:
+            self._put(own["_forward_pre_hooks_with_kwargs" if before else "_forward_hooks_with_kwargs"], key, True)
+        if always:
+            self._put(own["_forward_hooks_always_called"], key, True)
+        if first:
+            hooks.move_to_end(key, last=False)
 
     def on_input(self, module: torch.nn.Module, fire: Fire) -> None:
         keyword = first_parameter(module)
@@ -278,8 +317,7 @@ class Attachment:
                     return args, kwargs
             return None
 
-        self._claim(module)
-        self._handles.append(module.register_forward_pre_hook(_ours(pre_hook), with_kwargs=True))
+        self.hook(module, pre_hook, before=True, with_kwargs=True)
 
     def on_argument(self, module: torch.nn.Module, name: str, fire: Fire) -> None:
         """``fire`` the argument ``name`` of each call of ``module`` that passes it, positionally or by keyword."""
@@ -296,8 +334,7 @@ class Attachment:
                 return None if value is original else ((*args[:position], value, *args[position + 1 :]), kwargs)
             return None
 
-        self._claim(module)
-        self._handles.append(module.register_forward_pre_hook(_ours(pre_hook), with_kwargs=True))
+        self.hook(module, pre_hook, before=True, with_kwargs=True)
 
     def on_arguments(self, module: torch.nn.Module, fire: Callable[[str, Any], None]) -> None:
         """``fire(name, value)`` for every argument but the input of each call of ``module`` (reading only)."""
@@ -306,40 +343,22 @@ class Attachment:
             for name, value in passed_arguments(module, args, kwargs):
                 fire(name, value)
 
-        self._claim(module)
-        self._handles.append(module.register_forward_pre_hook(_ours(pre_hook), with_kwargs=True))
+        self.hook(module, pre_hook, before=True, with_kwargs=True)
 
     def on_output(self, module: torch.nn.Module, fire: Fire) -> None:
-        def hook(_module: Any, _args: Any, output: Any) -> Any:
-            value = fire(output)
-            return None if value is output else value
-
-        self._claim(module)
-        self._handles.append(module.register_forward_hook(_ours(hook)))
+        self.hook(module, _OutputHook(fire))
 
     def before_forward(self, module: torch.nn.Module, callback: Callable[[], None]) -> None:
         """Run ``callback`` before every forward of ``module``, ahead of its other hooks."""
-        self._claim(module)
-        handle = module.register_forward_pre_hook(_ours(lambda *_: callback()), prepend=True)
-        self._handles.append(handle)
+        self.hook(module, lambda *_: callback(), before=True, first=True)
 
     def after_forward(self, module: torch.nn.Module, callback: Callable[[], None]) -> None:
         """Run ``callback`` after every forward of ``module``, also one that raised."""
-        self._claim(module)
-
-        def hook(*_: Any) -> None:
-            callback()
-
-        self._handles.append(module.register_forward_hook(_ours(hook), always_call=True))
+        self.hook(module, lambda *_: callback(), always=True)
 
     def after_success(self, module: torch.nn.Module, callback: Callable[[], None]) -> None:
         """Run ``callback`` after every forward of ``module`` that returned (not one that raised)."""
-        self._claim(module)
-
-        def hook(*_: Any) -> None:
-            callback()
-
-        self._handles.append(module.register_forward_hook(_ours(hook)))
+        self.hook(module, lambda *_: callback())
 
     def on_ops(self, module: torch.nn.Module, frame: Frame, *, combine: bool = True) -> bool:
         """Run ``module``'s tapped forward with ``frame``; False if it has none.
@@ -350,17 +369,16 @@ class Attachment:
         result = tapped_forward(module)
         if result is None or forward_replaced(module):
             return False
+        own = module.__dict__
         # accelerate's hooks keep the real forward as _old_forward and call it from an instance forward of
         # their own: tap that one so their device handling stays in place
-        slot = "_old_forward" if "_old_forward" in module.__dict__ else "forward"
-        # another attachment (a second wrapper of the same module) may be on it already: restore it on detach
-        previous_frame = module.__dict__.get(FRAME_ATTR)
-        self._tapped_modules.append((module, slot, module.__dict__.get(slot), previous_frame))
-        self._remember(module, slot)
-        if combine and previous_frame is not None:
+        slot = "_old_forward" if "_old_forward" in own else "forward"
+        self._remember(module, slot, own.get(slot, _ABSENT))
+        previous_frame = own.get(FRAME_ATTR)
+        if combine and previous_frame is not None:  # another attachment (a second wrapper) is on it already
             frame = Frame.merged(previous_frame, frame)
-        module.__dict__[FRAME_ATTR] = frame
-        module.__dict__[slot] = types.MethodType(result.function, module)
+        self._put(own, FRAME_ATTR, frame)
+        self._put(own, slot, types.MethodType(result.function, module))
         return True
 
     def skip(self, module: torch.nn.Module, forward: Callable[..., Any]) -> None:
@@ -368,38 +386,24 @@ class Attachment:
         self.swap(module, "_old_forward" if "_old_forward" in module.__dict__ else "forward", forward)
 
     def detach(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        if self._swapped:
-            for module, name, previous in reversed(self._swapped):  # a skip goes on after a tapped forward
-                if previous is _MISSING:
-                    module.__dict__.pop(name, None)
-                else:
-                    module.__dict__[name] = previous
-            self._swapped.clear()
-        if self._tapped_modules:
-            for module, slot, previous_forward, previous_frame in reversed(self._tapped_modules):
-                for name, previous in ((FRAME_ATTR, previous_frame), (slot, previous_forward)):
-                    if previous is None:
-                        module.__dict__.pop(name, None)
-                    else:
-                        module.__dict__[name] = previous
-            self._tapped_modules.clear()
-        if self._held:
-            for table, name, original in reversed(self._held):
-                table[name] = original
-            self._held.clear()
-        if self._remembered:
-            for module, name in self._remembered:
-                pristine = module.__dict__.get(_PRISTINE, {})
-                pristine.pop(name, None)
-                if not pristine:
-                    module.__dict__.pop(_PRISTINE, None)
-            self._remembered.clear()
-        for module, previous in reversed(self._claimed.values()):
-            if previous is None:
-                module.__dict__.pop(_REDUCE, None)
+        log = self._log
+        while log:
+            table, key, previous = log.pop()
+            if previous is _ABSENT:
+                table.pop(key, None)
             else:
-                module.__dict__[_REDUCE] = previous
-        self._handles.clear()
+                table[key] = previous
         self._claimed.clear()
+
+
+class _OutputHook:
+    """A forward hook handing the output to ``fire``; what it returns is the output from then on."""
+
+    __slots__ = ("fire",)
+    _neurotap_hook = True
+
+    def __init__(self, fire: Fire) -> None:
+        self.fire = fire
+
+    def __call__(self, _module: Any, _args: Any, output: Any) -> Any:
+        return self.fire(output)  # the same object back counts as no change
