@@ -13,8 +13,11 @@ Each task is done three ways, with hooks and probes attached for that call only:
 MLP product of layer 0 (``model.layers.0.mlp.mul``, which hand hooks and nnsight
 reach as the input of ``down_proj``). The ratio that matters is each library's
 added time over the plain forward against the hand hooks' added time. Also timed:
-a 16-token generation with the ablation at every step, and a sweep of 1,000
-forwards each zeroing one (position, unit) cell, the shape of activation patching.
+a 16-token generation with the ablation at every step, a sweep of 1,000
+forwards each zeroing one (position, unit) cell, the shape of activation patching,
+and the gradient of a next-token loss at every decoder layer's output:
+``m.backward`` with gradient probes and ``m.run(grad=...)`` against forward hooks
+keeping the outputs and ``torch.autograd.grad`` on the unwrapped model.
 "run" (in the record task) is ``m.run(ids, record="blocks.*.resid_post")``: a trace
 of every layer's residual, also timed on SmolLM2 in pairs against the plain module
 (a, b, b, a each round; median ratio).
@@ -176,6 +179,50 @@ def forward_variants(
     return variants
 
 
+def gradient_variants(module: torch.nn.Module, ids: torch.Tensor) -> dict[str, Callable[[], Any]]:
+    """The gradient of a next-token loss at every decoder layer's output, three ways, checked equal first."""
+    m = nt.wrap(module)
+    m.points()
+    layers = module.model.layers
+    targets = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)
+    loss = nt.CrossEntropy(targets)
+    names = [f"model.layers.{i}.output" for i in range(len(layers))]
+    probes = [nt.probe(name, nt.Record(), grad=True) for name in names]
+
+    def forward_and_loss() -> torch.Tensor:
+        with torch.enable_grad():
+            logits = module(ids).logits
+            return torch.nn.functional.cross_entropy(logits.flatten(0, -2).float(), targets.flatten())
+
+    def by_hand() -> tuple[torch.Tensor, ...]:
+        outputs: list[torch.Tensor] = []
+        handles = [layer.register_forward_hook(lambda _m, _a, output: outputs.append(output)) for layer in layers]
+        try:
+            value = forward_and_loss()
+        finally:
+            for handle in handles:
+                handle.remove()
+        return torch.autograd.grad(value, outputs)
+
+    def with_neurotap() -> None:
+        m.backward(ids, loss=loss, probes=probes)
+        m.clear_recordings()
+
+    expected = by_hand()
+    m.backward(ids, loss=loss, probes=probes)
+    got = [m.recordings()[f"{name}.grad"]["record"][0] for name in names]
+    _, trace = m.run(ids, grad="blocks.*.resid_post", loss=loss)
+    m.clear_recordings()
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(expected, got)), "backward and autograd.grad disagree"
+    assert torch.allclose(trace.grad.stack("blocks.*.resid_post"), torch.stack(expected), atol=1e-6)
+    return {
+        "forward and loss": forward_and_loss,
+        "hand hooks": by_hand,
+        "neurotap": with_neurotap,
+        "run, grad every resid_post": lambda: m.run(ids, grad="blocks.*.resid_post", loss=loss),
+    }
+
+
 def report(title: str, medians: dict[str, float], base: str, pairs: list[tuple[str, str]]) -> None:
     print(f"\n{title}")
     for name, seconds in medians.items():
@@ -284,6 +331,9 @@ def main() -> None:
         report("Tiny Llama, greedy generate 16 tokens, one ablation at every step", gen, "plain generate", gen_pairs)
         swept = sweep(tiny, ids[:1], max(3, args.rounds // 6))
         report("Tiny Llama, batch 1 x 16, a sweep of 1,000 single-cell ablations", swept, "plain forwards", pairs)
+        grads = interleave(gradient_variants(tiny, ids), args.rounds, 10)
+        title = "Tiny Llama, batch 2 x 16, the gradient of a next-token loss at every decoder layer's output"
+        report(title, grads, "forward and loss", [*pairs[:1], ("run, grad every resid_post", "hand hooks")])
 
         if not args.no_smollm2:
             started = time.perf_counter()

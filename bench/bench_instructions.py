@@ -7,14 +7,22 @@ number of instructions a call executes does not. This runs bench_core's tiny-Lla
 (2 x 16 tokens, one thread) under ``valgrind --tool=callgrind``, counting only while each
 variant runs, and prints for each task the instructions a call adds over the plain
 forward: hand-written torch hooks against neurotap, and their ratio (the goal is at most
-1.15). Instructions are not time (a cache miss costs more than an add), so confirm a
-change with bench_core on a quiet machine; but a change that removes instructions from
-the per-call path shows here at once and exactly.
+1.15). The generate row is per generated step: a greedy 16-token generate with the
+ablation at every step, its added instructions over a plain generate divided by 16.
+The gradients row is ``m.backward`` with a gradient probe at every decoder layer's
+output against forward hooks and ``torch.autograd.grad``, over the forward and loss alone.
+Each variant runs 10 times before it is counted, so that Python has specialised the code
+it runs once per call as it has the rest, and the garbage collector's old objects are
+frozen, so that a full collection landing in one variant cannot swamp its count.
+Instructions are not time (a cache miss costs more than an add), so confirm a change
+with bench_core on a quiet machine; but a change that removes instructions from the
+per-call path shows here at once and exactly.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import subprocess
 import sys
@@ -25,9 +33,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import neurotap as nt  # noqa: E402
-from bench_core import TASKS, probes_for, tiny_llama, with_hooks  # noqa: E402
+from bench_core import TASKS, UNIT, gradient_variants, probes_for, tiny_llama, with_hooks  # noqa: E402
 
 CHILD = "NEUROTAP_INSTRUCTIONS_CHILD"
+STEPS = 16
+WARM = 10
 
 
 def variants() -> dict[str, object]:
@@ -59,6 +69,23 @@ def variants() -> dict[str, object]:
     for task in TASKS:
         found[f"hooks {task}"] = hooks(task)
         found[f"neurotap {task}"] = neurotap(task)
+    prompt = ids[:1]
+    kwargs = {"max_new_tokens": STEPS, "min_new_tokens": STEPS, "do_sample": False, "pad_token_id": 0}
+    ablation = {"model.layers.0.mlp.mul": nt.Zero(index=(..., UNIT))}
+    probes = probes_for("zero", layers)
+
+    def patched() -> None:
+        with m.patch(ablation):
+            m.generate(prompt, **kwargs)
+
+    found["plain generate"] = lambda: module.generate(prompt, **kwargs)
+    found["hooks generate"] = lambda: with_hooks(module, "zero", lambda: module.generate(prompt, **kwargs), [])
+    found["neurotap generate"] = lambda: m.generate(prompt, probes=probes, **kwargs)
+    found["neurotap generate, patch block"] = patched
+    gradients = gradient_variants(module, ids)
+    found["plain loss"] = gradients["forward and loss"]
+    found["hooks gradients"] = gradients["hand hooks"]
+    found["neurotap gradients"] = gradients["neurotap"]
     return found
 
 
@@ -69,8 +96,12 @@ def child(calls: int) -> None:
     with torch.no_grad():
         found = variants()
         for call in found.values():
-            for _ in range(3):  # warm: rewritten sources, plan caches, allocator
+            for _ in range(WARM):  # rewritten sources, plan caches, the allocator, Python's specialised code
                 call()
+        for _ in range(WARM):
+            control("--instr=off")  # its own code too, which runs inside each count
+        gc.collect()
+        gc.freeze()
         control("--zero")
         for name, call in found.items():
             control("--instr=on")
@@ -114,6 +145,18 @@ def main() -> None:
         hooks = per_call[f"hooks {task}"] - plain
         ours = per_call[f"neurotap {task}"] - plain
         print(f"{what:<40} {hooks / 1e3:>13,.0f} k {ours / 1e3:>13,.0f} k {ours / hooks:>6.2f}x")
+    plain = per_call["plain generate"]
+    print(f"greedy generate, {STEPS} tokens: the plain generate executes {plain / STEPS / 1e3:,.0f} k a step")
+    hooks = (per_call["hooks generate"] - plain) / STEPS
+    for name in ("neurotap generate", "neurotap generate, patch block"):
+        ours = (per_call[name] - plain) / STEPS
+        what = f"ablation every step, per step{name.removeprefix('neurotap generate')}"
+        print(f"{what:<40} {hooks / 1e3:>13,.1f} k {ours / 1e3:>13,.1f} k {ours / hooks:>6.2f}x")
+    plain = per_call["plain loss"]
+    print(f"next-token loss: the forward and loss execute {plain / 1e3:,.0f} k instructions")
+    hooks, ours = per_call["hooks gradients"] - plain, per_call["neurotap gradients"] - plain
+    what = "gradient at every layer's output"
+    print(f"{what:<40} {hooks / 1e3:>13,.0f} k {ours / 1e3:>13,.0f} k {ours / hooks:>6.2f}x")
 
 
 if __name__ == "__main__":
