@@ -85,6 +85,7 @@ class RunState:
     """Counters shared by the taps of one plan: which forward, which step, and the checkpointed layer running."""
 
     __slots__ = ("forward_id", "step", "forwards_this_call", "region")
+    _neurotap_hook = True  # registered itself as the root's forward pre-hook: each call starts a forward
 
     def __init__(self) -> None:
         self.forward_id = 0
@@ -95,11 +96,13 @@ class RunState:
     def new_call(self) -> None:
         self.forwards_this_call = 0
 
-    def new_forward(self) -> None:
+    def new_forward(self, *_hook_args: Any) -> None:
         self.forward_id += 1
         self.step = self.forwards_this_call
         self.forwards_this_call += 1
         reset_helper_frames()
+
+    __call__ = new_forward
 
 
 def _member_key(value: Any, key: Any) -> Any:
@@ -233,6 +236,7 @@ class Tap:
     """Everything bound at one point, called with the value each time it fires."""
 
     __slots__ = ("point", "bound", "state", "calls", "forward_id", "plain")
+    _neurotap_hook = True  # registered itself as a module's forward hook: the output is the value
 
     def __init__(self, point: Point, state: RunState) -> None:
         self.point = point
@@ -247,7 +251,9 @@ class Tap:
         only = self.bound[0] if len(self.bound) == 1 else None
         self.plain = only if only is not None and not only.keys and not only.grad else None
 
-    def __call__(self, value: Any) -> Any:
+    def __call__(self, *fired: Any) -> Any:
+        """The value, as the probes leave it; called with the value, or as a forward hook (the output last)."""
+        value = fired[-1]
         if _replays:
             return value  # backward is recomputing a checkpointed layer: the replay's own taps act there
         state = self.state
@@ -400,7 +406,7 @@ def split_taps(taps: Iterable[tuple[Point, Any]]) -> tuple[list[tuple[Point, Any
         if frame is None:
             frame = frames[point.module] = Frame()
         for site in point.scope[:-1]:
-            frame = frame.children.setdefault(site, Frame())
+            frame = frame.child(site)
         frame.taps[point.scope[-1]] = fire
     return hooks, frames
 
@@ -578,7 +584,7 @@ class Plan:
                 attachment.before_forward(root, self.start_forward)
                 attachment.after_forward(root, functools.partial(_put_back, held))
             elif hooked:
-                attachment.before_forward(root, self.state.new_forward)
+                attachment.before_forward(root, self.state)
             attach_split(attachment, hooks, frames, modules)
             for path, skipping in self.skips.items():
                 skipping.keyword = first_parameter(modules[path])

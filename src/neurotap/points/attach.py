@@ -56,14 +56,27 @@ def tapped_callee(callee: Any) -> tuple[Any, TappedFunction] | None:
     return (result.function, result) if result else None
 
 
-class Frame:
-    """Routes a tapped function's sites to taps; ``children`` frames enter helpers."""
+_NOTHING_TO_ENTER: dict[str, Any] = {}
 
-    __slots__ = ("taps", "children")
+
+class Frame:
+    """Routes a tapped function's sites to taps; ``children`` frames enter helpers (add them with ``child``)."""
+
+    __slots__ = ("taps", "children", "fn")
 
     def __init__(self) -> None:
         self.taps: dict[str, Fire] = {}
         self.children: dict[str, Frame] = {}
+        # fn(name, callee): the callee to call at site ``name``; with no child frame, every callee as it is,
+        # by a dict's get, which costs no Python frame at each of the many calls a forward makes
+        self.fn: Callable[[str, Any], Any] = _NOTHING_TO_ENTER.get
+
+    def child(self, name: str, frame: Frame | None = None) -> Frame:
+        """The frame for the helper called at site ``name``, ``frame`` if given, made if there is none."""
+        self.fn = self.enter
+        if frame is not None:
+            self.children[name] = frame
+        return self.children.setdefault(name, Frame())
 
     def out(self, name: str, value: Any) -> Any:
         tap = self.taps.get(name)
@@ -89,10 +102,10 @@ class Frame:
             frame.taps[name] = a if b is None else b if a is None else _Chained(a, b)
         for name in first.children.keys() | second.children.keys():
             a, b = first.children.get(name), second.children.get(name)
-            frame.children[name] = a if b is None else b if a is None else Frame.merged(a, b)
+            frame.child(name, a if b is None else b if a is None else Frame.merged(a, b))
         return frame
 
-    def fn(self, name: str, callee: Any) -> Any:
+    def enter(self, name: str, callee: Any) -> Any:
         child = self.children.get(name)
         if child is None or not expandable(callee):
             return callee
@@ -346,11 +359,16 @@ class Attachment:
         self.hook(module, pre_hook, before=True, with_kwargs=True)
 
     def on_output(self, module: torch.nn.Module, fire: Fire) -> None:
-        self.hook(module, _OutputHook(fire))
+        """``fire`` the output of each call of ``module``; a ``fire`` marked as a hook is registered itself."""
+        self.hook(module, fire if getattr(fire, _HOOK_MARK, False) else _OutputHook(fire))
 
-    def before_forward(self, module: torch.nn.Module, callback: Callable[[], None]) -> None:
-        """Run ``callback`` before every forward of ``module``, ahead of its other hooks."""
-        self.hook(module, lambda *_: callback(), before=True, first=True)
+    def before_forward(self, module: torch.nn.Module, callback: Callable[..., None]) -> None:
+        """Run ``callback`` before every forward of ``module``, ahead of its other hooks.
+
+        A ``callback`` marked as a hook is registered itself, and is called with the pre-hook's arguments.
+        """
+        hook = callback if getattr(callback, _HOOK_MARK, False) else lambda *_: callback()
+        self.hook(module, hook, before=True, first=True)
 
     def after_forward(self, module: torch.nn.Module, callback: Callable[[], None]) -> None:
         """Run ``callback`` after every forward of ``module``, also one that raised."""

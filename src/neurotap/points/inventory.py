@@ -93,6 +93,7 @@ class _RecordingFrame(Frame):
         self.scope = scope
         self.function = function
         self.prefix = join(module, ".".join(scope)) if scope else module
+        self.fn = self._enter
         inventory.add_static(module, scope, function, owner)
 
     def out(self, name: str, value: Any) -> Any:
@@ -108,7 +109,7 @@ class _RecordingFrame(Frame):
     def dropped(self, name: str, value: Any) -> None:
         self.out(name, value)
 
-    def fn(self, name: str, callee: Any) -> Any:
+    def _enter(self, name: str, callee: Any) -> Any:
         if isinstance(callee, torch.nn.Module):  # decoder_layer(...) in a loop: that layer's own points
             self.inventory.module_calls.add(join(self.prefix, name))
             return callee

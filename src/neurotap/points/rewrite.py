@@ -27,6 +27,7 @@ import __future__
 
 import ast
 import inspect
+import operator
 import sys
 import textwrap
 import types
@@ -109,17 +110,16 @@ def push_helper_frame(frame: Any) -> None:
     _pending.append(frame)
 
 
-def reset_helper_frames() -> None:
-    """Forget frames pushed for calls that raised before entering the helper."""
-    _pending.clear()
+# forget frames pushed for calls that raised before entering the helper (list.clear itself: no Python frame)
+reset_helper_frames = _pending.clear
 
 
 def _helper_frame(_owner: Any) -> Any:
     return _pending.pop()
 
 
-def _method_frame(owner: Any) -> Any:
-    return owner.__dict__[FRAME_ATTR]
+# owner.__dict__[FRAME_ATTR], read without a Python frame: the instance attribute wins over the class's
+_method_frame = operator.attrgetter(FRAME_ATTR)
 
 
 _cache: dict[tuple[Any, str], TappedFunction | None] = {}
