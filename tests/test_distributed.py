@@ -1008,15 +1008,22 @@ def start_two_nodes(folder: Path, both: dict | None = None, second: dict | None 
         time.sleep(0.5)
 
 
-def end_nodes(nodes: list) -> None:
+def end_nodes(nodes: list, ranks: list[int] = ()) -> None:
+    """Kill what is left of the nodes, and of their ranks (which torchrun starts in sessions of their own)."""
     for n in nodes:
         if n.poll() is None:
             os.killpg(n.pid, signal.SIGKILL)
             n.wait()
+    for pid in ranks:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def test_torchrun_on_two_nodes_serves_as_two_ranks_do_and_one_node_lost_ends_the_other(folder, local):
     nodes, url = start_two_nodes(folder)
+    ranks = []
     try:
         with nt.connect(url) as remote:
             ranks = remote.info()["ranks"]
@@ -1040,7 +1047,7 @@ def test_torchrun_on_two_nodes_serves_as_two_ranks_do_and_one_node_lost_ends_the
         with pytest.raises(ProcessLookupError):
             os.kill(rank1, 0)
     finally:
-        end_nodes(nodes)
+        end_nodes(nodes, [row["pid"] for row in ranks])
 
 
 def test_a_stopped_rank_on_another_machine_ends_both_nodes_in_time(folder, tmp_path):
@@ -1052,6 +1059,7 @@ def test_a_stopped_rank_on_another_machine_ends_both_nodes_in_time(folder, tmp_p
     # short here, is added to the bound on the stopped rank's node
     grace = 3
     nodes, url = start_two_nodes(folder, {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(grace)}, {"PYTHONPATH": path})
+    ranks = []
     try:
         with nt.connect(url) as remote:
             ranks = remote.info()["ranks"]
@@ -1067,7 +1075,7 @@ def test_a_stopped_rank_on_another_machine_ends_both_nodes_in_time(folder, tmp_p
             with pytest.raises(ProcessLookupError):
                 os.kill(pid, 0)
     finally:
-        end_nodes(nodes)
+        end_nodes(nodes, [row["pid"] for row in ranks])
 
 
 def _parent(pid: int) -> int:
