@@ -25,28 +25,11 @@ import tempfile
 import time
 
 import torch
-import transformers
 
 import neurotap as nt
+from bench_sharded import LAUNCH, tiny_model  # the same tiny model and launch line
 
-LAUNCH = "import sys; from neurotap.cli import main; sys.exit(main())"
 POINTS = "model.layers.*.mlp.mul"
-
-
-def tiny_model(folder: str) -> str:
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=512,
-        hidden_size=128,
-        intermediate_size=512,
-        num_hidden_layers=8,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        architectures=["LlamaForCausalLM"],
-    )
-    transformers.LlamaForCausalLM(config).eval().save_pretrained(folder)
-    return folder
 
 
 class Server:
