@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -146,3 +147,27 @@ def test_a_killed_parallel_run_resumes_per_rank_to_the_same_bytes(
     single = _files(tmp_path / "single")
     assert len(single) > 8
     assert _files(killed) == single
+
+
+def test_two_torchrun_nodes_write_the_single_process_dataset(tiny: Path, tmp_path: Path) -> None:
+    """``torchrun --nnodes 2 ... -m neurotap.collect``, two "machines" on loopback sharing the output folder."""
+    with _one_thread():
+        assert main(_arguments(tiny, tmp_path / "single", "--shard-mb", "0.25")) == 0
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        rendezvous = probe.getsockname()[1]
+    node = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+        "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{rendezvous}", "--local-addr", "127.0.0.1",
+        "-m", "neurotap.collect", *_arguments(tiny, tmp_path / "nodes", "--shard-mb", "0.25")[1:],
+    ]  # fmt: skip
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen(node, env=env, start_new_session=True) for _ in range(2)]
+    try:
+        assert [n.wait(timeout=600) for n in nodes] == [0, 0]
+    finally:
+        for n in nodes:
+            if n.poll() is None:
+                os.killpg(n.pid, signal.SIGKILL)
+                n.wait()
+    assert _files(tmp_path / "nodes") == _files(tmp_path / "single")

@@ -971,7 +971,6 @@ def test_under_torchrun_the_options_that_set_ranks_or_devices_are_refused(folder
     assert "under torchrun" in refused.stderr and "leave out --ranks, --device-map" in refused.stderr
 
 
-@pytest.mark.slow
 def start_two_nodes(folder: Path, both: dict | None = None, second: dict | None = None) -> tuple[list, str]:
     """Two ``torchrun --nnodes 2`` nodes of one rank each on loopback, serving; ``both``, ``second``: more of
     both nodes' environment, and of the second's. Returns the node processes and the URL, once it serves."""

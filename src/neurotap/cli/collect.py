@@ -40,7 +40,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         type=int,
         default=1,
         help="collect with this many processes on this machine (torch.distributed, gloo on loopback); the dataset "
-        "is the one a single process writes. Across machines, launch `torchrun ... -m neurotap.cli collect ...`",
+        "is the one a single process writes. Across machines, launch `torchrun ... -m neurotap.collect ...`",
     )
     return parser
 

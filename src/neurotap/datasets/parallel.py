@@ -12,7 +12,7 @@ Ranks talk over torch.distributed (gloo) only to agree that every rank set up an
 finished without an error, so that none waits forever on a failed one.
 ``launch`` starts the ranks on this machine with torch.distributed's own launcher,
 on the loopback interface; across machines, run
-``torchrun ... -m neurotap.cli collect ...`` with a shared output folder.
+``torchrun ... -m neurotap.collect ...`` with a shared output folder.
 """
 
 from __future__ import annotations
@@ -81,8 +81,7 @@ def launch(arguments: list[str], ranks: int) -> int:
         f"--master-port={port}",
         "--max-restarts=0",
         "-m",
-        "neurotap.cli",
-        "collect",
+        "neurotap.collect",
         *arguments,
     ]
     # loopback only: gloo would otherwise pick the interface the host name resolves to
