@@ -299,3 +299,54 @@ def test_a_discarded_value_is_read_but_refuses_a_patch(x, point, statement):
     assert_clean(module, state)
     with torch.no_grad():
         assert torch.equal(model(x), expected)
+
+
+class Chain(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.lin(x).tanh() * 2 + 1
+
+
+class SitesSeen:
+    """A frame that notes each site it is passed and returns every value as it is."""
+
+    def __init__(self):
+        self.seen: list[tuple[str, torch.Tensor]] = []
+
+    def out(self, name, value):
+        self.seen.append((name, value))
+        return value
+
+    def fn(self, _name, callee):
+        return callee
+
+
+def test_a_forward_rewritten_for_some_sites_passes_only_those_and_computes_the_same(x):
+    from neurotap.points.rewrite import FRAME_ATTR, tapped
+
+    module = Chain()
+    full = tapped(Chain.forward, "method", Chain)
+    some = tapped(Chain.forward, "method", Chain, frozenset({"mul"}))
+    assert list(some.sites) == list(full.sites) == ["lin", "tanh", "mul", "add"]
+    frame = module.__dict__[FRAME_ATTR] = SitesSeen()
+    assert torch.equal(full.function(module, x), module(x))
+    assert [name for name, _ in frame.seen] == ["lin", "tanh", "mul", "add"]
+    frame.seen.clear()
+    assert torch.equal(some.function(module, x), module(x))
+    assert [name for name, _ in frame.seen] == ["mul"]
+    assert torch.equal(frame.seen[0][1], module.lin(x).tanh() * 2)
+
+
+def test_two_wrappers_tapping_different_sites_of_one_forward_both_act(x):
+    module = Chain()
+    first, second = nt.wrap(module, example=x), nt.wrap(module, example=x)
+    before = snapshot_state(module)
+    with first.patch({"tanh": nt.Zero()}):
+        got = second.forward(x, probes=[nt.probe("mul", nt.Record()), nt.probe("add", nt.Add(value=1.0))])
+    assert torch.equal(got, torch.full_like(got, 2.0))  # tanh zeroed: 0 * 2 + 1, then + 1
+    assert torch.equal(second.recordings()["mul"]["record"][0], torch.zeros(2, 4))
+    assert torch.equal(module(x), module.lin(x).tanh() * 2 + 1)
+    assert_clean(module, before)

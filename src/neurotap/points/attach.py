@@ -25,17 +25,18 @@ from .rewrite import FRAME_ATTR, TappedFunction, defining_class, expandable, pus
 Fire = Callable[[Any], Any]
 
 
-_tapped_forwards: dict[tuple[type, Any], TappedFunction | None] = {}
+_tapped_forwards: dict[tuple[type, Any, frozenset[str] | None], TappedFunction | None] = {}
 
 
-def tapped_forward(module: torch.nn.Module) -> TappedFunction | None:
+def tapped_forward(module: torch.nn.Module, only: frozenset[str] | None = None) -> TappedFunction | None:
+    """The module's tapped forward; with ``only``, one that passes just those sites to its frame."""
     cls = type(module)
-    key = (cls, cls.forward)  # the class's forward as it is now: code may have replaced it since
+    key = (cls, cls.forward, only)  # the class's forward as it is now: code may have replaced it since
     if key not in _tapped_forwards:
         if cls.__module__.partition(".")[0] == "torch":
             _tapped_forwards[key] = None  # torch's own layers: their inputs and outputs are the points
         else:
-            _tapped_forwards[key] = tapped(cls.forward, "method", defining_class(cls, "forward"))
+            _tapped_forwards[key] = tapped(cls.forward, "method", defining_class(cls, "forward"), only)
     return _tapped_forwards[key]
 
 
@@ -384,8 +385,7 @@ class Attachment:
         A frame already there (another wrapper of the same module, attached now)
         keeps working: its taps run first, then ``frame``'s, unless ``combine`` is off.
         """
-        result = tapped_forward(module)
-        if result is None or forward_replaced(module):
+        if tapped_forward(module) is None or forward_replaced(module):
             return False
         own = module.__dict__
         # accelerate's hooks keep the real forward as _old_forward and call it from an instance forward of
@@ -395,6 +395,11 @@ class Attachment:
         previous_frame = own.get(FRAME_ATTR)
         if combine and previous_frame is not None:  # another attachment (a second wrapper) is on it already
             frame = Frame.merged(previous_frame, frame)
+        # a forward that calls its frame at the sites it taps alone: each site passed costs a Python call
+        only = frozenset(frame.taps.keys() | frame.children.keys()) if type(frame) is Frame else None
+        result = tapped_forward(module, only)
+        if result is None:
+            return False
         self._put(own, FRAME_ATTR, frame)
         self._put(own, slot, types.MethodType(result.function, module))
         return True

@@ -122,15 +122,21 @@ def _helper_frame(_owner: Any) -> Any:
 _method_frame = operator.attrgetter(FRAME_ATTR)
 
 
-_cache: dict[tuple[Any, str], TappedFunction | None] = {}
+_cache: dict[tuple[Any, str, frozenset[str] | None], TappedFunction | None] = {}
 
 
-def tapped(fn: Callable[..., Any], mode: Mode, owner_class: type | None = None) -> TappedFunction | None:
-    """The tapped version of ``fn``, or None when its source cannot be rewritten."""
-    key = (fn, mode)
+def tapped(
+    fn: Callable[..., Any], mode: Mode, owner_class: type | None = None, only: frozenset[str] | None = None
+) -> TappedFunction | None:
+    """The tapped version of ``fn``, or None when its source cannot be rewritten.
+
+    ``only``: the sites passed to the frame (by name); the others run as written. Its
+    ``sites`` are every site all the same, named as in the full rewrite.
+    """
+    key = (fn, mode, only)
     if key not in _cache:
         try:
-            _cache[key] = _rewrite(fn, mode, owner_class)
+            _cache[key] = _rewrite(fn, mode, owner_class, only)
         except (OSError, TypeError, SyntaxError, ValueError, IndexError):
             _cache[key] = None
     return _cache[key]
@@ -143,7 +149,9 @@ def defining_class(cls: type, name: str) -> type:
     return cls
 
 
-def _rewrite(fn: Callable[..., Any], mode: Mode, owner_class: type | None) -> TappedFunction | None:
+def _rewrite(
+    fn: Callable[..., Any], mode: Mode, owner_class: type | None, only: frozenset[str] | None
+) -> TappedFunction | None:
     raw = inspect.unwrap(fn)
     if type(raw) is not types.FunctionType:
         return None
@@ -159,7 +167,8 @@ def _rewrite(fn: Callable[..., Any], mode: Mode, owner_class: type | None) -> Ta
 
     mangle_prefix = f"_{owner_class.__name__.lstrip('_')}" if owner_class is not None else None
     sites = _number_sites(funcdef, lines, first_line)
-    _Tapper(sites, mangle_prefix).visit(funcdef)
+    passed = sites if only is None else {node: site for node, site in sites.items() if site.name in only}
+    _Tapper(passed, mangle_prefix).visit(funcdef)
 
     owner_arg = positional[0].arg if mode == "method" else None
     prologue = ast.Assign(
