@@ -267,7 +267,7 @@ def run(args: argparse.Namespace) -> int:
             limits=settings.limits,
             max_session_bytes=settings.max_session_bytes,
             max_total_bytes=settings.max_total_bytes,
-            max_owner_bytes=settings.max_total_bytes // max(len(settings.tokens), 1),
+            max_owner_bytes=settings.max_owner_bytes,
         )
         serve(executor, settings, host=args.host, port=args.port, dataset=dataset)
     except NeurotapError as error:

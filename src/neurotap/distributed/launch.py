@@ -164,7 +164,7 @@ def _serve(args: argparse.Namespace) -> int:
             limits=settings.limits,
             max_session_bytes=settings.max_session_bytes,
             max_total_bytes=settings.max_total_bytes,
-            max_owner_bytes=settings.max_total_bytes // max(len(settings.tokens), 1),
+            max_owner_bytes=settings.max_owner_bytes,
             rank_timeout=args.rank_timeout,
             on_failure=exit_soon(0.5, 5.0),
         )

@@ -74,6 +74,11 @@ class ServerSettings:
     allowed_origins: list[str] = field(default_factory=list)  # web pages that may call the server
     limits: Limits = field(default_factory=Limits)
 
+    @property
+    def max_owner_bytes(self) -> int:
+        """What one token's sessions may record together: the tokens share ``max_total_bytes`` evenly."""
+        return self.max_total_bytes // max(len(self.tokens), 1)
+
     def check(self) -> None:
         """Refuse settings that cannot work, naming the option."""
         positive = {
