@@ -40,7 +40,6 @@ import json
 import os
 import socket
 import struct
-import subprocess
 import sys
 import tempfile
 import threading
@@ -66,7 +65,9 @@ from neurotap.transport.wire import (
     traced_probes,
 )
 
-LAUNCH = "import sys; from neurotap.cli import main; sys.exit(main())"
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+import serving  # noqa: E402  (the tests' harness: start a server, wait until it listens, stop it)
+
 TOKENS = ("alpha-attack-token-0123456789", "beta-canary-token-0123456789")
 MUL = "model.layers.0.mlp.mul"
 SLOW = 5.0  # a canary latency over this many seconds counts as the canary not being served
@@ -98,30 +99,21 @@ def save_tiny(folder: str) -> str:
     return folder
 
 
-class Server:
-    """A ``neurotap serve`` process; its log goes to a file in the temporary folder."""
+class Server(serving.Server):
+    """A ``neurotap serve`` process, named in the report, with the token its clients send."""
 
-    def __init__(self, name: str, model: str, args: list[str], logdir: str, token: str | None) -> None:
+    stop_timeout = 20.0
+
+    def __init__(self, name: str, model: str, args: list[str], token: str | None) -> None:
+        super().__init__(model, *args, env={"OMP_NUM_THREADS": "1"}, wait=False)
         self.name = name
         self.token = token
-        self.logfile = open(os.path.join(logdir, f"{name}.log"), "w")  # noqa: SIM115
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-        self.process = subprocess.Popen(
-            [sys.executable, "-c", LAUNCH, "serve", model, "--port", "0", *args],
-            stdout=subprocess.PIPE,
-            stderr=self.logfile,
-            stdin=subprocess.DEVNULL,
-            text=True,
-            env=env,
-        )
-        self.url = ""
 
     def wait(self) -> None:
-        line = self.process.stdout.readline()  # "neurotap: serving ... on http://127.0.0.1:PORT"
-        if " on http://" not in line:
-            raise RuntimeError(f"{self.name}: the server did not start: {line!r}; see {self.logfile.name}")
-        self.url = line.split(" on ")[1].split()[0]
-        self.port = int(self.url.rsplit(":", 1)[1])
+        try:
+            super().wait()
+        except RuntimeError as error:
+            raise RuntimeError(f"{self.name}: {error}") from None
 
     def alive(self) -> bool:
         return self.process.poll() is None
@@ -148,17 +140,6 @@ class Server:
 
     def connect(self, token: str | None = None) -> nt.RemoteModel:
         return nt.connect(self.url, token=token if token is not None else self.token, timeout=60)
-
-    def stop(self) -> None:
-        if self.alive():
-            self.process.terminate()
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.process.stdout.close()
-        self.logfile.close()
 
 
 class Raw:
@@ -1717,11 +1698,11 @@ def main() -> int:
             "--token-file", str(tokens), *common, "--max-request-bytes", "128M",
             "--max-session-bytes", str(SESSION_BYTES), "--max-total-bytes", str(TOTAL_BYTES), "--request-timeout", "10",
         ]  # fmt: skip
-        servers = {"A": Server("A", tiny, main_args, workdir, TOKENS[0])}
+        servers = {"A": Server("A", tiny, main_args, TOKENS[0])}
         canaries: dict[str, Canary] = {}
         try:
             if options.smollm2:  # loading it would slow the canaries of the first attacks: wait for it here
-                servers["S"] = Server("S", "smollm2-135m", main_args, workdir, TOKENS[0])
+                servers["S"] = Server("S", "smollm2-135m", main_args, TOKENS[0])
             servers["A"].wait()
             print(f"server A up in {time.monotonic() - started:.0f} s: {servers['A'].url}")
             if options.smollm2:
@@ -1730,7 +1711,7 @@ def main() -> int:
                 canaries["S"].start()
                 print(f"server S up in {time.monotonic() - started:.0f} s: {servers['S'].url}")
             # B (code allowed, no tokens) starts now and is waited for at its first attack
-            servers["B"] = Server("B", tiny, ["--allow-code", "--request-timeout", "2", *common], workdir, None)
+            servers["B"] = Server("B", tiny, ["--allow-code", "--request-timeout", "2", *common], None)
             canaries["A"] = Canary(servers["A"], TOKENS[1])
             canaries["A"].start()
             time.sleep(1.0)

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
+from pathlib import Path
 
 import torch
 import transformers
@@ -29,7 +29,10 @@ import transformers
 import neurotap as nt
 from neurotap.transport.wire import ProbeSpec, RunRequest, encode_request
 
-LAUNCH = "import sys; from neurotap.cli import main; sys.exit(main())"
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+import serving  # noqa: E402  (the tests' harness: start a server, wait until it listens, stop it)
+
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # the server computes on one thread
 
 
 def save_model(folder: str, hidden: int, layers: int, vocab: int) -> str:
@@ -48,28 +51,9 @@ def save_model(folder: str, hidden: int, layers: int, vocab: int) -> str:
     return folder
 
 
-class Server:
-    def __init__(self, folder: str) -> None:
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-        self.process = subprocess.Popen(
-            [sys.executable, "-c", LAUNCH, "serve", folder, "--port", "0"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-            env=env,
-        )
-        line = self.process.stdout.readline()
-        self.url = line.split(" on ")[1].split()[0]
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(30)
-        self.process.stdout.close()
-
-
 def overhead(folder: str) -> None:
     local = nt.load(folder)
-    server = Server(folder)
+    server = serving.Server(folder, env=ONE_THREAD)
     try:
         with nt.connect(server.url) as remote:
             ids = torch.randint(0, 128, (1, 16))
@@ -95,7 +79,7 @@ def overhead(folder: str) -> None:
 
 
 def throughput(folder: str, vocab: int, mixed: bool = False, generate: bool = False) -> None:
-    server = Server(folder)
+    server = serving.Server(folder, env=ONE_THREAD)
     clients, per_client = 8, 6
 
     def length(c: int, k: int) -> int:
@@ -167,7 +151,7 @@ def throughput(folder: str, vocab: int, mixed: bool = False, generate: bool = Fa
 
 
 def wire_bytes(folder: str, vocab: int, layers: int) -> None:
-    server = Server(folder)
+    server = serving.Server(folder, env=ONE_THREAD)
     try:
         with nt.connect(server.url) as rm:
             ids = torch.randint(0, vocab, (1, 256))
@@ -189,7 +173,7 @@ def wire_bytes(folder: str, vocab: int, layers: int) -> None:
 
 def trace_cost(folder: str, vocab: int, layers: int) -> None:
     """``rm.run`` (one request, the values in its answer) against Record probes and a recordings() fetch."""
-    server = Server(folder)
+    server = serving.Server(folder, env=ONE_THREAD)
     try:
         with nt.connect(server.url) as rm:
             ids = torch.randint(0, vocab, (1, 64))
@@ -231,7 +215,7 @@ def trace_cost(folder: str, vocab: int, layers: int) -> None:
 def experiment_bytes(rounds: int = 3) -> None:
     """Remote activation patching on SmolLM2, 30 layers x 2 positions: the built-in metric read on the server
     (``nt.LogitDiff``) against the same metric as a function of the logits, which ships every row's logits."""
-    server = Server("smollm2-135m")
+    server = serving.Server("smollm2-135m", env=ONE_THREAD)
     try:
         with nt.connect(server.url) as rm:
             received = [0]

@@ -26,18 +26,21 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
+from pathlib import Path
 
 import torch
 import transformers
 
 import neurotap as nt
 
-LAUNCH = "import sys; from neurotap.cli import main; sys.exit(main())"
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+import serving  # noqa: E402  (the tests' harness: start a server, wait until it listens, stop it)
+
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # every server process computes on one thread
 
 
 def tiny_model(folder: str) -> str:
@@ -56,21 +59,13 @@ def tiny_model(folder: str) -> str:
     return folder
 
 
-class Server:
+class Server(serving.Server):
+    stop_timeout = 120.0
+
     def __init__(self, model: str, ranks: int) -> None:
         self.ranks = ranks
         extra = ["--ranks", str(ranks)] if ranks > 1 else []
-        self.process = subprocess.Popen(
-            [sys.executable, "-c", LAUNCH, "serve", model, "--port", "0", "--request-timeout", "600", *extra],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"},  # one thread per process
-        )
-        line = self.process.stdout.readline()
-        if " on http://" not in line:
-            raise RuntimeError(f"the server did not start: {line!r}")
-        self.url = line.split(" on ")[1].split()[0]
+        super().__init__(model, "--request-timeout", "600", *extra, env=ONE_THREAD)
         self.remote = nt.connect(self.url, timeout=600)
 
     def rows(self) -> list[dict]:
@@ -81,11 +76,9 @@ class Server:
             peak = next(int(line.split()[1]) / 1024 for line in status if line.startswith("VmHWM:"))
         return [{"peak_rss_mb": peak}]
 
-    def stop(self) -> None:
+    def stop(self) -> int:
         self.remote.close()
-        self.process.terminate()
-        self.process.wait(120)
-        self.process.stdout.close()
+        return super().stop()
 
 
 def requests(vocab: int) -> dict:

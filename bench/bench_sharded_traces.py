@@ -17,37 +17,30 @@ Run: python bench/bench_sharded_traces.py [--ranks 2,3] [--repeats 7] [--compare
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
 import neurotap as nt
-from bench_sharded import LAUNCH, tiny_model  # the same tiny model and launch line
+from bench_sharded import ONE_THREAD, tiny_model  # the same tiny model and threads
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+import serving  # noqa: E402  (the tests' harness: start a server, wait until it listens, stop it)
 
 POINTS = "model.layers.*.mlp.mul"
 
 
-class Server:
+class Server(serving.Server):
+    stop_timeout = 60.0
+
     def __init__(self, model: str, ranks: int, source: str | None) -> None:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}  # one thread per process
-        if source is not None:
-            env["PYTHONPATH"] = source
-        self.process = subprocess.Popen(
-            [sys.executable, "-c", LAUNCH, "serve", model, "--port", "0", "--ranks", str(ranks)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-            env=env,
-        )
-        line = self.process.stdout.readline()
-        if " on http://" not in line:
-            raise RuntimeError(f"the server did not start: {line!r}")
-        self.remote = nt.connect(line.split(" on ")[1].split()[0], timeout=600)
+        env = ONE_THREAD if source is None else {**ONE_THREAD, "PYTHONPATH": source}
+        super().__init__(model, "--ranks", str(ranks), env=env)
+        self.remote = nt.connect(self.url, timeout=600)
         self.pids = [row["pid"] for row in self.remote.info()["ranks"]]
 
     def written(self) -> list[int]:
@@ -58,10 +51,9 @@ class Server:
                 counts.append(next(int(line.split()[1]) for line in io if line.startswith("wchar:")))
         return counts
 
-    def stop(self) -> None:
+    def stop(self) -> int:
         self.remote.close()
-        self.process.terminate()
-        self.process.wait(60)
+        return super().stop()
 
 
 def main() -> None:

@@ -37,26 +37,36 @@ def save_with_word_tokenizer(module, path: Path) -> Path:
 
 
 class Server:
-    """``neurotap serve FOLDER --port 0 ARGS`` in a subprocess; ``url`` once it listens."""
+    """``neurotap serve FOLDER --port 0 ARGS`` in a subprocess, its stderr kept in ``log``; ``url`` once it listens.
+
+    ``env`` adds to the server's environment. With ``wait=False`` it returns as soon as the process
+    is started, so that several servers load at once; ``wait()`` then waits for this one to listen.
+    """
 
     stop_timeout = 30.0
 
-    def __init__(self, folder: Path, *args: str) -> None:
+    def __init__(self, folder: Path | str, *args: str, env: dict[str, str] | None = None, wait: bool = True) -> None:
         self.process = subprocess.Popen(
             [sys.executable, "-c", LAUNCH, "serve", str(folder), "--port", "0", *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
         self.log: list[str] = []
         self._drain = threading.Thread(target=self._drain_stderr, daemon=True)
         self._drain.start()
+        self.url = ""
+        if wait:
+            self.wait()
+
+    def wait(self) -> None:
         line = self.process.stdout.readline()  # "neurotap: serving ... on http://127.0.0.1:PORT"
         if " on http://" not in line:
             self.stop()
             raise RuntimeError(f"the server did not start: {line!r}\n{''.join(self.log)}")
         self.url = line.split(" on ")[1].split()[0]
+        self.port = int(self.url.rsplit(":", 1)[1])
 
     def _drain_stderr(self) -> None:
         for line in self.process.stderr:
