@@ -92,6 +92,14 @@ def server(request, folder):
     assert code != 0, "".join(running.log)
 
 
+@pytest.fixture(scope="module")
+def one_process(folder):
+    """The same model served by one process, for what the tests compare with the one-process server itself."""
+    running = serving.Server(folder, "--allow-code")
+    yield running
+    running.stop()
+
+
 @pytest.fixture
 def remote(server):
     assert not server.killed
@@ -554,9 +562,52 @@ def test_a_stop_at_point_its_rank_never_reaches_fails_as_in_one_process(remote, 
         assert remote.recordings() == {}
     mask = torch.ones_like(x)
     close(remote.forward(x, attention_mask=mask, stop_at="args.attention_mask"), mask)  # passed: rank 0 stops there
-    with pytest.raises(nt.NeurotapError, match="labels"):  # the model's own loss: refused before any rank runs
-        remote.forward(x, labels=x)
+    with pytest.raises(nt.NeurotapError) as one:
+        local.forward(x, stop_at="model.layers.*.output")
+    with pytest.raises(nt.NeurotapError) as sharded:
+        remote.forward(x, stop_at="model.layers.*.output")
+    assert "one point name" in str(one.value) and str(one.value) in str(sharded.value)
+    assert sharded.value.status == 422
     close(remote.forward(x)["logits"], local.forward(x).logits)  # the ranks are in step
+
+
+def test_the_models_own_loss_from_labels_is_the_one_process_servers(remote, one_process):
+    x, y = ids(46), ids(47)
+
+    def own(output):  # the model's own loss as the loss to differentiate (code: both servers run --allow-code)
+        return output["loss"]
+
+    points = ["model.embed_tokens.output", f"{FIRST}.mlp.mul", f"{LAST}.output"]
+    with nt.connect(one_process.url) as single:
+        for call in (
+            lambda rm: rm.forward(x, labels=y, probes=[nt.probe("loss_function", nt.Record())]),
+            lambda rm: rm.forward(x, labels=y, outputs=["loss"]),
+        ):
+            got, want = call(remote), call(single)
+            assert list(got) == list(want)
+            for field in want:
+                close(got[field], want[field])
+            recorded, expected = remote.recordings(), single.recordings()
+            assert set(recorded) == set(expected)
+            for name in expected:  # the loss function ran on the last rank, where the logits are
+                close(recorded[name]["record"][0], expected[name]["record"][0])
+            remote.clear_recordings()
+            single.clear_recordings()
+        probes = [nt.probe(p, nt.Record(), grad=True) for p in points]
+        assert remote.backward(x, loss=own, labels=y, probes=probes) == pytest.approx(
+            single.backward(x, loss=own, labels=y, probes=probes), rel=1e-6
+        )
+        recorded, expected = remote.recordings(), single.recordings()
+        assert set(recorded) == set(expected) == {p + ".grad" for p in points}
+        for name in expected:
+            close(recorded[name]["record"][0], expected[name]["record"][0])
+        remote.clear_recordings()
+        output, got = remote.run(x, grad=points, loss=own, labels=y)
+        _, want = single.run(x, grad=points, loss=own, labels=y)
+        close(output["loss"], torch.tensor(want.loss))
+        assert got.loss == pytest.approx(want.loss, rel=1e-6)
+        for point in points:
+            close(got.grad[point], want.grad[point])
 
 
 # -- errors ----------------------------------------------------------------------------------------

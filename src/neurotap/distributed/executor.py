@@ -42,7 +42,7 @@ from ..errors import NeurotapError, UnknownPointError
 from ..model import Model, wrap
 from ..model.load import model_folder
 from ..model.losses import loss_value
-from ..model.plan import GRADIENT_TARGETS, expand_probes
+from ..model.plan import GRADIENT_TARGETS, expand_probes, stopping_probe
 from ..points import Inventory, Point, matching, ordered_names, split_narrowing, unknown_point
 from ..points.aliases import find_aliases
 from ..probes import SaveContext, Skip
@@ -62,7 +62,7 @@ from ..transport.executor import (
     selected_fields,
     sendable,
 )
-from ..transport.limits import Limits, ModelShape, check_request
+from ..transport.limits import ModelShape, ServerSettings, check_request
 from ..transport.wire import (
     ErrorInfo,
     RunRequest,
@@ -81,24 +81,14 @@ _LOOK_INTERVAL = 0.2  # seconds between the looks of rank 0 and of the others fo
 class _Rank:
     """What every rank holds: its stage, the merged inventory, and the executor that batches on its stage."""
 
-    def __init__(
-        self,
-        folder: str,
-        *,
-        allow_code: bool,
-        limits: Limits,
-        max_session_bytes: int,
-        max_total_bytes: int,
-        rank_timeout: float,
-        max_owner_bytes: int | None = None,  # rank 0's: every rank takes it from there
-    ) -> None:
+    def __init__(self, folder: str, settings: ServerSettings, rank_timeout: float) -> None:
         self.rank = dist.get_rank()
-        self.limits = limits
-        self.max_total_bytes = max_total_bytes
-        self.max_owner_bytes = max_owner_bytes
+        self.limits = settings.limits
+        self.max_total_bytes = settings.max_total_bytes
+        self.max_owner_bytes = settings.max_owner_bytes  # rank 0's counts the tokens: every rank takes it from there
         self.world = dist.get_world_size()
-        self.allow_code = allow_code
-        self.max_session_bytes = max_session_bytes
+        self.allow_code = settings.allow_code
+        self.max_session_bytes = settings.max_session_bytes
         # commands wait as long as researchers stay idle; what runs inside a request must answer in time
         self.data = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=rank_timeout))
         self.pipe = Pipe(self.rank, self.world, self.data)
@@ -204,16 +194,11 @@ class _Rank:
         return raw, owners
 
     def check(self, request: RunRequest) -> None:
-        """Refuse, before any rank runs it, a request naming a point no rank can probe, or asking for the model's
-        own loss (only the last rank has the logits it needs)."""
-        if "labels" in request.kwargs:
-            raise NeurotapError(
-                "a sharded server does not compute the model's own loss from labels=; pass the loss instead: "
-                "backward(ids, loss=nt.CrossEntropy(targets)), or run(ids, loss=...)"
-            )
+        """Refuse, before any rank runs it, a request naming a point no rank can probe."""
         for spec in request.probes:
             self.owners_of(spec.point)
         if request.stop_at is not None:
+            stopping_probe(request.stop_at)  # a pattern is refused as in one process
             raw, _ = self.owners_of(request.stop_at)
             found = self.points.get(split_narrowing(raw)[0]) or self.static.get(split_narrowing(raw)[0])
             if found is not None and found.kind in ("parameter", "buffer"):
@@ -248,6 +233,8 @@ class _Rank:
                     parts[field].append({start + j: t for j, t in enumerate(step) if j >= skip})
         if op == "generate" and self.rank == split.last and output.get("logits") is not None:
             parts["logits"] = output["logits"]
+        if self.rank == split.last and isinstance(output.get("loss"), torch.Tensor):  # the model's own, from labels
+            parts["loss"] = output["loss"]
         return parts
 
     def _gathered_logits(self, output: Any) -> Any:
@@ -364,6 +351,13 @@ class _StageExecutor(InProcessExecutor):
             merged.update(part)
         return output, merged
 
+    def _forward(
+        self, args: tuple, kwargs: dict[str, Any], by_name: bool, probes: list, stop_at: str | None = None
+    ) -> Any:
+        if "labels" in kwargs and self.local.rank != self.local.stage.split.last:
+            kwargs = {k: v for k, v in kwargs.items() if k != "labels"}  # the model's loss needs the last rank's logits
+        return super()._forward(args, kwargs, by_name, probes, stop_at)
+
     def _reports(self, point: str) -> bool:
         return self.local.owners_of(point)[1][0] == self.local.rank
 
@@ -474,7 +468,10 @@ class _StageExecutor(InProcessExecutor):
             try:
                 mine = (parts[k] if parts else run.part_of(output, k)) if ran else None
                 if local.rank == holder:  # the names are checked before anything commits
-                    selected_fields(sendable(mine), request.outputs)
+                    fields = sendable(mine)
+                    if stop is None and "labels" in request.kwargs and isinstance(fields, Mapping):
+                        fields = {"loss": None, **fields}  # the model's own loss comes from the last rank
+                    selected_fields(fields, request.outputs)
                 if stop is None:
                     entry["parts"] = local._stage_parts(mine, request.op)
                 elif local.rank == holder and request.outputs != []:
@@ -655,6 +652,9 @@ def _merged(output: Any, parts: list[dict[str, Any]], op: str) -> Any:
     logits = next((part["logits"] for part in parts if "logits" in part), None)
     if logits is not None:
         output["logits"] = logits
+    loss = next((part["loss"] for part in parts if "loss" in part), None)
+    if loss is not None:  # a model output lists its loss first, as one process's does
+        output = type(output)(**{"loss": loss, **output}) if type(output) is not dict else {"loss": loss, **output}
     return output
 
 
@@ -673,26 +673,14 @@ class ShardedExecutor(Executor):
     def __init__(
         self,
         folder: str,
+        settings: ServerSettings,
         *,
-        allow_code: bool = False,
-        limits: Limits | None = None,
-        max_session_bytes: int = 1 << 30,
-        max_total_bytes: int = 4 << 30,
-        max_owner_bytes: int | None = None,
         rank_timeout: float = DEFAULT_RANK_TIMEOUT,
         on_failure: Callable[[RankFailedError, dict[int, int]], None] | None = None,
     ) -> None:
         self.folder = folder
-        self.limits = limits or Limits()
-        self.local = _Rank(
-            folder,
-            allow_code=allow_code,
-            limits=self.limits,
-            max_session_bytes=max_session_bytes,
-            max_total_bytes=max_total_bytes,
-            max_owner_bytes=max_owner_bytes,
-            rank_timeout=rank_timeout,
-        )
+        self.limits = settings.limits
+        self.local = _Rank(folder, settings, rank_timeout)
         self.shape = ModelShape.of(self.local.stage.module)
         self.inventory = self.local.inventory  # every rank's points, for patterns in requests and points()
         self.rank_timeout = rank_timeout
@@ -915,24 +903,9 @@ def _unavailable(error: RankFailedError) -> ErrorInfo:
     return ErrorInfo(503, "RankFailedError", str(error))
 
 
-def follow(
-    folder: str,
-    *,
-    allow_code: bool,
-    limits: Limits,
-    max_session_bytes: int,
-    max_total_bytes: int,
-    rank_timeout: float,
-) -> int:
+def follow(folder: str, settings: ServerSettings, rank_timeout: float) -> int:
     """The loop of every rank but 0: run rank 0's commands until it says stop (or is gone)."""
-    local = _Rank(
-        folder,
-        allow_code=allow_code,
-        limits=limits,
-        max_session_bytes=max_session_bytes,
-        max_total_bytes=max_total_bytes,
-        rank_timeout=rank_timeout,
-    )
+    local = _Rank(folder, settings, rank_timeout)
 
     def leave(error: RankFailedError | None) -> None:
         # a failure declared by any rank ends this one at once, even in the middle of a transfer that would
@@ -960,7 +933,7 @@ def follow(
             if kind == "execute":
                 batch = []
                 for (session, owner), body, _seed in command[1]:
-                    request = decode_request(body, allow_code=allow_code)
+                    request = decode_request(body, allow_code=settings.allow_code)
                     request.session, request.owner = session, owner
                     batch.append(request)
                 local.executor.seeds = [seed for *_, seed in command[1]]

@@ -137,14 +137,7 @@ def _rank(args: argparse.Namespace) -> int:
     from ..cli.serve import settings_of
     from .executor import follow
 
-    return follow(
-        args.model,
-        allow_code=args.allow_code,
-        limits=settings_of(args, []).limits,
-        max_session_bytes=args.max_session_bytes,
-        max_total_bytes=args.max_total_bytes,
-        rank_timeout=args.rank_timeout,
-    )
+    return follow(args.model, settings_of(args, []), args.rank_timeout)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -158,16 +151,7 @@ def _serve(args: argparse.Namespace) -> int:
             raise NeurotapError(f"refusing to listen on {args.host} without tokens; pass --token-file FILE")
         settings = settings_of(args, tokens)
         settings.check()
-        executor = ShardedExecutor(
-            args.model,
-            allow_code=args.allow_code,
-            limits=settings.limits,
-            max_session_bytes=settings.max_session_bytes,
-            max_total_bytes=settings.max_total_bytes,
-            max_owner_bytes=settings.max_owner_bytes,
-            rank_timeout=args.rank_timeout,
-            on_failure=exit_soon(0.5, 5.0),
-        )
+        executor = ShardedExecutor(args.model, settings, rank_timeout=args.rank_timeout, on_failure=exit_soon(0.5, 5))
     except NeurotapError as error:
         print(f"neurotap serve: {error}", file=sys.stderr)
         return 2

@@ -27,7 +27,6 @@ from ..points import (
     PointList,
     expand,
     in_execution_order,
-    is_pattern,
     matching,
     ordered_names,
     static_inventory,
@@ -315,8 +314,6 @@ class Model:
                 raise TypeError(f"probes must be made with nt.probe(point, fn), got {type(p).__name__}")
         args, kwargs = self._inputs(call, args, kwargs)
         if stop_at is not None:
-            if is_pattern(stop_at):
-                raise NeurotapError(f"stop_at takes one point name, not the pattern {stop_at!r}")
             probes = [*probes, stopping_probe(stop_at)]  # last: the point's other probes run before it stops
         stopped = None
         with self._lock:  # hooks are per module, not per thread: one call at a time sees the right ones

@@ -25,6 +25,7 @@ from ..points import (
     Point,
     expand,
     first_parameter,
+    is_pattern,
     reset_helper_frames,
     split_narrowing,
     unknown_point,
@@ -60,6 +61,8 @@ def _stop(ctx: SaveContext, value: Any) -> None:
 @functools.lru_cache(maxsize=64)
 def stopping_probe(point: str) -> Probe:
     """The probe that ends a forward at ``point``; the same one each time, so a plan with it can be reused."""
+    if is_pattern(point):
+        raise NeurotapError(f"stop_at takes one point name, not the pattern {point!r}")
     return Probe(point, _stop)
 
 
