@@ -260,50 +260,55 @@ def test_a_header_whose_offsets_do_not_tile_the_file_is_refused(acts: Path) -> N
 # -- resuming: the positions a restart carries on from --------------------------------------------
 
 
-def _unfinish(manifest: dict[str, Any], keep: int) -> None:
-    """The manifest as a run killed after ``keep`` shards left it."""
-    del manifest["shards"][keep:]
-    manifest["tokens"] = sum(s["tokens"] for s in manifest["shards"])
-    manifest["complete"] = manifest["exhausted"] = False
+def _unfinished(keep: int, *edits: Callable[[dict[str, Any]], None]) -> Callable[[dict[str, Any]], None]:
+    """An edit: the manifest as a run killed after ``keep`` shards left it, then ``edits``."""
+
+    def change(manifest: dict[str, Any]) -> None:
+        del manifest["shards"][keep:]
+        manifest["tokens"] = sum(s["tokens"] for s in manifest["shards"])
+        manifest["complete"] = manifest["exhausted"] = False
+        for edit in edits:
+            edit(manifest)
+
+    return change
 
 
 def test_an_interrupted_copy_resumes_to_the_same_bytes(acts: Path, original: Path, model: nt.Model) -> None:  # noqa: F811
-    _edit(acts, lambda m: _unfinish(m, 2))
+    _edit(acts, _unfinished(2))
     _resume(acts, model)
     for path in sorted(original.iterdir()):
         assert (acts / path.name).read_bytes() == path.read_bytes(), path.name
 
 
-def test_resuming_checks_the_end_of_the_last_shard(acts: Path, model: nt.Model) -> None:  # noqa: F811
-    def change(manifest: dict[str, Any]) -> None:
-        _unfinish(manifest, 2)
-        manifest["shards"][1]["end"]["token"] += 3  # the restart would skip three tokens
+RESUME_EDITS = [
+    pytest.param(  # the restart would skip three tokens
+        _unfinished(2, _set("shards", 1, "end", "token", add=3)),
+        r"shards\[1\]\.end is .*, expected .*where packing its sequences",
+        id="end",
+    ),
+    pytest.param(  # moved together, so that the shards still join up
+        _unfinished(2, _set("shards", 0, "end", "token", add=1), _set("shards", 1, "start", "token", add=1)),
+        r"shards\[1\]\.start is .*, expected the position its tokens",
+        id="start",
+    ),
+    pytest.param(  # the same size, so sequences_per_shard still agrees
+        _unfinished(0, _set("shapes", LAYER0, value=[8, 8])),
+        r"shapes\['model\.layers\.0\.output'\] = \[8, 8\], but the model",
+        id="shapes",
+    ),
+]
 
+
+@pytest.mark.parametrize("change, message", RESUME_EDITS)
+def test_resuming_checks_what_reading_does_not(
+    acts: Path,
+    model: nt.Model,  # noqa: F811
+    change: Callable,
+    message: str,
+) -> None:
     _edit(acts, change)
-    ActivationDataset(acts)  # reading does not use the source positions
-    with pytest.raises(CorruptDatasetError, match=r"shards\[1\]\.end is .*, expected .*where packing its sequences"):
-        _resume(acts, model)
-
-
-def test_resuming_checks_the_start_of_the_last_shard(acts: Path, model: nt.Model) -> None:  # noqa: F811
-    def change(manifest: dict[str, Any]) -> None:
-        _unfinish(manifest, 2)
-        manifest["shards"][0]["end"]["token"] += 1  # moved together, so that the shards still join up
-        manifest["shards"][1]["start"]["token"] += 1
-
-    _edit(acts, change)
-    with pytest.raises(CorruptDatasetError, match=r"shards\[1\]\.start is .*, expected the position its tokens"):
-        _resume(acts, model)
-
-
-def test_resuming_checks_the_shapes_against_the_model(acts: Path, model: nt.Model) -> None:  # noqa: F811
-    def change(manifest: dict[str, Any]) -> None:
-        _unfinish(manifest, 0)
-        manifest["shapes"][LAYER0] = [8, 8]  # the same size, so sequences_per_shard still agrees
-
-    _edit(acts, change)
-    ActivationDataset(acts)
-    with pytest.raises(CorruptDatasetError, match=r"shapes\['model\.layers\.0\.output'\] = \[8, 8\], but the model"):
+    ActivationDataset(acts)  # reading uses neither the source positions nor the model
+    with pytest.raises(CorruptDatasetError, match=message):
         _resume(acts, model)
 
 
@@ -358,17 +363,15 @@ def _assert_one_line_error(result: subprocess.CompletedProcess, message: str) ->
 NO_MODEL = ("--model", "no-such-model-folder")
 
 
-def test_cli_refuses_an_output_that_is_a_file(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "under, says",
+    [("", "the output {file} is a file, not a folder"), ("acts", "lies under {file}, which is a file")],
+)
+def test_cli_refuses_an_output_that_is_or_lies_under_a_file(tmp_path: Path, under: str, says: str) -> None:
     (tmp_path / "notes.txt").write_text("mine")
-    result = _neurotap_collect(*NO_MODEL, "--out", str(tmp_path / "notes.txt"))
-    _assert_one_line_error(result, f"the output {tmp_path / 'notes.txt'} is a file, not a folder")
+    result = _neurotap_collect(*NO_MODEL, "--out", str(tmp_path / "notes.txt" / under))
+    _assert_one_line_error(result, says.format(file=tmp_path / "notes.txt"))
     assert (tmp_path / "notes.txt").read_text() == "mine"
-
-
-def test_cli_refuses_an_output_under_a_file(tmp_path: Path) -> None:
-    (tmp_path / "notes.txt").write_text("mine")
-    result = _neurotap_collect(*NO_MODEL, "--out", str(tmp_path / "notes.txt" / "acts"))
-    _assert_one_line_error(result, f"lies under {tmp_path / 'notes.txt'}, which is a file")
 
 
 def _unwritable_folder(tmp_path: Path) -> Path:

@@ -97,6 +97,15 @@ def assert_served(client, local, seed: int = 0) -> None:
     torch.testing.assert_close(client.forward(tokens, outputs=["logits"]).logits, expected, rtol=1e-5, atol=1e-5)
 
 
+def recorded_locally(local, tokens: torch.Tensor, point: str, fn) -> dict:
+    """What ``fn`` at ``point`` records for ``tokens`` on the local model: what a server must send back."""
+    with torch.no_grad():
+        local.forward(tokens, probes=[nt.probe(point, fn)])
+    expected = dict(local.recordings()[point])  # a copy: clear_recordings() empties the live one
+    local.clear_recordings()
+    return expected
+
+
 def headers(token: str | None = ALPHA, session: str | None = None, **more: str) -> dict[str, str]:
     found = {PROTOCOL_HEADER: str(PROTOCOL), "Content-Type": MEDIA_TYPE, **more}
     if token:
@@ -222,10 +231,7 @@ def test_sae_top_examples_are_bounded_before_the_pass(server, canary, local):
         assert caught.value.status == 413
         assert rm.recordings() == {}
         rm.forward(ids(9), probes=[nt.probe(point, sae(2))], outputs=[])
-        with torch.no_grad():
-            local.forward(ids(9), probes=[nt.probe(point, sae(2))])
-        expected = dict(local.recordings()[point])  # a copy: clear_recordings() empties the live one
-        local.clear_recordings()
+        expected = recorded_locally(local, ids(9), point, sae(2))
         for key in ("sae_top_values", "sae_top_where", "sae_fired"):
             torch.testing.assert_close(rm.recordings()[point][key], expected[key])
     assert_served(canary, local)
@@ -283,10 +289,7 @@ def test_recordings_are_plain_and_capped_server_wide(server, canary, local):
             second.forward(tokens, probes=[nt.probe(point, nt.Record())], outputs=[])
         assert caught.value.status == 413
         other.forward(tokens, probes=[nt.probe(point, nt.Record())], outputs=[])  # the other token's share is intact
-        with torch.no_grad():
-            local.forward(tokens, probes=[nt.probe(point, nt.Record())])
-        expected = local.recordings()[point]["record"][0]
-        local.clear_recordings()
+        expected = recorded_locally(local, tokens, point, nt.Record())["record"][0]
         for client in (first, other):
             torch.testing.assert_close(client.recordings()[point]["record"][0], expected)
         first.clear_recordings()
@@ -308,10 +311,7 @@ def test_probes_per_request_are_capped_and_measured_fairly(server, canary, local
             ids(15), probes=[nt.probe(MUL, nt.Record(index=(0, i // 128, i % 128), key=f"k{i}")) for i in range(500)]
         )
         recorded = rm.recordings()[MUL]
-        with torch.no_grad():
-            local.forward(ids(15), probes=[nt.probe(MUL, nt.Record())])
-        value = local.recordings()[MUL]["record"][0]
-        local.clear_recordings()
+        value = recorded_locally(local, ids(15), MUL, nt.Record())["record"][0]
         assert all(torch.equal(recorded[f"k{i}"][0], value[0, i // 128, i % 128]) for i in range(0, 500, 7))
     assert_served(canary, local)
 

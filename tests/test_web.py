@@ -34,6 +34,7 @@ from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 TOKEN = "inspector-token-0123456789"
 PROMPT = "the old capital of france is paris"
 MUL = "model.layers.0.mlp.mul"
+SIGNED = {PROTOCOL_HEADER: str(PROTOCOL), "Authorization": f"Bearer {TOKEN}"}  # what a signed-in page sends
 WAIT = 60  # seconds a page may take to reach a state; a wait, never an assertion on time
 
 
@@ -181,6 +182,37 @@ def errors_of(browser) -> str:
     return browser.execute_script("return document.getElementById('error').textContent")
 
 
+def wait_drawn(browser, element_id: str, what: str, **data: str) -> None:
+    """Wait until the view ``element_id`` is drawn (``data-state="ready"``) with these ``data-`` attributes."""
+
+    def drawn(b) -> bool:
+        found = b.execute_script("return {...document.getElementById(arguments[0]).dataset}", element_id)
+        return found.get("state") == "ready" and all(found.get(key) == value for key, value in data.items())
+
+    wait(browser, drawn, lambda: f"{what} did not appear: {errors_of(browser)}")
+
+
+def fill(browser, **fields: object) -> None:
+    """Type each value into the box of that id, in place of what it held."""
+    for field, value in fields.items():
+        box = browser.find_element(By.ID, field)
+        box.clear()
+        box.send_keys(str(value))
+
+
+def layer_0_mlp_product(model, ids: torch.Tensor) -> torch.Tensor:
+    """The plain model's first MLP product on ``ids``, from the MLP's input caught by a hand hook."""
+    mlp = model.model.layers[0].mlp
+    captured = {}
+    handle = mlp.register_forward_hook(lambda m, args, out: captured.update(x=args[0]))
+    try:
+        with torch.no_grad():
+            model(ids)
+            return mlp.act_fn(mlp.gate_proj(captured["x"])) * mlp.up_proj(captured["x"])
+    finally:
+        handle.remove()
+
+
 @pytest.fixture(scope="module")
 def signed_in(browser, server):
     """The page, signed in with the token, with PROMPT tokenized."""
@@ -189,9 +221,7 @@ def signed_in(browser, server):
     browser.find_element(By.ID, "token").send_keys(TOKEN)
     browser.find_element(By.CSS_SELECTOR, "#login-form button").click()
     wait(browser, lambda b: b.find_elements(By.CSS_SELECTOR, "#tokens .token"), "no tokens after signing in")
-    prompt = browser.find_element(By.ID, "prompt")
-    prompt.clear()
-    prompt.send_keys(PROMPT)
+    fill(browser, prompt=PROMPT)
     browser.find_element(By.ID, "run").click()
     wait(browser, lambda b: len(b.find_elements(By.CSS_SELECTOR, "#tokens .token")) == len(PROMPT.split()), "tokens")
     return browser
@@ -210,17 +240,16 @@ def test_page_loads_without_a_token_but_no_data_does(server, plain):
         assert http.get("/static/..%2Fweb.py").status_code == 404
         assert http.post("/v1/tokenize", json={"text": PROMPT}, headers=headers).status_code == 401
         assert http.get("/v1/points", headers=headers).status_code == 401
-        authorized = {**headers, "Authorization": f"Bearer {TOKEN}"}
-        answer = http.post("/v1/tokenize", json={"text": PROMPT}, headers=authorized)
+        answer = http.post("/v1/tokenize", json={"text": PROMPT}, headers=SIGNED)
         assert answer.status_code == 200
         assert answer.json()["ids"] == plain[1](PROMPT).input_ids
         assert answer.json()["tokens"] == PROMPT.split()
-        too_long = http.post("/v1/tokenize", json={"text": "a " * 5000}, headers=authorized)
+        too_long = http.post("/v1/tokenize", json={"text": "a " * 5000}, headers=SIGNED)
         assert too_long.status_code == 413 and "at most 8000" in too_long.json()["message"]
-        assert http.post("/v1/tokenize", content=b"[1]", headers=authorized).status_code == 400
-        huge = http.post("/v1/tokenize", content=b" " * (65 << 10), headers=authorized)
+        assert http.post("/v1/tokenize", content=b"[1]", headers=SIGNED).status_code == 400
+        huge = http.post("/v1/tokenize", content=b" " * (65 << 10), headers=SIGNED)
         assert huge.status_code == 413
-        other_page = {**authorized, "Origin": "http://attacker.example"}
+        other_page = {**SIGNED, "Origin": "http://attacker.example"}
         assert http.post("/v1/tokenize", json={"text": "a"}, headers=other_page).status_code == 403
 
 
@@ -265,9 +294,7 @@ def test_tokens_and_points_tree(signed_in, plain, server):
     browser = signed_in
     ids = [int(t.get_attribute("data-id")) for t in browser.find_elements(By.CSS_SELECTOR, "#tokens .token")]
     assert ids == plain[1](PROMPT).input_ids
-    search = browser.find_element(By.ID, "search")
-    search.clear()
-    search.send_keys("mlp.mul")
+    fill(browser, search="mlp.mul")
     wait(browser, lambda b: b.find_elements(By.CSS_SELECTOR, f'#tree .point[data-name="{MUL}"]'), "search")
     names = [row.get_attribute("data-name") for row in browser.find_elements(By.CSS_SELECTOR, "#tree .point")]
     assert names == [f"model.layers.{i}.mlp.mul" for i in range(len(names))] and len(names) >= 2
@@ -280,31 +307,13 @@ def test_tokens_and_points_tree(signed_in, plain, server):
 def test_a_point_heat_map_holds_the_values_the_model_computes(signed_in, plain, artifacts):
     browser = signed_in
     model, tokenizer = plain
-    search = browser.find_element(By.ID, "search")
-    search.clear()
-    search.send_keys(MUL)
+    fill(browser, search=MUL)
     row = wait(browser, lambda b: b.find_elements(By.CSS_SELECTOR, f'#tree .point[data-name="{MUL}"]'), "search")[0]
     row.click()
-    wait(
-        browser,
-        lambda b: (
-            b.execute_script(
-                "const m = document.getElementById('point-map'); return m.dataset.state === 'ready' && m.dataset.point"
-            )
-            == MUL
-        ),
-        lambda: f"the heat map of {MUL} did not appear: {errors_of(browser)}",
-    )
+    wait_drawn(browser, "point-map", f"the heat map of {MUL}", point=MUL)
     shown_values = as_matrix(cells(browser, "#point-map rect.cell"))
     norms = as_matrix([[r, 0, v] for r, _, v in cells(browser, "#point-map rect.extra-cell")])[:, 0]
-
-    captured = {}
-    mlp = model.model.layers[0].mlp
-    handle = mlp.register_forward_hook(lambda m, args, out: captured.setdefault("x", args[0]))
-    with torch.no_grad():
-        model(torch.tensor([tokenizer(PROMPT).input_ids]))
-        expected = (mlp.act_fn(mlp.gate_proj(captured["x"])) * mlp.up_proj(captured["x"]))[0]
-    handle.remove()
+    expected = layer_0_mlp_product(model, torch.tensor([tokenizer(PROMPT).input_ids]))[0]
     torch.testing.assert_close(shown_values, expected[:, :256], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(norms, expected.norm(dim=-1), rtol=1e-5, atol=1e-6)
 
@@ -326,17 +335,7 @@ def test_an_attention_head_is_the_softmax_the_model_computes(signed_in, plain, a
     Select(browser.find_element(By.ID, "layer")).select_by_visible_text(str(layer))
     Select(browser.find_element(By.ID, "head")).select_by_visible_text(str(head))
     name = f"model.layers.{layer}.self_attn.attention_interface.softmax"
-    wait(
-        browser,
-        lambda b: (
-            b.execute_script(
-                "const m = document.getElementById('attention-map');"
-                "return m.dataset.state === 'ready' ? m.dataset.point + '/' + m.dataset.head : ''"
-            )
-            == f"{name}/{head}"
-        ),
-        lambda: f"the attention pattern did not appear: {errors_of(browser)}",
-    )
+    wait_drawn(browser, "attention-map", "the attention pattern", point=name, head=str(head))
     pattern = as_matrix(cells(browser, "#attention-map rect.cell"))
     with torch.no_grad():
         attentions = model(torch.tensor([tokenizer(PROMPT).input_ids]), output_attentions=True).attentions
@@ -358,11 +357,7 @@ def test_the_logit_lens_is_each_layer_through_the_final_norm_and_unembedding(sig
     browser = signed_in
     model, tokenizer = plain
     browser.find_element(By.CSS_SELECTOR, '#tabs button[data-view="lens"]').click()
-    wait(
-        browser,
-        lambda b: b.execute_script("return document.getElementById('lens-map').dataset.state") == "ready",
-        lambda: f"the logit lens did not appear: {errors_of(browser)}",
-    )
+    wait_drawn(browser, "lens-map", "the logit lens")
     found = browser.execute_script(
         "return Array.from(document.querySelectorAll('#lens-map rect.lens-cell')).map(r =>"
         " [Number(r.dataset.layer), Number(r.dataset.pos), Number(r.dataset.id), Number(r.dataset.prob)])"
@@ -391,8 +386,7 @@ def test_the_logit_lens_is_each_layer_through_the_final_norm_and_unembedding(sig
     torch.testing.assert_close(shown_probs, best, rtol=1e-5, atol=1e-6)
     browser.save_screenshot(str(artifacts / "logit-lens.png"))
 
-    headers = {PROTOCOL_HEADER: str(PROTOCOL), "Authorization": f"Bearer {TOKEN}"}
-    with httpx.Client(base_url=server.url, headers=headers) as http:
+    with httpx.Client(base_url=server.url, headers=SIGNED) as http:
         assert http.post("/v1/logit_lens", json={"text": PROMPT, "top": 11}).status_code == 400
         assert http.post("/v1/logit_lens", json={"text": "the " * 65}).status_code == 413
         assert http.post("/v1/logit_lens", json={"text": PROMPT}, headers={"Authorization": ""}).status_code == 401
@@ -408,16 +402,9 @@ def test_top_examples_are_the_datasets_with_each_tokens_value_as_the_model_compu
     unit, k = 5, 4
     browser.find_element(By.CSS_SELECTOR, '#tabs button[data-view="examples"]').click()
     Select(browser.find_element(By.ID, "examples-point")).select_by_visible_text(MUL)
-    for field, value in (("examples-unit", unit), ("examples-k", k)):
-        box = browser.find_element(By.ID, field)
-        box.clear()
-        box.send_keys(str(value))
+    fill(browser, **{"examples-unit": unit, "examples-k": k})
     browser.find_element(By.ID, "examples-run").click()
-    wait(
-        browser,
-        lambda b: b.execute_script("return document.getElementById('examples-list').dataset.state") == "ready",
-        lambda: f"the examples did not appear: {errors_of(browser)}",
-    )
+    wait_drawn(browser, "examples-list", "the examples")
     shown = browser.execute_script(
         "return Array.from(document.querySelectorAll('#examples-list .example')).map(e => ({"
         " row: Number(e.dataset.row), value: Number(e.dataset.value),"
@@ -431,15 +418,10 @@ def test_top_examples_are_the_datasets_with_each_tokens_value_as_the_model_compu
     torch.testing.assert_close(torch.tensor([e["value"] for e in shown]), torch.tensor([e.value for e in expected]))
 
     # every shaded token's value: the plain model's MLP product on the example's sequence, by a hand hook
-    mlp = model.model.layers[0].mlp
-    captured = {}
-    handle = mlp.register_forward_hook(lambda m, args, out: captured.update(x=args[0]))
     for example, found in zip(expected, shown):
         begin = example.sequence * ds.seq_len
         ids = ds.read("tokens", begin, begin + ds.seq_len).long()[None]
-        with torch.no_grad():
-            model(ids)
-            product = (mlp.act_fn(mlp.gate_proj(captured["x"])) * mlp.up_proj(captured["x"]))[0, :, unit]
+        product = layer_0_mlp_product(model, ids)[0, :, unit]
         first = max(0, example.position - 16)
         window = product[first : example.position + 5]
         torch.testing.assert_close(torch.tensor(found["values"]), window, rtol=1e-5, atol=1e-6)
@@ -447,11 +429,9 @@ def test_top_examples_are_the_datasets_with_each_tokens_value_as_the_model_compu
         # the pieces join into the dataset's text of those rows, spacing included; the peak is the example's token
         assert "".join(found["pieces"]) == ds.text(begin + first, begin + first + len(window))
         assert found["pieces"][found["peak"]].strip() == example.text.strip()
-    handle.remove()
     browser.save_screenshot(str(artifacts / "examples.png"))
 
-    headers = {PROTOCOL_HEADER: str(PROTOCOL), "Authorization": f"Bearer {TOKEN}"}
-    with httpx.Client(base_url=server.url, headers=headers) as http:
+    with httpx.Client(base_url=server.url, headers=SIGNED) as http:
         assert http.get("/v1/dataset").json()["points"] == [MUL]
         for body, status in (
             ({"point": "../manifest.json", "unit": 0}, 404),  # a name, never a path
@@ -471,22 +451,9 @@ def test_the_patching_heat_map_is_each_residual_restored_from_the_clean_prompt(s
     model, tokenizer = plain
     corrupt, target = "the new capital of france is paris", "river"
     browser.find_element(By.CSS_SELECTOR, '#tabs button[data-view="patching"]').click()
-    for field, value in (("corrupt", corrupt), ("target", target)):
-        box = browser.find_element(By.ID, field)
-        box.clear()
-        box.send_keys(value)
+    fill(browser, corrupt=corrupt, target=target)
     browser.find_element(By.ID, "patching-run").click()
-    wait(
-        browser,
-        lambda b: (
-            b.execute_script(
-                "const m = document.getElementById('patching-map'); return m.dataset.state"
-                " === 'ready' && m.dataset.target"
-            )
-            == str(tokenizer(target).input_ids[0])
-        ),
-        lambda: f"the patching heat map did not appear: {errors_of(browser)}",
-    )
+    wait_drawn(browser, "patching-map", "the patching heat map", target=str(tokenizer(target).input_ids[0]))
     shown_values = as_matrix(cells(browser, "#patching-map rect.cell"))
     browser.save_screenshot(str(artifacts / "patching.png"))
 
