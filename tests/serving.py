@@ -39,15 +39,23 @@ def save_with_word_tokenizer(module, path: Path) -> Path:
 class Server:
     """``neurotap serve FOLDER --port 0 ARGS`` in a subprocess, its stderr kept in ``log``; ``url`` once it listens.
 
-    ``env`` adds to the server's environment. With ``wait=False`` it returns as soon as the process
-    is started, so that several servers load at once; ``wait()`` then waits for this one to listen.
+    ``command="inspect"`` runs ``neurotap inspect``, which serves the same way. ``env`` adds to its
+    environment. With ``wait=False`` it returns as soon as the process is started, so that several
+    servers load at once; ``wait()`` then waits for this one to listen.
     """
 
     stop_timeout = 30.0
 
-    def __init__(self, folder: Path | str, *args: str, env: dict[str, str] | None = None, wait: bool = True) -> None:
+    def __init__(
+        self,
+        folder: Path | str,
+        *args: str,
+        command: str = "serve",
+        env: dict[str, str] | None = None,
+        wait: bool = True,
+    ) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-c", LAUNCH, "serve", str(folder), "--port", "0", *args],
+            [sys.executable, "-c", LAUNCH, command, str(folder), "--port", "0", *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

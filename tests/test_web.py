@@ -10,10 +10,7 @@ the test's temporary folder.
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,7 +21,7 @@ import torch
 
 from conftest import tiny_llama
 from neurotap.transport.wire import PROTOCOL, PROTOCOL_HEADER
-from serving import LAUNCH, WORDS, Server, save_with_word_tokenizer
+from serving import WORDS, Server, save_with_word_tokenizer
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is missing: pip install -r requirements-dev.txt")
 from selenium.common.exceptions import TimeoutException  # noqa: E402
@@ -51,8 +48,8 @@ def folder(tmp_path_factory) -> Path:
     return save_with_word_tokenizer(tiny_llama(), tmp_path_factory.mktemp("tiny"))
 
 
-class Inspecting:
-    """``neurotap inspect`` (which serves as ``neurotap serve`` does) in its own process, with a token file.
+class Inspecting(Server):
+    """``neurotap inspect`` in its own process, with a token file.
 
     Its "browser" is a script that writes down the address it was asked to open.
     """
@@ -60,30 +57,17 @@ class Inspecting:
     def __init__(self, folder: Path, where: Path, *args: str) -> None:
         (where / "tokens.txt").write_text(TOKEN + "\n")
         (where / "browser.py").write_text("import pathlib, sys\npathlib.Path(sys.argv[1]).write_text(sys.argv[2])\n")
-        self.where = where
         self.opened = where / "opened.txt"
-        command = [sys.executable, "-c", LAUNCH, "inspect", str(folder), "--port", "0"]
-        command += ["--token-file", str(where / "tokens.txt"), *args]
         browser = f"{sys.executable} {where / 'browser.py'} {self.opened} %s"
-        with open(where / "out.txt", "w") as out, open(where / "err.txt", "w") as err:
-            self.process = subprocess.Popen(
-                command, stdout=out, stderr=err, env={**os.environ, "BROWSER": browser, "PYTHONUNBUFFERED": "1"}
-            )
-        deadline = time.monotonic() + 300  # how long the model may take to load; not an assertion on speed
+        super().__init__(
+            folder, "--token-file", str(where / "tokens.txt"), *args, command="inspect", env={"BROWSER": browser}
+        )
+        deadline = time.monotonic() + 60  # it opens the page once the server answers; not an assertion on speed
         while not self.opened.exists() and self.process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.1)
         if not self.opened.exists():
             self.stop()
-            raise RuntimeError(f"neurotap inspect opened no browser:\n{self.log()}")
-        self.url = self.opened.read_text().rstrip("/")
-
-    def log(self) -> str:
-        return (self.where / "out.txt").read_text() + (self.where / "err.txt").read_text()
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            self.process.wait(30)
+            raise RuntimeError(f"neurotap inspect opened no browser:\n{''.join(self.log)}")
 
 
 @pytest.fixture(scope="module")
@@ -348,9 +332,7 @@ def test_an_attention_head_is_the_softmax_the_model_computes(signed_in, plain, a
 
 
 def test_inspect_serves_and_opens_the_page(server):
-    serving = next(line for line in server.log().splitlines() if line.startswith("neurotap: serving"))
-    assert server.url == serving.split(" on ")[1].split()[0]  # it opened the address it serves on
-    assert server.opened.read_text() == server.url + "/"
+    assert server.opened.read_text() == server.url + "/"  # it opened the address it says it serves on
 
 
 def test_the_logit_lens_is_each_layer_through_the_final_norm_and_unembedding(signed_in, plain, server, artifacts):
