@@ -21,6 +21,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -78,62 +79,72 @@ def overhead(folder: str) -> None:
         server.stop()
 
 
-def throughput(folder: str, vocab: int, mixed: bool = False, generate: bool = False) -> None:
-    server = serving.Server(folder, env=ONE_THREAD)
-    clients, per_client = 8, 6
+def mixed_length(c: int, k: int) -> int:
+    return 16 + (7 * c + 13 * k) % 49
 
-    def length(c: int, k: int) -> int:
-        return 16 + (7 * c + 13 * k) % 49 if mixed else 16 if generate else 64
 
-    work = [
+def client_work(
+    vocab: int, clients: int, per_client: int, length: Callable[[int, int], int]
+) -> list[list[torch.Tensor]]:
+    """For each client ``c``, ``per_client`` seeded token ids of shape ``[1, length(c, k)]``."""
+    return [
         [
             torch.randint(0, vocab, (1, length(c, k)), generator=torch.Generator().manual_seed(100 * c + k))
             for k in range(per_client)
         ]
         for c in range(clients)
     ]
+
+
+def sequential_rate(send: Callable[[int, torch.Tensor], None], work: list[list[torch.Tensor]]) -> float:
+    """Requests per second of ``send(c, ids)`` for every client ``c``'s ``work[c]``, one request at a time."""
+    start = time.perf_counter()
+    for c, requests in enumerate(work):
+        for ids in requests:
+            send(c, ids)
+    return sum(map(len, work)) / (time.perf_counter() - start)
+
+
+def concurrent_rate(send: Callable[[int, torch.Tensor], None], work: list[list[torch.Tensor]]) -> float:
+    """The same with each client sending from a thread of its own, all started together."""
+    barrier = threading.Barrier(len(work) + 1)
+
+    def run(c: int) -> None:
+        barrier.wait()
+        for ids in work[c]:
+            send(c, ids)
+
+    threads = [threading.Thread(target=run, args=(c,)) for c in range(len(work))]
+    for thread in threads:
+        thread.start()
+    barrier.wait()
+    start = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    return sum(map(len, work)) / (time.perf_counter() - start)
+
+
+def throughput(folder: str, vocab: int, mixed: bool = False, generate: bool = False) -> None:
+    server = serving.Server(folder, env=ONE_THREAD)
+    clients, per_client = 8, 6
+    work = client_work(vocab, clients, per_client, mixed_length if mixed else lambda c, k: 16 if generate else 64)
     probes = [nt.probe("model.layers.1.mlp.mul", nt.Mean(dims=(0, 1)))]
 
-    def send(rm: nt.RemoteModel, c: int, ids: torch.Tensor) -> None:
+    def send(c: int, ids: torch.Tensor) -> None:
         if generate:
             zero = [nt.probe("model.layers.1.mlp.mul", nt.Zero(index=(..., c)))]
-            rm.generate(ids, probes=zero, max_new_tokens=16, min_new_tokens=16, do_sample=False)
+            remotes[c].generate(ids, probes=zero, max_new_tokens=16, min_new_tokens=16, do_sample=False)
         else:
-            rm.forward(ids, probes=probes, outputs=["logits"])
+            remotes[c].forward(ids, probes=probes, outputs=["logits"])
 
     try:
         remotes = [nt.connect(server.url) for _ in range(clients)]
-        for c, rm in enumerate(remotes):
-            send(rm, c, work[0][0])
-
-        def sequential() -> float:
-            start = time.perf_counter()
-            for c in range(clients):
-                for ids in work[c]:
-                    send(remotes[0], c, ids)
-            return clients * per_client / (time.perf_counter() - start)
-
-        def concurrent() -> float:
-            barrier = threading.Barrier(clients + 1)
-
-            def run(c: int) -> None:
-                barrier.wait()
-                for ids in work[c]:
-                    send(remotes[c], c, ids)
-
-            threads = [threading.Thread(target=run, args=(c,)) for c in range(clients)]
-            for t in threads:
-                t.start()
-            barrier.wait()
-            start = time.perf_counter()
-            for t in threads:
-                t.join()
-            return clients * per_client / (time.perf_counter() - start)
-
+        for c in range(clients):
+            send(c, work[0][0])
         rates_seq, rates_conc = [], []
         for _ in range(5):
-            rates_seq.append(sequential())
-            rates_conc.append(concurrent())
+            rates_seq.append(sequential_rate(send, work))
+            rates_conc.append(concurrent_rate(send, work))
         info = remotes[0].info()
         seq, conc = statistics.median(rates_seq), statistics.median(rates_conc)
         shape = "[1, 16..64] (mixed)" if mixed else "[1, 16]" if generate else "[1, 64]"

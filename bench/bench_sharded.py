@@ -28,14 +28,15 @@ import os
 import statistics
 import sys
 import tempfile
-import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import transformers
 
 import neurotap as nt
+from bench_remote import client_work, concurrent_rate, mixed_length, sequential_rate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import serving  # noqa: E402  (the tests' harness: start a server, wait until it listens, stop it)
@@ -97,50 +98,21 @@ def requests(vocab: int) -> dict:
 
 def throughput(servers: dict, vocab: int, rounds: int, clients: int = 8, per_client: int = 3) -> None:
     """Requests per second of ``clients`` concurrent clients against the same requests sent one at a time."""
-    work = [
-        [
-            torch.randint(
-                0, vocab, (1, 16 + (7 * c + 13 * k) % 49), generator=torch.Generator().manual_seed(100 * c + k)
-            )
-            for k in range(per_client)
-        ]
-        for c in range(clients)
-    ]
+    work = client_work(vocab, clients, per_client, mixed_length)
     probes = [nt.probe("model.layers.1.mlp.mul", nt.Mean(dims=(0, 1)))]
     remotes = {n: [nt.connect(s.url, timeout=600) for _ in range(clients)] for n, s in servers.items()}
 
-    def sequential(n: int) -> float:
-        start = time.perf_counter()
-        for c in range(clients):
-            for ids in work[c]:
-                remotes[n][0].forward(ids, probes=probes, outputs=["logits"])
-        return clients * per_client / (time.perf_counter() - start)
-
-    def concurrent(n: int) -> float:
-        barrier = threading.Barrier(clients + 1)
-
-        def run(c: int) -> None:
-            barrier.wait()
-            for ids in work[c]:
-                remotes[n][c].forward(ids, probes=probes, outputs=["logits"])
-
-        threads = [threading.Thread(target=run, args=(c,)) for c in range(clients)]
-        for thread in threads:
-            thread.start()
-        barrier.wait()
-        start = time.perf_counter()
-        for thread in threads:
-            thread.join()
-        return clients * per_client / (time.perf_counter() - start)
+    def sender(n: int) -> Callable[[int, torch.Tensor], None]:
+        return lambda c, ids: remotes[n][c].forward(ids, probes=probes, outputs=["logits"])
 
     try:
         rates = {(n, kind): [] for n in servers for kind in ("sequential", "concurrent")}
         shared = {n: [0, 0, 0] for n in servers}  # requests, passes, padded passes of the concurrent runs
         for _ in range(rounds):
             for n in servers:
-                rates[n, "sequential"].append(sequential(n))
+                rates[n, "sequential"].append(sequential_rate(sender(n), work))
                 before = servers[n].remote.info()
-                rates[n, "concurrent"].append(concurrent(n))
+                rates[n, "concurrent"].append(concurrent_rate(sender(n), work))
                 after = servers[n].remote.info()
                 for i, key in enumerate(("requests", "passes", "padded_passes")):
                     shared[n][i] += after[key] - before[key]
