@@ -8,8 +8,10 @@ its server cleanly.
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -62,17 +64,37 @@ class Server(serving.Server):
 
     stop_timeout = 60.0
 
-    def __init__(self, folder: Path, ranks: int, *args: str) -> None:
+    def __init__(self, folder: Path, ranks: int, *args: str, env: dict[str, str] | None = None) -> None:
         self.ranks = ranks
         self.killed = False
-        super().__init__(folder, "--ranks", str(ranks), *args)
+        super().__init__(folder, "--ranks", str(ranks), *args, env=env)
 
     def info(self) -> dict:
         return httpx.get(self.url + "/v1/info", headers={PROTOCOL_HEADER: str(PROTOCOL)}).json()
 
 
+RANK_0_ONLY = '''"""A probe that only rank 0 of a sharded server can import (each rank has RANK in its environment)."""
+import os
+
+if os.environ.get("RANK", "0") != "0":
+    raise ImportError("this module is importable on rank 0 only")
+
+
+def record(ctx, value):
+    ctx.seen = value.detach().clone()
+'''
+
+
+@pytest.fixture(scope="module")
+def rank_0_only(tmp_path_factory) -> Path:
+    """A folder on the servers' path with a module that rank 0 and this process import, and no other rank."""
+    found = tmp_path_factory.mktemp("rank-0-only")
+    (found / "neurotap_rank_0_only.py").write_text(RANK_0_ONLY)
+    return found
+
+
 @pytest.fixture(scope="module", params=[2, 3], ids=["2-ranks", "3-ranks"])
-def server(request, folder):
+def server(request, folder, rank_0_only):
     running = Server(
         folder,
         request.param,
@@ -85,6 +107,7 @@ def server(request, folder):
         "450000",
         "--request-timeout",
         "8",
+        env={"PYTHONPATH": os.pathsep.join([str(rank_0_only), os.environ.get("PYTHONPATH", "")])},
     )
     yield running
     code = running.stop()
@@ -352,6 +375,28 @@ def test_hidden_states_attentions_and_raw_logits_come_from_every_stage(remote, l
             close(a, b)
 
 
+def test_the_last_ranks_logits_travel_only_to_an_answer_that_holds_them(remote, local):
+    x = ids(48)
+    hidden = local.module.config.hidden_size
+
+    def sent() -> torch.Tensor:  # what each rank has sent down the pipeline since it started, in bytes
+        return torch.tensor([row["sent_bytes"] for row in remote.info()["ranks"]])
+
+    before = sent()
+    assert remote.forward(x, outputs=[]) is None
+    nothing = sent() - before
+    logits = remote.forward(x)["logits"]
+    close(logits, local.forward(x).logits)
+    everything = sent() - before - nothing
+    assert nothing[-1] == 0  # in a forward, the last rank sends nothing but the logits
+    assert 0 < everything[-1] - logits.nbytes <= 64  # the logits and a header
+    assert torch.equal(nothing[:-1], everything[:-1])  # the hidden states, as before
+    before = sent()
+    remote.backward(x, loss=nt.CrossEntropy(ids(49)))
+    backward = sent() - before
+    assert 0 < backward[-1] - x.numel() * hidden * 4 <= 64  # the gradient at its input only, no logits
+
+
 def test_patterns_and_traces_work_across_stages(remote, local):
     x = ids(21)
     probes = [nt.probe("model.layers.*.mlp.mul", nt.Mean(dims=(0, 1)))]  # one probe on every rank's layers
@@ -608,6 +653,13 @@ def test_the_models_own_loss_from_labels_is_the_one_process_servers(remote, one_
         assert got.loss == pytest.approx(want.loss, rel=1e-6)
         for point in points:
             close(got.grad[point], want.grad[point])
+        beyond = torch.full_like(y, VOCAB + 5)  # the last rank's loss function refuses it
+        with pytest.raises(nt.NeurotapError) as sharded:
+            remote.forward(x, labels=beyond)
+        with pytest.raises(nt.NeurotapError) as one:
+            single.forward(x, labels=beyond)
+        assert (sharded.value.status, str(sharded.value)) == (one.value.status, str(one.value))
+        close(remote.forward(x, labels=y)["loss"], single.forward(x, labels=y)["loss"])  # the ranks are in step
 
 
 # -- errors ----------------------------------------------------------------------------------------
@@ -817,6 +869,141 @@ def test_a_raising_probe_reaches_the_client_with_its_traceback(remote, local):
         remote.forward(ids(11), probes=[nt.probe("model.layers.2.mlp.mul", explode)])  # rank 1 owns layer 2
     assert "ValueError" in (raised.value.remote_traceback or "")
     close(remote.forward(ids(11))["logits"], local.forward(ids(11)).logits)  # every rank is still in step
+
+
+def test_a_code_probe_only_rank_0_can_unpickle_fails_its_request_naming_the_rank(remote, local, rank_0_only):
+    sys.path.insert(0, str(rank_0_only))
+    try:
+        import neurotap_rank_0_only  # pickled by reference: each rank imports it
+    finally:
+        sys.path.remove(str(rank_0_only))
+    x = ids(50)
+    probes = [nt.probe(f"{FIRST}.mlp.mul", nt.Record()), nt.probe(f"{LAST}.output", nt.Record())]
+    with pytest.raises(nt.NeurotapError, match="rank 1 of the sharded server could not unpickle the probe") as raised:
+        remote.forward(x, probes=[nt.probe(f"{FIRST}.output", neurotap_rank_0_only.record), *probes])
+    assert raised.value.status == 400 and "importable on rank 0 only" in str(raised.value)
+    assert remote.recordings() == {}
+    close(remote.forward(x, probes=probes)["logits"], local.forward(x, probes=probes).logits)  # still serving
+    got, expected = remote.recordings(), local_recordings(local)
+    assert set(got) == set(expected)
+    for name in expected:
+        close(got[name]["record"][0], expected[name]["record"][0])
+    remote.clear_recordings()
+
+
+def test_a_saved_value_that_cannot_be_measured_fails_its_request_and_the_ranks_stay_in_step(server, remote, local):
+    def hides_a_key(ctx, value):  # on the last rank; a tuple is measured once, so what it holds later is not
+        class Unprintable:
+            def __str__(self):
+                raise ValueError("this key cannot be printed")
+
+        if "box" not in ctx:
+            ctx.box = ([],)
+        else:
+            ctx.box[0].append({Unprintable(): 1})
+
+    x = ids(51, rows=1, length=4)
+    with pytest.raises(nt.NeurotapError, match=f"rank {server.ranks - 1} .*cannot be printed") as raised:
+        remote.generate(x, max_new_tokens=2, do_sample=False, probes=[nt.probe(f"{LAST}.mlp.mul", hides_a_key)])
+    assert raised.value.status == 422
+    assert remote.recordings() == {}
+    close(remote.forward(x)["logits"], local.forward(x).logits)
+
+
+def post_and_leave(url: str, request: RunRequest, session: str) -> socket.socket:
+    """Send ``request`` to ``url``'s /v1/run on a socket of its own, for the caller to close mid-request."""
+    host, port = url.removeprefix("http://").split(":")
+    body = encode_request(request)
+    headers = {PROTOCOL_HEADER: str(PROTOCOL), "Content-Type": MEDIA_TYPE, SESSION_HEADER: session}
+    lines = ["POST /v1/run HTTP/1.1", f"Host: {host}:{port}", f"Content-Length: {len(body)}"]
+    lines += [f"{name}: {value}" for name, value in headers.items()]
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+    return sock
+
+
+def test_a_client_leaving_a_shared_pass_leaves_the_others_their_whole_answers(server, local, tmp_path):
+    started, calls = tmp_path / "started", tmp_path / "calls"
+
+    def block(ctx, value, started=str(started)):
+        import pathlib
+        import time
+
+        pathlib.Path(started).touch()
+        time.sleep(2.0)
+
+    def slow(ctx, value, calls=str(calls)):  # on the last rank, on the leaving request's row
+        import time
+
+        with open(calls, "a") as seen:
+            seen.write(".")
+        time.sleep(0.1)
+
+    steps = {"max_new_tokens": 16, "do_sample": False}
+    leaving_ids, staying_ids = ids(52, rows=1, length=5), ids(53, rows=1, length=5)
+    recorded = [nt.probe(f"{FIRST}.mlp.mul", nt.Record()), nt.probe(f"{LAST}.output", nt.Record())]
+    leaving_request = RunRequest(
+        "generate",
+        (leaving_ids,),
+        steps,
+        [ProbeSpec(f"{LAST}.mlp.mul", slow), ProbeSpec(f"{FIRST}.mlp.mul", nt.Record())],
+    )
+    with nt.connect(server.url) as blocker, nt.connect(server.url) as leaving, nt.connect(server.url) as staying:
+        before = server.info()
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            blocked = pool.submit(blocker.forward, ids(29), probes=[nt.probe(f"{FIRST}.mlp.mul", block)])
+            deadline = time.monotonic() + 30
+            while not started.exists():
+                assert time.monotonic() < deadline and not blocked.done(), "the slow request did not start"
+                time.sleep(0.02)
+            sock = post_and_leave(server.url, leaving_request, leaving._session)  # both queue behind the slow one
+            answer = pool.submit(staying.generate, staying_ids, **steps, probes=recorded)
+            blocked.result()
+            while not calls.exists():  # the shared pass is under way
+                assert time.monotonic() < deadline + 30 and not answer.done(), "the shared pass did not start"
+                time.sleep(0.02)
+            sock.close()
+            out = answer.result()
+        after = server.info()
+        assert (after["requests"] - before["requests"], after["passes"] - before["passes"]) == (3, 2)
+        assert torch.equal(out, local.generate(staying_ids, **steps, probes=recorded))
+        got, expected = staying.recordings(), local_recordings(local)
+        assert set(got) == set(expected)
+        for name in expected:
+            for a, b in zip(got[name]["record"], expected[name]["record"], strict=True):
+                close(a, b)
+        assert leaving.recordings() == {}
+    assert 0 < calls.stat().st_size
+
+
+def test_a_forward_past_the_request_timeout_stops_on_the_rank_computing_it(folder, local, tmp_path):
+    calls = tmp_path / "calls"
+
+    def slow(ctx, value, calls=str(calls)):  # on the last rank, which hears of the deadline only from rank 0
+        import time
+
+        with open(calls, "a") as seen:
+            seen.write(".")
+        time.sleep(1.0)
+
+    points = [p.name for p in local.points(LAST) if p.kind == "output" and "[" not in p.name]
+    points += ["model.norm.output", "lm_head.output"]  # 15 s of probes on the last rank, 3 s allowed
+    # rank 0 waits for the logits meanwhile: within the rank timeout, or it would take the last rank for dead
+    server = Server(folder, 2, "--allow-code", "--request-timeout", "3", "--rank-timeout", "30")
+    try:
+        with nt.connect(server.url) as rm:
+            started = time.monotonic()
+            with pytest.raises(nt.NeurotapError, match="request timeout") as raised:
+                rm.forward(ids(54), probes=[nt.probe(point, slow) for point in points])
+            took = time.monotonic() - started
+            assert raised.value.status == 504
+            called = calls.stat().st_size
+            assert called < len(points) - 5 and took < len(points) - 5, (called, took)
+            time.sleep(1.5)
+            assert calls.stat().st_size == called  # the last rank stopped calling its probes
+            close(rm.forward(ids(54))["logits"], local.forward(ids(54)).logits)
+    finally:
+        stop_cleanly(server)
 
 
 def fail_rank_1(server: Server, remote, fault: str) -> None:

@@ -6,7 +6,8 @@ Rank 0 holds the HTTP server and the batch worker, whose thread calls
 operation of the process group they share times out (``--rank-timeout``), the
 wait for the next command included, so rank 0 sends a no-op while idle. A
 request travels as its wire-format bytes (``encode_request``), so every rank
-decodes it with the same checks.
+decodes it with the same checks; one that some rank cannot decode (code naming a
+module only some machines have) fails on every rank, with that rank's error.
 
 Every rank runs the batch with the one-process executor's rules (``_StageExecutor``
 is an ``InProcessExecutor`` on the rank's stage): the same passes, padded where
@@ -250,9 +251,11 @@ class _Rank:
         return output
 
     def facts(self) -> tuple[float, int, str, dict[str, float]]:
-        """This rank's peak RSS (MB), process id, the device its weights are on, and its seconds in transfers."""
+        """This rank's peak RSS (MB), process id, the device its weights are on, and its transfers (seconds in
+        them, and bytes sent)."""
         held = (p.device for p in self.stage.module.parameters() if p.device.type != "meta")
-        return peak_rss_mb(), os.getpid(), str(next(held, torch.device("cpu"))), dict(self.pipe.seconds)
+        transfers = {**self.pipe.seconds, "sent_bytes": self.pipe.sent_bytes}
+        return peak_rss_mb(), os.getpid(), str(next(held, torch.device("cpu"))), transfers
 
     def parameter(self, name: str) -> torch.Tensor | None:
         try:
@@ -288,6 +291,30 @@ class _StageExecutor(InProcessExecutor):
         # the pass under way (its number, alike on every rank; its deadline and requests), for rank 0's watcher
         self.current: tuple[int, float | None, list[RunRequest]] | None = None
         self._next_look = 0.0
+
+    def run_batch(self, batch: Sequence[RunRequest | ErrorInfo], seeds: Sequence[int]) -> list[RunResult]:
+        """``batch`` as this rank decoded it (an ErrorInfo where it could not), run on every rank in step.
+
+        Code can unpickle on one rank and not on another (it names a module that only
+        some machines have): such a request fails on every rank with the error of the
+        first rank that could not decode it, and the others run.
+        """
+        refused: dict[int, ErrorInfo] = {}
+        if self.local.allow_code:  # without code, every rank decodes what rank 0 decoded
+            mine = [entry if isinstance(entry, ErrorInfo) else None for entry in batch]
+            for rank, errors in enumerate(self.local.exchange(mine)):
+                for k, info in enumerate(errors):
+                    if info is not None and k not in refused:
+                        refused[k] = ErrorInfo(
+                            info.status,
+                            info.type,
+                            f"rank {rank} of the sharded server {info.message}; every rank decodes the whole "
+                            "request, so every module a code probe or loss names must be importable on every rank",
+                        )
+        kept = [k for k in range(len(batch)) if k not in refused]
+        self.seeds = [seeds[k] for k in kept]
+        ran = iter(self.execute([batch[k] for k in kept]))
+        return [RunResult(error=refused[k]) if k in refused else next(ran) for k in range(len(batch))]
 
     def _check_deadline(self, *_: Any) -> None:
         if not self.local.pipe.stoppable():
@@ -378,7 +405,9 @@ class _StageExecutor(InProcessExecutor):
                 self._check_deadline()
                 return self._stage_pass(run, stop)
 
-            ran, failure = local.pipe.run(request.op, passing, until=stop[1] if stop is not None else None)
+            # rank 0 needs the last rank's logits only for an answer that holds them
+            logits = any(r.outputs is None or "logits" in r.outputs for r in run.requests)
+            ran, failure = local.pipe.run(request.op, passing, stop[1] if stop is not None else None, logits)
             if failure is None:
                 output, parts = ran
         self.current = None
@@ -462,10 +491,10 @@ class _StageExecutor(InProcessExecutor):
         ran = stop is None or local.rank <= stop[1]
         outcome = []
         for k, request in enumerate(run.requests):
-            kept = self._kept(request)
             entry: dict[str, Any] = {"error": None, "cancelled": request.cancelled, "loss": run.losses[k]}
             entry.update(sizes={}, parts={}, trace={})
             try:
+                kept = self._kept(request)
                 mine = (parts[k] if parts else run.part_of(output, k)) if ran else None
                 if local.rank == holder:  # the names are checked before anything commits
                     fields = sendable(mine)
@@ -479,7 +508,12 @@ class _StageExecutor(InProcessExecutor):
                 staged, traced = run.staged[k], run.traced[k]
                 entry["sizes"] = {name: recorded_size(staged[name]._data, name) for name in kept if name in staged}
                 entry["trace"] = {name: dict(traced[name]._data) for name in kept if name in traced}
-            except NeurotapError as error:
+            except Exception as error:  # the request fails on every rank alike, and the ranks stay in step
+                if not isinstance(error, NeurotapError):
+                    error = NeurotapError(
+                        f"rank {local.rank} of the sharded server could not read what the request's probes saved "
+                        f"or its output: {type(error).__name__}: {error}"
+                    )
                 entry["error"] = error_info(error)
             ours = self._session_bytes.get(request.session, {})
             entry["recorded"] = sum(entry["sizes"].values())
@@ -772,11 +806,12 @@ class ShardedExecutor(Executor):
         module = self.local.stage.module
         config = getattr(module, "config", None)
         ranks = self.local.stage.split.describe()
-        for row, (now, pid, device, seconds), startup in zip(ranks, facts, self.local.startup_rss):
+        for row, (now, pid, device, transfers), startup in zip(ranks, facts, self.local.startup_rss):
             row["pid"] = pid
             row["device"] = device
-            row["send_s"] = round(seconds["send"], 4)  # sending hidden states, logits and scores on
-            row["receive_s"] = round(seconds["receive"], 4)  # waiting for them: the other ranks' compute included
+            row["send_s"] = round(transfers["send"], 4)  # sending hidden states, logits and scores on
+            row["receive_s"] = round(transfers["receive"], 4)  # waiting for them: the other ranks' compute included
+            row["sent_bytes"] = transfers["sent_bytes"]
             row["peak_rss_mb"] = round(now, 1)
             row["peak_rss_mb_after_load"] = round(startup, 1)
         return {
@@ -848,8 +883,7 @@ class ShardedExecutor(Executor):
     def _execute(self, batch: list[RunRequest], send: list, results: list) -> None:
         try:
             self._command("execute", [(session, body, seed) for _, session, body, seed in send])
-            self.local.executor.seeds = [seed for *_, seed in send]
-            ran = self.local.executor.execute([batch[index] for index, *_ in send])
+            ran = self.local.executor.run_batch([batch[index] for index, *_ in send], [seed for *_, seed in send])
             for (index, *_), result in zip(send, ran):
                 results[index] = result
         except RankFailedError as error:
@@ -931,13 +965,16 @@ def follow(folder: str, settings: ServerSettings, rank_timeout: float) -> int:
             if kind == "stop":
                 return 0
             if kind == "execute":
-                batch = []
+                batch: list[RunRequest | ErrorInfo] = []
                 for (session, owner), body, _seed in command[1]:
-                    request = decode_request(body, allow_code=settings.allow_code)
+                    try:
+                        request = decode_request(body, allow_code=settings.allow_code)
+                    except NeurotapError as error:  # code rank 0 could unpickle and this rank cannot
+                        batch.append(error_info(error))
+                        continue
                     request.session, request.owner = session, owner
                     batch.append(request)
-                local.executor.seeds = [seed for *_, seed in command[1]]
-                local.executor.execute(batch)
+                local.executor.run_batch(batch, [seed for *_, seed in command[1]])
             elif kind == "describe":
                 local.to_rank_0(local.facts())
             elif kind == "recordings":

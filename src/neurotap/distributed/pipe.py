@@ -62,22 +62,26 @@ class Pipe(Link):
         self.group = group
         self.generating = self.backward = self.active = False
         self.until: int | None = None
+        self.logits_wanted = True
         self._recv = self._send = self._final = self._grad_recv = self._grad_send = False
         self.received: torch.Tensor | None = None  # what came in and went out, for the backward pass
         self.sent: torch.Tensor | None = None
         # seconds spent sending, and waiting for what other ranks send (their compute included), since the start
         self.seconds = {"send": 0.0, "receive": 0.0}
+        self.sent_bytes = 0  # headers and tensors this rank sent, since the start
         self.liveness: Liveness | None = None  # where a failed transfer is declared to every rank
 
     # -- a pass ------------------------------------------------------------------------------------
 
-    def begin(self, op: str, until: int | None = None) -> None:
+    def begin(self, op: str, until: int | None = None, logits: bool = True) -> None:
         """A pass of ``op``: "forward", "generate" (one step per forward) or "backward". A forward that ends
         on rank ``until`` (at its stop_at point) runs on the ranks up to that one, and its value goes to rank 0
-        with the pass's outcome, not down the pipe."""
+        with the pass's outcome, not down the pipe. ``logits``: whether rank 0 needs the last rank's logits
+        (a generation's scores always travel)."""
         self.generating = op == "generate"
         self.backward = op == "backward"
         self.until = until
+        self.logits_wanted = logits
         self.active = True
         self.steps = 0
 
@@ -93,15 +97,17 @@ class Pipe(Link):
         self.steps += 1
         self._recv = self.rank > 0
         self._send = self.rank < (self.last if self.until is None else self.until)
-        self._final = self.until is None and (self.generating or self.rank in (0, self.last))
+        self._final = self.until is None and (self.generating or (self.logits_wanted and self.rank in (0, self.last)))
         # a backward pass then sends gradients the other way: rank r + 1 to rank r
         self._grad_recv = self.backward and self.rank < self.last
         self._grad_send = self.backward and self.rank > 0
 
-    def run(self, op: str, step: Callable[[], Any], until: int | None = None) -> tuple[Any, Exception | None]:
+    def run(
+        self, op: str, step: Callable[[], Any], until: int | None = None, logits: bool = True
+    ) -> tuple[Any, Exception | None]:
         """``step()`` as a pass of ``op`` (see ``begin``): what it returned, or else the error that ended it here,
         once this rank's transfers are complete (the rank failure they met, if any: it names the rank at fault)."""
-        self.begin(op, until)
+        self.begin(op, until, logits)
         try:
             return step(), None
         except Exception as error:
@@ -231,6 +237,7 @@ class Pipe(Link):
             header = torch.zeros(_HEADER, dtype=torch.int64)
             if self.rank == self.last:
                 header = _header(status[0], status[1], tensor if status[0] == OK else None)
+                self.sent_bytes += header.nbytes + (tensor.nbytes if status[0] == OK else 0)
             kind = "send" if self.rank == self.last else "receive"
             self._collective(lambda: dist.broadcast(header, self.last, group=self.group), self.last, kind)
             self._raise_for(header)
@@ -263,11 +270,13 @@ class Pipe(Link):
 
     def _send_header(self, peer: int, status: int, failed: int | None) -> None:
         header = _header(status, failed, None)
+        self.sent_bytes += header.nbytes
         self._collective(lambda: dist.send(header, peer, group=self.group), peer, "send")
 
     def _send_tensor(self, peer: int, tensor: torch.Tensor) -> None:
         tensor = tensor.contiguous()
         header = _header(OK, None, tensor)
+        self.sent_bytes += header.nbytes + tensor.nbytes
         self._collective(lambda: dist.send(header, peer, group=self.group), peer, "send")
         self._collective(lambda: dist.send(tensor, peer, group=self.group), peer, "send")
 
