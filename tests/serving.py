@@ -71,7 +71,7 @@ class Server:
     def wait(self) -> None:
         line = self.process.stdout.readline()  # "neurotap: serving ... on http://127.0.0.1:PORT"
         if " on http://" not in line:
-            self.stop()
+            Server.stop(self)  # not a subclass's stop, which may end what its __init__ had yet to make
             raise RuntimeError(f"the server did not start: {line!r}\n{''.join(self.log)}")
         self.url = line.split(" on ")[1].split()[0]
         self.port = int(self.url.rsplit(":", 1)[1])
