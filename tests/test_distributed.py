@@ -1120,6 +1120,24 @@ def stop_cleanly(server: serving.Server) -> None:
     assert time.monotonic() - started < EXIT_WITHIN
 
 
+def test_nt_stop_ends_a_sharded_server_as_its_launchers_sigterm_does(folder):
+    """nt.stop signals the pid /health names, rank 0's: every rank still exits cleanly, and so does the launcher."""
+    server = Server(folder, 2)
+    try:
+        pids = [row["pid"] for row in server.info()["ranks"]]
+        port = int(server.url.rsplit(":", 1)[1])
+        started = time.monotonic()
+        nt.stop(port)
+        assert server.process.wait(EXIT_WITHIN) == 0, "".join(server.log)
+        assert time.monotonic() - started < EXIT_WITHIN
+        for pid in pids:
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
+        assert not any("stopped because of" in line for line in server.log), server.log
+    finally:
+        server.stop()
+
+
 def test_a_hub_id_is_served_from_the_hugging_face_cache_and_a_missing_one_refused_before_any_rank(
     folder, local, tmp_path, monkeypatch
 ):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -468,7 +469,10 @@ def test_protocol_mismatch_is_explained(server):
     assert response.status_code == 400
     assert "upgrade neurotap on the server side" in response.json()["message"]
     response = httpx.get(server.url + "/v1/points")
-    assert response.status_code == 400 and PROTOCOL_HEADER in response.json()["message"]
+    assert response.status_code == 400
+    # the message names the header and its value, so that a client written by hand can follow it
+    name, value = re.search(r"send '([\w-]+): (\d+)'", response.json()["message"]).groups()
+    assert httpx.get(server.url + "/v1/points", headers={name: value}).status_code == 200
 
 
 def test_limits(remote, local):
@@ -658,8 +662,7 @@ def test_graceful_shutdown_finishes_running_requests(folder, tmp_path):
             running.process.send_signal(signal.SIGTERM)
             thread.join(30)
             assert "out" in result and result["out"].logits.shape == (1, 6, VOCAB)
-        # uvicorn re-raises the signal once it has shut down gracefully
-        assert running.process.wait(30) in (0, -signal.SIGTERM)
+        assert running.process.wait(30) == 0  # a graceful stop, not death by the signal
         assert any("POST /v1/run 200" in line for line in running.log), running.log
     finally:
         running.stop()

@@ -40,12 +40,14 @@ import json
 import logging
 import os
 import secrets
+import signal
 import socket
 import sys
+import threading
 import time
 import zlib
 from collections.abc import Iterable, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -229,7 +231,12 @@ class ServerState:
         version = request.headers.get(PROTOCOL_HEADER)
         if version != str(PROTOCOL):
             if version is None:
-                raise ApiError(400, "ProtocolError", f"missing the {PROTOCOL_HEADER} header; use nt.connect(url)")
+                raise ApiError(
+                    400,
+                    "ProtocolError",
+                    f"missing the {PROTOCOL_HEADER} header: send '{PROTOCOL_HEADER}: {PROTOCOL}' with every request "
+                    "(nt.connect(url) does)",
+                )
             side = "client" if version.isdigit() and int(version) < PROTOCOL else "server"
             raise ApiError(
                 400,
@@ -765,7 +772,27 @@ def serve(
         flush=True,
     )
     try:
-        server.run(sockets=[sock])
+        with _signals_end_serving():
+            server.run(sockets=[sock])
     finally:
         sock.close()
     print("neurotap: stopped", flush=True)
+
+
+@contextmanager
+def _signals_end_serving() -> Iterator[None]:
+    """SIGTERM and Ctrl-C end ``serve`` by returning, once uvicorn has shut down gracefully.
+
+    uvicorn raises the signal again after its shutdown; under the default handlers
+    that would kill the process before the code after ``serve`` runs (on a sharded
+    server's rank 0, the message that tells the other ranks to stop).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # uvicorn handles no signals outside the main thread either
+        return
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
