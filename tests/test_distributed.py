@@ -15,6 +15,7 @@ import socket
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -1394,10 +1395,11 @@ def test_device_map_auto_serves_one_process_and_is_refused_with_ranks(folder, lo
         timeout=120,
     )
     assert refused.returncode == 2 and "--device-map" in refused.stderr
-    server = serving.Server(folder, "--device-map", "auto")  # no GPU here: accelerate places it all on the CPU
+    server = serving.Server(folder, "--device-map", "auto")  # without a GPU accelerate places it all on the CPU
     try:
         with nt.connect(server.url) as remote:
-            assert remote.info()["devices"] == ["cpu"]
+            devices = remote.info()["devices"]
+            assert devices == ["cpu"] if not torch.cuda.is_available() else all(d.startswith("cuda") for d in devices)
             x = ids(27)
             close(remote.forward(x)["logits"], local.forward(x).logits)
     finally:
@@ -1432,3 +1434,90 @@ def test_smollm2_over_two_ranks_equals_one_process_and_stops_cleanly():
     finally:
         code = server.stop()
     assert code == 0, "".join(server.log)  # SIGTERM: rank 0 finished, told the others to stop, all exited
+
+
+# -- GPUs ------------------------------------------------------------------------------------------
+
+
+def test_each_rank_takes_a_gpu_of_its_own_only_where_every_rank_has_one():
+    from neurotap.distributed.launch import rank_device
+
+    two_gpus = [(0, 2), (1, 2)]  # (LOCAL_RANK, the GPUs its machine has), by rank
+    assert [rank_device("auto", two_gpus, r) for r in (0, 1)] == [torch.device("cuda", 0), torch.device("cuda", 1)]
+    assert rank_device("cuda", two_gpus, 1) == torch.device("cuda", 1)
+    assert rank_device("cpu", two_gpus, 1) == torch.device("cpu")
+    two_machines = [(0, 1), (0, 1)]  # one rank on each of two machines of one GPU each
+    assert [rank_device("auto", two_machines, r) for r in (0, 1)] == [torch.device("cuda", 0)] * 2
+    one_gpu = [(0, 1), (1, 1)]  # NCCL cannot put two ranks on one GPU: every rank stays on the CPU
+    assert [rank_device("auto", one_gpu, r) for r in (0, 1)] == [torch.device("cpu")] * 2
+    with pytest.raises(nt.NeurotapError, match="rank 1 is local rank 1 on a machine with 1 GPU"):
+        rank_device("cuda", one_gpu, 0)
+    assert rank_device("auto", [(0, 0)], 0) == torch.device("cpu")
+
+
+def test_rank_device_cuda_is_refused_before_any_rank_starts_where_gpus_are_too_few(folder):
+    import subprocess
+
+    too_many = max(2, torch.cuda.device_count() + 1)
+    argv = [sys.executable, "-c", serving.LAUNCH, "serve", str(folder), "--ranks", str(too_many)]
+    refused = subprocess.run([*argv, "--rank-device", "cuda"], capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "--rank-device cuda" in refused.stderr and "--rank-device cpu" in refused.stderr
+    one = subprocess.run([*argv[:-2], "--rank-device", "cpu"], capture_output=True, text=True, timeout=120)
+    assert one.returncode == 2 and "--rank-device places the ranks" in one.stderr
+
+
+def torchrun_server(folder: Path, ranks: int, *args: str) -> tuple[Any, str]:
+    """``torchrun --nproc-per-node RANKS -m neurotap.serve FOLDER ARGS`` on loopback; its process and URL."""
+    import subprocess
+
+    port = serving.free_port()
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(ranks),
+        "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{serving.free_port()}", "--local-addr", "127.0.0.1",
+        "-m", "neurotap.serve", str(folder), "--port", str(port), *args,
+    ]  # fmt: skip
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "5"}
+    node = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, start_new_session=True)
+    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 300
+    while node.poll() is None and time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/health").status_code == 200:
+                return node, url
+        except httpx.TransportError:
+            time.sleep(0.5)
+    end_nodes([node])
+    raise AssertionError("torchrun's ranks did not start serving")
+
+
+@pytest.mark.parametrize("launch, ranks", [("--ranks", 2), ("--ranks", 3), ("torchrun", 1)])
+def test_ranks_on_gpus_over_nccl_equal_one_process(launch, ranks, folder, local):
+    """Each rank on a GPU of its own, hidden states and scores between them over NCCL: the CPU tests'
+    comparisons with one process hold (the client's values come back on the CPU), and a hung rank ends the
+    server in time. With one GPU, torchrun's single rank: the sharded executor on a GPU, without transfers."""
+    if torch.cuda.device_count() < ranks:
+        pytest.skip(f"needs {ranks} CUDA device(s), one per rank")
+    node = None
+    if launch == "torchrun":
+        node, url = torchrun_server(folder, ranks, "--allow-code", "--rank-device", "cuda")
+    else:
+        server = Server(folder, ranks, "--allow-code", "--rank-device", "cuda", "--rank-timeout", str(RANK_TIMEOUT))
+        url = server.url
+    try:
+        with nt.connect(url) as remote:
+            assert [row["device"] for row in remote.info()["ranks"]] == [f"cuda:{r}" for r in range(ranks)]
+            test_logits_equal_one_process(remote, local)
+            test_recordings_on_the_first_and_last_stage_in_one_request(remote, local)
+            test_generate_with_the_kv_cache_and_patches_at_every_step(remote, local)
+            test_a_traced_generate_has_every_steps_values_from_every_stage_in_execution_order(remote, local)
+            test_backward_gradients_flow_back_through_every_stage(remote, local)
+            test_hidden_states_attentions_and_raw_logits_come_from_every_stage(remote, local)
+            test_stop_at_ends_the_forward_on_the_rank_owning_the_point(remote, local)
+            test_a_failing_patch_on_the_last_stage_records_nothing_anywhere_and_the_ranks_stay_in_step(remote, local)
+            test_a_raising_probe_reaches_the_client_with_its_traceback(remote, local)
+            if node is None:
+                fail_rank_1(server, remote, "hangs")
+    finally:
+        if node is not None:
+            end_nodes([node])
+        else:
+            server.stop()

@@ -164,8 +164,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         choices=DEVICE_MAPS,
         help="spread one process's model over its GPUs with accelerate's device_map (from_pretrained's)",
     )
-    group = parser.add_argument_group("sharding (torch.distributed, gloo)")
+    group = parser.add_argument_group("sharding (torch.distributed: NCCL between GPUs, gloo on the CPU)")
     group.add_argument("--ranks", type=int, default=1, help="split the model's decoder layers over this many processes")
+    group.add_argument(
+        "--rank-device",
+        choices=("auto", "cuda", "cpu"),
+        default="auto",
+        help="where each rank computes: cuda: a GPU of its own (cuda:LOCAL_RANK); auto: so where every rank "
+        "has one, else the CPU",
+    )
     group.add_argument(
         "--rank-timeout",
         type=float,
@@ -244,6 +251,13 @@ def run(args: argparse.Namespace) -> int:
             dataset = ActivationDataset(args.dataset)
     except NeurotapError as error:
         print(f"neurotap serve: {error}", file=sys.stderr)
+        return 2
+    if args.ranks == 1 and args.rank_device != "auto":
+        print(
+            "neurotap serve: --rank-device places the ranks of a sharded server (--ranks N, or torchrun); one "
+            "process holds the model on the CPU, or on GPUs with --device-map auto",
+            file=sys.stderr,
+        )
         return 2
     if args.ranks != 1 and args.device_map is not None:
         print(

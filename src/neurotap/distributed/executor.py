@@ -26,6 +26,7 @@ stops on every rank and ends there as after any failure.
 from __future__ import annotations
 
 import collections
+import copy
 import datetime
 import os
 import signal
@@ -72,28 +73,31 @@ from ..transport.wire import (
     describe_tokenizer,
     encode_request,
 )
-from .pipe import Aborted, Liveness, Pipe, RankFailedError, _first_line
+from .pipe import Aborted, Liveness, Pipe, RankFailedError, _first_line, data_group
 from .stages import Stage, build_stage, peak_rss_mb, point_owners
 
 DEFAULT_RANK_TIMEOUT = 50.0
+CPU = torch.device("cpu")
 _LOOK_INTERVAL = 0.2  # seconds between the looks of rank 0 and of the others for a pass that is to stop
 
 
 class _Rank:
     """What every rank holds: its stage, the merged inventory, and the executor that batches on its stage."""
 
-    def __init__(self, folder: str, settings: ServerSettings, rank_timeout: float) -> None:
+    def __init__(self, folder: str, settings: ServerSettings, rank_timeout: float, device: torch.device) -> None:
         self.rank = dist.get_rank()
+        self.device = device
         self.limits = settings.limits
         self.max_total_bytes = settings.max_total_bytes
         self.max_owner_bytes = settings.max_owner_bytes  # rank 0's counts the tokens: every rank takes it from there
         self.world = dist.get_world_size()
         self.allow_code = settings.allow_code
         self.max_session_bytes = settings.max_session_bytes
-        # commands wait as long as researchers stay idle; what runs inside a request must answer in time
-        self.data = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=rank_timeout))
-        self.pipe = Pipe(self.rank, self.world, self.data)
-        self.stage: Stage = build_stage(model_folder(folder), self.rank, self.world, self.pipe)
+        # commands wait as long as researchers stay idle; what runs inside a request must answer in time. Commands
+        # and outcomes are plain objects, on the CPU; hidden states and scores travel on the device
+        self.control = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=rank_timeout))
+        self.pipe = Pipe(self.rank, self.world, data_group(device, rank_timeout), device)
+        self.stage: Stage = build_stage(model_folder(folder), self.rank, self.world, self.pipe, device)
         self.model: Model = wrap(self.stage.module)
         self.stage.module.register_forward_pre_hook(self.pipe.new_step, prepend=True)
         self._take_inventory()
@@ -154,17 +158,18 @@ class _Rank:
         """What every rank has to say, in rank order, on every rank; ``failure``: what this rank saw fail."""
         everyone: list[Any] = [None] * self.world
         try:
-            dist.all_gather_object(everyone, mine, group=self.data)
+            dist.all_gather_object(everyone, mine, group=self.control)
         except RuntimeError as error:
             rank = failure.rank if isinstance(failure, RankFailedError) else None
             raise self.liveness.declare(RankFailedError(rank, _first_line(error))) from error
         return everyone
 
     def to_rank_0(self, mine: Any) -> list[Any] | None:
-        """What every rank has to say, in rank order, on rank 0 (None on the others)."""
+        """What every rank has to say, in rank order, on rank 0 (None on the others), its tensors on the CPU."""
         everyone: list[Any] | None = [None] * self.world if self.rank == 0 else None
         try:
-            dist.gather_object(mine, everyone, dst=0, group=self.data)
+            # a pickled GPU tensor would come back on rank 0 on the GPU of the rank that sent it
+            dist.gather_object(on_cpu(mine), everyone, dst=0, group=self.control)
         except RuntimeError as error:
             raise self.liveness.declare(RankFailedError(None, _first_line(error))) from error
         return everyone
@@ -286,6 +291,8 @@ class _StageExecutor(InProcessExecutor):
             max_owner_bytes=rank.max_owner_bytes,
         )
         self.local = rank
+        if rank.device.type != "cpu":  # every rank's inputs, not only the embeddings' rank's, go to its device
+            self._device = rank.device
         self.seeds: list[int] = []  # a seed per request of the batch, alike on every rank: sampling draws alike
         self._agreed: _Agreed | None = None  # the outcome of the last pass
         # the pass under way (its number, alike on every rank; its deadline and requests), for rank 0's watcher
@@ -428,7 +435,7 @@ class _StageExecutor(InProcessExecutor):
         if request.op == "generate":
             from transformers import LogitsProcessorList
 
-            with torch.random.fork_rng(devices=[]):
+            with torch.random.fork_rng(devices=[local.device] if local.device.type == "cuda" else []):
                 torch.manual_seed(self.seeds[run.indices[0]])  # every rank draws alike, so all pick the same tokens
                 output = self.model.generate(
                     *run.args,
@@ -669,6 +676,23 @@ class _SharedScores:
         return self.pipe.scores(scores)
 
 
+def on_cpu(value: Any) -> Any:
+    """``value`` with every tensor in it (in dicts, lists, tuples and model outputs) on the CPU."""
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, Mapping):
+        moved = copy.copy(value)
+        for key, item in value.items():
+            moved[key] = on_cpu(item)
+        return moved
+    if isinstance(value, list):
+        return [on_cpu(item) for item in value]
+    if isinstance(value, tuple):
+        items = [on_cpu(item) for item in value]
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
+    return value
+
+
 def _merged(output: Any, parts: list[dict[str, Any]], op: str) -> Any:
     """Rank 0's ``output`` with every rank's own hidden states, attentions and raw logits put in."""
     if not isinstance(output, Mapping):
@@ -711,10 +735,11 @@ class ShardedExecutor(Executor):
         *,
         rank_timeout: float = DEFAULT_RANK_TIMEOUT,
         on_failure: Callable[[RankFailedError, dict[int, int]], None] | None = None,
+        device: torch.device = CPU,
     ) -> None:
         self.folder = folder
         self.limits = settings.limits
-        self.local = _Rank(folder, settings, rank_timeout)
+        self.local = _Rank(folder, settings, rank_timeout, device)
         self.shape = ModelShape.of(self.local.stage.module)
         self.inventory = self.local.inventory  # every rank's points, for patterns in requests and points()
         self.rank_timeout = rank_timeout
@@ -774,7 +799,7 @@ class ShardedExecutor(Executor):
             raise self.failed
         self._last_command = time.monotonic()
         try:
-            _broadcast(command, self.local.data)
+            _broadcast(command, self.local.control)
         except RuntimeError as error:
             self._fail(RankFailedError(None, _first_line(error)))
 
@@ -925,7 +950,7 @@ class ShardedExecutor(Executor):
             self._stopped = True
             if self.failed is None:
                 try:
-                    _broadcast(("stop",), self.local.data)
+                    _broadcast(("stop",), self.local.control)
                 except RuntimeError as error:  # the others learn it from the store and end
                     self.liveness.declare(RankFailedError(None, _first_line(error)))
 
@@ -937,9 +962,9 @@ def _unavailable(error: RankFailedError) -> ErrorInfo:
     return ErrorInfo(503, "RankFailedError", str(error))
 
 
-def follow(folder: str, settings: ServerSettings, rank_timeout: float) -> int:
+def follow(folder: str, settings: ServerSettings, rank_timeout: float, device: torch.device = CPU) -> int:
     """The loop of every rank but 0: run rank 0's commands until it says stop (or is gone)."""
-    local = _Rank(folder, settings, rank_timeout)
+    local = _Rank(folder, settings, rank_timeout, device)
 
     def leave(error: RankFailedError | None) -> None:
         # a failure declared by any rank ends this one at once, even in the middle of a transfer that would
@@ -952,7 +977,7 @@ def follow(folder: str, settings: ServerSettings, rank_timeout: float) -> int:
     local.liveness.start(leave)
     while True:
         try:
-            command = _broadcast(None, local.data)
+            command = _broadcast(None, local.control)
         except RuntimeError as error:
             # rank 0 is gone, or stopped sending even its no-ops: a rank 0 that hangs would hold the launcher up
             local.liveness.declare(RankFailedError(0, _first_line(error)))

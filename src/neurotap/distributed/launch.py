@@ -19,6 +19,8 @@ import sys
 import uuid
 from typing import Any
 
+import torch
+
 from ..errors import NeurotapError
 
 LOOPBACK = "127.0.0.1"
@@ -62,6 +64,12 @@ def launch(args: argparse.Namespace) -> int:
     from .stages import check_folder
 
     try:
+        gpus = torch.cuda.device_count()
+        if args.rank_device == "cuda" and gpus < args.ranks:
+            raise NeurotapError(
+                f"--rank-device cuda puts each of the {args.ranks} ranks on a GPU of its own, but torch sees {gpus} "
+                f"on this machine: pass {f'--ranks {gpus} or fewer, or ' if gpus else ''}--rank-device cpu"
+            )
         # a built-in model is converted once here, and a Hub model found in the cache (or downloaded) once, not
         # by every rank at once; the ranks then read the folder
         folder = model_folder(args.model)
@@ -128,8 +136,20 @@ def _rank(args: argparse.Namespace) -> int:
 
     # the default group only sets the ranks up (loading may take long); requests use one with --rank-timeout
     dist.init_process_group("gloo", timeout=datetime.timedelta(hours=1))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    gpus = torch.cuda.device_count() if args.rank_device != "cpu" else 0
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, (local_rank, gpus))
+    try:
+        device = rank_device(args.rank_device, everyone, dist.get_rank())
+    except NeurotapError as error:
+        if dist.get_rank() == 0:
+            print(f"neurotap serve: {error}", file=sys.stderr)
+        return 2
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if dist.get_rank() == 0:
-        return _serve(args)
+        return _serve(args, device)
     # the launcher forwards SIGTERM to every rank at once; rank 0 finishes its requests and then says stop
     # (after a failure, every rank ends by itself: see Liveness)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -137,10 +157,30 @@ def _rank(args: argparse.Namespace) -> int:
     from ..cli.serve import settings_of
     from .executor import follow
 
-    return follow(args.model, settings_of(args, []), args.rank_timeout)
+    return follow(args.model, settings_of(args, []), args.rank_timeout, device)
 
 
-def _serve(args: argparse.Namespace) -> int:
+def rank_device(choice: str, everyone: list[tuple[int, int]], rank: int) -> torch.device:
+    """Where rank ``rank`` computes, given every rank's ``(LOCAL_RANK, GPUs its machine has)``: with ``choice``
+    "auto", its own GPU (``cuda:LOCAL_RANK``) if every rank has one, else the CPU; "cuda" the same, refused if
+    some rank has none; "cpu" the CPU. All ranks decide alike, since the pipeline between them speaks one
+    backend (NCCL between GPUs, gloo on the CPU), and NCCL needs a GPU of its own for each rank."""
+    if choice == "cpu":
+        return torch.device("cpu")
+    lacking = [r for r, (local_rank, gpus) in enumerate(everyone) if local_rank >= gpus]
+    if not lacking:
+        return torch.device("cuda", everyone[rank][0])
+    if choice == "cuda":
+        local_rank, gpus = everyone[lacking[0]]
+        raise NeurotapError(
+            f"--rank-device cuda puts each rank on a GPU of its own (cuda:LOCAL_RANK), but rank {lacking[0]} is "
+            f"local rank {local_rank} on a machine with {gpus} GPU(s): start at most as many ranks on each machine "
+            "as it has GPUs, or pass --rank-device cpu"
+        )
+    return torch.device("cpu")
+
+
+def _serve(args: argparse.Namespace, device: torch.device) -> int:
     from ..cli.serve import settings_of
     from ..transport.server import is_loopback, read_tokens, serve
     from .executor import ShardedExecutor, end_ranks, exit_soon
@@ -151,7 +191,9 @@ def _serve(args: argparse.Namespace) -> int:
             raise NeurotapError(f"refusing to listen on {args.host} without tokens; pass --token-file FILE")
         settings = settings_of(args, tokens)
         settings.check()
-        executor = ShardedExecutor(args.model, settings, rank_timeout=args.rank_timeout, on_failure=exit_soon(0.5, 5))
+        executor = ShardedExecutor(
+            args.model, settings, rank_timeout=args.rank_timeout, on_failure=exit_soon(0.5, 5), device=device
+        )
     except NeurotapError as error:
         print(f"neurotap serve: {error}", file=sys.stderr)
         return 2

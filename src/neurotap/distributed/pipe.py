@@ -12,10 +12,15 @@ it (``drain``), sending ``ABORTED`` (an error elsewhere, reported by the rank
 that raised it) or ``RANK_FAILED`` (a rank did not answer, named in the header)
 in place of its tensor; the ranks after it then raise too and drain in turn.
 So a pass ends on every rank, and every rank then learns what happened.
+
+The messages travel over a process group of their own (``data_group``): NCCL
+between GPUs, gloo on the CPU. Everything else the ranks say to each other
+(commands, outcomes, recordings) goes over gloo, on the CPU.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import threading
@@ -52,14 +57,26 @@ class Aborted(NeurotapError):
     """This rank stopped because another one failed; that rank reports the reason."""
 
 
-class Pipe(Link):
-    """This rank's end of the pipeline, over one process group."""
+def data_group(device: torch.device, timeout: float) -> Any:
+    """The process group the pipeline's messages travel over: NCCL for tensors on GPUs, gloo on the CPU (a
+    group of its own there too, so that the CPU runs the same code). Every rank makes it, in the same order."""
+    if device.type == "cuda":
+        # NCCL's transfers then raise in the thread that waits for them once the timeout passes, as gloo's do,
+        # instead of only in NCCL's watchdog, which would end the process without naming the rank
+        os.environ.setdefault("TORCH_NCCL_BLOCKING_WAIT", "1")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    return dist.new_group(backend=backend, timeout=datetime.timedelta(seconds=timeout))
 
-    def __init__(self, rank: int, world: int, group: Any) -> None:
+
+class Pipe(Link):
+    """This rank's end of the pipeline, over ``group`` (see ``data_group``), with tensors on ``device``."""
+
+    def __init__(self, rank: int, world: int, group: Any, device: torch.device) -> None:
         self.rank = rank
         self.world = world
         self.last = world - 1
         self.group = group
+        self.device = device
         self.generating = self.backward = self.active = False
         self.until: int | None = None
         self.logits_wanted = True
@@ -234,17 +251,18 @@ class Pipe(Link):
 
     def _final_transfer(self, tensor: torch.Tensor | None, status: tuple[int, int | None]) -> torch.Tensor | None:
         if self.generating:
-            header = torch.zeros(_HEADER, dtype=torch.int64)
+            header = torch.zeros(_HEADER, dtype=torch.int64, device=self.device)
             if self.rank == self.last:
-                header = _header(status[0], status[1], tensor if status[0] == OK else None)
+                header = _header(status[0], status[1], tensor if status[0] == OK else None).to(self.device)
                 self.sent_bytes += header.nbytes + (tensor.nbytes if status[0] == OK else 0)
             kind = "send" if self.rank == self.last else "receive"
             self._collective(lambda: dist.broadcast(header, self.last, group=self.group), self.last, kind)
+            header = header.cpu()
             self._raise_for(header)
             if self.rank == self.last:
-                data = tensor.detach().contiguous()
+                data = tensor.detach().to(self.device).contiguous()
             else:
-                data = torch.empty(_shape(header), dtype=_DTYPES[int(header[2])])
+                data = torch.empty(_shape(header), dtype=_DTYPES[int(header[2])], device=self.device)
             self._collective(lambda: dist.broadcast(data, self.last, group=self.group), self.last, kind)
             return data
         if self.rank == self.last:
@@ -269,24 +287,25 @@ class Pipe(Link):
             raise Aborted("another rank failed during this pass")
 
     def _send_header(self, peer: int, status: int, failed: int | None) -> None:
-        header = _header(status, failed, None)
+        header = _header(status, failed, None).to(self.device)
         self.sent_bytes += header.nbytes
         self._collective(lambda: dist.send(header, peer, group=self.group), peer, "send")
 
     def _send_tensor(self, peer: int, tensor: torch.Tensor) -> None:
-        tensor = tensor.contiguous()
-        header = _header(OK, None, tensor)
+        tensor = tensor.to(self.device).contiguous()
+        header = _header(OK, None, tensor).to(self.device)
         self.sent_bytes += header.nbytes + tensor.nbytes
         self._collective(lambda: dist.send(header, peer, group=self.group), peer, "send")
         self._collective(lambda: dist.send(tensor, peer, group=self.group), peer, "send")
 
     def _recv_header(self, peer: int) -> torch.Tensor:
-        header = torch.zeros(_HEADER, dtype=torch.int64)
+        """The header from ``peer``, on the CPU (its numbers are read one by one)."""
+        header = torch.zeros(_HEADER, dtype=torch.int64, device=self.device)
         self._collective(lambda: dist.recv(header, peer, group=self.group), peer)
-        return header
+        return header.cpu()
 
     def _recv_tensor(self, header: torch.Tensor, peer: int) -> torch.Tensor:
-        tensor = torch.empty(_shape(header), dtype=_DTYPES[int(header[2])])
+        tensor = torch.empty(_shape(header), dtype=_DTYPES[int(header[2])], device=self.device)
         self._collective(lambda: dist.recv(tensor, peer, group=self.group), peer)
         return tensor
 
@@ -294,7 +313,7 @@ class Pipe(Link):
         start = time.perf_counter()
         try:
             run()
-        except RuntimeError as error:  # gloo: the peer closed the connection, or the group's timeout passed
+        except RuntimeError as error:  # the peer closed the connection, or the group's timeout passed
             failure = RankFailedError(peer, _first_line(error))
             raise (self.liveness.declare(failure) if self.liveness is not None else failure) from error
         finally:

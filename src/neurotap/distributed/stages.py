@@ -252,8 +252,17 @@ def check_folder(folder: Path) -> None:
     _tensor_files(folder)
 
 
-def build_stage(folder: Path, rank: int, world: int, link: Link, *, attn_implementation: str = "eager") -> Stage:
-    """Rank ``rank``'s module tree for the model in ``folder``, holding only its own part's weights."""
+def build_stage(
+    folder: Path,
+    rank: int,
+    world: int,
+    link: Link,
+    device: torch.device,
+    *,
+    attn_implementation: str = "eager",
+) -> Stage:
+    """Rank ``rank``'s module tree for the model in ``folder`` on ``device``, holding only its own part's
+    weights."""
     import transformers
 
     config = transformers.AutoConfig.from_pretrained(folder)
@@ -289,7 +298,9 @@ def build_stage(folder: Path, rank: int, world: int, link: Link, *, attn_impleme
         with torch.device("cpu"):
             _set(module, path, type(old)(config=config))
 
-    loaded = _load_owned(module, files, {**_saved_names(layout, files), **_tied_names(module, config)})
+    tied = {**_saved_names(layout, files), **_tied_names(module, config)}
+    loaded = _load_owned(module, files, tied, device)
+    module.to(device)  # the buffers the model computed, on the CPU (the weights were read onto the device)
     return Stage(module, split, rank, loaded, peak_rss_mb())
 
 
@@ -351,13 +362,15 @@ def _tied_names(module: nn.Module, config: Any) -> dict[str, str]:
     return both
 
 
-def _load_owned(module: nn.Module, files: dict[str, Path], tied: dict[str, str]) -> dict[str, int]:
+def _load_owned(
+    module: nn.Module, files: dict[str, Path], tied: dict[str, str], device: torch.device
+) -> dict[str, int]:
     """Replace every meta parameter left in the tree, and every buffer the files hold, with its tensor from them.
 
     Only the tensors of the parts this rank keeps are read, each straight from
-    its file with ``safe_open``; a tensor that the file holds once for two tied
-    names is read once and shared. Buffers the files lack keep the value the
-    model computed for them.
+    its file onto ``device`` with ``safe_open``; a tensor that the file holds
+    once for two tied names is read once and shared. Buffers the files lack
+    keep the value the model computed for them.
     """
     from safetensors import safe_open
 
@@ -383,7 +396,7 @@ def _load_owned(module: nn.Module, files: dict[str, Path], tied: dict[str, str])
         by_file.setdefault(files[key], []).append(key)
     counts: dict[str, int] = {}
     for path, keys in by_file.items():
-        with safe_open(path, framework="pt") as handle:
+        with safe_open(path, framework="pt", device=str(device)) as handle:
             for key in keys:
                 tensor = handle.get_tensor(key)
                 counts[key] = tensor.numel()
