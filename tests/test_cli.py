@@ -40,6 +40,7 @@ def test_version_and_every_help_shows_defaults():
     for command in ("demo", "points", "serve", "collect"):
         result = run(command, "--help")
         assert result.returncode == 0 and ("(default:" in result.stdout or command == "points"), command
+        assert "a .gguf file, or a Hugging Face Hub id" in " ".join(result.stdout.split()), command  # as load takes
 
 
 # --- collect --points is checked against the model's points before the model loads ----------------------------

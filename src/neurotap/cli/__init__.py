@@ -7,6 +7,7 @@ import importlib
 
 from ..errors import NeurotapError, UnknownPointError
 
+MODEL_HELP = '"smollm2-135m" (built in), a folder written by save_pretrained(), a .gguf file, or a Hugging Face Hub id'
 COMMANDS = ("demo", "points", "serve", "inspect", "collect", "export", "cache")
 
 

@@ -7,6 +7,8 @@ import os
 import sys
 from pathlib import Path
 
+from . import MODEL_HELP
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
@@ -15,7 +17,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         description="Run a model over packed text and store the values at the given points for every token. "
         "Run the same command again after an interruption to continue where it stopped.",
     )
-    parser.add_argument("--model", required=True, help='"smollm2-135m" or a local Hugging Face model folder')
+    parser.add_argument("--model", required=True, help=MODEL_HELP)
     parser.add_argument(
         "--points",
         required=True,

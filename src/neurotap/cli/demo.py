@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import time
 
+from . import MODEL_HELP
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("demo", help="forbid a word during generation, then record an MLP, on SmolLM2-135M")
-    parser.add_argument("--model", default="smollm2-135m", help="built-in model name or local Hugging Face folder")
+    parser.add_argument("--model", default="smollm2-135m", help=MODEL_HELP)
     parser.add_argument("--layer", type=int, default=15, help="the layer whose MLP product is recorded")
     return parser
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 
+from . import MODEL_HELP
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("points", help="list a model's probe points")
-    parser.add_argument("model", help='a built-in model name ("smollm2-135m") or a local Hugging Face model folder')
+    parser.add_argument("model", help=MODEL_HELP)
     parser.add_argument("prefix", nargs="?", default=None, help="only points under this name")
     return parser
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from . import MODEL_HELP
+
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # what accelerate places by itself
 
 
@@ -40,9 +42,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         description="Serve a model over HTTP: clients run forward, generate and backward passes with probes "
         "and patches through nt.connect(url). Every limit below bounds what one client can make the server do.",
     )
-    parser.add_argument(
-        "model", nargs="?", default="smollm2-135m", help='"smollm2-135m" or a local Hugging Face model folder'
-    )
+    parser.add_argument("model", nargs="?", default="smollm2-135m", help=MODEL_HELP)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind; any but loopback needs tokens")
     parser.add_argument("--port", type=_port, default=8000, help="port; 0 picks a free one")
     parser.add_argument(
