@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+from typing import Any
 
 import pytest
 import torch
@@ -131,6 +132,55 @@ def test_core_two_wrappers_patches_apply_together(llama) -> None:
     seen = other.recordings()[POINT]["record"][0]  # the first wrapper's patch ran before the second's probe
     assert torch.equal(seen[..., 3], torch.zeros_like(seen[..., 3])) and seen.abs().sum() > 0
     assert_clean(llama.module)
+
+
+def test_core_two_wrappers_detached_out_of_order(llama) -> None:
+    """The first wrapper's calls inside the second's block, and the first block ending first, keep the second's
+    patches in effect and copies clean; the model ends as it began."""
+    module = llama.module
+    other = nt.wrap(module)
+    other.points()
+    inputs = example_inputs("llama")
+    state = snapshot_state(module)
+    down = module.model.layers[0].mlp.down_proj
+
+    def by_hand(scale: float, zero: bool) -> Any:
+        def pre_hook(_m: Any, args: tuple) -> tuple:
+            x = args[0] * scale
+            if zero:
+                x[..., 3] = 0
+            return (x,)
+
+        handle = down.register_forward_pre_hook(pre_hook)
+        try:
+            return module(**inputs)
+        finally:
+            handle.remove()
+
+    with torch.no_grad():
+        baseline = module(**inputs)
+        both, doubled = by_hand(2.0, zero=True), by_hand(2.0, zero=False)
+        first = llama.patch({POINT: nt.Zero(index=(..., 3))})
+        second = other.patch({POINT: nt.Scale(2.0)})
+        first.__enter__()
+        second.__enter__()
+        assert_same_output(module(**inputs), both)
+        # the first wrapper takes its block's taps off under the second's, and puts them back after the call
+        probed = llama.forward(**inputs, probes=[nt.probe("model.layers.1.output", nt.Record())])
+        assert_same_output(probed, both)
+        assert_same_output(module(**inputs), both)
+        for clone in (copy.deepcopy(module), pickle.loads(pickle.dumps(module))):
+            assert_clean(clone, state)
+            assert_same_output(clone(**inputs), baseline)
+        first.__exit__(None, None, None)  # the outer block ends first
+        assert_same_output(module(**inputs), doubled)
+        clone = copy.deepcopy(module)
+        assert_clean(clone, state)
+        assert_same_output(clone(**inputs), baseline)
+        second.__exit__(None, None, None)
+        assert_same_output(module(**inputs), baseline)
+    assert not torch.equal(both.logits, doubled.logits) and not torch.equal(doubled.logits, baseline.logits)
+    assert_clean(module, state)
 
 
 def test_core_an_instance_forward_set_by_other_code_is_kept_and_explained(llama) -> None:

@@ -53,6 +53,27 @@ def test_the_same_probes_inside_and_outside_a_patch_block(toy):
     assert torch.allclose(third, plain * 2.0, atol=1e-6)
 
 
+def test_a_patch_block_entered_again_patches_anew(toy):
+    """Blocks re-entered in a loop, alone and nested, each patch as they did the first time."""
+    x = example_inputs("toy")["x"]
+    plain = toy.module(x)
+    double, zero = {"truediv": nt.Scale(2.0)}, {"truediv": nt.Zero()}
+    for _ in range(3):
+        with toy.patch(double):
+            assert torch.allclose(toy(x), plain * 2.0, atol=1e-6)
+            with toy.patch(zero):
+                assert torch.equal(toy(x), torch.zeros_like(plain))
+            assert torch.allclose(toy(x), plain * 2.0, atol=1e-6)
+        with toy.patch(zero):
+            assert torch.equal(toy(x), torch.zeros_like(plain))
+        assert torch.equal(toy(x), plain)
+    with pytest.raises(nt.UnknownPointError):
+        toy.patch({"output": nt.Record(), "no.such.point": nt.Zero()})
+    assert torch.equal(toy(x), plain)
+    assert toy.recordings() == {}
+    assert_clean(toy.module)
+
+
 def test_reused_plans_do_not_keep_a_calls_probes_alive(toy):
     """Probes made for one call, and what their functions hold, go when the caller drops them."""
     x = example_inputs("toy")["x"]

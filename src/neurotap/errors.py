@@ -71,21 +71,25 @@ def raised_at_the_call(function: _Function) -> _Function:
     return call  # type: ignore[return-value]
 
 
-def raised_at_the_module_call() -> None:
-    """For a forward hook on a model's root module that runs also when the forward raises (``always_call``).
+def raised_at_the_module_call() -> bool:
+    """Whether torch's module call is handling an error, for a hook on a model's root module that runs
+    also when the forward raises (``always_call``).
 
     A call made directly on the module (``m.module(ids)`` in a ``patch`` block) has
     no neurotap frame above it to re-raise from, so a neurotap error raised in the
     forward loses its frames here instead, and torch re-raises it from the module
-    call. Only the error that torch's call is handling is touched: on success, the
-    hook may run inside an ``except`` block of the caller's, whose error stays as it is.
+    call. Only the error that torch's call is handling counts: on success, the hook
+    may run inside an ``except`` block of the caller's, whose error stays as it is.
     """
     error = sys.exc_info()[1]
-    if error is None or not isinstance(error, NeurotapError) or _full_tracebacks():
-        return
+    if error is None:
+        return False
     trace = error.__traceback__
-    if trace is not None and trace.tb_frame.f_code.co_name == "_call_impl":  # torch's module call is handling it
+    if trace is None or trace.tb_frame.f_code.co_name != "_call_impl":
+        return False
+    if isinstance(error, NeurotapError) and not _full_tracebacks():
         error.__traceback__ = None
+    return True
 
 
 def _full_tracebacks() -> bool:

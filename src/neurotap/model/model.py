@@ -19,7 +19,6 @@ from ..errors import (
     NeurotapError,
     UnknownPointError,
     raised_at_the_call,
-    raised_at_the_module_call,
 )
 from ..points import (
     Attachment,
@@ -74,6 +73,8 @@ class Model:
         # recent calls' plans by their probes' ids; an entry goes when one of its probes does
         self._plans: OrderedDict[tuple[int, ...], tuple[Plan, list[weakref.ref]]] = OrderedDict()
         self._plans_of: Inventory | None = None  # the inventory those plans were resolved against
+        # recent patch() blocks' probes by their points and patch objects, so a block entered again reuses its plan
+        self._blocks: OrderedDict[tuple, list[Probe]] = OrderedDict()
         self._lock = threading.RLock()
 
     def __repr__(self) -> str:
@@ -403,14 +404,32 @@ class Model:
         ``generate`` in the block that does not reach a patched point fails as it
         would with that probe, unless the block is ``optional``.
         """
-        layer = patches_to_probes(patches, optional=optional)
-        Plan(layer, self.inventory(), {})  # an unknown point fails here, at the call, rather than inside contextlib
+        with self._lock:
+            layer = self._block_probes(patches, optional)
+            self._plan(tuple(layer), self.inventory())  # an unknown point fails here, at the call, not in contextlib
         return self._patched(layer)
+
+    def _block_probes(self, patches: PatchSpec, optional: bool) -> list[Probe]:
+        """The probes of ``patch(patches)``: those made last time for the same points and patch objects.
+
+        The last few blocks' are kept, and with them their patches, as plans keep their probes'.
+        """
+        layer = patches_to_probes(patches, optional=optional)
+        key = (optional, *((p.point, id(p.fn)) for p in layer))  # the kept probes keep each id taken
+        blocks = self._blocks
+        kept = blocks.get(key)
+        if kept is None:
+            kept = blocks[key] = layer
+            if len(blocks) > _KEPT_PLANS:
+                blocks.popitem(last=False)
+        else:
+            blocks.move_to_end(key)
+        return list(kept)
 
     @contextlib.contextmanager
     def _patched(self, layer: list[Probe]) -> Iterator[Model]:
         with self._lock:
-            plan = Plan([p for lay in self._layers for p in lay] + layer, self.inventory(), self._contexts)
+            plan = self._plan((*(p for lay in self._layers for p in lay), *layer), self.inventory())
             self._detach()
             self._layers.append(layer)
             self._layer_plan = plan
@@ -421,8 +440,8 @@ class Model:
             with self._lock:
                 self._detach()
                 self._layers.remove(layer)
-                remaining = [p for lay in self._layers for p in lay]
-                self._layer_plan = Plan(remaining, self.inventory(), self._contexts) if remaining else None
+                remaining = tuple(p for lay in self._layers for p in lay)
+                self._layer_plan = self._plan(remaining, self.inventory()) if remaining else None
                 self._reattach()
 
     def _named_modules(self) -> dict[str, torch.nn.Module]:
@@ -438,7 +457,6 @@ class Model:
     def _reattach(self) -> None:
         if self._layer_plan is not None and self._attached is None:
             self._attached = self._layer_plan.attach(self.module, self._named_modules(), self._missed_directly)
-            self._attached.after_forward(self.module, raised_at_the_module_call)
 
     def _missed_directly(self, points: list[str]) -> None:
         self._missed(points, generating=False, directly=True)

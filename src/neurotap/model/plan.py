@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.utils.checkpoint
 
-from ..errors import NeurotapError, PatchError, ProbeError, UnknownPointError
+from ..errors import NeurotapError, PatchError, ProbeError, UnknownPointError, raised_at_the_module_call
 from ..points import (
     Attachment,
     Frame,
@@ -509,6 +509,7 @@ class Plan:
         self._above_taps: tuple[tuple[str, dict], ...] | None = None  # the modules that contain a tapped one
         # what attach puts where, worked out on the first attach: taps on tensors, hooks, one frame per module
         self._split: tuple[list[Tap], list[tuple[Point, Tap]], dict[str, Frame]] | None = None
+        made: dict[str, SaveContext] = {}  # new contexts, put into ``contexts`` once every probe is resolved
         for probe in expand_probes(probes, inventory):
             try:
                 base, keys = split_narrowing(probe.point)
@@ -524,7 +525,9 @@ class Plan:
             name = probe.context_name
             ctx = contexts.get(name)
             if ctx is None:
-                ctx = contexts[name] = SaveContext(name)
+                ctx = made.get(name)
+            if ctx is None:
+                ctx = made[name] = SaveContext(name)
             if isinstance(probe.fn, Skip):
                 skip = _checked_skip(probe, probe.fn, point)
                 self.skips.setdefault(point.module, _Skipping(point, BoundProbe(probe, ctx, ()), self.state, skip))
@@ -534,6 +537,7 @@ class Plan:
             self.taps[base].bound.append(BoundProbe(probe, ctx, keys))
         for tap in self.taps.values():
             tap.bound_all()
+        contexts.update(made)
 
     def missed(self, since: int, stopped_at: str | None = None, inventory: Inventory | None = None) -> list[str]:
         """The points, as the probes name them, that no forward after forward number ``since`` reached.
@@ -568,7 +572,8 @@ class Plan:
         hooked: bool = True,
     ) -> Attachment:
         """Put the plan on the module tree; ``on_missed(points)`` after each forward made directly on ``root``
-        (not through the model wrapper) that did not reach some of the plan's points.
+        (not through the model wrapper) that did not reach some of the plan's points; a neurotap error
+        raised in such a forward loses the frames below torch's module call.
 
         ``hooked``: the root's every forward starts a new one (generate, direct
         calls in a ``patch`` block). Without it, for a caller that runs the root
@@ -594,17 +599,22 @@ class Plan:
                 attachment.skip(modules[path], skipping)
             self._through_checkpoints(attachment, modules)
             if on_missed is not None:  # last: the root's output taps fire before it
-                attachment.after_success(root, functools.partial(self._check_direct_call, on_missed))
+                attachment.hook(root, functools.partial(self._after_direct_call, on_missed), always=True)
         except BaseException:
             attachment.detach()
             raise
         return attachment
 
-    def _check_direct_call(self, on_missed: Callable[[list[str]], None]) -> None:
-        if not _managed_calls:
-            missed = self.missed(self.state.forward_id - 1)
-            if missed:
-                on_missed(missed)
+    def _after_direct_call(self, on_missed: Callable[[list[str]], None], *_hook_args: Any) -> None:
+        """After each forward of the root, also one that raised: one made directly on it, not through the
+        model wrapper, that did not reach some of the plan's points calls ``on_missed``."""
+        if _managed_calls:  # the wrapper checks its own call's points, and shortens its errors
+            return
+        if raised_at_the_module_call():
+            return
+        missed = self.missed(self.state.forward_id - 1)
+        if missed:
+            on_missed(missed)
 
     def start_forward(self) -> None:
         """Each forward starts from the real parameters and buffers, patched anew (a delta may have changed)."""

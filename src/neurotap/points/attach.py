@@ -8,8 +8,8 @@ instance attribute; everything else runs its original code untouched.
 from __future__ import annotations
 
 import copyreg
-import functools
 import inspect
+import itertools
 import types
 from collections import OrderedDict
 from collections.abc import Callable
@@ -191,7 +191,6 @@ def passed_arguments(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any
 _ABSENT = object()  # what an attribute or table entry neurotap set was before it: there was none
 _HOOK_MARK = "_neurotap_hook"  # set on every hook neurotap registers, so copies can leave them out
 _REDUCE = "__reduce_ex__"
-_PRISTINE = "_neurotap_pristine"  # what the instance attributes neurotap replaced were before
 _HOOK_DICTS = (
     "_forward_pre_hooks",
     "_forward_hooks",
@@ -208,34 +207,49 @@ def _hook_id() -> int:
     return key
 
 
-def _untapped_reduce(module: torch.nn.Module, _protocol: int) -> tuple:
-    """What pickling or copying ``module`` sees: its state as if nothing were attached.
+class _Guard:
+    """What a module carries while attachments are on it: the attachments, oldest first, and what they replaced.
 
-    copy, deepcopy and pickle look ``__reduce_ex__`` up on the instance, so a copy
-    made inside a ``patch`` block neither fails on neurotap's taps nor keeps them.
+    It is the instance's ``__reduce_ex__``, which copy, deepcopy and pickle look up on the
+    instance, so a copy made inside a ``patch`` block neither fails on neurotap's taps nor keeps them.
     """
-    state = type(module).__getstate__(module)
-    for name in (_REDUCE, FRAME_ATTR, _PRISTINE):
-        state.pop(name, None)
-    for slot, value in module.__dict__.get(_PRISTINE, {}).items():
-        if isinstance(slot, tuple):  # a parameter or buffer: (its table, its name)
-            table, name = slot
-            state[table] = {**state[table], name: value}
-        elif value is _ABSENT:
-            state.pop(slot, None)
-        else:
-            state[slot] = value
-    ours = {
-        key
-        for name in ("_forward_pre_hooks", "_forward_hooks")
-        for key, hook in state.get(name, {}).items()
-        if getattr(hook, _HOOK_MARK, False)
-    }
-    if ours:
-        for name in _HOOK_DICTS:
-            if name in state:
-                state[name] = OrderedDict((key, value) for key, value in state[name].items() if key not in ours)
-    return copyreg.__newobj__, (type(module),), state
+
+    __slots__ = ("module", "attachments", "pristine")
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module = module
+        self.attachments: list[Attachment] = []
+        # the instance attributes, parameters and buffers neurotap replaced, as they were before it
+        self.pristine: dict[str | tuple[str, str], Any] = {}
+
+    def __call__(self, _protocol: int) -> tuple:
+        """The module's state as if nothing were attached."""
+        module = self.module
+        state = type(module).__getstate__(module)
+        for name in (_REDUCE, FRAME_ATTR):
+            state.pop(name, None)
+        for slot, value in self.pristine.items():
+            if isinstance(slot, tuple):  # a parameter or buffer: (its table, its name)
+                table, name = slot
+                state[table] = {**state[table], name: value}
+            elif value is _ABSENT:
+                state.pop(slot, None)
+            else:
+                state[slot] = value
+        ours = {
+            key
+            for name in ("_forward_pre_hooks", "_forward_hooks")
+            for key, hook in state.get(name, {}).items()
+            if getattr(hook, _HOOK_MARK, False)
+        }
+        if ours:
+            for name in _HOOK_DICTS:
+                if name in state:
+                    state[name] = OrderedDict((key, value) for key, value in state[name].items() if key not in ours)
+        return copyreg.__newobj__, (type(module),), state
+
+
+_serials = itertools.count()
 
 
 class Attachment:
@@ -243,26 +257,37 @@ class Attachment:
 
     Everything it does is setting an entry of some table (an instance's ``__dict__``,
     a hook dict, a parameter table), noted with what was there, so one loop undoes it all.
+    Attachments on one module (two wrappers of it) may be detached in any order: one
+    made later is taken off first and put on again after (see ``detach``).
     """
 
-    __slots__ = ("_log", "_claimed")
+    __slots__ = ("_log", "_guards", "_steps", "_serial")
 
     def __init__(self) -> None:
         self._log: list[tuple[dict, Any, Any]] = []  # (table, key, what was there or _ABSENT), in order
-        self._claimed: set[int] = set()  # the modules whose copies see them untapped
+        self._guards: list[_Guard] = []  # those of the modules it is on
+        self._steps: list[tuple[Callable[..., Any], tuple]] = []  # each call that put something on: (fn, args)
+        self._serial = next(_serials)
 
     def _put(self, table: dict, key: Any, value: Any) -> None:
         self._log.append((table, key, table.get(key, _ABSENT)))
         table[key] = value
 
+    def _claim(self, module: torch.nn.Module) -> _Guard:
+        own = module.__dict__
+        guard = own.get(_REDUCE)
+        if type(guard) is not _Guard:
+            guard = _Guard(module)
+            self._put(own, _REDUCE, guard)
+        elif guard.attachments[-1] is self or self in guard.attachments:
+            return guard
+        guard.attachments.append(self)
+        self._guards.append(guard)
+        return guard
+
     def _remember(self, module: torch.nn.Module, name: str | tuple[str, str], value: Any) -> None:
         """Keep what ``name`` was before neurotap, for copies made while it is replaced."""
-        self._claim(module)
-        own = module.__dict__
-        pristine = own.get(_PRISTINE)
-        if pristine is None:
-            pristine = {}
-            self._put(own, _PRISTINE, pristine)
+        pristine = self._claim(module).pristine
         if name not in pristine:
             self._put(pristine, name, value)
 
@@ -271,6 +296,7 @@ class Attachment:
 
         The caller may put a stand-in into the table (a patched weight) for each forward.
         """
+        self._steps.append((Attachment.hold_tensor, (module, name)))
         table_name = "_parameters" if name in module._parameters else "_buffers"
         table = module.__dict__[table_name]
         original = table[name]
@@ -280,13 +306,9 @@ class Attachment:
 
     def swap(self, module: torch.nn.Module, name: str, value: Any) -> None:
         """Set the instance attribute ``name`` of ``module`` to ``value`` until ``detach()``."""
+        self._steps.append((Attachment.swap, (module, name, value)))
         self._remember(module, name, module.__dict__.get(name, _ABSENT))
         self._put(module.__dict__, name, value)
-
-    def _claim(self, module: torch.nn.Module) -> None:
-        if id(module) not in self._claimed:
-            self._claimed.add(id(module))
-            self._put(module.__dict__, _REDUCE, functools.partial(_untapped_reduce, module))
 
     def hook(
         self,
@@ -302,6 +324,7 @@ class Attachment:
 
         It goes straight into the module's hook tables, without a handle to remove it by: ``detach()`` does.
         """
+        self._steps.append((_hook_again, (module, hook, before, with_kwargs, always, first)))
         self._claim(module)
         if not getattr(hook, _HOOK_MARK, False):
             setattr(hook, _HOOK_MARK, True)
@@ -375,10 +398,6 @@ class Attachment:
         """Run ``callback`` after every forward of ``module``, also one that raised."""
         self.hook(module, lambda *_: callback(), always=True)
 
-    def after_success(self, module: torch.nn.Module, callback: Callable[[], None]) -> None:
-        """Run ``callback`` after every forward of ``module`` that returned (not one that raised)."""
-        self.hook(module, lambda *_: callback())
-
     def on_ops(self, module: torch.nn.Module, frame: Frame, *, combine: bool = True) -> bool:
         """Run ``module``'s tapped forward with ``frame``; False if it has none.
 
@@ -387,6 +406,7 @@ class Attachment:
         """
         if tapped_forward(module) is None or forward_replaced(module):
             return False
+        self._steps.append((_ops_again, (module, frame, combine)))
         own = module.__dict__
         # accelerate's hooks keep the real forward as _old_forward and call it from an instance forward of
         # their own: tap that one so their device handling stays in place
@@ -409,6 +429,35 @@ class Attachment:
         self.swap(module, "_old_forward" if "_old_forward" in module.__dict__ else "forward", forward)
 
     def detach(self) -> None:
+        """Take everything off. Attachments made later on the same modules come off first and go on again
+        after, as they were made (their frames merged anew with what is still there), so they stay in effect
+        and each table gets back exactly what it held."""
+        later = self._later()
+        for other in reversed(later):
+            other._undo()
+        self._undo()
+        for other in later:
+            steps, other._steps = other._steps, []
+            for step, args in steps:
+                step(other, *args)
+
+    def _later(self) -> list[Attachment]:
+        """The attachments made after this one on a module it is on, and after those on theirs, oldest first."""
+        found: dict[int, Attachment] = {}
+        pending = [self]
+        while pending:
+            attachment = pending.pop()
+            for guard in attachment._guards:
+                on = guard.attachments
+                if on[-1] is attachment:
+                    continue
+                for other in on[on.index(attachment) + 1 :]:
+                    if other._serial not in found:
+                        found[other._serial] = other
+                        pending.append(other)
+        return [found[serial] for serial in sorted(found)]
+
+    def _undo(self) -> None:
         log = self._log
         while log:
             table, key, previous = log.pop()
@@ -416,7 +465,18 @@ class Attachment:
                 table.pop(key, None)
             else:
                 table[key] = previous
-        self._claimed.clear()
+        for guard in self._guards:
+            guard.attachments.remove(self)
+        self._guards.clear()
+
+
+def _hook_again(attachment: Attachment, module: torch.nn.Module, hook: Callable[..., Any], *flags: bool) -> None:
+    before, with_kwargs, always, first = flags
+    attachment.hook(module, hook, before=before, with_kwargs=with_kwargs, always=always, first=first)
+
+
+def _ops_again(attachment: Attachment, module: torch.nn.Module, frame: Frame, combine: bool) -> None:
+    attachment.on_ops(module, frame, combine=combine)
 
 
 class _OutputHook:
