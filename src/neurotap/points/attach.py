@@ -8,6 +8,7 @@ instance attribute; everything else runs its original code untouched.
 from __future__ import annotations
 
 import copyreg
+import functools
 import inspect
 import itertools
 import types
@@ -207,46 +208,46 @@ def _hook_id() -> int:
     return key
 
 
-class _Guard:
-    """What a module carries while attachments are on it: the attachments, oldest first, and what they replaced.
+def _untapped_reduce(module: torch.nn.Module, _attachments: list, pristine: dict, _protocol: int) -> tuple:
+    """What pickling or copying ``module`` sees: its state as if nothing were attached."""
+    state = type(module).__getstate__(module)
+    for name in (_REDUCE, FRAME_ATTR):
+        state.pop(name, None)
+    for slot, value in pristine.items():
+        if isinstance(slot, tuple):  # a parameter or buffer: (its table, its name)
+            table, name = slot
+            state[table] = {**state[table], name: value}
+        elif value is _ABSENT:
+            state.pop(slot, None)
+        else:
+            state[slot] = value
+    ours = {
+        key
+        for name in ("_forward_pre_hooks", "_forward_hooks")
+        for key, hook in state.get(name, {}).items()
+        if getattr(hook, _HOOK_MARK, False)
+    }
+    if ours:
+        for name in _HOOK_DICTS:
+            if name in state:
+                state[name] = OrderedDict((key, value) for key, value in state[name].items() if key not in ours)
+    return copyreg.__newobj__, (type(module),), state
+
+
+class _Guard(functools.partial):
+    """What a module carries while attachments are on it: ``_Guard(_untapped_reduce, module, attachments,
+    pristine)``, the attachments oldest first, and the instance attributes, parameters and buffers they
+    replaced, as they were before.
 
     It is the instance's ``__reduce_ex__``, which copy, deepcopy and pickle look up on the
     instance, so a copy made inside a ``patch`` block neither fails on neurotap's taps nor keeps them.
+    (A partial, made without a Python frame: one is made for each module at each call's attach.)
     """
 
-    __slots__ = ("module", "attachments", "pristine")
+    __slots__ = ()
 
-    def __init__(self, module: torch.nn.Module) -> None:
-        self.module = module
-        self.attachments: list[Attachment] = []
-        # the instance attributes, parameters and buffers neurotap replaced, as they were before it
-        self.pristine: dict[str | tuple[str, str], Any] = {}
 
-    def __call__(self, _protocol: int) -> tuple:
-        """The module's state as if nothing were attached."""
-        module = self.module
-        state = type(module).__getstate__(module)
-        for name in (_REDUCE, FRAME_ATTR):
-            state.pop(name, None)
-        for slot, value in self.pristine.items():
-            if isinstance(slot, tuple):  # a parameter or buffer: (its table, its name)
-                table, name = slot
-                state[table] = {**state[table], name: value}
-            elif value is _ABSENT:
-                state.pop(slot, None)
-            else:
-                state[slot] = value
-        ours = {
-            key
-            for name in ("_forward_pre_hooks", "_forward_hooks")
-            for key, hook in state.get(name, {}).items()
-            if getattr(hook, _HOOK_MARK, False)
-        }
-        if ours:
-            for name in _HOOK_DICTS:
-                if name in state:
-                    state[name] = OrderedDict((key, value) for key, value in state[name].items() if key not in ours)
-        return copyreg.__newobj__, (type(module),), state
+_ATTACHMENTS, _PRISTINE = 1, 2  # where a guard's args hold them
 
 
 _serials = itertools.count()
@@ -277,17 +278,18 @@ class Attachment:
         own = module.__dict__
         guard = own.get(_REDUCE)
         if type(guard) is not _Guard:
-            guard = _Guard(module)
+            guard = _Guard(_untapped_reduce, module, [], {})
             self._put(own, _REDUCE, guard)
-        elif guard.attachments[-1] is self or self in guard.attachments:
+        on = guard.args[_ATTACHMENTS]
+        if on and (on[-1] is self or self in on):
             return guard
-        guard.attachments.append(self)
+        on.append(self)
         self._guards.append(guard)
         return guard
 
     def _remember(self, module: torch.nn.Module, name: str | tuple[str, str], value: Any) -> None:
         """Keep what ``name`` was before neurotap, for copies made while it is replaced."""
-        pristine = self._claim(module).pristine
+        pristine = self._claim(module).args[_PRISTINE]
         if name not in pristine:
             self._put(pristine, name, value)
 
@@ -432,6 +434,12 @@ class Attachment:
         """Take everything off. Attachments made later on the same modules come off first and go on again
         after, as they were made (their frames merged anew with what is still there), so they stay in effect
         and each table gets back exactly what it held."""
+        for guard in self._guards:
+            if guard.args[_ATTACHMENTS][-1] is not self:
+                break
+        else:  # the last on each of its modules: the common case
+            self._undo()
+            return
         later = self._later()
         for other in reversed(later):
             other._undo()
@@ -448,7 +456,7 @@ class Attachment:
         while pending:
             attachment = pending.pop()
             for guard in attachment._guards:
-                on = guard.attachments
+                on = guard.args[_ATTACHMENTS]
                 if on[-1] is attachment:
                     continue
                 for other in on[on.index(attachment) + 1 :]:
@@ -466,7 +474,7 @@ class Attachment:
             else:
                 table[key] = previous
         for guard in self._guards:
-            guard.attachments.remove(self)
+            guard.args[_ATTACHMENTS].remove(self)
         self._guards.clear()
 
 
