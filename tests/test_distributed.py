@@ -154,7 +154,9 @@ def test_info_says_which_rank_owns_which_layers(server, remote, local):
     assert layers == list(range(LAYERS))  # contiguous, in rank order, each layer once
     assert "model.embed_tokens" in ranks[0]["parts"]
     assert {"model.norm", "lm_head"} <= set(ranks[-1]["parts"])
-    assert all(row["peak_rss_mb"] > 0 and row["device"] == "cpu" for row in ranks)
+    on_gpus = torch.cuda.device_count() >= server.ranks  # --rank-device auto: a GPU for each rank, else the CPU
+    assert [row["device"] for row in ranks] == [f"cuda:{r}" if on_gpus else "cpu" for r in range(server.ranks)]
+    assert all(row["peak_rss_mb"] > 0 and (row["peak_gpu_mb"] is None) != on_gpus for row in ranks)
     assert len({row["pid"] for row in ranks}) == server.ranks
     assert server.info()["parameters"] == sum(p.numel() for p in local.module.parameters())
 
@@ -1504,7 +1506,14 @@ def test_ranks_on_gpus_over_nccl_equal_one_process(launch, ranks, folder, local)
         url = server.url
     try:
         with nt.connect(url) as remote:
-            assert [row["device"] for row in remote.info()["ranks"]] == [f"cuda:{r}" for r in range(ranks)]
+            rows = remote.info()["ranks"]
+            assert [row["device"] for row in rows] == [f"cuda:{r}" for r in range(ranks)]
+            for row in rows:  # each GPU held at least the weights of its rank's layers and parts
+                start, stop = row["layers"]
+                mine = [f"model.layers.{i}." for i in range(start, stop)]
+                mine += [part + "." for part in row["parts"] if not part.startswith("model.layers")]
+                held = sum(p.nbytes for n, p in local.module.named_parameters() if n.startswith(tuple(mine)))
+                assert row["peak_gpu_mb"] * 2**20 >= held > 0
             test_logits_equal_one_process(remote, local)
             test_recordings_on_the_first_and_last_stage_in_one_request(remote, local)
             test_generate_with_the_kv_cache_and_patches_at_every_step(remote, local)

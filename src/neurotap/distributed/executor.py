@@ -255,12 +255,13 @@ class _Rank:
             output["logits"] = received
         return output
 
-    def facts(self) -> tuple[float, int, str, dict[str, float]]:
-        """This rank's peak RSS (MB), process id, the device its weights are on, and its transfers (seconds in
-        them, and bytes sent)."""
+    def facts(self) -> tuple[float, int, str, dict[str, float], float | None]:
+        """This rank's peak RSS (MB), process id, the device its weights are on, its transfers (seconds in
+        them, and bytes sent), and on a GPU the most memory torch has held there (MB)."""
         held = (p.device for p in self.stage.module.parameters() if p.device.type != "meta")
         transfers = {**self.pipe.seconds, "sent_bytes": self.pipe.sent_bytes}
-        return peak_rss_mb(), os.getpid(), str(next(held, torch.device("cpu"))), transfers
+        gpu = torch.cuda.max_memory_allocated(self.device) / 2**20 if self.device.type == "cuda" else None
+        return peak_rss_mb(), os.getpid(), str(next(held, torch.device("cpu"))), transfers, gpu
 
     def parameter(self, name: str) -> torch.Tensor | None:
         try:
@@ -831,7 +832,7 @@ class ShardedExecutor(Executor):
         module = self.local.stage.module
         config = getattr(module, "config", None)
         ranks = self.local.stage.split.describe()
-        for row, (now, pid, device, transfers), startup in zip(ranks, facts, self.local.startup_rss):
+        for row, (now, pid, device, transfers, gpu), startup in zip(ranks, facts, self.local.startup_rss):
             row["pid"] = pid
             row["device"] = device
             row["send_s"] = round(transfers["send"], 4)  # sending hidden states, logits and scores on
@@ -839,6 +840,7 @@ class ShardedExecutor(Executor):
             row["sent_bytes"] = transfers["sent_bytes"]
             row["peak_rss_mb"] = round(now, 1)
             row["peak_rss_mb_after_load"] = round(startup, 1)
+            row["peak_gpu_mb"] = round(gpu, 1) if gpu is not None else None
         return {
             "module": type(module).__name__,
             "parameters": self.local.parameter_count,
