@@ -18,7 +18,9 @@ their answer (6), a long pass with requests queued behind it (7), Host/Origin
 (8), then compressed bodies, request framing, odd values, point names and paths,
 many probes at one point, the shared session cap of a server without tokens, the
 web inspector's routes, concurrent clears and a session closed mid-body (9), point
-patterns that are costly to match, and traces sharing passes (10).
+patterns that are costly to match, and traces sharing passes (10); large tensors
+sent at once, answers never read, a flood of experiments from one token, pickled
+bytes without --allow-code and a Probability of a million tokens (11).
 
 One row per attack: requests sent, responses by status class, 5xx (those by
 design, 503 for the connection cap and 504 for the request timeout, counted
@@ -1678,6 +1680,139 @@ def attack_open_server_eviction(server: Server, tally: Tally) -> list:
     return checks
 
 
+def attack_held_tensors(server: Server, tally: Tally, count: int = 8, size: int = 64 << 20) -> list:
+    """Requests of one token carrying large patch tensors, all at once: what the server holds while they wait."""
+    checks: list = []
+    raws = [Raw(server) for _ in range(count)]
+    body = message(
+        run_doc("forward", probes=[probe_doc(MUL, patch("Replace", value={"$tensor": "v"}))]),
+        {"ids": ids(), "v": torch.zeros(size // 4)},
+    )
+    before = server.status("VmHWM")
+    answers: list[Any] = []
+    threads = [
+        threading.Thread(target=lambda r=raw: answers.append(tally.send("tensors", lambda: r.run(body))))
+        for raw in raws
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    grown = (server.status("VmHWM") - before) >> 20
+    statuses = collections.Counter(code(a) for a in answers)
+    expect(checks, f"{count} requests of {size >> 20} MiB of tensors: 4xx (429 over the token's share)",
+           set(statuses) <= {400, 413, 422, 429}, dict(statuses))  # fmt: skip
+    expect(checks, "(info) peak RSS grew by", True, f"{grown} MiB ({count} x {size >> 20} MiB sent; {dict(statuses)})")
+    for raw in raws:
+        raw.close()
+    return checks
+
+
+def attack_unread_answers(server: Server, tally: Tally, count: int = 8) -> list:
+    """Requests with 4 MiB answers that their client never reads: each token's unread answers stay within its
+    share of --max-total-bytes (8 MiB on A), the rest refused with a 429."""
+    checks: list = []
+    raw = Raw(server)
+    body = request("forward", (ids(128, 64),), outputs=["logits"])  # [128, 64, 128] float32: 4 MiB
+    head = (
+        f"POST /v1/run HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nX-Neurotap-Protocol: 1\r\n"
+        f"Authorization: Bearer {server.token}\r\n{SESSION_HEADER}: {raw.session}\r\n"
+        f"Content-Type: {MEDIA_TYPE}\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    before = server.status("VmRSS")
+    socks = []
+    for _ in range(count):
+        sock = _socket(server, rcvbuf=4096)
+        sock.settimeout(60)
+        sock.sendall(head + body)
+        socks.append(sock)
+    lines = []
+    for sock in socks:
+        try:
+            lines.append(sock.recv(12)[9:12].decode() or "closed")
+        except OSError as error:
+            lines.append(type(error).__name__)
+        tally.add("unread answer", int(lines[-1]) if lines[-1].isdigit() else 0)
+    held = (server.status("VmRSS") - before) >> 20
+    statuses = collections.Counter(lines)
+    expect(checks, f"{count} unread 4 MiB answers: at most 2 held (8 MiB share), the rest 429",
+           statuses.get("200", 0) <= 2 and statuses.get("429", 0) >= count - 2, dict(statuses))  # fmt: skip
+    expect(checks, "(info) RSS while they are unread", True, f"+{held} MiB")
+    for sock in socks:
+        sock.close()
+    raw.close()
+    return checks
+
+
+def attack_experiment_flood(server: Server, tally: Tally, count: int = 12) -> list:
+    """One token sends many logit-lens experiments at once: beyond its few, each is a 429 at once."""
+    checks: list = []
+    body = {"ids": [int(i) for i in ids(1, 48)[0]], "positions": list(range(48)), "top": 10}
+    answers: list[tuple[int, float]] = []
+
+    def lens() -> None:
+        start = time.monotonic()
+        result = tally.send(
+            "logit lens",
+            lambda: httpx.post(
+                server.url + "/v1/logit_lens", json=body, headers=server.headers(), timeout=120
+            ),  # fmt: skip
+        )
+        answers.append((code(result), time.monotonic() - start))
+
+    threads = [threading.Thread(target=lens) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    refused = [seconds for status, seconds in answers if status == 429]
+    statuses = collections.Counter(status for status, _ in answers)
+    expect(checks, f"{count} experiments of one token: at most 4 under way, the rest a 429 within 5 s",
+           len(refused) >= count - 6 and max(refused or [0]) < 5 and set(statuses) <= {200, 429},
+           f"{dict(statuses)}; slowest 429 {max(refused or [0]):.2f} s")  # fmt: skip
+    return checks
+
+
+def attack_code_bytes(server: Server, tally: Tally, workdir: str) -> list:
+    """Pickled bytes wherever a value goes (the loss, a probe, a patch field, a model argument), no --allow-code."""
+    import pickle
+
+    checks: list = []
+    marker = Path(workdir) / "MARKER-unpickled"
+    pickled = torch.frombuffer(bytearray(pickle.dumps(_Opener(str(marker)))), dtype=torch.uint8)
+    code_value = {"$code": {"$tensor": "code"}}
+    cases = {
+        "loss $code": run_doc("backward", loss=code_value),
+        "loss $code + extra key": run_doc("backward", loss={**code_value, "x": 1}),
+        "probe $code": run_doc("forward", probes=[probe_doc(MUL, code_value)]),
+        "Replace.value $code": run_doc("forward", probes=[probe_doc(MUL, patch("Replace", value=code_value))]),
+        "Custom.fn $code": run_doc("forward", probes=[probe_doc(MUL, patch("Custom", fn=code_value))]),
+        "labels $code": run_doc("forward", {"labels": code_value}),
+        "CrossEntropy.targets $code": run_doc(
+            "backward", loss={"$loss": "CrossEntropy", "fields": {"targets": code_value}}
+        ),
+        "Probability of 1M tokens": run_doc(
+            "forward", probes=[probe_doc("lm_head.output", patch("Probability", token={"$tensor": "many"}))]
+        ),
+    }
+    raw = Raw(server)
+    tensors = {"ids": ids(1, 48), "code": pickled, "many": torch.zeros(1 << 20, dtype=torch.long)}
+    for what, document in cases.items():
+        result = tally.send(what, lambda d=document: raw.run(message(d, tensors)))
+        expect(checks, f"{what}: a 4xx", 400 <= code(result) < 500, brief(result))
+    expect(checks, "nothing was unpickled", not marker.exists())
+    raw.close()
+    return checks
+
+
+class _Opener:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> Any:
+        return (open, (self.path, "w"))
+
+
 # -- main ---------------------------------------------------------------------------------------------
 
 
@@ -1741,6 +1876,10 @@ def main() -> int:
                 ("9e races + closed mid-body", "A", attack_races),
                 ("10a point patterns", "A", attack_patterns),
                 ("10b 16 traces sharing passes", "A", attack_pass_recordings),
+                ("11a 8 x 64 MiB of tensors at once", "A", attack_held_tensors),
+                ("11b 8 unread 4 MiB answers", "A", attack_unread_answers),
+                ("11c 12 experiments of one token", "A", attack_experiment_flood),
+                ("11d pickled bytes, no --allow-code", "A", lambda s, t: attack_code_bytes(s, t, workdir)),
             ]
             if options.smollm2:
                 attacks += [

@@ -787,7 +787,7 @@ def test_experiments_never_hold_the_threads_other_requests_need(tmp_path):
                 torch.testing.assert_close(out.logits, nt.load(str(worded)).module(tokens).logits)
         for thread in threads:
             thread.join(300)
-        assert done_meanwhile <= 2 and len(finished) == count and set(finished) <= {200, 504}
+        assert done_meanwhile <= 2 and len(finished) == count and set(finished) <= {200, 429}  # 429: over the cap
     finally:
         server.stop()
 
@@ -825,3 +825,261 @@ def test_what_one_pass_records_stays_within_the_server_wide_limit(local):
         assert list(got) == [f"model.layers.{i}.mlp.mul" for i in range(len(layers))]
         for i, value in enumerate(expected):
             torch.testing.assert_close(got[f"model.layers.{i}.mlp.mul"], value)
+
+
+# -- what a request brings and what its answer holds ---------------------------------------------------
+
+
+def test_the_tensors_a_request_sends_count_towards_its_memory(server, canary, local):
+    """An SAE's weights, a Replace value or a direction were bounded only by --max-request-bytes (96 MiB here),
+    not by the request's memory estimate (8 MiB): 20 MiB of SAE weights ran, and every such request queued holds
+    its tensors. They are now part of the estimate, checked before the request runs."""
+    d_in, d_sae = local.module.config.hidden_size, 40_000  # 2 x 10 MiB of weights; 1 token's features: 0.5 MiB
+    weights = torch.zeros(d_in, d_sae)
+    sae = nt.SAE(W_enc=weights, b_enc=torch.zeros(d_sae), W_dec=weights.T.contiguous(), b_dec=torch.zeros(d_in))
+    point = "model.layers.1.output"
+    with nt.connect(server.url, token=ALPHA) as rm:
+        for fn in [sae, nt.Replace(torch.zeros(3_000_000)), nt.Project(torch.zeros(40_000, d_in))]:
+            body = encode_request(RunRequest("forward", (ids(20, length=1),), {}, [ProbeSpec(point, fn)], []))
+            answer = refused(raw_run(server, rm, body), 413)  # raw: a fresh connection for a large body
+            assert re.search("tensors this request sends.*--max-request-memory", answer["message"]), answer
+        assert rm.recordings() == {}
+        vector = torch.randn(d_in, generator=torch.Generator().manual_seed(2))  # a small one still runs
+        out = rm.forward(ids(21), probes=[nt.probe(point, nt.Add(vector))], outputs=["logits"])
+        hook = local.module.model.layers[1].register_forward_hook(lambda m, a, value: value + vector)
+        try:
+            with torch.no_grad():
+                expected = local.module(ids(21)).logits
+        finally:
+            hook.remove()
+        torch.testing.assert_close(out.logits, expected, rtol=1e-5, atol=1e-5)
+    assert_served(canary, local)
+
+
+def test_a_probability_of_many_tokens_is_bounded_like_an_index(server, canary, local):
+    """``nt.Probability(token=...)`` took any tensor as its entries: half a million of them at the logits of 48
+    positions allocated 25 million floats before anything was measured."""
+    many = torch.zeros(1 << 19, dtype=torch.long)
+    with nt.connect(server.url, token=ALPHA) as rm:
+        probes = [nt.probe("lm_head.output", nt.Probability(many))]
+        with pytest.raises(nt.NeurotapError, match="token.*--max-selection-elements") as caught:
+            rm.forward(ids(22, length=48), probes=probes, outputs=[])
+        assert caught.value.status == 413
+        for bad in [torch.zeros(4, 4, dtype=torch.long), torch.zeros(3), [1, "x"], {"$dict": {"a": 1}}]:
+            tensors = {"ids": ids(22)}
+            if isinstance(bad, torch.Tensor):
+                tensors["token"], bad = bad, {"$tensor": "token"}
+            fn = {"$patch": "Probability", "fields": {"token": bad}}
+            document = {"op": "forward", "args": [{"$tensor": "ids"}], "kwargs": {"$dict": {}}, "outputs": [],
+                        "loss": None, "probes": [{"point": "lm_head.output", "grad": False, "fn": fn}]}  # fmt: skip
+            assert "Probability.token" in refused(raw_run(server, rm, message(document, tensors)), 400)["message"]
+        tokens = ids(23)
+        out, trace = rm.run(tokens, record={"lm_head.output": nt.Probability([3, 5])})
+        with torch.no_grad():
+            expected = local.module(tokens).logits.softmax(-1)[..., [3, 5]]
+        torch.testing.assert_close(trace["lm_head.output"], expected)
+    assert_served(canary, local)
+
+
+def test_code_is_never_unpickled_from_raw_bytes_without_allow_code(server, canary, local, tmp_path):
+    """Hand-built messages carrying cloudpickle bytes wherever a value goes (the loss, a probe, a patch's field, a
+    model argument, a tagged value with extra keys): each is refused before anything is unpickled."""
+    import cloudpickle
+
+    marker = tmp_path / "unpickled"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    pickled = torch.frombuffer(bytearray(cloudpickle.dumps(Payload())), dtype=torch.uint8)
+    code = {"$code": {"$tensor": "code"}}
+    base = {"op": "forward", "args": [{"$tensor": "ids"}], "kwargs": {"$dict": {}}, "probes": [], "outputs": [],
+            "loss": None}  # fmt: skip
+    cases = [
+        ({"op": "backward", "loss": code}, 403),
+        ({"op": "backward", "loss": {**code, "x": 1}}, 400),
+        ({"probes": [{"point": MUL, "grad": False, "fn": code}]}, 403),
+        ({"probes": [{"point": MUL, "grad": False, "fn": {"$patch": "Replace", "fields": {"value": code}}}]}, 400),
+        ({"probes": [{"point": MUL, "grad": False, "fn": {"$patch": "Custom", "fields": {"fn": code}}}]}, 400),
+        ({"kwargs": {"$dict": {"labels": code}}}, 400),
+        ({"op": "backward", "loss": {"$loss": "CrossEntropy", "fields": {"targets": code}}}, 400),
+        ({"args": [code]}, 400),
+    ]
+    with nt.connect(server.url, token=ALPHA) as rm:
+        for change, status in cases:
+            body = message({**base, **change}, {"ids": ids(24), "code": pickled})
+            answer = refused(raw_run(server, rm, body), status)
+            if status == 403:
+                assert "--allow-code" in answer["message"]
+        assert rm.recordings() == {}
+    assert not marker.exists()
+    assert_served(canary, local)
+
+
+@pytest.fixture(scope="module")
+def answers_server(folder, token_file):
+    running = Server(
+        *(folder, "--token-file", str(token_file), "--allow-code", "--body-timeout", "30"),
+        *("--max-total-bytes", "50M", "--max-session-bytes", "8M"),
+    )
+    yield running
+    running.stop()
+
+
+def test_answers_waiting_to_be_read_are_held_against_the_tokens_share(answers_server, local):
+    """Answers computed but not yet read by a client that reads slowly were held without any bound: a token
+    holder could send many requests with large outputs and grow the server's memory at will. Each token's unread
+    answers now count against its share of --max-total-bytes (25 MiB here); over it, its next answer is a 429
+    with Retry-After until the others are read, and the other token is served throughout."""
+    big = ids(25, rows=256, length=64)  # logits [256, 64, 128] float32: 8 MiB an answer
+    request = encode_request(RunRequest("forward", (big,), {}, [], ["logits"]))
+    with nt.connect(answers_server.url, token=ALPHA) as rm, nt.connect(answers_server.url, token=BETA) as other:
+        head = (
+            f"POST /v1/run HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {MEDIA_TYPE}\r\n"
+            f"Content-Length: {len(request)}\r\n{PROTOCOL_HEADER}: {PROTOCOL}\r\nAuthorization: Bearer {ALPHA}\r\n"
+            f"{SESSION_HEADER}: {rm._session}\r\n\r\n"
+        ).encode()
+        readers = []
+        try:
+            for _ in range(4):  # three 8 MiB answers fit the share; a fourth does not
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # it reads nothing, so little is sent
+                sock.settimeout(30)
+                host, port = answers_server.url.removeprefix("http://").split(":")
+                sock.connect((host, int(port)))
+                sock.sendall(head + request)
+                readers.append(sock)
+            heads = [sock.recv(4096) for sock in readers]  # the status line and headers; nothing more is read
+            assert sorted(h.split(b" ", 2)[1] for h in heads) == [b"200"] * 3 + [b"429"], [h[:20] for h in heads]
+            assert b"retry-after: 1" in next(h for h in heads if b" 429 " in h[:16]).lower()
+            with pytest.raises(nt.NeurotapError, match="not yet read.*--max-total-bytes") as caught:
+                rm.forward(big, outputs=["logits"])
+            assert caught.value.status == 429
+            with torch.no_grad():
+                expected = local.module(big).logits
+            torch.testing.assert_close(other.forward(big, outputs=["logits"]).logits, expected)  # another share
+            small = ids(26)
+            with torch.no_grad():  # what is left of the share still takes a small answer
+                torch.testing.assert_close(rm.forward(small).logits, local.module(small).logits)
+        finally:
+            for sock in readers:
+                sock.close()
+        deadline = time.monotonic() + 20
+        while True:  # the readers are gone, so their answers are given back
+            try:
+                torch.testing.assert_close(rm.forward(big, outputs=["logits"]).logits, expected)
+                break
+            except nt.NeurotapError as error:
+                assert error.status == 429 and time.monotonic() < deadline
+                time.sleep(0.5)
+
+
+def test_requests_waiting_to_run_are_held_against_the_tokens_share(answers_server, local, tmp_path):
+    """Once decoded, a request's tensors were held until it was answered, outside every budget: behind a long
+    pass, one token holder's requests of --max-request-bytes each could pile up at will. A token's requests
+    waiting to run now count against its share of --max-total-bytes (25 MiB here) with its unread answers."""
+    running = tmp_path / "stalling"
+
+    def stall(ctx, value, running=str(running)):
+        open(running, "w").close()
+        time.sleep(4.0)
+
+    tensors = nt.Add(torch.zeros(2 << 20))  # 8 MiB that does not fit the point: refused when it runs
+    body = encode_request(RunRequest("forward", (ids(27),), {}, [ProbeSpec(MUL, tensors)], []))
+    answers: list[tuple[int, float, str]] = []
+
+    def send() -> None:
+        start = time.monotonic()
+        response = httpx.post(answers_server.url + "/v1/run", content=body, headers=headers(session=rm._session),
+                              timeout=60)  # fmt: skip
+        answers.append((response.status_code, time.monotonic() - start, response.text[:300]))
+
+    with nt.connect(answers_server.url, token=ALPHA) as rm, nt.connect(answers_server.url, token=BETA) as other:
+        slow = threading.Thread(target=lambda: other.forward(ids(28), probes=[nt.probe(MUL, stall)], outputs=[]))
+        slow.start()
+        while not running.exists():
+            time.sleep(0.05)
+        senders = [threading.Thread(target=send) for _ in range(4)]  # three 8 MiB requests fit; a fourth does not
+        for thread in senders:
+            thread.start()
+        for thread in senders:
+            thread.join(60)
+        slow.join(60)
+        statuses = sorted(status for status, *_ in answers)
+        assert statuses == [422, 422, 422, 429], answers
+        refusal = next(answer for answer in answers if answer[0] == 429)
+        assert refusal[1] < 4.0 and "waiting to run" in refusal[2], refusal  # refused while the others waited
+        assert_served(rm, local)
+
+
+def test_one_token_cannot_queue_experiments_ahead_of_anothers(tmp_path, token_file):
+    """A flood of inspector experiments from one token waited for the two experiment threads in one queue, each
+    with a deadline counted from its arrival, so another token's experiment waited behind all of them and the
+    later ones ran out of time. A token now has at most a few under way; more are refused at once with a 429."""
+    from neurotap.transport.web import MAX_EXPERIMENTS_PER_TOKEN
+    from serving import WORDS, save_with_word_tokenizer, word_tokenizer
+
+    model = tiny_llama()
+    worded = save_with_word_tokenizer(model, tmp_path / "worded")
+    server = Server(worded, "--token-file", str(token_file))
+    try:
+        clean = " ".join(WORDS[i % len(WORDS)] for i in range(60))
+        corrupt = " ".join(WORDS[(i * 7) % len(WORDS)] for i in range(60))
+        body = {"clean": clean, "corrupt": corrupt, "target": "paris"}
+        flood = 3 * MAX_EXPERIMENTS_PER_TOKEN
+        answers: list[tuple[int, float, str | None, str]] = []
+        barrier = threading.Barrier(flood)
+
+        def experiment() -> None:
+            barrier.wait()
+            start = time.monotonic()
+            response = httpx.post(server.url + "/v1/patching", json=body, headers=headers(ALPHA), timeout=300)
+            seconds = time.monotonic() - start
+            answers.append((response.status_code, seconds, response.headers.get("retry-after"), response.text[:300]))
+
+        threads = [threading.Thread(target=experiment) for _ in range(flood)]
+        for thread in threads:
+            thread.start()
+        time.sleep(1.0)
+        response = httpx.post(server.url + "/v1/patching", json=body, headers=headers(BETA), timeout=300)
+        assert response.status_code == 200, response.text[:300]
+        shown = torch.tensor(response.json()["values"])
+        for thread in threads:
+            thread.join(300)
+        statuses = sorted(status for status, *_ in answers)
+        # a few of the flood may end before the last of it arrives and make room for one more
+        assert set(statuses) == {200, 429} and statuses.count(429) >= flood - MAX_EXPERIMENTS_PER_TOKEN - 2, answers
+        for status, seconds, retry_after, text in answers:
+            if status == 429:
+                assert seconds < 10 and retry_after is not None and "experiments" in text, (seconds, text)
+    finally:
+        server.stop()
+
+    # by hand: each decoder layer's output at one position put back from the clean run, with plain hooks
+    words = word_tokenizer()
+    clean_ids, corrupt_ids = (torch.tensor([words(text).input_ids]) for text in (clean, corrupt))
+    target = words("paris").input_ids[0]
+    layers = model.model.layers
+    saved: dict[int, torch.Tensor] = {}
+    handles = [
+        layer.register_forward_hook(lambda m, a, out, i=i: saved.update({i: out})) for i, layer in enumerate(layers)
+    ]
+    with torch.no_grad():
+        model(clean_ids)
+    for handle in handles:
+        handle.remove()
+    expected = torch.zeros(len(layers), clean_ids.shape[1])
+    for i, layer in enumerate(layers):
+        for j in range(clean_ids.shape[1]):
+
+            def restore(m, a, out, i=i, j=j):
+                out = out.clone()
+                out[:, j] = saved[i][:, j]
+                return out
+
+            handle = layer.register_forward_hook(restore)
+            with torch.no_grad():
+                expected[i, j] = model(corrupt_ids).logits[0, -1].softmax(-1)[target]
+            handle.remove()
+    torch.testing.assert_close(shown, expected, rtol=1e-4, atol=1e-6)

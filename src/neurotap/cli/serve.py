@@ -102,7 +102,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--max-total-bytes",
         type=_bytes,
         default=settings.max_total_bytes,
-        help="recordings all sessions keep, shared equally among the tokens",
+        help="recordings all sessions keep, shared equally among the tokens; a token's requests waiting to run "
+        "and answers not yet read may hold as much again",
     )
     group.add_argument(
         "--max-inflight-bytes",

@@ -10,7 +10,8 @@ runs, :func:`check_selection` bounds what a patch's ``index=`` selects and what
 a ``TopK`` keeps, before the patch allocates it; an ``SAE``'s top examples
 (``examples x d_sae``), known from the patch alone, are bounded before the pass,
 and its dense feature activations (``tokens x d_sae`` per call) count towards the
-request's memory estimate.
+request's memory estimate, as do the tensors the request sends (patch values, SAE
+weights, directions, indices: :func:`sent_bytes`).
 
 The memory estimate is deliberately rough (activations of one layer at a time,
 attention scores, logits, the KV cache, the outputs asked for); it exists to
@@ -20,6 +21,7 @@ tightly.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -27,7 +29,7 @@ from typing import Any
 import torch
 
 from ..errors import NeurotapError
-from ..probes import SAE
+from ..probes import SAE, Probability
 from .wire import RunRequest, WireError
 
 MIN_TOKEN_LENGTH = 16
@@ -279,16 +281,26 @@ def check_request(request: RunRequest, limits: Limits, shape: ModelShape) -> int
             )
     positions, memory = estimate(request, shape)
     features = _sae_feature_bytes(request, positions)
-    memory += features
+    sent = sent_bytes(request)
+    memory += features + sent
     if positions > limits.max_request_tokens:
         raise RequestTooCostlyError(
             f"this request computes {positions} positions (rows x tokens, beams and return sequences included); "
             f"this server takes {limits.max_request_tokens} per request (--max-request-tokens): split it"
         )
+    if memory > limits.max_request_memory and 2 * sent >= memory:
+        raise RequestTooCostlyError(
+            f"the tensors this request sends (patch values, SAE weights, directions, indices, inputs) take "
+            f"{_size(sent)}, about {_size(memory)} with its activations; this server allows "
+            f"{_size(limits.max_request_memory)} per request (--max-request-memory): send smaller tensors "
+            "(an SAE with fewer features, a value for index=... only), or start the server with a larger "
+            "--max-request-memory"
+        )
     if memory > limits.max_request_memory and features:
         saes = [spec for spec in request.probes if isinstance(spec.fn, SAE)]
         widths = " + ".join(f"{spec.fn.d_sae} at {spec.point!r}" for spec in saes[:3]) + (" + ..." if saes[3:] else "")
-        fitting = positions * limits.max_request_memory // memory  # fewer rows or shorter ones cost no more a token
+        # fewer rows or shorter ones cost no more a token; what the request sends costs the same at any length
+        fitting = positions * max(limits.max_request_memory - sent, 0) // (memory - sent)
         raise RequestTooCostlyError(
             f"this request's SAE features ({positions} tokens x {widths} features, dense in each call) would need, "
             f"with its other activations, about {_size(memory)}; this server allows "
@@ -301,6 +313,24 @@ def check_request(request: RunRequest, limits: Limits, shape: ModelShape) -> int
             f"{_size(limits.max_request_memory)} per request (--max-request-memory): send fewer rows or tokens"
         )
     return memory
+
+
+def sent_bytes(request: RunRequest) -> int:
+    """The bytes of the tensors a request brings along (its inputs, its patches' values, directions, indices and
+    SAE weights, its loss's targets): held from its arrival until it is answered, and read in every call."""
+
+    def size(value: Any) -> int:
+        if isinstance(value, torch.Tensor):
+            return value.numel() * value.element_size()
+        if isinstance(value, (list, tuple)):
+            return sum(size(v) for v in value)
+        if isinstance(value, dict):
+            return sum(size(v) for v in value.values())
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):  # a patch or a loss
+            return sum(size(getattr(value, f.name)) for f in dataclasses.fields(value))
+        return 0
+
+    return size([request.args, request.kwargs, request.loss, [spec.fn for spec in request.probes]])
 
 
 def _sae_feature_bytes(request: RunRequest, positions: int) -> int:
@@ -360,10 +390,18 @@ def check_selection(point: str, patch: Any, value: Any, limits: Limits) -> None:
     index = getattr(patch, "index", None)
     selected = value.numel() if index is None else selection_size(tuple(value.shape), index)
     bound = max(value.numel(), limits.max_selection_elements)
+    entries = 1
+    if isinstance(patch, Probability) and not isinstance(patch.token, int):
+        # it keeps the selection's entries ``token`` of the last dimension: with an index, that dimension's
+        # size is not known here, so every selected element is counted once per token
+        entries = torch.as_tensor(patch.token).numel()
+        exact = index is None and value.dim()
+        selected = (selected // max(value.shape[-1], 1) if exact else selected) * entries
     if selected > bound:
+        tokens = f" and token= {entries} entries" if isinstance(patch, Probability) and entries > 1 else ""
         raise RequestTooCostlyError(
-            f"{type(patch).__name__} at {point!r}: index={_brief(index)} selects about {selected} elements of a "
-            f"value of shape {tuple(value.shape)}; this server allows {bound} (--max-selection-elements)"
+            f"{type(patch).__name__} at {point!r}: index={_brief(index)}{tokens} select about {selected} elements "
+            f"of a value of shape {tuple(value.shape)}; this server allows {bound} (--max-selection-elements)"
         )
     k = getattr(patch, "k", None)
     if isinstance(k, int) and value.dim() and not isinstance(patch, SAE):  # an SAE's k keeps nothing across calls

@@ -27,13 +27,17 @@ What a client cannot do, whatever it sends:
   its deadline (:mod:`.executor` checks it at every layer);
 - lock others out: sessions are capped per token, idle ones expire after
   ``session_timeout``, and a token at its cap loses its least recently used one;
-- exhaust memory: requests are bounded before they run (:mod:`.limits`), and
-  recordings per session and across sessions.
+- exhaust memory: requests are bounded before they run (:mod:`.limits`), bodies
+  being received by ``max_inflight_bytes``, recordings per session and across
+  sessions, and what each token's requests hold besides (decoded requests waiting
+  to run, answers not yet read: sent a chunk at a time, so a slow reader holds
+  back only its own) by its share of ``max_total_bytes``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import hmac
 import ipaddress
 import json
@@ -46,7 +50,7 @@ import sys
 import threading
 import time
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,7 +61,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.middleware.gzip import GZipMiddleware
 
 from ..errors import NeurotapError
-from .executor import Executor, error_info
+from .executor import Executor, error_info, recorded_size
 from .limits import MIN_TOKEN_LENGTH, ServerSettings
 from .wire import (
     END_OF_STREAM,
@@ -109,9 +113,10 @@ def read_tokens(path: str) -> list[str]:
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, kind: str, message: str) -> None:
+    def __init__(self, status: int, kind: str, message: str, retry_after: int | None = None) -> None:
         super().__init__(message)
         self.status, self.kind, self.message = status, kind, message
+        self.retry_after = retry_after  # seconds, for a refusal that waiting mends (429, 503)
 
 
 @dataclass
@@ -342,8 +347,9 @@ class ServerState:
             self.close_session(sid)
 
 
-def _json_error(status: int, kind: str, message: str, trace: str | None = None) -> Any:
-    return JSONResponse({"error": kind, "message": message, "traceback": trace}, status_code=status)
+def _json_error(status: int, kind: str, message: str, trace: str | None = None, retry_after: int | None = None) -> Any:
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+    return JSONResponse({"error": kind, "message": message, "traceback": trace}, status_code=status, headers=headers)
 
 
 _BODY_RATE = 1 << 20  # bytes a second that a body must keep up, past its first --body-timeout seconds
@@ -363,6 +369,7 @@ class _Budget:
                 "ServerBusy",
                 f"the server is receiving {self.held} bytes of other requests, near its {self.limit} "
                 "(--max-inflight-bytes); retry in a moment",
+                retry_after=1,
             )
         self.held += size
 
@@ -370,10 +377,80 @@ class _Budget:
         self.held -= size
 
 
+class _Held:
+    """Bytes the server holds for each owner (a token's label) besides its recordings: its decoded requests
+    until they are answered, and its answers until they are sent.
+
+    An owner may hold its share of ``--max-total-bytes`` (``max_owner_bytes``),
+    beyond which its next request or answer is refused until its clients read
+    what they were sent; one at a time is always let through, however large, so
+    that nothing is refused for its own size alone.
+    """
+
+    def __init__(self, share: int) -> None:
+        self.share = share
+        self.held: collections.Counter = collections.Counter()
+
+    def _refusal(self, owner: str, size: int) -> ApiError:
+        return ApiError(
+            429,
+            "TooMuchHeld",
+            f"your token's requests waiting to run and answers not yet read by their clients hold "
+            f"{self.held[owner]} bytes" + (f" and this needs {size} more" if size else "") + f", over your token's "
+            f"share of {self.share} bytes (--max-total-bytes, shared equally among the tokens); read the answers "
+            "under way (a client that stops reading holds its answer until --body-timeout drops it), then retry",
+            retry_after=1,
+        )
+
+    def check(self, owner: str) -> None:
+        """Refuse a request before anything of it is read if its owner's share is full already."""
+        if self.held[owner] >= self.share:
+            raise self._refusal(owner, 0)
+
+    def take(self, owner: str, size: int) -> Callable[[], None]:
+        """Hold ``size`` bytes for ``owner``; the function that gives them back."""
+        if self.held[owner] and self.held[owner] + size > self.share:
+            raise self._refusal(owner, size)
+        self.held[owner] += size
+
+        def give() -> None:
+            self.held[owner] -= size
+            if not self.held[owner]:
+                del self.held[owner]
+
+        return give
+
+
+_ANSWER_CHUNK = 1 << 20
+
+
+class _Answer(Response):
+    """A wire message sent a chunk at a time, each once the client has taken the one before: a client that reads
+    slowly holds back its own answer, not more of the server's memory. ``sent`` runs once it is all written, or
+    the client is gone."""
+
+    media_type = MEDIA_TYPE
+
+    def __init__(self, payload: bytes, sent: Callable[[], None]) -> None:
+        super().__init__(payload)
+        self._sent = sent
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            body = memoryview(self.body)
+            for start in range(0, len(body), _ANSWER_CHUNK):
+                chunk = bytes(body[start : start + _ANSWER_CHUNK])
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
+        finally:
+            self._sent()
+
+
 async def _body(request: Any, limit: int, timeout: float, budget: _Budget) -> bytes:
     """The request's body, within ``limit`` bytes and ``timeout`` seconds; gzip is inflated off the event loop.
 
-    What it returns is held against ``budget``: the caller gives it back once the body is decoded.
+    What it returns is held against ``budget``: the caller gives it back once the request is answered.
     """
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -467,7 +544,7 @@ def create_app(executor: Executor, settings: ServerSettings, *, dataset: Any = N
 
     @app.exception_handler(ApiError)
     async def api_error(_request: Request, error: ApiError) -> JSONResponse:
-        return _json_error(error.status, error.kind, error.message)
+        return _json_error(error.status, error.kind, error.message, retry_after=error.retry_after)
 
     @app.exception_handler(NeurotapError)
     async def neurotap_error(_request: Request, error: NeurotapError) -> JSONResponse:
@@ -536,22 +613,40 @@ def create_app(executor: Executor, settings: ServerSettings, *, dataset: Any = N
         return {"closed": True}
 
     bodies = _Budget(settings.max_inflight_bytes)
+    held = _Held(settings.max_owner_bytes)
+
+    async def answered(owner: str, answer: Any) -> Response:
+        """``answer`` encoded and sent, held against ``owner``'s share until the client has read it."""
+        sent = held.take(owner, recorded_size(answer))
+        try:
+            payload = await asyncio.to_thread(encode, answer)
+        except BaseException:
+            sent()
+            raise
+        return _Answer(payload, sent)
 
     @app.post("/v1/run")
     async def run(request: Request) -> Response:
         token = state.check(request)
         state.session(request, token)
+        owner = state.owner(token)
+        held.check(owner)
         data = await _body(request, settings.max_request_bytes, settings.body_timeout, bodies)
         try:
             run_request = await asyncio.to_thread(decode_request, data, allow_code=settings.allow_code)
+            answered_request = held.take(owner, len(data))  # the decoded request holds about as much until answered
         finally:
             bodies.give(len(data))
             del data
-        sid = state.session(request, token)  # again: the session may have closed while the body arrived
-        run_request.session = sid
-        run_request.owner = state.owner(token)
-        request.scope["neurotap_note"] = f"session={sid[:6]} op={run_request.op} probes={len(run_request.probes)}"
-        result = await state.run(request, run_request, state.sessions[sid].running)
+        try:
+            sid = state.session(request, token)  # again: the session may have closed while the body arrived
+            run_request.session = sid
+            run_request.owner = owner
+            request.scope["neurotap_note"] = f"session={sid[:6]} op={run_request.op} probes={len(run_request.probes)}"
+            result = await state.run(request, run_request, state.sessions[sid].running)
+            del run_request
+        finally:
+            answered_request()
         if result is None:
             return Response(status_code=499)
         if result.error is not None:
@@ -560,8 +655,8 @@ def create_app(executor: Executor, settings: ServerSettings, *, dataset: Any = N
         answer = {"output": result.output, "loss": result.loss}
         if result.trace is not None:
             answer["trace"] = result.trace
-        payload = await asyncio.to_thread(encode, answer)
-        return Response(payload, media_type=MEDIA_TYPE)
+        del result
+        return await answered(owner, answer)
 
     @app.get("/v1/recordings")
     async def recordings(request: Request) -> StreamingResponse:
@@ -587,9 +682,10 @@ def create_app(executor: Executor, settings: ServerSettings, *, dataset: Any = N
 
     @app.get("/v1/parameters/{name:path}")
     async def parameter(request: Request, name: str) -> Response:
-        state.check(request)
+        owner = state.owner(state.check(request))
+        held.check(owner)
         tensor = await on_worker(executor.get_parameter, name)
-        return Response(await asyncio.to_thread(encode, {"parameter": tensor}), media_type=MEDIA_TYPE)
+        return await answered(owner, {"parameter": tensor})
 
     from .web import mount  # the inspector page (GET /) and the endpoints it needs; imported here: it imports us
 

@@ -32,7 +32,8 @@ no model logic. Routes added here:
   experiment's forwards are runs through the executor, each bounded like any
   request, all of them within twice the request timeout; prompts of the same
   length, at most :data:`MAX_LENS_POSITIONS` tokens. Experiments run on
-  :data:`MAX_EXPERIMENT_THREADS` threads of their own; more wait their turn.
+  :data:`MAX_EXPERIMENT_THREADS` threads of their own; more wait their turn, and
+  the experiment's time counts from its first run, not from its arrival.
 - ``GET /v1/dataset``: ``{"points", "shapes", "rows"}`` of the server's ``--dataset`` (404 without one)
 - ``POST /v1/top_examples``: ``{"point": str, "unit": int or [ints], "k": n, "before": n,
   "after": n}`` -> ``{"point", "unit", "examples": [{"value", "row", "sequence",
@@ -42,12 +43,19 @@ no model logic. Routes added here:
   point of the dataset and a unit, never a file; ``k`` is at most
   :data:`MAX_EXAMPLES`, the context :data:`MAX_CONTEXT` tokens a side, and scans run
   one at a time on a thread of their own.
+
+A token may have :data:`MAX_EXPERIMENTS_PER_TOKEN` of these three (patching, the
+logit lens, top examples) under way or waiting at once; one more is refused at
+once with a 429 and ``Retry-After``, so that one token holder's flood never
+stands between another's experiment and the threads.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
+import contextlib
 import json
 import re
 import secrets
@@ -72,6 +80,7 @@ MAX_LENS_TOP = 10
 MAX_EXAMPLES = 50
 MAX_CONTEXT = 64  # tokens of context on each side of an example
 MAX_EXPERIMENT_THREADS = 2
+MAX_EXPERIMENTS_PER_TOKEN = 4  # patching, logit lens and top examples under way or waiting, of one token
 _LENS_PASS_BYTES = 64 << 20  # the logits of one of the lens's passes: it puts in as many layers as fit
 _MAX_JSON_BYTES = 64 << 10
 _FILES = {"app.js": "text/javascript", "style.css": "text/css", "index.html": "text/html"}
@@ -97,6 +106,25 @@ def mount(app: Any, state: Any, executor: Any, settings: Any, dataset: Any = Non
     # an experiment's thread mostly waits for the worker; on threads of their own, however many experiments
     # clients start, they never hold the threads that decode and encode every other client's requests
     experiments = concurrent.futures.ThreadPoolExecutor(MAX_EXPERIMENT_THREADS, "neurotap-experiment")
+    under_way: collections.Counter = collections.Counter()  # experiments of each token, running or waiting
+
+    @contextlib.contextmanager
+    def experiment_of(token: str | None) -> Any:
+        owner = state.owner(token)
+        if under_way[owner] >= MAX_EXPERIMENTS_PER_TOKEN:
+            raise ApiError(
+                429,
+                "TooManyExperiments",
+                f"this token has {under_way[owner]} experiments (patching, logit lens, top examples) under way or "
+                f"waiting, the most one token may have at once ({MAX_EXPERIMENTS_PER_TOKEN}); wait for one to "
+                "finish, then retry",
+                retry_after=2,
+            )
+        under_way[owner] += 1
+        try:
+            yield
+        finally:
+            under_way[owner] -= 1
 
     def static(name: str) -> Response:
         return Response(files[name], media_type=_FILES[name], headers=_HEADERS)
@@ -305,7 +333,11 @@ def mount(app: Any, state: Any, executor: Any, settings: Any, dataset: Any = Non
 
     @app.post("/v1/top_examples")
     async def top_examples_route(request: Request) -> JSONResponse:
-        _, body = await json_body(request)
+        token, body = await json_body(request)
+        with experiment_of(token):
+            return await top_examples(body)
+
+    async def top_examples(body: dict[str, Any]) -> JSONResponse:
         if dataset is None:
             raise ApiError(404, "NotAvailable", "this server has no dataset: start it with --dataset FOLDER")
         point, unit = body.get("point"), body.get("unit")
@@ -331,6 +363,10 @@ def mount(app: Any, state: Any, executor: Any, settings: Any, dataset: Any = Non
     @app.post("/v1/patching")
     async def patching_route(request: Request) -> Response:
         token, body = await json_body(request)
+        with experiment_of(token):
+            return await patching(request, token, body)
+
+    async def patching(request: Request, token: str | None, body: dict[str, Any]) -> Response:
         clean, corrupt, target = text_in(body, "clean"), text_in(body, "corrupt"), body.get("target")
         words = await on_worker(tokenizer)
         if isinstance(target, str):
@@ -386,7 +422,8 @@ def mount(app: Any, state: Any, executor: Any, settings: Any, dataset: Any = Non
     @app.post("/v1/logit_lens")
     async def logit_lens_route(request: Request) -> Response:
         token, body = await json_body(request)
-        lens = await lens_passes(request, body, token)
+        with experiment_of(token):
+            lens = await lens_passes(request, body, token)
         return Response(status_code=499) if lens is None else JSONResponse(lens)
 
 
@@ -394,13 +431,14 @@ class _ServedModel:
     """The served model as ``nt.experiments`` see a remote one, with each forward a run through the executor.
 
     Runs are bounded like any client's (limits, request timeout, the experiment's
-    whole deadline of twice that) and write to a session of their own.
+    whole deadline of twice that, counted from its first run: waiting for a thread
+    is not held against it) and write to a session of their own.
     """
 
     def __init__(self, state: Any, tokenizer: Any, aliases: dict[str, str], session: str, owner: str, timeout: float):
         self.tokenizer = tokenizer
         self._state, self._aliases, self._session, self._owner = state, aliases, session, owner
-        self._timeout, self._deadline = timeout, time.time() + 2 * timeout
+        self._timeout, self._deadline = timeout, None
         self._running: dict[int, RunRequest] = {}
         self._cancelled = False
 
@@ -425,6 +463,8 @@ class _ServedModel:
             raise ApiError(499, "RequestCancelledError", "the client went away")
         specs = [ProbeSpec(p.point, p.fn, grad=p.grad, optional=p.optional) for p in probes] + list(traced)
         run = RunRequest("forward", args=(ids,), kwargs=kwargs, probes=specs, outputs=outputs, session=self._session)
+        if self._deadline is None:
+            self._deadline = time.time() + 2 * self._timeout
         run.owner, run.timeout, run.deadline = self._owner, self._timeout, self._deadline
         self._running[id(run)] = run
         try:

@@ -361,6 +361,17 @@ def _check_field(cls: str, key: str, value: Any) -> None:
     elif key in ("k", "dim", "position", "ignore_index", "correct", "wrong"):
         if not _is_int(value) or (key == "k" and not 1 <= value <= 10_000):
             raise WireError(f"{where} must be an integer" + (" from 1 to 10000" if key == "k" else ""))
+    elif key == "token":  # entries of the last dimension
+        if isinstance(value, torch.Tensor):
+            kinds = (value.is_floating_point(), value.is_complex(), value.dtype == torch.bool)
+            fits = value.ndim <= 1 and not any(kinds) and value.numel() <= MAX_INDEX_ELEMENTS
+        else:
+            entries = value if isinstance(value, list) else [value]
+            fits = len(entries) <= MAX_INDEX_ELEMENTS and all(_is_int(e) for e in entries)
+        if not fits:
+            raise WireError(
+                f"{where} must be a token id or a list of at most {MAX_INDEX_ELEMENTS} of them, got {_short(value)}"
+            )
     elif key == "key":
         if not isinstance(value, str) or not 0 < len(value) <= 200:
             raise WireError(f"{where} must be a non-empty string")
