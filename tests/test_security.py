@@ -975,6 +975,51 @@ def test_answers_waiting_to_be_read_are_held_against_the_tokens_share(answers_se
                 time.sleep(0.5)
 
 
+def test_recordings_being_streamed_are_held_against_the_tokens_share(answers_server, local):
+    """Each ``GET /v1/recordings`` keeps a snapshot of the session's recordings alive (and a copy gathered from
+    the other ranks on a sharded server) until its client has read it: many slow readers multiplied them without
+    a bound. They now count against the token's share (25 MiB here) like any answer not yet read."""
+    tokens = ids(29, rows=96, length=64)  # the MLP product: [96, 64, 128] float32, 3 MiB a forward
+    with nt.connect(answers_server.url, token=ALPHA) as rm:
+        for _ in range(2):
+            rm.forward(tokens, probes=[nt.probe(MUL, nt.Record())], outputs=[])  # 6 MiB recorded
+        head = (
+            f"GET /v1/recordings HTTP/1.1\r\nHost: 127.0.0.1\r\n{PROTOCOL_HEADER}: {PROTOCOL}\r\n"
+            f"Authorization: Bearer {ALPHA}\r\n{SESSION_HEADER}: {rm._session}\r\n\r\n"
+        ).encode()
+        readers = []
+        try:
+            for _ in range(5):  # four snapshots of 6 MiB fit the share; a fifth does not
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                sock.settimeout(30)
+                host, port = answers_server.url.removeprefix("http://").split(":")
+                sock.connect((host, int(port)))
+                sock.sendall(head)
+                readers.append(sock)
+                time.sleep(0.2)  # one at a time: each has taken its part before the next asks
+            heads = [sock.recv(4096) for sock in readers]
+            assert [h.split(b" ", 2)[1] for h in heads] == [b"200"] * 4 + [b"429"], [h[:20] for h in heads]
+        finally:
+            for sock in readers:
+                sock.close()
+        with torch.no_grad():
+            local.forward(tokens, probes=[nt.probe(MUL, nt.Record())])
+        expected = local.recordings()[MUL]["record"][0]
+        local.clear_recordings()
+        deadline = time.monotonic() + 20
+        while True:  # the readers are gone, so their snapshots are given back
+            try:
+                recorded = rm.recordings()[MUL]["record"]
+                break
+            except nt.NeurotapError as error:
+                assert error.status == 429 and time.monotonic() < deadline
+                time.sleep(0.5)
+        assert len(recorded) == 2
+        for value in recorded:
+            torch.testing.assert_close(value, expected)
+
+
 def test_requests_waiting_to_run_are_held_against_the_tokens_share(answers_server, local, tmp_path):
     """Once decoded, a request's tensors were held until it was answered, outside every budget: behind a long
     pass, one token holder's requests of --max-request-bytes each could pile up at will. A token's requests

@@ -398,7 +398,7 @@ def check_selection(point: str, patch: Any, value: Any, limits: Limits) -> None:
         exact = index is None and value.dim()
         selected = (selected // max(value.shape[-1], 1) if exact else selected) * entries
     if selected > bound:
-        tokens = f" and token= {entries} entries" if isinstance(patch, Probability) and entries > 1 else ""
+        tokens = f" with {entries} token entries" if entries > 1 else ""
         raise RequestTooCostlyError(
             f"{type(patch).__name__} at {point!r}: index={_brief(index)}{tokens} select about {selected} elements "
             f"of a value of shape {tuple(value.shape)}; this server allows {bound} (--max-selection-elements)"

@@ -50,7 +50,7 @@ import sys
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -379,7 +379,7 @@ class _Budget:
 
 class _Held:
     """Bytes the server holds for each owner (a token's label) besides its recordings: its decoded requests
-    until they are answered, and its answers until they are sent.
+    until they are answered, and its answers (recordings streams included) until they are sent.
 
     An owner may hold its share of ``--max-total-bytes`` (``max_owner_bytes``),
     beyond which its next request or answer is refused until its clients read
@@ -443,6 +443,22 @@ class _Answer(Response):
                 chunk = bytes(body[start : start + _ANSWER_CHUNK])
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b""})
+        finally:
+            self._sent()
+
+
+class _Frames(StreamingResponse):
+    """A stream of frames; ``sent`` runs once it is all written, or the client is gone."""
+
+    media_type = FRAMES_MEDIA_TYPE
+
+    def __init__(self, frames: Iterator[bytes], sent: Callable[[], None]) -> None:
+        super().__init__(frames)
+        self._sent = sent
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
         finally:
             self._sent()
 
@@ -659,19 +675,23 @@ def create_app(executor: Executor, settings: ServerSettings, *, dataset: Any = N
         return await answered(owner, answer)
 
     @app.get("/v1/recordings")
-    async def recordings(request: Request) -> StreamingResponse:
+    async def recordings(request: Request) -> Response:
         token = state.check(request)
         sid = state.session(request, token)
+        owner = state.owner(token)
+        held.check(owner)
         wanted = set(request.query_params.getlist("point"))
         snapshot = await on_worker(executor.recordings, sid)
+        items = [(name, data) for name, data in snapshot.items() if not wanted or name in wanted]
+        # the snapshot keeps what it holds alive until it is sent, even once the session is cleared
+        sent = held.take(owner, recorded_size(dict(items)))
 
-        def frames(items: Iterable[tuple[str, dict[str, Any]]]) -> Iterator[bytes]:
+        def frames() -> Iterator[bytes]:
             for name, data in items:
-                if not wanted or name in wanted:
-                    yield frame({"point": name, "data": data})
+                yield frame({"point": name, "data": data})
             yield END_OF_STREAM
 
-        return StreamingResponse(frames(list(snapshot.items())), media_type=FRAMES_MEDIA_TYPE)
+        return _Frames(frames(), sent)
 
     @app.delete("/v1/recordings")
     async def clear_recordings(request: Request) -> dict[str, bool]:

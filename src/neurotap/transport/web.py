@@ -46,8 +46,8 @@ no model logic. Routes added here:
 
 A token may have :data:`MAX_EXPERIMENTS_PER_TOKEN` of these three (patching, the
 logit lens, top examples) under way or waiting at once; one more is refused at
-once with a 429 and ``Retry-After``, so that one token holder's flood never
-stands between another's experiment and the threads.
+once with a 429 and ``Retry-After``, so that another token's experiment waits
+behind a few of each other token's at most, never behind a flood.
 """
 
 from __future__ import annotations
