@@ -430,6 +430,7 @@ def test_topk_locations_map_back_to_the_examples_top_examples_gives(model: nt.Mo
             (e.row, e.before, e.text, e.after) for e in examples
         ]
         assert [(e.sequence, e.position) for e in examples] == [(c * batch + r, p) for c, r, p in where]
+        assert str(examples[0]) == f"{examples[0].value:.4g}  {mapped[0]}"  # a row alone prints no value
         np.testing.assert_allclose(values, [e.value for e in examples], rtol=1e-5, atol=1e-6)
 
 

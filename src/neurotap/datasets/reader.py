@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +46,8 @@ class Example:
     after: str  # text of the following tokens in the same sequence
 
     def __str__(self) -> str:
-        return f"{self.value:.4g}  {self.before}[[{self.text}]]{self.after}"
+        context = f"{self.before}[[{self.text}]]{self.after}"
+        return context if math.isnan(self.value) else f"{self.value:.4g}  {context}"  # example(row): no value given
 
 
 class ActivationDataset:
