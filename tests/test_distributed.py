@@ -1009,6 +1009,25 @@ def test_a_forward_past_the_request_timeout_stops_on_the_rank_computing_it(folde
         stop_cleanly(server)
 
 
+def test_a_pass_computing_longer_than_the_rank_timeout_is_not_taken_for_a_hung_rank(folder, local, tmp_path):
+    def slow(ctx, value):  # on the last rank, while rank 0 waits for its logits
+        import time
+
+        time.sleep(1.0)
+
+    points = [p.name for p in local.points(LAST) if p.kind == "output" and "[" not in p.name][:6]
+    server = Server(folder, 2, "--allow-code", "--request-timeout", "60", "--rank-timeout", "4")
+    try:
+        with nt.connect(server.url) as rm:
+            started = time.monotonic()
+            logits = rm.forward(ids(55), probes=[nt.probe(point, slow) for point in points])["logits"]
+            assert time.monotonic() - started > 4 + 1  # longer than any one transfer used to wait
+            close(logits, local.forward(ids(55)).logits)
+            close(rm.forward(ids(56))["logits"], local.forward(ids(56)).logits)
+    finally:
+        stop_cleanly(server)
+
+
 def fail_rank_1(server: Server, remote, fault: str) -> None:
     """Rank 1 dies mid-pass or hangs (SIGSTOP: it answers nothing, closes nothing, ignores SIGTERM); the client
     gets a 503 naming it, and the launcher and every rank exit non-zero within the bound."""

@@ -95,13 +95,16 @@ class _Rank:
         self.max_session_bytes = settings.max_session_bytes
         # commands wait as long as researchers stay idle; what runs inside a request must answer in time. Commands
         # and outcomes are plain objects, on the CPU; hidden states and scores travel on the device
-        self.control = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=rank_timeout))
-        self.pipe = Pipe(self.rank, self.world, data_group(device, rank_timeout), device)
+        # a transfer may wait while later ranks compute a whole request, so it times out only after that; a rank
+        # that hangs is found sooner, by its heartbeat (Liveness)
+        transfer_timeout = settings.request_timeout + rank_timeout
+        self.control = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=transfer_timeout))
+        self.pipe = Pipe(self.rank, self.world, data_group(device, transfer_timeout), device)
         self.stage: Stage = build_stage(model_folder(folder), self.rank, self.world, self.pipe, device)
         self.model: Model = wrap(self.stage.module)
         self.stage.module.register_forward_pre_hook(self.pipe.new_step, prepend=True)
         self._take_inventory()
-        self.liveness = self.pipe.liveness = Liveness(self.rank, self.world)
+        self.liveness = self.pipe.liveness = Liveness(self.rank, self.world, silent_after=rank_timeout)
         self.executor = _StageExecutor(self)
 
     # -- inventory ---------------------------------------------------------------------------------

@@ -326,8 +326,9 @@ class Liveness:
     failure writes it there, so that every rank learns of it within a second, even one blocked in a transfer.
     """
 
-    def __init__(self, rank: int, world: int, interval: float = 1.0) -> None:
+    def __init__(self, rank: int, world: int, silent_after: float, interval: float = 1.0) -> None:
         self.rank, self.world, self.interval = rank, world, interval
+        self.silent_after = silent_after
         # a launcher that restarts the ranks (torchrun --max-restarts) keeps its store: each start has its own keys
         self._prefix = f"neurotap/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
         self._failed = self._prefix + "failed"
@@ -346,7 +347,7 @@ class Liveness:
         return f"{self._prefix}alive/{rank}"
 
     def _beat(self, on_failure: Callable[[RankFailedError | None], None]) -> None:
-        misses = 0
+        misses, started = 0, time.time()
         while True:
             try:
                 self.store.set(self._key(self.rank), repr(time.time()))
@@ -357,6 +358,12 @@ class Liveness:
                 if misses == 3:
                     on_failure(None)
                     return
+            # a rank may compute for as long as a request lasts, but its heartbeat goes on: one that stops
+            # beating is hung or stopped, and every rank learns so within a beat, in a pass or between them
+            if declared is None and time.time() - started > self.silent_after:
+                silent = self.silent(after=self.silent_after)
+                if silent:
+                    declared = self.declare(RankFailedError(silent[0], "it stopped answering"))
             if declared is not None:
                 on_failure(declared)
                 return
