@@ -124,3 +124,33 @@ def concurrently(url: str, clients: int, work: Callable[[int, Any], Any]) -> dic
         t.join(60)
     assert not errors, errors
     return got
+
+
+def restored_probabilities(layers, model, clean_ids, corrupt_ids, token: int):
+    """By hand, with plain hooks: ``token``'s probability at the last position of the corrupt run with each
+    decoder layer's output at one position put back from the clean run (layers × positions)."""
+    import torch
+
+    saved = {}
+    handles = [
+        layer.register_forward_hook(lambda m, a, out, i=i: saved.update({i: out.clone()}))
+        for i, layer in enumerate(layers)
+    ]
+    with torch.no_grad():
+        model(clean_ids)
+    for handle in handles:
+        handle.remove()
+    expected = torch.zeros(len(layers), clean_ids.shape[1])
+    for i, layer in enumerate(layers):
+        for j in range(clean_ids.shape[1]):
+
+            def restore(m, a, out, i=i, j=j):
+                out = out.clone()
+                out[:, j] = saved[i][:, j]
+                return out
+
+            handle = layer.register_forward_hook(restore)
+            with torch.no_grad():
+                expected[i, j] = model(corrupt_ids).logits[0, -1].softmax(-1)[token]
+            handle.remove()
+    return expected

@@ -144,3 +144,23 @@ def test_the_points_checked_before_the_load_are_smollm2s_every_layer() -> None:
     structure = skeleton("smollm2-135m")
     assert structure.module.config.num_hidden_layers == 30
     _same_points(structure, nt.load("smollm2-135m"))
+
+
+@pytest.mark.parametrize(
+    ("left_out", "command", "extra"), [("fastapi", "serve", "server"), ("numpy", "export", "datasets")]
+)
+def test_a_command_whose_optional_dependency_is_not_installed_names_the_extra(left_out, command, extra, tmp_path):
+    # the package is made unimportable in the child, as if pip had installed neurotap without that extra
+    script = (
+        f"import sys; sys.modules[{left_out!r}] = None; from neurotap.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    args = {
+        "serve": ["smollm2-135m", "--port", "0"],
+        "export": [str(tmp_path / "dataset"), "--out", str(tmp_path / "out")],
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", script, command, *args[command]], capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 2, result.stderr
+    assert f"this needs {left_out}: pip install 'neurotap[{extra}]'" in result.stderr
+    assert "Traceback" not in result.stderr

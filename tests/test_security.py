@@ -1063,7 +1063,7 @@ def test_one_token_cannot_queue_experiments_ahead_of_anothers(tmp_path, token_fi
     with a deadline counted from its arrival, so another token's experiment waited behind all of them and the
     later ones ran out of time. A token now has at most a few under way; more are refused at once with a 429."""
     from neurotap.transport.web import MAX_EXPERIMENTS_PER_TOKEN
-    from serving import WORDS, save_with_word_tokenizer, word_tokenizer
+    from serving import WORDS, restored_probabilities, save_with_word_tokenizer, word_tokenizer
 
     model = tiny_llama()
     worded = save_with_word_tokenizer(model, tmp_path / "worded")
@@ -1105,26 +1105,5 @@ def test_one_token_cannot_queue_experiments_ahead_of_anothers(tmp_path, token_fi
     words = word_tokenizer()
     clean_ids, corrupt_ids = (torch.tensor([words(text).input_ids]) for text in (clean, corrupt))
     target = words("paris").input_ids[0]
-    layers = model.model.layers
-    saved: dict[int, torch.Tensor] = {}
-    handles = [
-        layer.register_forward_hook(lambda m, a, out, i=i: saved.update({i: out})) for i, layer in enumerate(layers)
-    ]
-    with torch.no_grad():
-        model(clean_ids)
-    for handle in handles:
-        handle.remove()
-    expected = torch.zeros(len(layers), clean_ids.shape[1])
-    for i, layer in enumerate(layers):
-        for j in range(clean_ids.shape[1]):
-
-            def restore(m, a, out, i=i, j=j):
-                out = out.clone()
-                out[:, j] = saved[i][:, j]
-                return out
-
-            handle = layer.register_forward_hook(restore)
-            with torch.no_grad():
-                expected[i, j] = model(corrupt_ids).logits[0, -1].softmax(-1)[target]
-            handle.remove()
+    expected = restored_probabilities(model.model.layers, model, clean_ids, corrupt_ids, target)
     torch.testing.assert_close(shown, expected, rtol=1e-4, atol=1e-6)

@@ -21,7 +21,7 @@ import torch
 
 from conftest import tiny_llama
 from neurotap.transport.wire import PROTOCOL, PROTOCOL_HEADER
-from serving import WORDS, Server, save_with_word_tokenizer
+from serving import WORDS, Server, restored_probabilities, save_with_word_tokenizer
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is missing: pip install -r requirements-dev.txt")
 from selenium.common.exceptions import TimeoutException  # noqa: E402
@@ -442,27 +442,5 @@ def test_the_patching_heat_map_is_each_residual_restored_from_the_clean_prompt(s
     # by hand: each decoder layer's output at one position put back from the clean run, with plain hooks
     layers = model.model.layers
     clean_ids, corrupt_ids = (torch.tensor([tokenizer(text).input_ids]) for text in (PROMPT, corrupt))
-    token = tokenizer(target).input_ids[0]
-    saved = {}
-    handles = [
-        layer.register_forward_hook(lambda m, a, out, i=i: saved.update({i: out.clone()}))
-        for i, layer in enumerate(layers)
-    ]
-    with torch.no_grad():
-        model(clean_ids)
-    for handle in handles:
-        handle.remove()
-    expected = torch.zeros(len(layers), clean_ids.shape[1])
-    for i, layer in enumerate(layers):
-        for j in range(clean_ids.shape[1]):
-
-            def restore(m, a, out, i=i, j=j):
-                out = out.clone()
-                out[:, j] = saved[i][:, j]
-                return out
-
-            handle = layer.register_forward_hook(restore)
-            with torch.no_grad():
-                expected[i, j] = model(corrupt_ids).logits[0, -1].softmax(-1)[token]
-            handle.remove()
+    expected = restored_probabilities(layers, model, clean_ids, corrupt_ids, tokenizer(target).input_ids[0])
     torch.testing.assert_close(shown_values, expected, rtol=1e-4, atol=1e-6)

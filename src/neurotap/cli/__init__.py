@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 
 from ..errors import NeurotapError, UnknownPointError
 
@@ -27,6 +28,29 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args) or 0
     except NeurotapError as error:  # a user's mistake: the message says what to do, a traceback would bury it
         parser.exit(2, f"neurotap {args.command}: error: {explained(error, getattr(args, 'model', None))}\n")
+    except ModuleNotFoundError as error:  # an optional dependency left out at install time
+        extra = extra_providing(error.name or "")
+        if extra is None:
+            raise
+        parser.exit(2, f"neurotap {args.command}: error: this needs {error.name}: pip install 'neurotap[{extra}]'\n")
+
+
+def extra_providing(module: str) -> str | None:
+    """The extra of neurotap's package metadata that installs ``module``'s package, if one does."""
+    from importlib.metadata import PackageNotFoundError, requires
+
+    try:
+        requirements = requires("neurotap") or []
+    except PackageNotFoundError:
+        return None
+    top = module.partition(".")[0].lower()
+    if top == "neurotap":
+        return None  # a module of our own missing is a bug, not an install choice
+    for requirement in requirements:
+        name, _, marker = requirement.partition(";")
+        if re.split(r"[\s<>=!~\[(]", name.strip(), maxsplit=1)[0].lower() == top and "extra ==" in marker:
+            return marker.split("extra ==")[1].strip().strip("\"'")
+    return None
 
 
 def explained(error: NeurotapError, model: str | None) -> str:
