@@ -161,6 +161,61 @@ def test_info_says_which_rank_owns_which_layers(server, remote, local):
     assert server.info()["parameters"] == sum(p.numel() for p in local.module.parameters())
 
 
+def status_mb(pid: int, field: str) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) / 1024 for line in status if line.startswith(field + ":"))
+
+
+def resident_mb(pid: int, path: Path) -> float:
+    """What of the file at ``path`` the process holds in memory, in all its mappings of it (/proc/PID/smaps)."""
+    resident, inside = 0.0, False
+    with open(f"/proc/{pid}/smaps") as smaps:
+        for line in smaps:
+            first = line.split()[0]
+            if "-" in first and not first.endswith(":"):  # a mapping's header: "start-end perms offset dev inode path"
+                inside = line.rstrip("\n").endswith(str(path))
+            elif inside and first == "Rss:":
+                resident += int(line.split()[1]) / 1024
+    return resident
+
+
+def test_each_ranks_peak_rss_once_loaded_holds_its_weights(tmp_path):
+    import transformers
+
+    # weights large enough to tell apart from what a rank's startup allocates: ~87 MB a rank
+    config = transformers.LlamaConfig(
+        vocab_size=16384,
+        hidden_size=512,
+        intermediate_size=8192,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    module = transformers.LlamaForCausalLM(config).eval()
+    module.save_pretrained(tmp_path)
+    owned = [("model.embed_tokens", "model.layers.0."), ("model.layers.1.", "model.norm", "lm_head")]
+    weights_mb = [
+        sum(t.nbytes for name, t in module.state_dict().items() if name.startswith(parts)) / 2**20 for parts in owned
+    ]
+    del module
+    server = Server(tmp_path, 2)
+    try:
+        ranks = server.info()["ranks"]  # no request yet: all a rank holds is what it loaded and its startup
+        for row, weights in zip(ranks, weights_mb):
+            peak = status_mb(row["pid"], "VmHWM")
+            assert row["peak_rss_mb"] <= peak + 0.1 and peak - row["peak_rss_mb"] < 2
+            # every page of the rank's own tensors is in memory (none left to be read by the first requests) ...
+            assert resident_mb(row["pid"], tmp_path / "model.safetensors") >= weights
+            # ... and was already when the rank measured its peak once loaded: the inventory's dry run and the
+            # HTTP server, after it, add little
+            assert row["peak_rss_mb_after_load"] <= row["peak_rss_mb"]
+            assert row["peak_rss_mb"] - row["peak_rss_mb_after_load"] < weights / 3
+    finally:
+        assert server.stop() == 0, "".join(server.log)
+
+
 def test_points_and_aliases_are_those_of_one_process(remote, local):
     assert remote.points() == local.points()
     assert remote.points(f"{LAST}.mlp") == local.points(f"{LAST}.mlp")

@@ -222,6 +222,7 @@ class Stage:
 
 
 def peak_rss_mb() -> float:
+    """The most memory this process has held (its peak resident set, VmHWM), in MB."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
@@ -399,6 +400,11 @@ def _load_owned(
         with safe_open(path, framework="pt", device=str(device)) as handle:
             for key in keys:
                 tensor = handle.get_tensor(key)
+                if tensor.device.type == "cpu":
+                    # a tensor on the CPU is mapped from the file, its pages read only when first used (an
+                    # embedding's rows one by one): read them all now, so that the first requests do not, and
+                    # the rank's peak RSS once loaded counts its weights
+                    tensor.reshape(-1).view(torch.uint8)[:: resource.getpagesize()].sum()
                 counts[key] = tensor.numel()
                 shared: nn.Parameter | None = None
                 for owner, name, is_parameter in wanted[key]:
