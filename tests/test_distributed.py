@@ -720,6 +720,71 @@ def test_the_models_own_loss_from_labels_is_the_one_process_servers(remote, one_
         close(remote.forward(x, labels=y)["loss"], single.forward(x, labels=y)["loss"])  # the ranks are in step
 
 
+def assert_same_structure(got: Any, want: Any, where: str = "") -> None:
+    """``got`` has ``want``'s containers, of the same types, and equal tensors in the same places."""
+    assert type(got) is type(want), f"{where}: {type(got).__name__} against {type(want).__name__}"
+    if isinstance(want, torch.Tensor):
+        close(got, want)
+    elif isinstance(want, (list, tuple)):
+        assert len(got) == len(want), where
+        for k, (g, w) in enumerate(zip(got, want)):
+            assert_same_structure(g, w, f"{where}[{k}]")
+    elif isinstance(want, dict):
+        assert list(got) == list(want), where
+        for key in want:
+            assert_same_structure(got[key], want[key], f"{where}[{key!r}]")
+    else:
+        assert got == want, where
+
+
+def test_what_a_code_probe_saves_in_any_container_comes_back_from_every_stage_as_from_one_process(remote, one_process):
+    import collections
+    import dataclasses
+    import types
+
+    Pair = collections.namedtuple("Pair", "first last")  # the client's own class: it travels by value
+
+    @dataclasses.dataclass
+    class Box:
+        value: Any
+
+    def saves(ctx, value):
+        v = value.detach()
+        ctx.saved = {
+            "plain": [v[0], (v.sum(), 2.5, "x", None), [{"deep": (v * 2,)}]],
+            "pair": Pair(v[:, 0], v[:, -1]),
+            "top": v.topk(2),  # torch.return_types.topk, a tuple of its own kind
+            "ordered": collections.OrderedDict(mean=v.mean(), count=[v.shape[1]]),
+            "read_only": types.MappingProxyType({"max": v.amax()}),
+            "counts": collections.defaultdict(list, rows=[v[0, 0]]),
+        }
+
+    points = ["model.rotary_emb.output[0]", f"{FIRST}.mlp.mul", f"{LAST}.mlp.mul"]  # every rank, rank 0, the last
+    x = ids(52)
+    with nt.connect(one_process.url) as single:
+        probes = [nt.probe(p, saves) for p in points]
+        close(remote.forward(x, probes=probes)["logits"], single.forward(x, probes=probes)["logits"])
+        recorded, expected = remote.recordings(), single.recordings()
+        assert set(recorded) == set(expected) == set(points)
+        for point in points:
+            assert_same_structure(dict(recorded[point]), dict(expected[point]), point)
+        remote.clear_recordings()
+        single.clear_recordings()
+        for kept_by_no_server in ({v for v in (1, 2)}, Box(1)):
+
+            def unkept(ctx, value, kept=kept_by_no_server):
+                ctx.kept = kept
+
+            refused = []
+            for server in (remote, single):
+                with pytest.raises(nt.NeurotapError) as raised:
+                    server.forward(x, probes=[nt.probe(f"{LAST}.mlp.mul", unkept)])
+                refused.append((raised.value.status, str(raised.value)))
+            assert refused[0] == refused[1]
+        assert remote.recordings() == {}
+        close(remote.forward(x)["logits"], single.forward(x)["logits"])  # the ranks are in step
+
+
 # -- errors ----------------------------------------------------------------------------------------
 
 

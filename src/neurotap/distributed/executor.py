@@ -26,9 +26,10 @@ stops on every rank and ends there as after any failure.
 from __future__ import annotations
 
 import collections
-import copy
 import datetime
+import io
 import os
+import pickle
 import signal
 import socket
 import sys
@@ -37,6 +38,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
+import cloudpickle
 import torch
 import torch.distributed as dist
 
@@ -168,14 +170,24 @@ class _Rank:
         return everyone
 
     def to_rank_0(self, mine: Any) -> list[Any] | None:
-        """What every rank has to say, in rank order, on rank 0 (None on the others), its tensors on the CPU."""
+        """What every rank has to say, in rank order, on rank 0 (None on the others), its tensors on the CPU.
+
+        A rank that cannot pickle what it has still takes part, and rank 0 raises a NeurotapError naming it."""
+        try:
+            message = pickled_on_cpu(mine)
+        except Exception as error:
+            message = ErrorInfo(500, type(error).__name__, f"{type(error).__name__}: {error}")
         everyone: list[Any] | None = [None] * self.world if self.rank == 0 else None
         try:
-            # a pickled GPU tensor would come back on rank 0 on the GPU of the rank that sent it
-            dist.gather_object(on_cpu(mine), everyone, dst=0, group=self.control)
+            dist.gather_object(message, everyone, dst=0, group=self.control)
         except RuntimeError as error:
             raise self.liveness.declare(RankFailedError(None, _first_line(error))) from error
-        return everyone
+        if everyone is None:
+            return None
+        for rank, part in enumerate(everyone):
+            if isinstance(part, ErrorInfo):
+                raise NeurotapError(f"rank {rank} of the sharded server could not send what it holds: {part.message}")
+        return [pickle.loads(part) for part in everyone]
 
     def end_silent_neighbours(self, rank_timeout: float) -> None:
         """After a failure: kill the ranks of this machine that went silent (hung or stopped ranks end only so)."""
@@ -429,7 +441,12 @@ class _StageExecutor(InProcessExecutor):
             {"failure": _failure(failure), "requests": status, "bytes": self.recorded_bytes()}, failure
         )
         _raise_agreed([e["failure"] for e in agreed])
-        answers = local.to_rank_0([{key: entry[key] for key in _ANSWER} for entry in outcome])
+        try:
+            answers: Any = local.to_rank_0([{key: entry[key] for key in _ANSWER} for entry in outcome])
+        except RankFailedError:
+            raise
+        except NeurotapError as error:  # rank 0 alone raises it, once every rank has sent: they stay in step
+            answers = error_info(error)
         self._agreed = _Agreed(agreed, answers, outcome, stop)
         return output, parts
 
@@ -564,6 +581,9 @@ class _StageExecutor(InProcessExecutor):
             if local.rank != 0:
                 results[index] = RunResult()  # rank 0 answers the client
                 continue
+            if isinstance(agreed.answers, ErrorInfo):
+                results[index] = RunResult(error=agreed.answers)
+                continue
             given = [answers[k] for answers in agreed.answers]
             if stop is not None:
                 value = next((g["parts"]["value"] for g in given if "value" in g["parts"]), None)
@@ -629,7 +649,7 @@ class _Agreed(NamedTuple):
     (None elsewhere); this rank's own entries, and the pass's ``stop_at`` (its raw point and owning rank)."""
 
     everyone: list[dict]
-    answers: list[list[dict]] | None
+    answers: list[list[dict]] | ErrorInfo | None
     mine: list[dict]
     stop: tuple[str, int] | None
 
@@ -680,21 +700,20 @@ class _SharedScores:
         return self.pipe.scores(scores)
 
 
-def on_cpu(value: Any) -> Any:
-    """``value`` with every tensor in it (in dicts, lists, tuples and model outputs) on the CPU."""
-    if isinstance(value, torch.Tensor):
-        return value.cpu()
-    if isinstance(value, Mapping):
-        moved = copy.copy(value)
-        for key, item in value.items():
-            moved[key] = on_cpu(item)
-        return moved
-    if isinstance(value, list):
-        return [on_cpu(item) for item in value]
-    if isinstance(value, tuple):
-        items = [on_cpu(item) for item in value]
-        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
-    return value
+class _OnCPU(cloudpickle.Pickler):
+    """Pickles every tensor as its CPU copy: a GPU tensor would come back on rank 0 on the GPU of the rank that
+    sent it. The pickler walks whatever holds the tensors, and a class a code probe defined travels by value."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, torch.Tensor) and obj.device.type != "cpu":
+            return obj.cpu().__reduce_ex__(self.proto)
+        return super().reducer_override(obj)
+
+
+def pickled_on_cpu(value: Any) -> bytes:
+    buffer = io.BytesIO()
+    _OnCPU(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(value)
+    return buffer.getvalue()
 
 
 def _merged(output: Any, parts: list[dict[str, Any]], op: str) -> Any:
