@@ -103,6 +103,8 @@ class _Rank:
         self.control = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=transfer_timeout))
         self.pipe = Pipe(self.rank, self.world, data_group(device, transfer_timeout), device)
         self.stage: Stage = build_stage(model_folder(folder), self.rank, self.world, self.pipe, device)
+        dist.barrier()  # ranks load at different speeds; the default group waits as long as loading takes
+        self.pipe.connect()
         self.model: Model = wrap(self.stage.module)
         self.stage.module.register_forward_pre_hook(self.pipe.new_step, prepend=True)
         self._take_inventory()
@@ -112,7 +114,6 @@ class _Rank:
     # -- inventory ---------------------------------------------------------------------------------
 
     def _take_inventory(self) -> None:
-        dist.barrier()  # ranks load at different speeds; the default group waits as long as loading takes
         self.pipe.begin("forward")
         try:
             inventory = self.model.inventory()  # every rank's dry run at once: the stand-ins pass hidden states on

@@ -88,6 +88,24 @@ class Pipe(Link):
         self.sent_bytes = 0  # headers and tensors this rank sent, since the start
         self.liveness: Liveness | None = None  # where a failed transfer is declared to every rank
 
+    def connect(self) -> None:
+        """Make now every connection that passes use: NCCL sets a communicator up the first time two ranks, or
+        the group, transfer something, which would otherwise fall to the first request (and a rank missing
+        then would hang it there). Down the pipeline (a backward's gradients come back on the same pairs),
+        the last rank to rank 0 (logits), and a broadcast from the last rank (a generation's scores)."""
+        if self.world == 1:
+            return
+        token = torch.zeros(1, device=self.device)
+        if self.rank > 0:
+            dist.recv(token, self.rank - 1, group=self.group)
+        if self.rank < self.last:
+            dist.send(token, self.rank + 1, group=self.group)
+        if self.rank == self.last:
+            dist.send(token, 0, group=self.group)
+        elif self.rank == 0:
+            dist.recv(token, self.last, group=self.group)
+        dist.broadcast(token, self.last, group=self.group)
+
     # -- a pass ------------------------------------------------------------------------------------
 
     def begin(self, op: str, until: int | None = None, logits: bool = True) -> None:
