@@ -15,6 +15,17 @@ from typing import Any
 LAUNCH = "import sys; from neurotap.cli import main; sys.exit(main())"
 
 
+ALPHA, BETA = "alpha-token-0123456789", "beta-token-0123456789"  # two researchers' tokens
+
+
+def write_token_file(folder: Path) -> Path:
+    """``folder/tokens.txt`` holding :data:`ALPHA` and :data:`BETA` as ``--token-file`` reads them, with a comment
+    and a blank line that it skips."""
+    path = folder / "tokens.txt"
+    path.write_text(f"# researchers\n{ALPHA}\n\n{BETA}\n")
+    return path
+
+
 WORDS = "the a of to and in is it that was capital france paris city river old new".split()
 
 
@@ -41,7 +52,8 @@ class Server:
 
     ``command="inspect"`` runs ``neurotap inspect``, which serves the same way. ``env`` adds to its
     environment. With ``wait=False`` it returns as soon as the process is started, so that several
-    servers load at once; ``wait()`` then waits for this one to listen.
+    servers load at once; ``wait()`` then waits for this one to listen. ``with Server(...) as server:``
+    stops it on leaving the block, a failing test included.
     """
 
     stop_timeout = 30.0
@@ -75,6 +87,12 @@ class Server:
             raise RuntimeError(f"the server did not start: {line!r}\n{''.join(self.log)}")
         self.url = line.split(" on ")[1].split()[0]
         self.port = int(self.url.rsplit(":", 1)[1])
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
 
     def _drain_stderr(self) -> None:
         for line in self.process.stderr:

@@ -49,15 +49,16 @@ def _edit(folder: Path, change: Callable[[dict[str, Any]], None]) -> None:
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=1))
 
 
-def _read(folder: Path, model: nt.Model) -> None:  # noqa: F811
-    ActivationDataset(folder)
-
-
 def _resume(folder: Path, model: nt.Model) -> None:  # noqa: F811
     collect(model, [LAYER0], folder, **ARGUMENTS)
 
 
-OPENERS = [pytest.param(_read, id="read"), pytest.param(_resume, id="resume")]
+@pytest.fixture(params=["read", "resume"])
+def open_dataset(request: pytest.FixtureRequest, model: nt.Model) -> Callable[[Path], Any]:  # noqa: F811
+    """Each way a dataset folder is opened: reading it, and resuming its collection."""
+    if request.param == "read":
+        return ActivationDataset
+    return lambda folder: _resume(folder, model)
 
 
 def _set(*keys: Any, value: Any = None, add: int = 0) -> Callable[[dict[str, Any]], None]:
@@ -110,20 +111,15 @@ MANIFEST_EDITS = [
 ]
 
 
-@pytest.mark.parametrize("opener", OPENERS)
 @pytest.mark.parametrize("change, message", MANIFEST_EDITS)
 def test_an_edited_manifest_is_refused_naming_the_field(
-    acts: Path,
-    model: nt.Model,  # noqa: F811
-    opener: Callable,
-    change: Callable,
-    message: str,
+    acts: Path, open_dataset: Callable, change: Callable, message: str
 ) -> None:
     # a readable shard where "../shard-00000.safetensors" points, so that only the name is wrong
     shutil.copy(acts / "shard-00000.safetensors", acts.parent / "shard-00000.safetensors")
     _edit(acts, change)
     with pytest.raises(CorruptDatasetError, match=message) as caught:
-        opener(acts, model)
+        open_dataset(acts)
     assert type(caught.value) is CorruptDatasetError
     assert f"{acts / 'manifest.json'}" in str(caught.value)
     assert "collect again into a new folder" in str(caught.value)
@@ -165,22 +161,20 @@ def test_a_manifest_past_the_size_limit_is_not_parsed(acts: Path, monkeypatch: p
     ActivationDataset(acts)
 
 
-@pytest.mark.parametrize("opener", OPENERS)
-def test_a_shard_linked_from_outside_the_folder_is_refused(acts: Path, model: nt.Model, opener: Callable) -> None:  # noqa: F811
+def test_a_shard_linked_from_outside_the_folder_is_refused(acts: Path, open_dataset: Callable) -> None:
     outside = acts.parent / "elsewhere.safetensors"
     shutil.copy(acts / "shard-00001.safetensors", outside)  # the very same bytes: only where it lies is wrong
     (acts / "shard-00001.safetensors").unlink()
     (acts / "shard-00001.safetensors").symlink_to(outside)
     with pytest.raises(CorruptDatasetError, match=r"shard-00001\.safetensors is a link to .*outside the dataset"):
-        opener(acts, model)
+        open_dataset(acts)
 
 
-@pytest.mark.parametrize("opener", OPENERS)
-def test_two_shards_that_are_one_file_are_refused(acts: Path, model: nt.Model, opener: Callable) -> None:  # noqa: F811
+def test_two_shards_that_are_one_file_are_refused(acts: Path, open_dataset: Callable) -> None:
     (acts / "shard-00001.safetensors").unlink()
     (acts / "shard-00001.safetensors").symlink_to("shard-00000.safetensors")
     with pytest.raises(CorruptDatasetError, match=r"shard-00001\.safetensors is the same file as an earlier shard"):
-        opener(acts, model)
+        open_dataset(acts)
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are a POSIX file type")
@@ -227,18 +221,13 @@ SHARD_EDITS = [
 ]
 
 
-@pytest.mark.parametrize("opener", OPENERS)
 @pytest.mark.parametrize("change, message", SHARD_EDITS)
 def test_a_shard_whose_header_disagrees_with_the_manifest_is_refused(
-    acts: Path,
-    model: nt.Model,  # noqa: F811
-    opener: Callable,
-    change: Callable,
-    message: str,
+    acts: Path, open_dataset: Callable, change: Callable, message: str
 ) -> None:
     _rewrite_shard(acts, 1, change)
     with pytest.raises(CorruptShardError, match=r"shard-00001\.safetensors does not match the manifest.*" + message):
-        opener(acts, model)
+        open_dataset(acts)
 
 
 def test_a_header_whose_offsets_do_not_tile_the_file_is_refused(acts: Path) -> None:

@@ -28,12 +28,8 @@ def local(folder):
 
 @pytest.fixture(scope="module")
 def remote(folder):
-    server = Server(folder)
-    try:
-        with nt.connect(server.url) as rm:
-            yield rm
-    finally:
-        server.stop()
+    with Server(folder) as server, nt.connect(server.url) as rm:
+        yield rm
 
 
 def ids_of(model, text):

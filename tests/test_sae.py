@@ -232,17 +232,10 @@ def test_remote_equals_local(tmp_path: Path) -> None:
     expected = local.forward(ids, probes=probes).logits
     saved = local.recordings()[POINT]
 
-    server = Server(folder)
-    try:
-        remote = nt.connect(server.url)
-        try:
-            out = remote.forward(ids, probes=probes)
-            torch.testing.assert_close(out.logits, expected, rtol=1e-6, atol=1e-6)
-            got = remote.recordings()[POINT]
-            for key in ("sae_fired", "sae_max", "sae_top_values", "sae_top_where", "sae_squared_error"):
-                torch.testing.assert_close(got[key], saved[key], rtol=1e-6, atol=1e-6)
-            torch.testing.assert_close(SAE.dense(got), SAE.dense(saved), rtol=1e-6, atol=1e-6)
-        finally:
-            remote.close()
-    finally:
-        server.stop()
+    with Server(folder) as server, nt.connect(server.url) as remote:
+        out = remote.forward(ids, probes=probes)
+        torch.testing.assert_close(out.logits, expected, rtol=1e-6, atol=1e-6)
+        got = remote.recordings()[POINT]
+        for key in ("sae_fired", "sae_max", "sae_top_values", "sae_top_where", "sae_squared_error"):
+            torch.testing.assert_close(got[key], saved[key], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(SAE.dense(got), SAE.dense(saved), rtol=1e-6, atol=1e-6)

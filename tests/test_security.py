@@ -35,9 +35,8 @@ from neurotap.transport.wire import (
     WireError,
     encode_request,
 )
-from serving import LAUNCH, Server
+from serving import ALPHA, BETA, LAUNCH, Server, write_token_file
 
-ALPHA, BETA = "alpha-token-0123456789", "beta-token-0123456789"
 MUL = "model.layers.0.mlp.mul"
 
 
@@ -55,29 +54,25 @@ def local(folder) -> nt.Model:
 
 @pytest.fixture(scope="module")
 def token_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("auth") / "tokens.txt"
-    path.write_text(f"{ALPHA}\n{BETA}\n")
-    return path
+    return write_token_file(tmp_path_factory.mktemp("auth"))
 
 
 @pytest.fixture(scope="module")
 def server(folder, token_file):
-    running = Server(
+    with Server(
         folder,
         *("--token-file", str(token_file), "--allow-host", "alias.test"),
         *("--max-request-bytes", "96M", "--max-session-bytes", "200K", "--max-total-bytes", "500K"),
         *("--max-request-memory", "8M", "--max-sessions-per-token", "8"),
         *("--header-timeout", "1", "--body-timeout", "2", "--max-connections", "40"),
-    )
-    yield running
-    running.stop()
+    ) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
 def code_server(folder, token_file):
-    running = Server(folder, "--token-file", str(token_file), "--allow-code", "--request-timeout", "1.5")
-    yield running
-    running.stop()
+    with Server(folder, "--token-file", str(token_file), "--allow-code", "--request-timeout", "1.5") as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
@@ -337,8 +332,7 @@ def test_sessions_per_token_are_capped_without_touching_others(server, canary, l
 
 
 def test_idle_sessions_make_way_at_the_cap(folder, local):
-    running = Server(folder, "--session-timeout", "6", "--max-sessions-per-token", "2")
-    try:
+    with Server(folder, "--session-timeout", "6", "--max-sessions-per-token", "2") as running:
         with nt.connect(running.url) as old, nt.connect(running.url) as busy:
             refused(httpx.post(running.url + "/v1/sessions", headers=headers(None)), 429)
             time.sleep(3.5)  # both idle for more than half the session timeout
@@ -348,13 +342,10 @@ def test_idle_sessions_make_way_at_the_cap(folder, local):
                 assert_served(busy, local)
                 with pytest.raises(nt.NeurotapError, match="no such session"):
                     old.recordings()
-    finally:
-        running.stop()
 
 
 def test_idle_sessions_expire(folder, local):
-    running = Server(folder, "--session-timeout", "1")
-    try:
+    with Server(folder, "--session-timeout", "1") as running:
         with nt.connect(running.url) as client:
             client.forward(ids(9), probes=[nt.probe(MUL, nt.Record())])
             time.sleep(3)  # unused for three times the timeout (asking about it would count as using it)
@@ -364,8 +355,6 @@ def test_idle_sessions_expire(folder, local):
             assert_served(newcomer, local)
         # a server without tokens shows its API pages; one with tokens does not (see below)
         assert httpx.get(running.url + "/openapi.json").status_code == 200
-    finally:
-        running.stop()
 
 
 def test_a_session_closed_while_its_request_arrives_keeps_nothing(server, canary, local):
@@ -479,13 +468,12 @@ def test_connections_beyond_the_cap_replace_idle_ones(server, canary, local):
 
 @pytest.fixture(scope="module")
 def strict_server(folder, token_file):
-    running = Server(
+    with Server(
         folder,
         *("--token-file", str(token_file), "--body-timeout", "1"),
         *("--max-request-bytes", "1M", "--max-inflight-bytes", "2M", "--max-request-memory", "64M"),
-    )
-    yield running
-    running.stop()
+    ) as running:
+        yield running
 
 
 def test_bodies_in_flight_share_one_budget(strict_server, local):
@@ -612,8 +600,7 @@ def test_a_client_that_leaves_is_cancelled_and_records_nothing(code_server, loca
 
 
 def test_a_server_that_dies_mid_request_gives_a_clear_error(folder):
-    running = Server(folder, "--allow-code")
-    try:
+    with Server(folder, "--allow-code") as running:
 
         def die(ctx, value):
             import os
@@ -622,8 +609,6 @@ def test_a_server_that_dies_mid_request_gives_a_clear_error(folder):
 
         with nt.connect(running.url) as rm, pytest.raises(ServerGoneError, match="went away"):
             rm.forward(ids(14), probes=[nt.probe(MUL, die)])
-    finally:
-        running.stop()
 
 
 # -- browsers -------------------------------------------------------------------------------------------
@@ -727,8 +712,7 @@ def test_point_patterns_cost_little_whatever_they_hold(server, canary, local):
 def test_a_sharded_server_survives_requests_that_one_rank_cannot_serve(folder, local):
     """``stop_at`` a weight of the second rank's layers once left rank 0 waiting to send it the hidden state until
     the rank timeout, and then the whole server exited; such requests are now refused before any rank runs."""
-    server = Server(folder, "--ranks", "2", "--rank-timeout", "20")
-    try:
+    with Server(folder, "--ranks", "2", "--rank-timeout", "20") as server:
         with nt.connect(server.url) as rm:
             last = len(local.module.model.layers) - 1
             for point in [f"model.layers.{last}.mlp.up_proj.weight", "model.rotary_emb.inv_freq"]:
@@ -752,8 +736,6 @@ def test_a_sharded_server_survives_requests_that_one_rank_cannot_serve(folder, l
             torch.testing.assert_close(stopped, expected[0])
             assert_served(rm, local)
         assert server.process.poll() is None
-    finally:
-        server.stop()
 
 
 def test_experiments_never_hold_the_threads_other_requests_need(tmp_path):
@@ -762,8 +744,7 @@ def test_experiments_never_hold_the_threads_other_requests_need(tmp_path):
     from serving import WORDS, save_with_word_tokenizer
 
     worded = save_with_word_tokenizer(tiny_llama(), tmp_path / "worded")
-    server = Server(worded)
-    try:
+    with Server(worded) as server:
         clean = " ".join(WORDS[i % len(WORDS)] for i in range(40))
         corrupt = " ".join(WORDS[(i * 7) % len(WORDS)] for i in range(40))
         body = {"clean": clean, "corrupt": corrupt, "target": "paris"}
@@ -788,8 +769,6 @@ def test_experiments_never_hold_the_threads_other_requests_need(tmp_path):
         for thread in threads:
             thread.join(300)
         assert done_meanwhile <= 2 and len(finished) == count and set(finished) <= {200, 429}  # 429: over the cap
-    finally:
-        server.stop()
 
 
 def test_what_one_pass_records_stays_within_the_server_wide_limit(local):
@@ -919,12 +898,11 @@ def test_code_is_never_unpickled_from_raw_bytes_without_allow_code(server, canar
 
 @pytest.fixture(scope="module")
 def answers_server(folder, token_file):
-    running = Server(
+    with Server(
         *(folder, "--token-file", str(token_file), "--allow-code", "--body-timeout", "30"),
         *("--max-total-bytes", "50M", "--max-session-bytes", "8M"),
-    )
-    yield running
-    running.stop()
+    ) as running:
+        yield running
 
 
 def test_answers_waiting_to_be_read_are_held_against_the_tokens_share(answers_server, local):
@@ -1067,8 +1045,7 @@ def test_one_token_cannot_queue_experiments_ahead_of_anothers(tmp_path, token_fi
 
     model = tiny_llama()
     worded = save_with_word_tokenizer(model, tmp_path / "worded")
-    server = Server(worded, "--token-file", str(token_file))
-    try:
+    with Server(worded, "--token-file", str(token_file)) as server:
         clean = " ".join(WORDS[i % len(WORDS)] for i in range(60))
         corrupt = " ".join(WORDS[(i * 7) % len(WORDS)] for i in range(60))
         body = {"clean": clean, "corrupt": corrupt, "target": "paris"}
@@ -1098,8 +1075,6 @@ def test_one_token_cannot_queue_experiments_ahead_of_anothers(tmp_path, token_fi
         for status, seconds, retry_after, text in answers:
             if status == 429:
                 assert seconds < 10 and retry_after is not None and "experiments" in text, (seconds, text)
-    finally:
-        server.stop()
 
     # by hand: each decoder layer's output at one position put back from the clean run, with plain hooks
     words = word_tokenizer()

@@ -23,7 +23,7 @@ from conftest import VOCAB, tiny_llama
 from neurotap.transport import CrossEntropy, LogitDiff
 from neurotap.transport.client import ClientTimeoutError
 from neurotap.transport.wire import MEDIA_TYPE, PROTOCOL, PROTOCOL_HEADER, SESSION_HEADER
-from serving import LAUNCH, Server, concurrently, free_port, save_with_word_tokenizer
+from serving import ALPHA, BETA, LAUNCH, Server, concurrently, free_port, save_with_word_tokenizer, write_token_file
 
 KEY = nt.Record().key
 MUL = "model.layers.0.mlp.mul"
@@ -42,23 +42,19 @@ def local(folder) -> nt.Model:
 
 @pytest.fixture(scope="module")
 def server(folder):
-    running = Server(folder, "--max-session-bytes", "300000", "--max-request-bytes", "2000000")
-    yield running
-    running.stop()
+    with Server(folder, "--max-session-bytes", "300000", "--max-request-bytes", "2000000") as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
-def tokens(tmp_path_factory) -> tuple[Path, list[str]]:
-    path = tmp_path_factory.mktemp("auth") / "tokens.txt"
-    path.write_text("# researchers\nalpha-token-0123456789\n\nbeta-token-0123456789\n")
-    return path, ["alpha-token-0123456789", "beta-token-0123456789"]
+def token_file(tmp_path_factory) -> Path:
+    return write_token_file(tmp_path_factory.mktemp("auth"))
 
 
 @pytest.fixture(scope="module")
-def code_server(folder, tokens):
-    running = Server(folder, "--allow-code", "--token-file", str(tokens[0]), "--request-timeout", "1.5")
-    yield running
-    running.stop()
+def code_server(folder, token_file):
+    with Server(folder, "--allow-code", "--token-file", str(token_file), "--request-timeout", "1.5") as running:
+        yield running
 
 
 @pytest.fixture
@@ -366,7 +362,7 @@ def test_code_is_refused_unless_allowed(remote):
     assert "any Python code" in str(caught.value)
 
 
-def test_code_runs_when_allowed(code_server, local, tokens):
+def test_code_runs_when_allowed(code_server, local):
     tokens_ = ids(10)
     scale = 3.0
 
@@ -374,7 +370,7 @@ def test_code_runs_when_allowed(code_server, local, tokens):
         ctx.seen = value.sum()
         return value * scale
 
-    with nt.connect(code_server.url, token=tokens[1][0]) as rm:
+    with nt.connect(code_server.url, token=ALPHA) as rm:
         out = rm.forward(tokens_, probes=[nt.probe(MUL, triple_and_save)])
         recorded = rm.recordings()
         with pytest.raises(nt.ProbeError, match="ZeroDivisionError") as caught:
@@ -390,7 +386,7 @@ def test_code_runs_when_allowed(code_server, local, tokens):
         same(again.logits, local.module(tokens_).logits)
 
 
-def test_a_loss_function_runs_only_where_code_is_allowed(code_server, remote, local, tokens):
+def test_a_loss_function_runs_only_where_code_is_allowed(code_server, remote, local):
     tokens_ = ids(12, rows=2)
     point = "model.layers.0.mlp.mul"
     weight = torch.linspace(-1.0, 1.0, local.module.config.hidden_size)
@@ -407,7 +403,7 @@ def test_a_loss_function_runs_only_where_code_is_allowed(code_server, remote, lo
     finally:
         handle.remove()
     (expected,) = torch.autograd.grad(expected_loss, captured["x"])
-    with nt.connect(code_server.url, token=tokens[1][0]) as rm:
+    with nt.connect(code_server.url, token=ALPHA) as rm:
         value = rm.backward(
             tokens_, loss=loss, output_hidden_states=True, probes=[nt.probe(point, nt.Record(), grad=True)]
         )
@@ -432,13 +428,13 @@ def test_a_loss_function_runs_only_where_code_is_allowed(code_server, remote, lo
     assert remote.recordings() == {}
 
 
-def test_tokens(code_server, tokens):
+def test_tokens(code_server):
     with pytest.raises(nt.NeurotapError, match="token") as caught:
         nt.connect(code_server.url)
     assert caught.value.status == 401
     with pytest.raises(nt.NeurotapError, match="token"):
         nt.connect(code_server.url, token="wrong")
-    with nt.connect(code_server.url, token=tokens[1][0]) as alpha:
+    with nt.connect(code_server.url, token=ALPHA) as alpha:
         alpha.forward(ids(11), probes=[nt.probe(MUL, nt.Record())])
         # another token cannot use alpha's session
         response = httpx.get(
@@ -446,7 +442,7 @@ def test_tokens(code_server, tokens):
             headers={
                 PROTOCOL_HEADER: str(PROTOCOL),
                 SESSION_HEADER: alpha._session,
-                "Authorization": "Bearer beta-token-0123456789",
+                "Authorization": f"Bearer {BETA}",
             },
         )
         assert response.status_code == 404
@@ -495,8 +491,8 @@ def test_limits(remote, local):
         remote.forward(ids(14, length=65))
 
 
-def test_timeout_and_disconnect_leave_the_server_healthy(code_server, tokens, local):
-    with nt.connect(code_server.url, token=tokens[1][0]) as rm:
+def test_timeout_and_disconnect_leave_the_server_healthy(code_server, local):
+    with nt.connect(code_server.url, token=ALPHA) as rm:
 
         def slow(ctx, value):
             time.sleep(0.4)
@@ -507,7 +503,7 @@ def test_timeout_and_disconnect_leave_the_server_healthy(code_server, tokens, lo
         assert caught.value.status == 504
         assert time.monotonic() - started < 5
 
-        impatient = nt.connect(code_server.url, token=tokens[1][0], timeout=0.2)
+        impatient = nt.connect(code_server.url, token=ALPHA, timeout=0.2)
         with pytest.raises(ClientTimeoutError, match="timeout="):
             impatient.forward(ids(16), probes=[nt.probe(MUL, slow)])
         impatient._http.close()
@@ -641,9 +637,8 @@ def test_server_healthy_after_fuzzing(server, local):
 
 
 def test_graceful_shutdown_finishes_running_requests(folder, tmp_path):
-    running = Server(folder, "--allow-code")
     started = str(tmp_path / "started")
-    try:
+    with Server(folder, "--allow-code") as running:
         with nt.connect(running.url) as rm:
             result = {}
 
@@ -664,17 +659,12 @@ def test_graceful_shutdown_finishes_running_requests(folder, tmp_path):
             assert "out" in result and result["out"].logits.shape == (1, 6, VOCAB)
         assert running.process.wait(30) == 0  # a graceful stop, not death by the signal
         assert any("POST /v1/run 200" in line for line in running.log), running.log
-    finally:
-        running.stop()
 
 
 def test_idle_timeout_stops_the_server(folder):
-    running = Server(folder, "--idle-timeout", "1")
-    try:
+    with Server(folder, "--idle-timeout", "1") as running:
         assert running.process.wait(30) == 0
         assert any("--idle-timeout" in line for line in running.log)
-    finally:
-        running.stop()
 
 
 def test_launch_and_connect_starts_then_reuses(folder, tmp_path, monkeypatch, local):

@@ -87,9 +87,8 @@ def acts(folder, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(folder, acts, tmp_path_factory):
-    running = Inspecting(folder, tmp_path_factory.mktemp("inspect"), "--dataset", str(acts))
-    yield running
-    running.stop()
+    with Inspecting(folder, tmp_path_factory.mktemp("inspect"), "--dataset", str(acts)) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
@@ -238,13 +237,10 @@ def test_page_loads_without_a_token_but_no_data_does(server, plain):
 
 
 def test_the_logit_lens_is_held_to_the_request_memory_limit(folder):
-    running = Server(folder, "--max-request-memory", "4096")
-    try:
+    with Server(folder, "--max-request-memory", "4096") as running:
         answer = httpx.post(
             running.url + "/v1/logit_lens", json={"text": PROMPT}, headers={PROTOCOL_HEADER: str(PROTOCOL)}
         )
-    finally:
-        running.stop()
     assert answer.status_code == 413, answer.text
     assert "--max-request-memory" in answer.json()["message"]
 
