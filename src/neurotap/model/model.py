@@ -310,9 +310,6 @@ class Model:
         probes: Sequence[Probe],
         stop_at: str | None = None,
     ) -> Any:
-        for p in probes:
-            if not isinstance(p, Probe):
-                raise TypeError(f"probes must be made with nt.probe(point, fn), got {type(p).__name__}")
         args, kwargs = self._inputs(call, args, kwargs)
         if stop_at is not None:
             probes = [*probes, stopping_probe(stop_at)]  # last: the point's other probes run before it stops
@@ -369,6 +366,9 @@ class Model:
         if kept is not None:
             plans.move_to_end(key)
             return kept[0]
+        for p in probes:  # checked once, here: a plan found again was made from the same probes
+            if not isinstance(p, Probe):
+                raise TypeError(f"probes must be made with nt.probe(point, fn), got {type(p).__name__}")
         plan = Plan(probes, inventory, self._contexts)
 
         def forget(_: weakref.ref) -> None:

@@ -37,6 +37,7 @@ _PASS_THROUGH = (NeurotapError, *filter(None, [getattr(torch.utils.checkpoint, "
 
 
 _TENSOR_KINDS = ("parameter", "buffer")
+_NOT_SPLIT = (*_TENSOR_KINDS, "output")  # the taps attach puts on by themselves, not through split_taps
 _SAVE_NOTHING = (Zero, Add, Replace, Scale)  # patches that only edit: a recompute may run them on the real context
 
 
@@ -260,18 +261,20 @@ class Tap:
         if _replays:
             return value  # backward is recomputing a checkpointed layer: the replay's own taps act there
         state = self.state
-        if self.forward_id != state.forward_id:
-            self.forward_id = state.forward_id
-            self.calls = 0
-        call = self.calls
+        forward_id = state.forward_id
+        if self.forward_id == forward_id:
+            call = self.calls
+        else:
+            self.forward_id = forward_id
+            call = 0
         self.calls = call + 1
         if state.region is not None:
             return state.region.fire(self, value, call, state.step)
-        if self.plain is not None:  # one probe on the whole value, no gradient: the common case, inlined
-            bound = self.plain
+        bound = self.plain
+        if bound is not None:  # one probe on the whole value, no gradient: the common case, inlined
             ctx = bound.ctx
-            object.__setattr__(ctx, "call", call)
-            object.__setattr__(ctx, "step", state.step)
+            _set_call(ctx, call)
+            _set_step(ctx, state.step)
             try:
                 result = bound.fn(ctx, value)
             except _PASS_THROUGH:
@@ -287,6 +290,8 @@ class Tap:
             value = bound.apply(value, call, state.step)
         return value
 
+
+_set_call, _set_step = SaveContext.call.__set__, SaveContext.step.__set__  # past SaveContext's own __setattr__
 
 # How many checkpointed layers are being recomputed right now (by backward, in any thread).
 _replays = 0
@@ -507,8 +512,11 @@ class Plan:
         self.bases: dict[str, str] = {}  # each probe's point name -> the raw point it resolved to
         self._held: list[tuple[Tap, dict[str, Any], torch.Tensor]] = []  # parameters and buffers patched
         self._above_taps: tuple[tuple[str, dict], ...] | None = None  # the modules that contain a tapped one
-        # what attach puts where, worked out on the first attach: taps on tensors, hooks, one frame per module
-        self._split: tuple[list[Tap], list[tuple[Point, Tap]], dict[str, Frame]] | None = None
+        # what attach puts where, worked out on the first attach: taps on tensors, on module outputs (with their
+        # modules), other hooks, one frame per module
+        self._split: (
+            tuple[list[Tap], list[tuple[torch.nn.Module, Tap]], list[tuple[Point, Tap]], dict[str, Frame]] | None
+        ) = None
         made: dict[str, SaveContext] = {}  # new contexts, put into ``contexts`` once every probe is resolved
         for probe in expand_probes(probes, inventory):
             try:
@@ -581,9 +589,10 @@ class Plan:
         """
         if self._split is None:
             on_tensors = [tap for tap in self.taps.values() if tap.point.kind in _TENSOR_KINDS]
-            others = [(tap.point, tap) for tap in self.taps.values() if tap.point.kind not in _TENSOR_KINDS]
-            self._split = (on_tensors, *split_taps(others))
-        on_tensors, hooks, frames = self._split
+            outputs = [(modules[tap.point.module], tap) for tap in self.taps.values() if tap.point.kind == "output"]
+            others = [(tap.point, tap) for tap in self.taps.values() if tap.point.kind not in _NOT_SPLIT]
+            self._split = (on_tensors, outputs, *split_taps(others))
+        on_tensors, outputs, hooks, frames = self._split
         attachment = Attachment()
         try:
             held = [(tap, *attachment.hold_tensor(modules[tap.point.module], tap.point.scope[0])) for tap in on_tensors]
@@ -593,6 +602,7 @@ class Plan:
                 attachment.after_forward(root, functools.partial(_put_back, held))
             elif hooked:
                 attachment.before_forward(root, self.state)
+            attachment.on_outputs(outputs)
             attach_split(attachment, hooks, frames, modules)
             for path, skipping in self.skips.items():
                 skipping.keyword = first_parameter(modules[path])
@@ -634,7 +644,11 @@ class Plan:
             for tap in self.taps.values():
                 parts = tap.point.module.split(".") if tap.point.module else []
                 layers.update(".".join(parts[:depth]) for depth in range(len(parts)))
-            self._above_taps = tuple((path, modules[path].__dict__) for path in layers)
+            # only modules with a gradient_checkpointing attribute can be checkpointed: Hugging Face's
+            # gradient_checkpointing_enable turns on those alone
+            self._above_taps = tuple(
+                (path, modules[path].__dict__) for path in layers if hasattr(modules[path], "gradient_checkpointing")
+            )
         for path, own in self._above_taps:
             if own.get("gradient_checkpointing") is True and "_gradient_checkpointing_func" in own:
                 module = modules[path]

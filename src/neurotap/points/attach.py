@@ -201,13 +201,6 @@ _HOOK_DICTS = (
 )
 
 
-def _hook_id() -> int:
-    """A key for one hook, from the counter torch's own handles draw theirs from, so none can clash."""
-    key = RemovableHandle.next_id
-    RemovableHandle.next_id = key + 1
-    return key
-
-
 def _untapped_reduce(module: torch.nn.Module, _attachments: list, pristine: dict, _protocol: int) -> tuple:
     """What pickling or copying ``module`` sees: its state as if nothing were attached."""
     state = type(module).__getstate__(module)
@@ -278,8 +271,10 @@ class Attachment:
         own = module.__dict__
         guard = own.get(_REDUCE)
         if type(guard) is not _Guard:
-            guard = _Guard(_untapped_reduce, module, [], {})
+            guard = _Guard(_untapped_reduce, module, [self], {})
             self._put(own, _REDUCE, guard)
+            self._guards.append(guard)
+            return guard
         on = guard.args[_ATTACHMENTS]
         if on and (on[-1] is self or self in on):
             return guard
@@ -327,19 +322,44 @@ class Attachment:
         It goes straight into the module's hook tables, without a handle to remove it by: ``detach()`` does.
         """
         self._steps.append((_hook_again, (module, hook, before, with_kwargs, always, first)))
-        self._claim(module)
+        own = module.__dict__
+        guard = own.get(_REDUCE)
+        if type(guard) is not _Guard or guard.args[_ATTACHMENTS][-1] is not self:
+            self._claim(module)
         if not getattr(hook, _HOOK_MARK, False):
             setattr(hook, _HOOK_MARK, True)
-        key = _hook_id()
-        own = module.__dict__
+        key = RemovableHandle.next_id  # drawn from the counter torch's own handles use, so no key can clash
+        RemovableHandle.next_id = key + 1
         hooks = own["_forward_pre_hooks" if before else "_forward_hooks"]
-        self._put(hooks, key, hook)
+        hooks[key] = hook
+        log = self._log
+        log.append((hooks, key, _ABSENT))
         if with_kwargs:
             self._put(own["_forward_pre_hooks_with_kwargs" if before else "_forward_hooks_with_kwargs"], key, True)
         if always:
             self._put(own["_forward_hooks_always_called"], key, True)
         if first:
             hooks.move_to_end(key, last=False)
+
+    def on_outputs(self, hooks: list[tuple[torch.nn.Module, Fire]]) -> None:
+        """``on_output(module, hook)`` for each pair, each ``hook`` marked as a hook: one call for a plan's many."""
+        self._steps.append((Attachment.on_outputs, (hooks,)))
+        log, guards = self._log, self._guards
+        key = RemovableHandle.next_id
+        for module, hook in hooks:
+            own = module.__dict__
+            guard = own.get(_REDUCE, _ABSENT)
+            if type(guard) is not _Guard:  # the first attachment on the module: _claim, inlined
+                log.append((own, _REDUCE, guard))
+                own[_REDUCE] = guard = _Guard(_untapped_reduce, module, [self], {})
+                guards.append(guard)
+            elif guard.args[_ATTACHMENTS][-1] is not self:
+                self._claim(module)
+            table = own["_forward_hooks"]
+            table[key] = hook
+            log.append((table, key, _ABSENT))
+            key += 1
+        RemovableHandle.next_id = key
 
     def on_input(self, module: torch.nn.Module, fire: Fire) -> None:
         keyword = first_parameter(module)
@@ -467,12 +487,12 @@ class Attachment:
 
     def _undo(self) -> None:
         log = self._log
-        while log:
-            table, key, previous = log.pop()
+        for table, key, previous in reversed(log):
             if previous is _ABSENT:
                 table.pop(key, None)
             else:
                 table[key] = previous
+        log.clear()
         for guard in self._guards:
             guard.args[_ATTACHMENTS].remove(self)
         self._guards.clear()
