@@ -37,10 +37,13 @@ def test_version_and_every_help_shows_defaults():
     import neurotap
 
     assert run("--version").stdout.strip() == f"neurotap {neurotap.__version__}"
-    for command in ("demo", "points", "serve", "collect"):
+    for command in ("demo", "points", "serve", "collect", "export"):
         result = run(command, "--help")
         assert result.returncode == 0 and ("(default:" in result.stdout or command == "points"), command
-        assert "a .gguf file, or a Hugging Face Hub id" in " ".join(result.stdout.split()), command  # as load takes
+        assert "(default: None)" not in result.stdout, command  # no default says nothing
+        assert "a .gguf file, or a Hugging Face Hub id" in " ".join(result.stdout.split()) or command == "export"
+    collect = " ".join(run("collect", "--help").stdout.split())
+    assert collect.count("(default: bundled corpus)") == 1 and "(default: bundled corpus) (default:" not in collect
 
 
 # --- collect --points is checked against the model's points before the model loads ----------------------------

@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in COMMANDS:
         module = importlib.import_module(f".{name}", __name__)
         command = module.add_parser(subparsers)
-        command.formatter_class = argparse.ArgumentDefaultsHelpFormatter  # every --help shows the defaults
+        command.formatter_class = DefaultsHelpFormatter
         command.set_defaults(run=module.run)
     args = parser.parse_args(argv)
     try:
@@ -33,6 +33,15 @@ def main(argv: list[str] | None = None) -> int:
         if extra is None:
             raise
         parser.exit(2, f"neurotap {args.command}: error: this needs {error.name}: pip install 'neurotap[{extra}]'\n")
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every --help shows each option's default, but not a bare ``None`` nor a second one where the help names it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or "(default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def extra_providing(module: str) -> str | None:
