@@ -15,6 +15,7 @@ Run: python bench/bench_remote.py [overhead] [forward] [generate] [bytes] [trace
 
 from __future__ import annotations
 
+import argparse
 import os
 import statistics
 import sys
@@ -54,8 +55,7 @@ def save_model(folder: str, hidden: int, layers: int, vocab: int) -> str:
 
 def overhead(folder: str) -> None:
     local = nt.load(folder)
-    server = serving.Server(folder, env=ONE_THREAD)
-    try:
+    with serving.Server(folder, env=ONE_THREAD) as server:
         with nt.connect(server.url) as remote:
             ids = torch.randint(0, 128, (1, 16))
             local_times, remote_times = [], []
@@ -75,8 +75,6 @@ def overhead(folder: str) -> None:
                 f"small forward [1, 16], tiny model: local {local_ms:.2f} ms, remote {remote_ms:.2f} ms, "
                 f"overhead {remote_ms - local_ms:.2f} ms (goal <= 5 ms)"
             )
-    finally:
-        server.stop()
 
 
 def mixed_length(c: int, k: int) -> int:
@@ -162,8 +160,7 @@ def throughput(folder: str, vocab: int, mixed: bool = False, generate: bool = Fa
 
 
 def wire_bytes(folder: str, vocab: int, layers: int) -> None:
-    server = serving.Server(folder, env=ONE_THREAD)
-    try:
+    with serving.Server(folder, env=ONE_THREAD) as server:
         with nt.connect(server.url) as rm:
             ids = torch.randint(0, vocab, (1, 256))
             residuals = [f"model.layers.{i}.output" for i in range(layers)]
@@ -178,14 +175,11 @@ def wire_bytes(folder: str, vocab: int, layers: int) -> None:
                 f"wire bytes, mean over 256 positions of {layers} layers' residual: {sizes['mean']} B; "
                 f"full activations: {sizes['full']} B; ratio {sizes['full'] / sizes['mean']:.0f}x fewer"
             )
-    finally:
-        server.stop()
 
 
 def trace_cost(folder: str, vocab: int, layers: int) -> None:
     """``rm.run`` (one request, the values in its answer) against Record probes and a recordings() fetch."""
-    server = serving.Server(folder, env=ONE_THREAD)
-    try:
+    with serving.Server(folder, env=ONE_THREAD) as server:
         with nt.connect(server.url) as rm:
             ids = torch.randint(0, vocab, (1, 64))
             residuals = [f"blocks.{i}.resid_post" for i in range(layers)]
@@ -219,15 +213,12 @@ def trace_cost(folder: str, vocab: int, layers: int) -> None:
                 f"trace of {layers} residuals, [1, 64]: rm.run {run_ms:.2f} ms, the same Record probes and "
                 f"recordings() {probes_ms:.2f} ms (x{run_ms / probes_ms:.2f})"
             )
-    finally:
-        server.stop()
 
 
 def experiment_bytes(rounds: int = 3) -> None:
     """Remote activation patching on SmolLM2, 30 layers x 2 positions: the built-in metric read on the server
     (``nt.LogitDiff``) against the same metric as a function of the logits, which ships every row's logits."""
-    server = serving.Server("smollm2-135m", env=ONE_THREAD)
-    try:
+    with serving.Server("smollm2-135m", env=ONE_THREAD) as server:
         with nt.connect(server.url) as rm:
             received = [0]
             post = rm._http.post
@@ -276,16 +267,23 @@ def experiment_bytes(rounds: int = 3) -> None:
                 f"remote causal_trace, SmolLM2, 30 layers x 5 positions x 2 samples: {received[0] / 1e6:.3f} MB "
                 f"received in {time.perf_counter() - start:.1f} s (load {os.getloadavg()[0]:.1f})"
             )
-    finally:
-        server.stop()
+
+
+PARTS = ("overhead", "forward", "generate", "bytes", "trace", "experiments")
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("parts", nargs="*", metavar="PART", help=f"any of {', '.join(PARTS)} (default: all)")
+    args = parser.parse_args()
+    unknown = sorted(set(args.parts) - set(PARTS))
+    if unknown:
+        parser.error(f"no part named {', '.join(unknown)}; the parts are {', '.join(PARTS)}")
+    wanted = set(args.parts) or set(PARTS)
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         tiny = save_model(os.path.join(tmp, "tiny"), hidden=64, layers=2, vocab=128)
         small = save_model(os.path.join(tmp, "small"), hidden=256, layers=6, vocab=2048)
-        wanted = set(sys.argv[1:]) or {"overhead", "forward", "generate", "bytes", "trace", "experiments"}
         if "overhead" in wanted:
             overhead(tiny)
         if "forward" in wanted:

@@ -3,11 +3,14 @@
 pip install "neurotap[plot]" && python examples/causal_trace.py [OUT.png]
 """
 
-import sys
+import argparse
 
 import neurotap as nt
 
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("out", nargs="?", default="causal_trace.png", help="where the heat map is saved")
+out = parser.parse_args().out
 m = nt.load("smollm2-135m")
 trace = nt.experiments.causal_trace(m, "The Eiffel Tower is located in the city of", "The Eiffel Tower", " Paris")
 print(trace)
-nt.plot.heatmap(trace, path=sys.argv[1] if len(sys.argv) > 1 else "causal_trace.png")
+nt.plot.heatmap(trace, path=out)
