@@ -23,6 +23,8 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -357,16 +359,21 @@ class Liveness:
 
     def start(self, on_failure: Callable[[RankFailedError | None], None]) -> None:
         """Beat from now on; once any rank declares a failure, ``on_failure(error)`` runs on the beating
-        thread, and ``on_failure(None)`` if the store itself goes (with the launcher that started rank 0)."""
+        thread, and ``on_failure(None)`` if the store itself goes (with the launcher that started rank 0).
+        A watchdog process beside this rank kills it once it stops beating (``watchdog.py``)."""
         if self.store is not None:
-            threading.Thread(target=self._beat, args=(on_failure,), name="neurotap-liveness", daemon=True).start()
+            watchdog = Watchdog(self.silent_after)
+            threading.Thread(
+                target=self._beat, args=(on_failure, watchdog), name="neurotap-liveness", daemon=True
+            ).start()
 
     def _key(self, rank: int) -> str:
         return f"{self._prefix}alive/{rank}"
 
-    def _beat(self, on_failure: Callable[[RankFailedError | None], None]) -> None:
+    def _beat(self, on_failure: Callable[[RankFailedError | None], None], watchdog: Watchdog) -> None:
         misses, started = 0, time.time()
         while True:
+            watchdog.beat()
             try:
                 self.store.set(self._key(self.rank), repr(time.time()))
                 declared = self.declared()
@@ -441,6 +448,25 @@ class Liveness:
         if self.store is None or not self.store.check([self._failed]):
             return None
         return _failure_of(self.store.get(self._failed))
+
+
+class Watchdog:
+    """The process that kills this rank once ``silent_after`` seconds pass without a ``beat()``: a rank that
+    hangs or is stopped ends so on every machine, whatever its launcher does (see ``watchdog.py``)."""
+
+    def __init__(self, silent_after: float) -> None:
+        beats, self._beats = os.pipe()
+        os.set_blocking(self._beats, False)  # a watchdog that stopped reading must not stop the rank
+        script = os.path.join(os.path.dirname(__file__), "watchdog.py")
+        command = [sys.executable, "-I", "-S", script, str(os.getpid()), repr(silent_after)]
+        self.process = subprocess.Popen(command, stdin=beats, stdout=subprocess.DEVNULL)
+        os.close(beats)
+
+    def beat(self) -> None:
+        try:
+            os.write(self._beats, b".")
+        except (BlockingIOError, BrokenPipeError):
+            pass  # its pipe is full of beats already, or it is gone: nothing to tell it
 
 
 def _failure_of(declared: bytes) -> RankFailedError:
