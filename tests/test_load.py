@@ -204,7 +204,7 @@ def test_neurotap_cache_lists_replaces_and_clears_gguf_copies(tiny, tmp_path, mo
         "current",
         str(source.resolve()),
     ]
-    assert lines[-1] == f"1 copies, {load.size_text(size)} in {tmp_path / 'cache'}"
+    assert lines[-1] == f"1 copy, {load.size_text(size)} in {tmp_path / 'cache'}"
 
     _write_gguf(source, 8)  # the file changes: a new copy, and the old one goes
     nt.load(source)

@@ -50,5 +50,6 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"{copy.name.ljust(width)}  {size_text(copy.bytes):>9}  {state}  {copy.source or '(source not recorded)'}"
         )
-    print(f"{len(copies)} copies, {size_text(sum(c.bytes for c in copies))} in {cache_dir()}")
+    counted = f"{len(copies)} {'copy' if len(copies) == 1 else 'copies'}"
+    print(f"{counted}, {size_text(sum(c.bytes for c in copies))} in {cache_dir()}")
     return 0

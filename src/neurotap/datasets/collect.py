@@ -738,7 +738,7 @@ class _Collection:
         self.manifest["tokens"] = entry["first_row"] + entry["tokens"]
         write_manifest(self.folder, self.manifest)
         if bar is not None:
-            bar.set_postfix_str(f"{index + 1} shards", refresh=False)
+            bar.set_postfix_str(f"{index + 1} shard{'s' * (index > 0)}", refresh=False)
         return entry["bytes"], entry["sequences"]
 
     def write_shard(self, index: int, wanted: int, first_row: int, bar: Any) -> dict[str, Any] | None:
@@ -784,11 +784,12 @@ class _Collection:
 
     def _summary(self, seconds: float, tokens: int, written: int) -> None:
         manifest = self.manifest
+        shards = len(manifest["shards"])
         rate = tokens / seconds if seconds > 0 else float("inf")
         lines = [
             f"collected {tokens:,} tokens in {seconds:.1f} s ({rate:,.0f} tokens/s), "
             f"wrote {written / 2**20:,.1f} MiB ({written / 2**20 / max(seconds, 1e-9):,.1f} MiB/s)",
-            f"dataset {self.folder}: {manifest['tokens']:,} tokens in {len(manifest['shards'])} shards, "
+            f"dataset {self.folder}: {manifest['tokens']:,} tokens in {shards} shard{'s' * (shards != 1)}, "
             f"points {', '.join(manifest['shapes'])}, {manifest['settings']['dtype']}",
         ]
         if manifest["exhausted"] and manifest["settings"]["tokens"] is not None:
