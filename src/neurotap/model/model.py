@@ -44,15 +44,32 @@ _KEPT_PLANS = 4  # few: a plan keeps its probes, and their tensors, alive
 PatchSpec = Mapping[str, Callable[..., Any] | Sequence[Callable[..., Any]]]
 
 
+def _listed(value: Any) -> Sequence[Any]:
+    """The patches at one point of a ``patch({...})``: one, or a list of them."""
+    return value if isinstance(value, (list, tuple)) else (value,)
+
+
 def patches_to_probes(patches: PatchSpec, *, optional: bool = False) -> list[Probe]:
     """``{point: patch or [patches]}`` -> probes, in order."""
     if not isinstance(patches, Mapping):
         raise TypeError("patch() takes a dict {point name: patch or list of patches}")
-    probes = []
-    for point, value in patches.items():
-        for fn in value if isinstance(value, (list, tuple)) else [value]:
-            probes.append(probe(point, fn, optional=optional))
-    return probes
+    return [probe(point, fn, optional=optional) for point, value in patches.items() for fn in _listed(value)]
+
+
+class _PatchBlock:
+    """``with m.patch({...}):``: the block's probes are on from entry to exit (a class: no generator to run)."""
+
+    __slots__ = ("model", "layer")
+
+    def __init__(self, model: Model, layer: list[Probe]) -> None:
+        self.model, self.layer = model, layer
+
+    def __enter__(self) -> Model:
+        self.model._enter_block(self.layer)
+        return self.model
+
+    def __exit__(self, *_: Any) -> None:
+        self.model._exit_block(self.layer)
 
 
 class Model:
@@ -323,8 +340,15 @@ class Model:
                     return call(*args, **kwargs)
                 plan.state.new_call()
                 since = plan.state.forward_id
-                with managed_call():
-                    result = call(*args, **kwargs)
+                attached, check = self._attached, plan.direct_check
+                # the hook checking direct calls would only return at each forward: off for this call
+                hook = check[0].pop(check[1], None) if check is not None else None
+                try:
+                    with managed_call():
+                        result = call(*args, **kwargs)
+                finally:
+                    if hook is not None and self._attached is attached:  # still the same taps on
+                        check[0][check[1]] = hook
             else:
                 every = (*(p for layer in self._layers for p in layer), *probes) if self._layers else tuple(probes)
                 inventory = self._inventory
@@ -406,43 +430,43 @@ class Model:
         """
         with self._lock:
             layer = self._block_probes(patches, optional)
-            self._plan(tuple(layer), self.inventory())  # an unknown point fails here, at the call, not in contextlib
-        return self._patched(layer)
+            self._plan(tuple(layer), self.inventory())  # an unknown point fails here, at the call, not at entry
+        return _PatchBlock(self, layer)
 
     def _block_probes(self, patches: PatchSpec, optional: bool) -> list[Probe]:
         """The probes of ``patch(patches)``: those made last time for the same points and patch objects.
 
         The last few blocks' are kept, and with them their patches, as plans keep their probes'.
         """
-        layer = patches_to_probes(patches, optional=optional)
-        key = (optional, *((p.point, id(p.fn)) for p in layer))  # the kept probes keep each id taken
+        if not isinstance(patches, Mapping):
+            raise TypeError("patch() takes a dict {point name: patch or list of patches}")
+        # the kept probes keep each id taken
+        key = (optional, *((point, id(fn)) for point, value in patches.items() for fn in _listed(value)))
         blocks = self._blocks
         kept = blocks.get(key)
         if kept is None:
-            kept = blocks[key] = layer
+            kept = blocks[key] = patches_to_probes(patches, optional=optional)
             if len(blocks) > _KEPT_PLANS:
                 blocks.popitem(last=False)
         else:
             blocks.move_to_end(key)
         return list(kept)
 
-    @contextlib.contextmanager
-    def _patched(self, layer: list[Probe]) -> Iterator[Model]:
+    def _enter_block(self, layer: list[Probe]) -> None:
         with self._lock:
             plan = self._plan((*(p for lay in self._layers for p in lay), *layer), self.inventory())
             self._detach()
             self._layers.append(layer)
             self._layer_plan = plan
             self._reattach()
-        try:
-            yield self
-        finally:
-            with self._lock:
-                self._detach()
-                self._layers.remove(layer)
-                remaining = tuple(p for lay in self._layers for p in lay)
-                self._layer_plan = self._plan(remaining, self.inventory()) if remaining else None
-                self._reattach()
+
+    def _exit_block(self, layer: list[Probe]) -> None:
+        with self._lock:
+            self._detach()
+            self._layers.remove(layer)
+            remaining = tuple(p for lay in self._layers for p in lay)
+            self._layer_plan = self._plan(remaining, self.inventory()) if remaining else None
+            self._reattach()
 
     def _named_modules(self) -> dict[str, torch.nn.Module]:
         if self._modules is None:

@@ -517,6 +517,8 @@ class Plan:
         self._split: (
             tuple[list[Tap], list[tuple[torch.nn.Module, Tap]], list[tuple[Point, Tap]], dict[str, Frame]] | None
         ) = None
+        # the hook after each direct forward of the root, while attached (see ``attach``): its table and key
+        self.direct_check: tuple[dict, int] | None = None
         made: dict[str, SaveContext] = {}  # new contexts, put into ``contexts`` once every probe is resolved
         for probe in expand_probes(probes, inventory):
             try:
@@ -594,6 +596,7 @@ class Plan:
             self._split = (on_tensors, outputs, *split_taps(others))
         on_tensors, outputs, hooks, frames = self._split
         attachment = Attachment()
+        self.direct_check = None
         try:
             held = [(tap, *attachment.hold_tensor(modules[tap.point.module], tap.point.scope[0])) for tap in on_tensors]
             self._held = held
@@ -609,7 +612,8 @@ class Plan:
                 attachment.skip(modules[path], skipping)
             self._through_checkpoints(attachment, modules)
             if on_missed is not None:  # last: the root's output taps fire before it
-                attachment.hook(root, functools.partial(self._after_direct_call, on_missed), always=True)
+                hook = functools.partial(self._after_direct_call, on_missed)
+                self.direct_check = (root.__dict__["_forward_hooks"], attachment.hook(root, hook, always=True))
         except BaseException:
             attachment.detach()
             raise

@@ -316,10 +316,11 @@ class Attachment:
         with_kwargs: bool = False,
         always: bool = False,
         first: bool = False,
-    ) -> None:
+    ) -> int:
         """Register ``hook`` as ``register_forward_hook`` (``before``: ``register_forward_pre_hook``) would.
 
         It goes straight into the module's hook tables, without a handle to remove it by: ``detach()`` does.
+        Returns its key there.
         """
         self._steps.append((_hook_again, (module, hook, before, with_kwargs, always, first)))
         own = module.__dict__
@@ -340,6 +341,7 @@ class Attachment:
             self._put(own["_forward_hooks_always_called"], key, True)
         if first:
             hooks.move_to_end(key, last=False)
+        return key
 
     def on_outputs(self, hooks: list[tuple[torch.nn.Module, Fire]]) -> None:
         """``on_output(module, hook)`` for each pair, each ``hook`` marked as a hook: one call for a plan's many."""
