@@ -1369,9 +1369,9 @@ def test_under_torchrun_the_options_that_set_ranks_or_devices_are_refused(folder
     assert "under torchrun" in refused.stderr and "leave out --ranks, --device-map" in refused.stderr
 
 
-def start_two_nodes(folder: Path, both: dict | None = None, second: dict | None = None) -> tuple[list, str]:
-    """Two ``torchrun --nnodes 2`` nodes of one rank each on loopback, serving; ``both``, ``second``: more of
-    both nodes' environment, and of the second's. Returns the node processes and the URL, once it serves."""
+def start_two_nodes(folder: Path) -> tuple[list, str]:
+    """Two ``torchrun --nnodes 2`` nodes of one rank each on loopback, serving. Returns the node processes and
+    the URL, once it serves."""
     import subprocess
 
     rendezvous, port = serving.free_port(), serving.free_port()
@@ -1385,11 +1385,10 @@ def start_two_nodes(folder: Path, both: dict | None = None, second: dict | None 
         "MASTER_ADDR": "127.0.0.1",
         "GLOO_SOCKET_IFNAME": "lo",
         "PYTHONUNBUFFERED": "1",
-        **(both or {}),
     }
     nodes = [
-        subprocess.Popen(node, env=e, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        for e in (env, {**env, **(second or {})})
+        subprocess.Popen(node, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        for _ in range(2)
     ]
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
@@ -1447,14 +1446,11 @@ def test_torchrun_on_two_nodes_serves_as_two_ranks_do_and_one_node_lost_ends_the
         end_nodes(nodes, [row["pid"] for row in ranks])
 
 
-def test_a_stopped_rank_on_another_machine_ends_both_nodes_in_time(folder, tmp_path):
-    # the second node's processes take another host name, so that no rank counts the other as its machine's and
-    # kills it: each node is left to end its own processes, as on two machines
-    (tmp_path / "sitecustomize.py").write_text('import socket\nsocket.gethostname = lambda: "second-node"\n')
-    path = os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])
-    # whichever node's launcher hosts the rendezvous store, and with its default 30 s grace before it kills a
-    # worker that ignores its SIGTERM: the stopped rank's watchdog ends it, and so its node, within the bound
-    nodes, url = start_two_nodes(folder, second={"PYTHONPATH": path})
+def test_a_stopped_rank_on_another_machine_ends_both_nodes_in_time(folder):
+    # no rank ends another's process, so each node is left to end its own, as on two machines: whichever node's
+    # launcher hosts the rendezvous store, and with its default 30 s grace before it kills a worker that ignores
+    # its SIGTERM, the stopped rank's watchdog ends it, and so its node, within the bound
+    nodes, url = start_two_nodes(folder)
     ranks = []
     try:
         with nt.connect(url) as remote:

@@ -31,7 +31,6 @@ import io
 import os
 import pickle
 import signal
-import socket
 import sys
 import threading
 import time
@@ -127,7 +126,6 @@ class _Rank:
             "parameters": self.stage.parameters,
             "peak_rss_mb": self.stage.peak_rss_mb,
             "pid": os.getpid(),
-            "machine": machine_id(),
             "max_owner_bytes": self.max_owner_bytes,
         }
         everyone = self.exchange(mine)
@@ -153,12 +151,6 @@ class _Rank:
             loaded.update(part["parameters"])
         self.parameter_count = sum(loaded.values())
         self.startup_rss = [part["peak_rss_mb"] for part in everyone]
-        # the other ranks' processes on this machine: what is left of them once the server fails is ended here
-        self.neighbours = {
-            rank: part["pid"]
-            for rank, part in enumerate(everyone)
-            if rank != self.rank and part["machine"] == machine_id()
-        }
 
     def exchange(self, mine: Any, failure: BaseException | None = None) -> list[Any]:
         """What every rank has to say, in rank order, on every rank; ``failure``: what this rank saw fail."""
@@ -189,11 +181,6 @@ class _Rank:
             if isinstance(part, ErrorInfo):
                 raise NeurotapError(f"rank {rank} of the sharded server could not send what it holds: {part.message}")
         return [pickle.loads(part) for part in everyone]
-
-    def end_silent_neighbours(self, rank_timeout: float) -> None:
-        """After a failure: kill the ranks of this machine that went silent (hung or stopped ranks end only so)."""
-        silent = set(self.liveness.silent(after=max(3.0, rank_timeout / 2)))
-        end_ranks({rank: pid for rank, pid in self.neighbours.items() if rank in silent})
 
     def owners_of(self, name: str) -> tuple[str, list[int]]:
         """The raw point name a probe's point names and the ranks that run it."""
@@ -758,7 +745,7 @@ class ShardedExecutor(Executor):
         settings: ServerSettings,
         *,
         rank_timeout: float = DEFAULT_RANK_TIMEOUT,
-        on_failure: Callable[[RankFailedError, dict[int, int]], None] | None = None,
+        on_failure: Callable[[RankFailedError], None] | None = None,
         device: torch.device = CPU,
     ) -> None:
         self.folder = folder
@@ -834,7 +821,7 @@ class ShardedExecutor(Executor):
                 return
             self.failed = error = self.liveness.declare(error)
         if self.on_failure is not None:
-            self.on_failure(error, dict(self.local.neighbours))
+            self.on_failure(error)
 
     def _fail(self, error: RankFailedError) -> None:
         self._record(error)
@@ -994,7 +981,6 @@ def follow(folder: str, settings: ServerSettings, rank_timeout: float, device: t
     def leave(error: RankFailedError | None) -> None:
         # a failure declared by any rank ends this one at once, even in the middle of a transfer that would
         # only time out; with the launcher's store gone, so is rank 0's machine
-        local.end_silent_neighbours(rank_timeout)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(1)
@@ -1006,7 +992,6 @@ def follow(folder: str, settings: ServerSettings, rank_timeout: float, device: t
         except RuntimeError as error:
             # rank 0 is gone, or stopped sending even its no-ops: a rank 0 that hangs would hold the launcher up
             local.liveness.declare(RankFailedError(0, _first_line(error)))
-            local.end_silent_neighbours(rank_timeout)
             return 1
         kind = command[0]
         try:
@@ -1036,46 +1021,17 @@ def follow(folder: str, settings: ServerSettings, rank_timeout: float, device: t
         except (RankFailedError, RuntimeError) as error:
             if isinstance(error, RuntimeError):  # a RankFailedError is declared already
                 local.liveness.declare(RankFailedError(None, _first_line(error)))
-            local.end_silent_neighbours(rank_timeout)
             return 1
 
 
-def exit_soon(delay: float, hard_after: float) -> Callable[[RankFailedError, dict[int, int]], None]:
-    """What rank 0 does once a rank failed: answer what is in flight, end the other ranks of this machine, and
-    stop; exit hard if stopping hangs.
+def exit_soon(delay: float, hard_after: float) -> Callable[[RankFailedError], None]:
+    """What rank 0 does once a rank failed: answer what is in flight, then stop; exit hard if stopping hangs.
+    The other ranks end by themselves (``follow``), or by their watchdogs."""
 
-    The other ranks are ended here rather than left to the launcher: a rank that
-    hangs (or is stopped) ignores the SIGTERM the launcher sends first, and the
-    launcher would wait its own shutdown timeout (30 s) before killing it.
-    """
-
-    def on_failure(error: RankFailedError, neighbours: dict[int, int]) -> None:
-        def stop() -> None:
-            end_ranks(neighbours)
-            os.kill(os.getpid(), signal.SIGTERM)
-
-        threading.Timer(delay, stop).start()
+    def on_failure(error: RankFailedError) -> None:
+        threading.Timer(delay, os.kill, (os.getpid(), signal.SIGTERM)).start()
         killer = threading.Timer(hard_after, os._exit, (1,))
         killer.daemon = True
         killer.start()
 
     return on_failure
-
-
-def end_ranks(pids: Mapping[int, int]) -> None:
-    """Kill the processes of ranks (rank -> pid, on this machine) that have not exited yet."""
-    for pid in pids.values():
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass  # already gone
-
-
-def machine_id() -> str:
-    """Which machine this process runs on, to tell the ranks that share it."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as boot:
-            boot_id = boot.read().strip()
-    except OSError:
-        boot_id = ""
-    return f"{socket.gethostname()}/{boot_id}"

@@ -183,7 +183,7 @@ def rank_device(choice: str, everyone: list[tuple[int, int]], rank: int) -> torc
 def _serve(args: argparse.Namespace, device: torch.device) -> int:
     from ..cli.serve import settings_of
     from ..transport.server import is_loopback, read_tokens, serve
-    from .executor import ShardedExecutor, end_ranks, exit_soon
+    from .executor import ShardedExecutor, exit_soon
 
     try:
         tokens = read_tokens(args.token_file) if args.token_file else []
@@ -203,9 +203,5 @@ def _serve(args: argparse.Namespace, device: torch.device) -> int:
         print(f"neurotap serve: {error}", file=sys.stderr)
         return 1
     finally:
-        if executor.failed is not None:
-            # the launcher may have stopped this rank before exit_soon's timer ended the others: a hung rank
-            # ignores the launcher's SIGTERM and would hold its exit up for the launcher's own 30 s
-            end_ranks(executor.local.neighbours)
         executor.stop()
     return 1 if executor.failed is not None else 0
