@@ -95,6 +95,29 @@ def test_reused_plans_do_not_keep_a_calls_probes_alive(toy):
     assert gone() is None
 
 
+def test_a_patch_block_keeps_its_patches_only_while_the_caller_does(toy):
+    """A block entered again with the same patch objects reuses its plan; once the caller drops a patch, its
+    tensor is freed, though the model keeps that block's plan for a next time."""
+    x = example_inputs("toy")["x"]
+    plain = toy.module(x)
+    value = torch.full_like(plain, 2.0)
+    patches = {"output": nt.Replace(value)}
+    with toy.patch(patches):
+        plan = toy._layer_plan
+        assert torch.equal(toy(x), value)
+    with toy.patch(patches):
+        assert toy._layer_plan is plan
+        assert torch.equal(toy(x), value)
+    gone = weakref.ref(value)
+    del patches, value
+    gc.collect()
+    assert gone() is None
+    assert torch.equal(toy(x), plain)
+    with toy.patch({"output": nt.Scale(3.0)}):
+        assert toy._layer_plan is not plan
+        assert torch.allclose(toy(x), plain * 3.0, atol=1e-6)
+
+
 class HostTensors(TorchDispatchMode):
     """Counts tensors made from host data (``torch.tensor``, a Python number written into a tensor) or from nothing."""
 

@@ -59,17 +59,17 @@ def patches_to_probes(patches: PatchSpec, *, optional: bool = False) -> list[Pro
 class _PatchBlock:
     """``with m.patch({...}):``: the block's probes are on from entry to exit (a class: no generator to run)."""
 
-    __slots__ = ("model", "layer")
+    __slots__ = ("model", "layer", "key", "plan")
 
-    def __init__(self, model: Model, layer: list[Probe]) -> None:
-        self.model, self.layer = model, layer
+    def __init__(self, model: Model, layer: list[Probe], key: tuple, plan: Plan) -> None:
+        self.model, self.layer, self.key, self.plan = model, layer, key, plan
 
     def __enter__(self) -> Model:
-        self.model._enter_block(self.layer)
+        self.plan = self.model._enter_block(self.layer, self.key, self.plan)
         return self.model
 
     def __exit__(self, *_: Any) -> None:
-        self.model._exit_block(self.layer)
+        self.model._exit_block(self.layer, self.key, self.plan)
 
 
 class Model:
@@ -90,8 +90,10 @@ class Model:
         # recent calls' plans by their probes' ids; an entry goes when one of its probes does
         self._plans: OrderedDict[tuple[int, ...], tuple[Plan, list[weakref.ref]]] = OrderedDict()
         self._plans_of: Inventory | None = None  # the inventory those plans were resolved against
-        # recent patch() blocks' probes by their points and patch objects, so a block entered again reuses its plan
-        self._blocks: OrderedDict[tuple, list[Probe]] = OrderedDict()
+        # recent patch() blocks' plans, let go of their patch objects, by their points and those objects' ids,
+        # with weak references to the objects: a block entered again with the same patches reuses its plan
+        self._blocks: OrderedDict[tuple, tuple[Plan, list[weakref.ref], Inventory]] = OrderedDict()
+        self._block_plans: dict[int, Plan] = {}  # each active block's own plan, by id of its probes' list
         self._lock = threading.RLock()
 
     def __repr__(self) -> str:
@@ -429,44 +431,73 @@ class Model:
         would with that probe, unless the block is ``optional``.
         """
         with self._lock:
-            layer = self._block_probes(patches, optional)
-            self._plan(tuple(layer), self.inventory())  # an unknown point fails here, at the call, not at entry
-        return _PatchBlock(self, layer)
+            layer = patches_to_probes(patches, optional=optional)
+            key = (optional, *((p.point, id(p.fn)) for p in layer))
+            plan = self._block_plan(layer, key)  # an unknown point fails here, at the call, not at entry
+        return _PatchBlock(self, layer, key, plan)
 
-    def _block_probes(self, patches: PatchSpec, optional: bool) -> list[Probe]:
-        """The probes of ``patch(patches)``: those made last time for the same points and patch objects.
+    def _block_plan(self, layer: list[Probe], key: tuple) -> Plan:
+        """The plan of a block of ``layer`` alone: the one made last time for the same points and patch objects.
 
-        The last few blocks' are kept, and with them their patches, as plans keep their probes'.
+        A kept plan holds no patch object (see ``Plan.release``), and its entry goes when one of them does,
+        so a patch's tensors are freed once its user drops it.
         """
-        if not isinstance(patches, Mapping):
-            raise TypeError("patch() takes a dict {point name: patch or list of patches}")
-        # the kept probes keep each id taken
-        key = (optional, *((point, id(fn)) for point, value in patches.items() for fn in _listed(value)))
-        blocks = self._blocks
-        kept = blocks.get(key)
-        if kept is None:
-            kept = blocks[key] = patches_to_probes(patches, optional=optional)
-            if len(blocks) > _KEPT_PLANS:
-                blocks.popitem(last=False)
-        else:
-            blocks.move_to_end(key)
-        return list(kept)
+        inventory = self.inventory()
+        kept = self._blocks.pop(key, None)  # in use until the block ends: a block nested in itself makes its own
+        if kept is not None:
+            plan, refs, of = kept
+            if of is inventory and all(ref() is p.fn for ref, p in zip(refs, layer)):
+                plan.rebind(layer)
+                return plan
+        return Plan(layer, inventory, self._contexts)
 
-    def _enter_block(self, layer: list[Probe]) -> None:
+    def _keep_block_plan(self, layer: list[Probe], key: tuple, plan: Plan) -> None:
+        """Keep the plan of a block that ended, for the next block of the same patch objects."""
+        plan.release()
+        blocks = self._blocks
+
+        def forget(_: weakref.ref) -> None:
+            if blocks.get(key, (None,))[0] is plan:
+                del blocks[key]
+
+        try:
+            refs = [weakref.ref(p.fn, forget) for p in layer]
+        except TypeError:  # a patch that cannot be referred to weakly: its blocks are planned anew each time
+            return
+        blocks[key] = (plan, refs, self.inventory())
+        if len(blocks) > _KEPT_PLANS:
+            blocks.popitem(last=False)
+
+    def _enter_block(self, layer: list[Probe], key: tuple, block_plan: Plan) -> Plan:
+        """Put the block on; returns its own plan (a block entered a second time may need another)."""
         with self._lock:
-            plan = self._plan((*(p for lay in self._layers for p in lay), *layer), self.inventory())
+            if self._blocks.get(key, (None,))[0] is block_plan:  # the same block object entered again
+                del self._blocks[key]
+            if any(p is block_plan for p in self._block_plans.values()):
+                block_plan = Plan(layer, self.inventory(), self._contexts)
+            block_plan.rebind(layer)
+            plan = block_plan
+            if self._layers:
+                plan = self._plan((*(p for lay in self._layers for p in lay), *layer), self.inventory())
             self._detach()
             self._layers.append(layer)
+            self._block_plans[id(layer)] = block_plan
             self._layer_plan = plan
             self._reattach()
+            return block_plan
 
-    def _exit_block(self, layer: list[Probe]) -> None:
+    def _exit_block(self, layer: list[Probe], key: tuple, block_plan: Plan) -> None:
         with self._lock:
             self._detach()
             self._layers.remove(layer)
-            remaining = tuple(p for lay in self._layers for p in lay)
-            self._layer_plan = self._plan(remaining, self.inventory()) if remaining else None
+            del self._block_plans[id(layer)]
+            if len(self._layers) == 1:
+                self._layer_plan = self._block_plans[id(self._layers[0])]
+            else:
+                remaining = tuple(p for lay in self._layers for p in lay)
+                self._layer_plan = self._plan(remaining, self.inventory()) if remaining else None
             self._reattach()
+            self._keep_block_plan(layer, key, block_plan)
 
     def _named_modules(self) -> dict[str, torch.nn.Module]:
         if self._modules is None:

@@ -11,7 +11,7 @@ import contextvars
 import copy
 import dataclasses
 import functools
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -316,20 +316,22 @@ class _Region:
         self.plan = plan
         self.modules = modules
         self.function = function
-        self.log: dict[Tap, list[tuple[int, int, tuple[tuple[int, dict | None], ...]]]] = {}
+        # per tap and call: the probes that replaced the value, each copied (a block that ends before the
+        # backward lets go of its patches: see Plan.release), with its save context's data before the call
+        self.log: dict[Tap, list[tuple[int, int, tuple[tuple[BoundProbe, dict | None], ...]]]] = {}
         self.ran = False
         self.defer_gradients = torch.is_grad_enabled()
 
     def fire(self, tap: Tap, value: Any, call: int, step: int) -> Any:
         again = []
-        for number, bound in enumerate(tap.bound):
+        for bound in tap.bound:
             if bound.grad and self.defer_gradients and not torch.is_grad_enabled():
-                again.append((number, None))
+                again.append((copy.copy(bound), None))
                 continue
             before = None if isinstance(bound.fn, _SAVE_NOTHING) else dict(bound.ctx._data)
             result = bound.apply(value, call, step)
             if result is not value:
-                again.append((number, before))
+                again.append((copy.copy(bound), before))
             value = result
         self.log.setdefault(tap, []).append((call, step, tuple(again)))
         return value
@@ -362,7 +364,7 @@ class _Replay:
 
     __slots__ = ("tap", "calls", "fired", "point")
 
-    def __init__(self, tap: Tap, calls: list[tuple[int, int, tuple[tuple[int, dict | None], ...]]]) -> None:
+    def __init__(self, tap: Tap, calls: list[tuple[int, int, tuple[tuple[BoundProbe, dict | None], ...]]]) -> None:
         self.tap = tap
         self.calls = calls
         self.fired = 0
@@ -374,8 +376,7 @@ class _Replay:
         if fired >= len(self.calls):
             return value
         call, step, again = self.calls[fired]
-        for number, before in again:
-            bound = self.tap.bound[number]
+        for bound, before in again:
             value = bound.apply(value, call, step, None if before is None else _scratch(bound.ctx, before))
         return value
 
@@ -520,7 +521,10 @@ class Plan:
         # the hook after each direct forward of the root, while attached (see ``attach``): its table and key
         self.direct_check: tuple[dict, int] | None = None
         made: dict[str, SaveContext] = {}  # new contexts, put into ``contexts`` once every probe is resolved
-        for probe in expand_probes(probes, inventory):
+        # where each probe's function went, by the probe's place in ``probes``: for release and rebind
+        self._fns: list[tuple[BoundProbe, int]] = []
+        self._skip_fns: list[tuple[_Skipping, int]] = []
+        for number, probe in ((n, e) for n, p in enumerate(probes) for e in expand_probes([p], inventory)):
             try:
                 base, keys = split_narrowing(probe.point)
             except ValueError as error:
@@ -540,14 +544,34 @@ class Plan:
                 ctx = made[name] = SaveContext(name)
             if isinstance(probe.fn, Skip):
                 skip = _checked_skip(probe, probe.fn, point)
-                self.skips.setdefault(point.module, _Skipping(point, BoundProbe(probe, ctx, ()), self.state, skip))
+                if point.module not in self.skips:
+                    self.skips[point.module] = _Skipping(point, BoundProbe(probe, ctx, ()), self.state, skip)
+                    self._skip_fns.append((self.skips[point.module], number))
                 continue
             if base not in self.taps:
                 self.taps[base] = Tap(point, self.state)
-            self.taps[base].bound.append(BoundProbe(probe, ctx, keys))
+            bound = BoundProbe(probe, ctx, keys)
+            self.taps[base].bound.append(bound)
+            self._fns.append((bound, number))
         for tap in self.taps.values():
             tap.bound_all()
         contexts.update(made)
+
+    def release(self) -> None:
+        """Let go of the probes' functions (a patch and its tensors), until ``rebind`` gives them back."""
+        for bound, _ in self._fns:
+            bound.fn = None
+        for skipping, _ in self._skip_fns:
+            skipping.bound[0].fn = skipping.skip = None
+
+    def rebind(self, probes: Sequence[Probe]) -> None:
+        """Take the functions of ``probes`` again: the same objects the plan was made from, at the same points."""
+        for bound, number in self._fns:
+            bound.fn = probes[number].fn
+        for skipping, number in self._skip_fns:
+            probe = probes[number]
+            skipping.bound[0].fn = probe.fn
+            skipping.skip = _checked_skip(probe, probe.fn, skipping.point)
 
     def missed(self, since: int, stopped_at: str | None = None, inventory: Inventory | None = None) -> list[str]:
         """The points, as the probes name them, that no forward after forward number ``since`` reached.
