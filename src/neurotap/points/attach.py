@@ -64,11 +64,12 @@ _NOTHING_TO_ENTER: dict[str, Any] = {}
 class Frame:
     """Routes a tapped function's sites to taps; ``children`` frames enter helpers (add them with ``child``)."""
 
-    __slots__ = ("taps", "children", "fn")
+    __slots__ = ("taps", "children", "fn", "_sites")
 
     def __init__(self) -> None:
         self.taps: dict[str, Fire] = {}
         self.children: dict[str, Frame] = {}
+        self._sites: frozenset[str] | None = None
         # fn(name, callee): the callee to call at site ``name``; with no child frame, every callee as it is,
         # by a dict's get, which costs no Python frame at each of the many calls a forward makes
         self.fn: Callable[[str, Any], Any] = _NOTHING_TO_ENTER.get
@@ -79,6 +80,13 @@ class Frame:
         if frame is not None:
             self.children[name] = frame
         return self.children.setdefault(name, Frame())
+
+    def sites(self) -> frozenset[str]:
+        """The sites it taps or enters helpers at, worked out on the first ask: a frame is complete by then."""
+        sites = self._sites
+        if sites is None:
+            sites = self._sites = frozenset(self.taps.keys() | self.children.keys())
+        return sites
 
     def out(self, name: str, value: Any) -> Any:
         tap = self.taps.get(name)
@@ -428,23 +436,23 @@ class Attachment:
         A frame already there (another wrapper of the same module, attached now)
         keeps working: its taps run first, then ``frame``'s, unless ``combine`` is off.
         """
-        if tapped_forward(module) is None or forward_replaced(module):
+        if forward_replaced(module):
             return False
-        self._steps.append((_ops_again, (module, frame, combine)))
         own = module.__dict__
+        previous_frame = own.get(FRAME_ATTR)
+        merged = frame
+        if combine and previous_frame is not None:  # another attachment (a second wrapper) is on it already
+            merged = Frame.merged(previous_frame, frame)
+        # a forward that calls its frame at the sites it taps alone: each site passed costs a Python call
+        result = tapped_forward(module, merged.sites() if type(merged) is Frame else None)
+        if result is None:
+            return False
+        self._steps.append((_ops_again, (module, frame, combine)))  # its own frame: redone, it merges anew
         # accelerate's hooks keep the real forward as _old_forward and call it from an instance forward of
         # their own: tap that one so their device handling stays in place
         slot = "_old_forward" if "_old_forward" in own else "forward"
         self._remember(module, slot, own.get(slot, _ABSENT))
-        previous_frame = own.get(FRAME_ATTR)
-        if combine and previous_frame is not None:  # another attachment (a second wrapper) is on it already
-            frame = Frame.merged(previous_frame, frame)
-        # a forward that calls its frame at the sites it taps alone: each site passed costs a Python call
-        only = frozenset(frame.taps.keys() | frame.children.keys()) if type(frame) is Frame else None
-        result = tapped_forward(module, only)
-        if result is None:
-            return False
-        self._put(own, FRAME_ATTR, frame)
+        self._put(own, FRAME_ATTR, merged)
         self._put(own, slot, types.MethodType(result.function, module))
         return True
 
