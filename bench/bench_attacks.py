@@ -1040,7 +1040,9 @@ def attack_slow_reader(server: Server, tally: Tally, count: int, path: str | Non
     control.send(f"GET /health HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n\r\n".encode())
     time.sleep(3.0)
     raw.delete("/v1/recordings")  # the session's recordings are gone; the answers being written are not
-    time.sleep(3.0)  # 6 s in all: past --header-timeout (2 s) and uvicorn's keep-alive timeout (5 s)
+    # 8 s in all: past --header-timeout (2 s), uvicorn's keep-alive timeout (5 s) and the time a client has to take
+    # a 3.75 MiB answer (--body-timeout, 3 s, and a second per MiB)
+    time.sleep(5.0)
     rss1 = server.status("VmRSS")
     states = collections.Counter(_still_open(s) for s in socks)
     control_state = _still_open(control)
@@ -1053,16 +1055,16 @@ def attack_slow_reader(server: Server, tally: Tally, count: int, path: str | Non
     rss2 = server.status("VmRSS")
     expect(
         checks,
-        f"{count} clients that never read a {path} answer are dropped within 6 s (no write timeout)",
+        f"{count} clients that never read a {path} answer are dropped within 8 s",
         states.get("open", 0) == 0,
-        f"{dict(states)} still connected after 6 s; server RSS {rss0 >> 20} -> {rss1 >> 20} MiB while held "
+        f"{dict(states)} still connected after 8 s; server RSS {rss0 >> 20} -> {rss1 >> 20} MiB while held "
         f"(+{(rss1 - rss0) / max(count, 1) / 2**20:.1f} MiB a connection), {rss2 >> 20} MiB after they left; "
         f"fresh /health meanwhile {probes}",
     )
     expect(checks, "fresh connections are still served while they are held", all(p == 200 for p in probes), probes)
     expect(
         checks,
-        "(control) a client that read its small answer is closed after 6 s",
+        "(control) a client that read its small answer is closed after 8 s",
         control_state == "closed",
         control_state,
     )

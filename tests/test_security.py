@@ -640,6 +640,7 @@ def test_health_and_api_pages_follow_the_token_rule(server):
     "args, says",
     [
         (["--max-batch", "0"], "--max-batch"),
+        (["--max-experiments-per-token", "0"], "--max-experiments-per-token"),
         (["--request-timeout", "-1"], "--request-timeout"),
         (["--port", "99999"], "99999"),
         (["--max-session-bytes", "8G", "--max-total-bytes", "4G"], "--max-total-bytes"),
@@ -1039,17 +1040,18 @@ def test_requests_waiting_to_run_are_held_against_the_tokens_share(answers_serve
 def test_one_token_cannot_queue_experiments_ahead_of_anothers(tmp_path, token_file):
     """A flood of inspector experiments from one token waited for the two experiment threads in one queue, each
     with a deadline counted from its arrival, so another token's experiment waited behind all of them and the
-    later ones ran out of time. A token now has at most a few under way; more are refused at once with a 429."""
-    from neurotap.transport.web import MAX_EXPERIMENTS_PER_TOKEN
+    later ones ran out of time. A token now has at most a few under way (--max-experiments-per-token); more are
+    refused at once with a 429."""
     from serving import WORDS, restored_probabilities, save_with_word_tokenizer, word_tokenizer
 
     model = tiny_llama()
     worded = save_with_word_tokenizer(model, tmp_path / "worded")
-    with Server(worded, "--token-file", str(token_file)) as server:
+    cap = 2
+    with Server(worded, "--token-file", str(token_file), "--max-experiments-per-token", str(cap)) as server:
         clean = " ".join(WORDS[i % len(WORDS)] for i in range(60))
         corrupt = " ".join(WORDS[(i * 7) % len(WORDS)] for i in range(60))
         body = {"clean": clean, "corrupt": corrupt, "target": "paris"}
-        flood = 3 * MAX_EXPERIMENTS_PER_TOKEN
+        flood = 4 * cap
         answers: list[tuple[int, float, str | None, str]] = []
         barrier = threading.Barrier(flood)
 
@@ -1071,10 +1073,10 @@ def test_one_token_cannot_queue_experiments_ahead_of_anothers(tmp_path, token_fi
             thread.join(300)
         statuses = sorted(status for status, *_ in answers)
         # a few of the flood may end before the last of it arrives and make room for one more
-        assert set(statuses) == {200, 429} and statuses.count(429) >= flood - MAX_EXPERIMENTS_PER_TOKEN - 2, answers
+        assert set(statuses) == {200, 429} and statuses.count(429) >= flood - cap - 2, answers
         for status, seconds, retry_after, text in answers:
             if status == 429:
-                assert seconds < 10 and retry_after is not None and "experiments" in text, (seconds, text)
+                assert seconds < 10 and retry_after is not None and "--max-experiments-per-token" in text, text
 
     # by hand: each decoder layer's output at one position put back from the clean run, with plain hooks
     words = word_tokenizer()

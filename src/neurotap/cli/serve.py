@@ -157,6 +157,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="sessions one token holds; opening another closes its least recently used",
     )
     group.add_argument(
+        "--max-experiments-per-token",
+        type=int,
+        default=settings.max_experiments_per_token,
+        help="the inspector's experiments (patching, logit lens, top examples) one token has under way or "
+        "waiting; more get 429",
+    )
+    group.add_argument(
         "--max-connections", type=int, default=settings.max_connections, help="open connections; more get 503"
     )
     group = parser.add_argument_group("placement")
@@ -212,6 +219,7 @@ def settings_of(args: argparse.Namespace, tokens: list[str]):
         max_total_bytes=args.max_total_bytes,
         max_inflight_bytes=args.max_inflight_bytes,
         max_sessions_per_token=args.max_sessions_per_token,
+        max_experiments_per_token=args.max_experiments_per_token,
         max_batch=args.max_batch,
         max_connections=args.max_connections,
         allowed_hosts=[h.strip("[]").lower() for h in args.allow_host],

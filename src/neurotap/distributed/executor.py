@@ -303,8 +303,15 @@ class _StageExecutor(InProcessExecutor):
         self.current: tuple[int, float | None, list[RunRequest]] | None = None
         self._next_look = 0.0
 
-    def run_batch(self, batch: Sequence[RunRequest | ErrorInfo], seeds: Sequence[int]) -> list[RunResult]:
-        """``batch`` as this rank decoded it (an ErrorInfo where it could not), run on every rank in step.
+    def run_batch(
+        self,
+        batch: Sequence[RunRequest | ErrorInfo],
+        seeds: Sequence[int],
+        deliver: Callable[[int, RunResult], None] | None = None,
+        yielding: Callable[[], bool] | None = None,
+    ) -> list[RunResult | None]:
+        """``batch`` as this rank decoded it (an ErrorInfo where it could not), run on every rank in step;
+        ``deliver`` and ``yielding`` as for ``execute``, on rank 0 only.
 
         Code can unpickle on one rank and not on another (it names a module that only
         some machines have): such a request fails on every rank with the error of the
@@ -324,7 +331,10 @@ class _StageExecutor(InProcessExecutor):
                         )
         kept = [k for k in range(len(batch)) if k not in refused]
         self.seeds = [seeds[k] for k in kept]
-        ran = iter(self.execute([batch[k] for k in kept]))
+        self._agreed = None
+        ran = iter(
+            self.execute([batch[k] for k in kept], deliver and (lambda j, result: deliver(kept[j], result)), yielding)
+        )
         return [RunResult(error=refused[k]) if k in refused else next(ran) for k in range(len(batch))]
 
     def _check_deadline(self, *_: Any) -> None:
@@ -396,6 +406,9 @@ class _StageExecutor(InProcessExecutor):
             kwargs = {k: v for k, v in kwargs.items() if k != "labels"}  # the model's loss needs the last rank's logits
         return super()._forward(args, kwargs, by_name, probes, stop_at)
 
+    def _yields(self) -> bool:
+        return self._agreed is not None and self._agreed.everyone[0]["yields"]
+
     def _reports(self, point: str) -> bool:
         return self.local.owners_of(point)[1][0] == self.local.rank
 
@@ -425,8 +438,11 @@ class _StageExecutor(InProcessExecutor):
         outcome = self._outcome(run, output, parts, stop) if failure is None else []
         # every rank needs what decides each request's fate; only rank 0 the values that go back to the clients
         status = [{key: entry[key] for key in _STATUS} for entry in outcome]
+        # rank 0 alone knows whether others wait; every rank stops the batch after this pass alike
+        yields = local.rank == 0 and super()._yields()
         agreed = local.exchange(
-            {"failure": _failure(failure), "requests": status, "bytes": self.recorded_bytes()}, failure
+            {"failure": _failure(failure), "requests": status, "bytes": self.recorded_bytes(), "yields": yields},
+            failure,
         )
         _raise_agreed([e["failure"] for e in agreed])
         try:
@@ -886,7 +902,12 @@ class ShardedExecutor(Executor):
 
         return describe_tokenizer(transformers.AutoTokenizer.from_pretrained(folder))
 
-    def execute(self, batch: Sequence[RunRequest]) -> list[RunResult]:
+    def execute(
+        self,
+        batch: Sequence[RunRequest],
+        deliver: Callable[[int, RunResult], None] | None = None,
+        yielding: Callable[[], bool] | None = None,
+    ) -> list[RunResult | None]:
         batch = list(batch)
         results: list[RunResult | None] = [None] * len(batch)
         send: list[tuple[int, str, bytes, int]] = []
@@ -912,15 +933,31 @@ class ShardedExecutor(Executor):
                     setattr(request, name, getattr(decoded, name))
                 seed = int(torch.randint(0, 2**31 - 1, (1,), generator=self._seed))
                 send.append((index, (request.session, request.owner), body, seed))
+        if deliver is not None:
+            for index, result in enumerate(results):
+                if result is not None:
+                    deliver(index, result)
         if send:
             with self._lock:
-                self._execute(batch, send, results)
-        return [r or RunResult(error=error_info(NeurotapError("not run"))) for r in results]
+                self._execute(batch, send, results, deliver, yielding)
+        return results
 
-    def _execute(self, batch: list[RunRequest], send: list, results: list) -> None:
+    def _execute(
+        self,
+        batch: list[RunRequest],
+        send: list,
+        results: list,
+        deliver: Callable[[int, RunResult], None] | None,
+        yielding: Callable[[], bool] | None,
+    ) -> None:
         try:
             self._command("execute", [(session, body, seed) for _, session, body, seed in send])
-            ran = self.local.executor.run_batch([batch[index] for index, *_ in send], [seed for *_, seed in send])
+            ran = self.local.executor.run_batch(
+                [batch[index] for index, *_ in send],
+                [seed for *_, seed in send],
+                deliver and (lambda k, result: deliver(send[k][0], result)),
+                yielding,
+            )
             for (index, *_), result in zip(send, ran):
                 results[index] = result
         except RankFailedError as error:

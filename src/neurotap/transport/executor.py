@@ -172,8 +172,19 @@ class Executor(abc.ABC):
         return None
 
     @abc.abstractmethod
-    def execute(self, batch: Sequence[RunRequest]) -> list[RunResult]:
-        """Run a batch; one result (or error) per request, in order."""
+    def execute(
+        self,
+        batch: Sequence[RunRequest],
+        deliver: Callable[[int, RunResult], None] | None = None,
+        yielding: Callable[[], bool] | None = None,
+    ) -> list[RunResult | None]:
+        """Run a batch; one result (or error) per request, in order.
+
+        ``deliver(index, result)`` is told each request's result as soon as its pass is
+        over, before the rest of the batch runs. Between passes, when ``yielding()``
+        says that others are waiting, the batch stops there: the requests of the
+        passes not run yet get None, for the caller to run again later.
+        """
 
     @abc.abstractmethod
     def recordings(self, session: str) -> dict[str, dict[str, Any]]:
@@ -224,6 +235,7 @@ class InProcessExecutor(Executor):
         self._session_bytes: dict[str, dict[str, int]] = {}
         self._deadline: float | None = None
         self._running: Sequence[RunRequest] = ()
+        self._yielding: Callable[[], bool] | None = None  # the batch under way's, while it runs
         self.passes = 0  # forward passes run, against requests run: how much batching happened
         self.requests = 0
         self.padded_passes = 0
@@ -309,12 +321,37 @@ class InProcessExecutor(Executor):
         if self._running and all(r.cancelled for r in self._running):
             raise RequestCancelledError("the client went away before the request finished")
 
-    def execute(self, batch: Sequence[RunRequest]) -> list[RunResult]:
+    def execute(
+        self,
+        batch: Sequence[RunRequest],
+        deliver: Callable[[int, RunResult], None] | None = None,
+        yielding: Callable[[], bool] | None = None,
+    ) -> list[RunResult | None]:
         results: list[RunResult | None] = [None] * len(batch)
-        self.requests += len(batch)
-        for group in self._groups(batch, results):
-            self._run_group(batch, group.indices, results, group.padded)
-        return [r if r is not None else RunResult(error=error_info(NeurotapError("not run"))) for r in results]
+        groups = self._groups(batch, results)
+        if deliver is not None:
+            for index, result in enumerate(results):
+                if result is not None:
+                    deliver(index, result)
+        self._yielding = yielding
+        try:
+            for number, group in enumerate(groups):
+                if number and self._yields():
+                    break  # the passes left are run again later, with the requests that came meanwhile
+                self._run_group(batch, group.indices, results, group.padded)
+                for index in group.indices:
+                    if results[index] is None:
+                        results[index] = RunResult(error=error_info(NeurotapError("not run")))
+                    if deliver is not None:
+                        deliver(index, results[index])
+        finally:
+            self._yielding = None
+        self.requests += sum(result is not None for result in results)
+        return results
+
+    def _yields(self) -> bool:
+        """Whether the batch stops before its next pass, others waiting (the caller's ``yielding``)."""
+        return self._yielding is not None and self._yielding()
 
     def _tokens(self, request: RunRequest) -> Tokens | None:
         """The request's token ids if it can share a padded pass."""

@@ -67,6 +67,7 @@ class ServerSettings:
     max_session_bytes: int = 1 << 30
     max_total_bytes: int = 4 << 30
     max_sessions_per_token: int = 64
+    max_experiments_per_token: int = 4  # the inspector's, under way or waiting
     max_batch: int = 32
     session_timeout: float = 3600.0
     header_timeout: float = 10.0
@@ -94,6 +95,7 @@ class ServerSettings:
             "--max-session-bytes": self.max_session_bytes,
             "--max-total-bytes": self.max_total_bytes,
             "--max-sessions-per-token": self.max_sessions_per_token,
+            "--max-experiments-per-token": self.max_experiments_per_token,
             "--max-batch": self.max_batch,
             "--max-connections": self.max_connections,
             "--max-new-tokens": self.limits.max_new_tokens,

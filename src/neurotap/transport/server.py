@@ -21,12 +21,14 @@ What a client cannot do, whatever it sends:
   web page cannot use DNS rebinding to reach a server on 127.0.0.1), or drive it
   from a web page of another origin (``Origin`` is checked);
 - hold connections open: request headers must arrive within ``header_timeout``,
-  a body within ``body_timeout``, and connections beyond ``max_connections`` are
-  answered 503 and closed;
+  a body within ``body_timeout``, an answer must be taken as fast, and connections
+  beyond ``max_connections`` are answered 503 and closed;
 - stall other clients: bodies are decoded off the event loop, and a pass stops at
   its deadline (:mod:`.executor` checks it at every layer);
-- lock others out: sessions are capped per token, idle ones expire after
-  ``session_timeout``, and a token at its cap loses its least recently used one;
+- lock others out: the tokens' runs take turns, and a batch stops between passes
+  for another token's waiting run (:mod:`.worker`); sessions are capped per token,
+  idle ones expire after ``session_timeout``, and a token at its cap loses its
+  least recently used one;
 - exhaust memory: requests are bounded before they run (:mod:`.limits`), bodies
   being received by ``max_inflight_bytes``, recordings per session and across
   sessions, and what each token's requests hold besides (decoded requests waiting
@@ -46,12 +48,13 @@ import os
 import secrets
 import signal
 import socket
+import struct
 import sys
 import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,6 +82,14 @@ from .wire import (
 from .worker import BatchWorker
 
 log = logging.getLogger("neurotap.server")
+
+try:  # how much of a socket's send queue its peer has not acknowledged: Linux only
+    import fcntl
+    import termios
+
+    _SEND_QUEUE: int | None = termios.TIOCOUTQ
+except (ImportError, AttributeError):
+    _SEND_QUEUE = None
 
 
 def is_loopback(host: str) -> bool:
@@ -398,7 +409,8 @@ class _Held:
             f"your token's requests waiting to run and answers not yet read by their clients hold "
             f"{self.held[owner]} bytes" + (f" and this needs {size} more" if size else "") + f", over your token's "
             f"share of {self.share} bytes (--max-total-bytes, shared equally among the tokens); read the answers "
-            "under way (a client that stops reading holds its answer until --body-timeout drops it), then retry",
+            "under way (a client that stops reading holds its answer until --body-timeout, and a second per MiB of "
+            "it, has passed), then retry",
             retry_after=1,
         )
 
@@ -735,15 +747,43 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _unsent(transport: asyncio.Transport) -> int:
+    """Bytes written to ``transport`` that its client has not taken yet: those asyncio holds and, on Linux, those
+    in the socket's send queue (which can hold megabytes a connection, and outlive a plain close)."""
+    pending = transport.get_write_buffer_size()
+    sock = transport.get_extra_info("socket")
+    if sock is not None and _SEND_QUEUE is not None:
+        try:
+            queued = fcntl.ioctl(sock.fileno(), _SEND_QUEUE, b"\0\0\0\0")
+            pending += struct.unpack("i", queued)[0]
+        except OSError:
+            pass
+    return pending
+
+
+def _drop(transport: asyncio.Transport) -> None:
+    """End the connection at once; one that still holds bytes its client has not taken is reset, so that they
+    are discarded by the kernel too (a plain close would leave it offering them for minutes to a client that
+    does not read)."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None and _unsent(transport):
+        with suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
+
+
 def _guarded_protocol(settings: ServerSettings) -> type:
-    """uvicorn's HTTP/1.1 protocol with deadlines for a request's headers and for a stalled answer, and a cap
+    """uvicorn's HTTP/1.1 protocol with deadlines for a request's headers and for taking an answer, and a cap
     on connections.
 
     uvicorn times out idle keep-alive connections but not a client that sends its
-    headers a byte at a time, nor one that never reads its answer (which would
-    hold that answer in memory for ever), and accepts any number of connections.
-    At the cap, a new connection takes the place of the oldest one that has no
-    request under way (an idle or half-sent one); only when every connection is
+    headers a byte at a time, nor one that reads its answer slowly or never (which
+    would hold that answer, in the server or in the kernel's send queue, for as long
+    as it likes), and accepts any number of connections. An answer must be taken
+    within ``body_timeout`` plus a second per MiB of it, as a body must arrive, and
+    its client may not stop taking it for ``body_timeout``, or the connection is
+    reset. At the cap, a new connection takes the place of the oldest one that has
+    no request under way (an idle or half-sent one); only when every connection is
     busy is it refused.
     """
     from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -763,8 +803,12 @@ def _guarded_protocol(settings: ServerSettings) -> type:
 
     class GuardedH11Protocol(H11Protocol):
         _header_timer: asyncio.TimerHandle | None = None
-        _write_timer: asyncio.TimerHandle | None = None
+        _answer_timer: asyncio.TimerHandle | None = None
+        _stall_timer: asyncio.TimerHandle | None = None
         _opened = 0.0
+        _answering: Any = None  # the request cycle whose answer was written last
+        _answer_due = 0.0  # when the client must have taken all it was sent
+        _answer_bytes = 0  # written since the client last had taken everything
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -775,22 +819,56 @@ def _guarded_protocol(settings: ServerSettings) -> type:
                     transport.write(busy)
                     transport.close()
                     return
-                min(idle, key=lambda c: c._opened).transport.abort()
+                _drop(min(idle, key=lambda c: c._opened).transport)
+            write = transport.write
+
+            def timed_write(data: Any) -> None:
+                if self.cycle is not self._answering:  # a new answer: its time counts from now
+                    self._answering = self.cycle
+                    self._answer_due = max(self._answer_due, time.monotonic() + settings.body_timeout)
+                self._answer_due += len(data) / _BODY_RATE
+                self._answer_bytes += len(data)
+                if self._answer_timer is None:
+                    self._answer_timer = self.loop.call_later(settings.body_timeout, self._check_answer)
+                write(data)
+
+            transport.write = timed_write  # type: ignore[method-assign]
             self._arm()
 
         def _idle(self) -> bool:
             return self.cycle is None or self.cycle.response_complete
 
-        def pause_writing(self) -> None:
+        def pause_writing(self) -> None:  # the client stopped taking its answer: it has --body-timeout to go on
             super().pause_writing()
-            if self._write_timer is None:
-                self._write_timer = self.loop.call_later(settings.body_timeout, self.transport.abort)
+            if self._stall_timer is None:
+                self._stall_timer = self.loop.call_later(settings.body_timeout, _drop, self.transport)
 
         def resume_writing(self) -> None:
             super().resume_writing()
-            if self._write_timer is not None:
-                self._write_timer.cancel()
-                self._write_timer = None
+            if self._stall_timer is not None:
+                self._stall_timer.cancel()
+                self._stall_timer = None
+
+        def _check_answer(self) -> None:
+            """Reset the connection if its client has not taken its answers in time."""
+            self._answer_timer = None
+            if self.transport.is_closing():
+                return
+            unsent = _unsent(self.transport)
+            if not unsent:
+                self._answer_bytes = 0
+                return
+            now = time.monotonic()
+            if now > self._answer_due:
+                log.info(
+                    "connection reset: its client left %d of the %d bytes of its answers untaken past their time "
+                    "(--body-timeout, and a second per MiB)",
+                    unsent,
+                    self._answer_bytes,
+                )
+                _drop(self.transport)
+                return
+            self._answer_timer = self.loop.call_later(min(1.0, self._answer_due - now + 0.01), self._check_answer)
 
         def data_received(self, data: bytes) -> None:
             cycle = self.cycle
@@ -805,9 +883,10 @@ def _guarded_protocol(settings: ServerSettings) -> type:
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
-            if self._write_timer is not None:
-                self._write_timer.cancel()
-                self._write_timer = None
+            for timer in (self._answer_timer, self._stall_timer):
+                if timer is not None:
+                    timer.cancel()
+            self._answer_timer = self._stall_timer = None
             super().connection_lost(exc)
 
         def _arm(self) -> None:
@@ -822,7 +901,10 @@ def _guarded_protocol(settings: ServerSettings) -> type:
         def _headers_late(self) -> None:
             self._header_timer = None
             if self.cycle is None or self.cycle.response_complete:
-                self.transport.close()
+                if _unsent(self.transport):
+                    self._arm()  # its client is still taking its answer, within that answer's own deadline
+                else:
+                    self.transport.close()
 
     return GuardedH11Protocol
 

@@ -44,7 +44,7 @@ no model logic. Routes added here:
   :data:`MAX_EXAMPLES`, the context :data:`MAX_CONTEXT` tokens a side, and scans run
   one at a time on a thread of their own.
 
-A token may have :data:`MAX_EXPERIMENTS_PER_TOKEN` of these three (patching, the
+A token may have ``--max-experiments-per-token`` of these three (patching, the
 logit lens, top examples) under way or waiting at once; one more is refused at
 once with a 429 and ``Retry-After``, so that another token's experiment waits
 behind a few of each other token's at most, never behind a flood.
@@ -80,7 +80,6 @@ MAX_LENS_TOP = 10
 MAX_EXAMPLES = 50
 MAX_CONTEXT = 64  # tokens of context on each side of an example
 MAX_EXPERIMENT_THREADS = 2
-MAX_EXPERIMENTS_PER_TOKEN = 4  # patching, logit lens and top examples under way or waiting, of one token
 _LENS_PASS_BYTES = 64 << 20  # the logits of one of the lens's passes: it puts in as many layers as fit
 _MAX_JSON_BYTES = 64 << 10
 _FILES = {"app.js": "text/javascript", "style.css": "text/css", "index.html": "text/html"}
@@ -111,13 +110,13 @@ def mount(app: Any, state: Any, executor: Any, settings: Any, dataset: Any = Non
     @contextlib.contextmanager
     def experiment_of(token: str | None) -> Any:
         owner = state.owner(token)
-        if under_way[owner] >= MAX_EXPERIMENTS_PER_TOKEN:
+        if under_way[owner] >= settings.max_experiments_per_token:
             raise ApiError(
                 429,
                 "TooManyExperiments",
                 f"this token has {under_way[owner]} experiments (patching, logit lens, top examples) under way or "
-                f"waiting, the most one token may have at once ({MAX_EXPERIMENTS_PER_TOKEN}); wait for one to "
-                "finish, then retry",
+                f"waiting, the most one token may have at once ({settings.max_experiments_per_token}, "
+                "--max-experiments-per-token); wait for one to finish, then retry",
                 retry_after=2,
             )
         under_way[owner] += 1

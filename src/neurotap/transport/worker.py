@@ -4,29 +4,43 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import functools
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 from .executor import Executor
-from .wire import RunRequest
+from .wire import RunRequest, RunResult
 
 
 class BatchWorker:
     """The one thread that runs an executor: runs arrive from any thread and are batched as they queue up.
 
-    While it is busy, runs pile up and the next batch takes them all. When several
-    sessions have been sending runs lately, a batch also waits up to ``window``
-    seconds for one run from each of them (they usually arrive within a
-    millisecond of each other); a lone client never waits.
+    While it is busy, runs pile up and the next batch takes them all, up to
+    ``max_batch``. When several sessions have been sending runs lately, a batch
+    also waits up to ``window`` seconds for one run from each of them (they
+    usually arrive within a millisecond of each other); a lone client never waits.
+
+    Runs queue by owner (a token's label, ``RunRequest.owner``), and a batch takes
+    them in turns, one of each owner at a time, the owner served longest ago
+    first; each answer goes back as soon as its pass is over. When another owner's
+    run (or a call) is waiting while a batch runs, the batch stops after the pass
+    under way and the rest of it queues again in front of its owners' later runs:
+    one owner's flood of long requests holds another's for one pass at most.
+    Calls run one at a time, between batches.
     """
 
     def __init__(self, executor: Executor, *, max_batch: int = 32, window: float = 0.004) -> None:
         self.executor = executor
         self.max_batch = max_batch
         self.window = window
-        self._queue: collections.deque = collections.deque()
+        self._runs: dict[str, collections.deque] = {}  # owner -> its (request, future) waiting, oldest first
+        self._served: dict[str, int] = {}  # owner -> the batch that last took one of its runs
+        self._batches = 0
+        self._calls: collections.deque = collections.deque()
+        self._call_next = False  # after a batch a waiting call goes first, after a call a batch
+        self._running: collections.Counter = collections.Counter()  # owners of the batch's runs not yet answered
         self._condition = threading.Condition()
         self._recent: dict[str, float] = {}  # session -> when it last sent a run
         self._stopping = False
@@ -38,16 +52,16 @@ class BatchWorker:
         with self._condition:
             if self._stopping:
                 raise RuntimeError("the executor is shutting down")
-            self._queue.append(("run", request, future))
+            self._runs.setdefault(request.owner, collections.deque()).append((request, future))
             self._recent[request.session] = time.monotonic()
             self._condition.notify_all()
         return future
 
     def call(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future:
-        """Run ``fn(*args)`` on the executor's thread, in order with the runs."""
+        """Run ``fn(*args)`` on the executor's thread, between batches."""
         future: concurrent.futures.Future = concurrent.futures.Future()
         with self._condition:
-            self._queue.append(("call", (fn, args), future))
+            self._calls.append((fn, args, future))
             self._condition.notify_all()
         return future
 
@@ -58,14 +72,39 @@ class BatchWorker:
             self._condition.notify_all()
         self._thread.join(timeout)
 
-    def _take(self) -> list | None:
+    def _waiting(self) -> bool:
+        return any(self._runs.values())
+
+    def _take_runs(self, taken: list, sessions: set[str]) -> None:
+        """Runs into ``taken``, in turns over their owners, the one served longest ago first."""
+        owners = sorted((o for o, q in self._runs.items() if q), key=lambda o: self._served.get(o, -1))
+        while owners and len(taken) < self.max_batch:
+            for owner in list(owners):
+                queue = self._runs[owner]
+                while queue and queue[0][1].cancelled():  # its client went away before it ran
+                    queue.popleft()
+                if not queue:
+                    owners.remove(owner)
+                    continue
+                request, future = queue.popleft()
+                taken.append((request, future))
+                sessions.add(request.session)
+                self._served[owner] = self._batches
+                if len(taken) >= self.max_batch:
+                    break
+
+    def _take(self) -> tuple | list | None:
+        """The next call, or the next batch of runs; None once stopping with nothing left."""
         with self._condition:
-            while not self._queue:
+            while not self._calls and not self._waiting():
                 if self._stopping:
                     return None
                 self._condition.wait()
-            if self._queue[0][0] == "call":
-                return [self._queue.popleft()]
+            if self._calls and (self._call_next or not self._waiting()):
+                self._call_next = False
+                return self._calls.popleft()
+            self._call_next = True
+            self._batches += 1
             now = time.monotonic()
             self._recent = {s: t for s, t in self._recent.items() if now - t < 1.0}
             expected = min(len(self._recent), self.max_batch)
@@ -73,38 +112,69 @@ class BatchWorker:
             sessions: set[str] = set()
             wait_until = now + self.window
             while True:
-                while self._queue and self._queue[0][0] == "run" and len(taken) < self.max_batch:
-                    item = self._queue.popleft()
-                    taken.append(item)
-                    sessions.add(item[1].session)
-                if self._queue or len(taken) >= self.max_batch or len(sessions) >= expected or self._stopping:
-                    return taken
+                self._take_runs(taken, sessions)
+                full = len(taken) >= self.max_batch
+                if self._waiting() or full or len(sessions) >= expected or self._stopping or self._calls:
+                    break
                 remaining = wait_until - time.monotonic()
                 if remaining <= 0:
-                    return taken
+                    break
                 self._condition.wait(remaining)
+            self._running = collections.Counter(request.owner for request, _ in taken)
+            return taken
+
+    def _yielding(self) -> bool:
+        """Whether a call, or a run of an owner with none left in the batch under way, is waiting."""
+        with self._condition:
+            return bool(self._calls) or any(q and not self._running[o] for o, q in self._runs.items())
+
+    def _answered(self, taken: list, index: int, result: RunResult) -> None:
+        request, future = taken[index]
+        with self._condition:
+            self._running[request.owner] -= 1
+        _settle(future, result=result)
 
     def _loop(self) -> None:
         while True:
             taken = self._take()
             if taken is None:
                 return
-            if taken[0][0] == "call":
-                _, (fn, args), future = taken[0]
+            if isinstance(taken, tuple):
+                fn, args, future = taken
                 if future.set_running_or_notify_cancel():
                     try:
                         future.set_result(fn(*args))
                     except BaseException as error:
                         future.set_exception(error)
                 continue
-            requests = [request for _, request, _ in taken]
-            try:
-                results = self.executor.execute(requests)
-            except BaseException as error:
-                for _, _, future in taken:
-                    if not future.done():
-                        future.set_exception(error)
+            if not taken:  # every run it found had been given up
                 continue
-            for (_, _, future), result in zip(taken, results):
-                if not future.done():
-                    future.set_result(result)
+            try:
+                results = self.executor.execute(
+                    [request for request, _ in taken],
+                    functools.partial(self._answered, taken),
+                    self._yielding,
+                )
+            except BaseException as error:
+                for _, future in taken:
+                    _settle(future, error=error)
+                continue
+            with self._condition:
+                for (request, future), result in reversed(list(zip(taken, results))):
+                    if result is None and not future.done():  # not run yet: first in its owner's queue again
+                        self._runs.setdefault(request.owner, collections.deque()).appendleft((request, future))
+                self._running.clear()
+            for (_, future), result in zip(taken, results):
+                if result is not None:
+                    _settle(future, result=result)
+
+
+def _settle(future: concurrent.futures.Future, *, result: Any = None, error: BaseException | None = None) -> None:
+    """Give ``future`` its result, unless its client gave it up meanwhile."""
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+    except concurrent.futures.InvalidStateError:
+        pass

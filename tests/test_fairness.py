@@ -1,0 +1,135 @@
+"""A real ``neurotap serve`` process shared by many: no client holds back others' requests or the server's resources."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import neurotap as nt
+from conftest import VOCAB, tiny_llama
+from neurotap.transport.wire import PROTOCOL, PROTOCOL_HEADER, SESSION_HEADER
+from serving import Server
+
+ALPHA, BETA = "alpha-token-0123456789", "beta-token-0123456789"
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tiny")
+    tiny_llama().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def token_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("auth") / "tokens.txt"
+    path.write_text(f"{ALPHA}\n{BETA}\n")
+    return path
+
+
+def ids(seed: int, length: int = 6) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (1, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("ranks", [[], ["--ranks", "2"]], ids=["one-process", "2-ranks"])
+def test_one_tokens_flood_of_long_requests_does_not_hold_anothers(ranks, folder, token_file, tmp_path):
+    """Runs waited in one queue in arrival order, and a batch answered all its requests at its end: a token that
+    queued many long requests kept every other token waiting for all of them. Now a batch takes the tokens' runs
+    in turns, answers each at the end of its pass, and stops between passes for a token that is waiting; a sharded
+    server's ranks stop alike."""
+    started = tmp_path / "passes"  # a file for each long pass begun
+    started.mkdir()
+
+    def stall(ctx, value, started=str(started)):
+        import os
+
+        open(os.path.join(started, str(time.monotonic_ns())), "w").close()
+        time.sleep(0.6)
+
+    flood = 8  # more than a batch takes
+    server = Server(
+        folder, "--token-file", str(token_file), "--allow-code", "--request-timeout", "60", "--max-batch", "4", *ranks
+    )
+    try:
+        answered: list[str] = []
+        errors: list[BaseException] = []
+        lock = threading.Lock()
+
+        def long_request(k: int) -> None:
+            try:
+                with nt.connect(server.url, token=ALPHA) as rm:
+                    # stop_at: each runs in a pass of its own, as requests too large to share one would
+                    rm.forward(
+                        ids(k), stop_at="model.layers.1.output", probes=[nt.probe("model.layers.0.output", stall)]
+                    )
+                with lock:
+                    answered.append(f"alpha-{k}")
+            except BaseException as error:  # shown by the assertion below
+                errors.append(error)
+
+        threads = [threading.Thread(target=long_request, args=(k,)) for k in range(flood)]
+        with nt.connect(server.url, token=BETA) as other:
+            for thread in threads:
+                thread.start()
+            while len(list(started.iterdir())) < 2:  # the flood is queued, and a batch of it under way
+                time.sleep(0.02)
+            logits = other.forward(ids(99), outputs=["logits"]).logits
+            with lock:
+                answered.append("beta")
+        for thread in threads:
+            thread.join(60)
+        assert not errors, errors
+        assert len(answered) == flood + 1
+        # the first pass and the one under way when it arrived ran before it; the rest of the flood after
+        assert answered.index("beta") <= 2, answered
+        with torch.no_grad():
+            expected = nt.load(str(folder)).module(ids(99)).logits
+        torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+    finally:
+        server.stop()
+
+
+def test_a_client_that_takes_its_answer_too_slowly_is_reset_and_holds_nothing(folder, token_file):
+    """An answer small enough for the kernel's send queue (a few MiB) left the server's hands at once: the
+    connection was closed at --header-timeout, and the kernel went on offering the answer for minutes to a
+    client that took a byte now and then, outside the connection cap. Now an answer must be taken within
+    --body-timeout plus a second per MiB; past that the connection is reset and what it held is discarded."""
+    server = Server(folder, "--token-file", str(token_file), "--header-timeout", "1", "--body-timeout", "1")
+    try:
+        with nt.connect(server.url, token=ALPHA) as rm:
+            rows = ids(7, length=64).expand(64, -1)  # 64 x 64 x 128 floats of the MLP product: 2 MiB
+            rm.forward(rows, probes=[nt.probe("model.layers.0.mlp.mul", nt.Record())], outputs=[])
+            reader = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            reader.connect(("127.0.0.1", server.port))
+            reader.sendall(
+                f"GET /v1/recordings HTTP/1.1\r\nHost: 127.0.0.1\r\n{PROTOCOL_HEADER}: {PROTOCOL}\r\n"
+                f"Authorization: Bearer {ALPHA}\r\n{SESSION_HEADER}: {rm._session}\r\n\r\n".encode()
+            )
+            reader.settimeout(5)
+            received = 0
+            for _ in range(300):  # a byte every 0.1 s, for at most 30 s, until the server gives up on it
+                if any("connection reset" in line for line in server.log):
+                    break
+                received += len(reader.recv(1))
+                time.sleep(0.1)
+            ending = "still open"
+            try:  # then as fast as it comes: only what reached this end before the reset
+                while chunk := reader.recv(65536):
+                    received += len(chunk)
+                ending = "closed"
+            except ConnectionResetError:
+                ending = "reset"
+            except TimeoutError:
+                pass
+            reader.close()
+            assert ending == "reset" and received < 1 << 20, (ending, received)
+            assert any("connection reset" in line for line in server.log), "".join(server.log[-5:])
+            assert rm.forward(ids(8), outputs=["logits"]).logits.shape == (1, 6, VOCAB)
+    finally:
+        server.stop()
