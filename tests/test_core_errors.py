@@ -484,6 +484,7 @@ PUBLIC = [
     "Model",
     "NeurotapError",
     "Norm",
+    "NotSentWarning",
     "Patch",
     "PatchError",
     "Point",

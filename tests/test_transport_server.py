@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+import json
 import os
 import re
 import signal
@@ -22,7 +24,16 @@ import neurotap as nt
 from conftest import VOCAB, tiny_llama
 from neurotap.transport import CrossEntropy, LogitDiff
 from neurotap.transport.client import ClientTimeoutError
-from neurotap.transport.wire import MEDIA_TYPE, PROTOCOL, PROTOCOL_HEADER, SESSION_HEADER
+from neurotap.transport.wire import (
+    MEDIA_TYPE,
+    PROTOCOL,
+    PROTOCOL_HEADER,
+    SESSION_HEADER,
+    WireError,
+    decode,
+    decode_request,
+    encode,
+)
 from serving import ALPHA, BETA, LAUNCH, Server, concurrently, free_port, save_with_word_tokenizer, write_token_file
 
 KEY = nt.Record().key
@@ -80,6 +91,29 @@ def same(actual, expected) -> None:
             same(actual[key], expected[key])
     else:
         assert actual == expected
+
+
+def same_whole(actual, expected) -> None:
+    """:func:`same`, and every container of the same kind: a namedtuple of the same name and fields, a set,
+    a dict with the same keys in the same order."""
+    if isinstance(expected, (set, frozenset)):
+        assert type(actual) is type(expected) and actual == expected
+    elif isinstance(expected, tuple):
+        assert isinstance(actual, tuple) and type(actual).__name__ == type(expected).__name__
+        assert getattr(actual, "_fields", None) == getattr(expected, "_fields", None)
+        assert len(actual) == len(expected)
+        for a, e in zip(actual, expected):
+            same_whole(a, e)
+    elif isinstance(expected, list):
+        assert isinstance(actual, list) and len(actual) == len(expected)
+        for a, e in zip(actual, expected):
+            same_whole(a, e)
+    elif isinstance(expected, dict):
+        assert isinstance(actual, dict) and list(actual) == list(expected)
+        for key in expected:
+            same_whole(actual[key], expected[key])
+    else:
+        same(actual, expected)
 
 
 def local_recordings(model: nt.Model) -> dict:
@@ -428,6 +462,77 @@ def test_a_loss_function_runs_only_where_code_is_allowed(code_server, remote, lo
     assert remote.recordings() == {}
 
 
+def test_what_probes_save_travels_whole(code_server, local):
+    Pair = collections.namedtuple("Pair", "low high")
+
+    def save_a_mix(ctx, value):
+        ctx.by_layer = {0: value.sum(-1), 1: value.mean(), -2: None}
+        ctx.pair = Pair(value.amin(), value.amax())
+        ctx.mix = {"pairs": [Pair(value[0, 0], 3)], (2, "b"): {True: frozenset({"x", 1.5})}, 0.5: {1, (2, 3)}}
+
+    tokens_ = ids(60, rows=2)
+    with nt.connect(code_server.url, token=ALPHA) as rm:
+        rm.forward(tokens_, probes=[nt.probe(MUL, save_a_mix)], outputs=[])
+        remote = dict(rm.recordings()[MUL])
+    with torch.no_grad():
+        local.forward(tokens_, probes=[nt.probe(MUL, save_a_mix)])
+    expected = local_recordings(local)[MUL]
+    same_whole(remote, expected)
+    assert remote["pair"].high is remote["pair"][1]
+
+
+def test_outputs_and_runs_travel_whole(code_server, local):
+    Top = collections.namedtuple("Top", "values indices")
+
+    def reshape_output(ctx, value):
+        logits = value.logits
+        return {"logits": logits, "by_position": {0: logits[:, 0], -1: logits[:, -1]}, "top": Top(*logits.topk(2))}
+
+    tokens_ = ids(61)
+    with nt.connect(code_server.url, token=ALPHA) as rm:
+        out = rm.forward(tokens_, probes=[nt.probe("output", reshape_output)])
+        ran, trace = rm.run(tokens_, record="blocks.0.resid_post", probes=[nt.probe("output", reshape_output)])
+    with torch.no_grad():
+        expected = local.forward(tokens_, probes=[nt.probe("output", reshape_output)])
+        expected_run, expected_trace = local.run(
+            tokens_, record="blocks.0.resid_post", probes=[nt.probe("output", reshape_output)]
+        )
+    same_whole(out, expected)
+    same_whole(ran, expected_run)
+    same(trace["blocks.0.resid_post"], expected_trace["blocks.0.resid_post"])
+
+
+def test_what_cannot_travel_is_named_in_a_warning_and_held_by_a_placeholder(code_server, local):
+    class Opaque:
+        pass
+
+    def with_an_object(ctx, value):
+        return {"logits": value.logits, "state": Opaque()}
+
+    def save_what_cannot_travel(ctx, value):
+        ctx.total = value.sum()
+        ctx.count = 2**70
+        ctx.by_tensor = {value.new_ones(1): 1}
+
+    tokens_ = ids(62)
+    with nt.connect(code_server.url, token=ALPHA) as rm:
+        with pytest.warns(nt.NotSentWarning, match=r"1 value, .*the output\['state'\] \(Opaque\).*save tensors") as one:
+            out = rm.forward(tokens_, probes=[nt.probe("output", with_an_object)])
+        assert len(one) == 1
+        rm.forward(tokens_, probes=[nt.probe(MUL, save_what_cannot_travel)], outputs=[])
+        with pytest.warns(nt.NotSentWarning) as both:
+            recorded = rm.recordings()[MUL]
+    assert len(both) == 1  # one warning for the answer, naming each place
+    assert f"recordings()[{MUL!r}]['count'] (int)" in str(both[0].message)
+    assert f"a key of recordings()[{MUL!r}]['by_tensor'] (Tensor)" in str(both[0].message)
+    assert out["state"] == "<Opaque (could not be sent)>" and recorded["count"] == "<int (could not be sent)>"
+    assert list(recorded["by_tensor"].values()) == [1]
+    with torch.no_grad():
+        same(out["logits"], local.module(tokens_).logits)
+        local.forward(tokens_, probes=[nt.probe(MUL, save_what_cannot_travel)])
+    same(recorded["total"], local_recordings(local)[MUL]["total"])
+
+
 def test_tokens(code_server):
     with pytest.raises(nt.NeurotapError, match="token") as caught:
         nt.connect(code_server.url)
@@ -625,6 +730,60 @@ def test_fuzz_run_requests_get_4xx_or_200(fuzz_client, body, tensor):
 def test_fuzz_raw_bytes_and_headers_get_4xx(fuzz_client, raw, path, method, headers):
     response = fuzz_client.request(method, path, content=raw, headers=headers)
     assert response.status_code < 500, response.text
+
+
+def test_keys_sets_and_namedtuples_decode_as_written():
+    Pair = collections.namedtuple("Pair", "x y")
+    value = {"by": {0: torch.ones(2), -1: None, (1, "a"): 2.5, 0.5: "half"}, "pair": Pair(1, [torch.zeros(1)])}
+    value["sets"] = [{1, "a", (2, None)}, frozenset({float("inf")})]
+    decoded = decode(encode(value))
+    same_whole(decoded, value)
+    assert decoded["pair"].x == 1 and type(decoded["pair"]) is not Pair
+    with pytest.raises(WireError, match="cannot be a dict key"):
+        encode({torch.ones(1): 1})
+    with pytest.raises(WireError, match="identifier"):
+        encode(collections.namedtuple("Pair", "x _y", rename=True)(1, 2))
+
+
+def raw_message(document, tensors=None) -> bytes:
+    from safetensors.torch import save
+
+    return save(tensors or {}, metadata={"neurotap": json.dumps(document)})
+
+
+@pytest.mark.parametrize(
+    ("document", "says"),
+    [
+        ({"$map": [[{"$tensor": "t0"}, 1]]}, "dict key"),
+        ({"$map": [[[1, 2], 1]]}, "dict key"),
+        ({"$map": [[{"$dict": {}}, 1]]}, "dict key"),
+        ({"$map": [[{"$tuple": [{"$tuple": [1]}]}, 1]]}, "dict key"),
+        ({"$map": [[{"$tuple": list(range(65))}, 1]]}, "dict key"),
+        ({"$map": [[2**64, 1]]}, "64 bits"),
+        ({"$map": [[1]]}, "pairs"),
+        ({"$set": [{"$tensor": "t0"}]}, "set member"),
+        ({"$namedtuple": "P" * 101, "fields": [["x", 1]]}, "identifier"),
+        ({"$namedtuple": "os.system", "fields": []}, "identifier"),
+        ({"$namedtuple": "P", "fields": [["x y", 1]]}, "a field 'x y'"),
+        ({"$namedtuple": "P", "fields": [["_x", 1]]}, "a field '_x'"),
+        ({"$namedtuple": "P", "fields": [["class", 1]]}, "a field 'class'"),
+        ({"$namedtuple": "P", "fields": [["x", 1], ["x", 2]]}, "twice"),
+        ({"$namedtuple": "P", "fields": [[f"f{i}", i] for i in range(65)]}, "at most 64 fields"),
+        ({"$namedtuple": "P", "fields": {"x": 1}}, "pairs"),
+        ([{"$namedtuple": f"P{i}", "fields": []} for i in range(65)], "at most 64 namedtuple classes"),
+        ({"$unsupported": {"$tensor": "t0"}}, "unknown tagged value"),
+        ({"$unsupported": "T" * 101}, "unknown tagged value"),
+    ],
+)
+def test_the_decoder_refuses_bad_keys_and_namedtuples(document, says):
+    with pytest.raises(WireError, match=re.escape(says)):
+        decode(raw_message(document, {"t0": torch.ones(1)}))
+
+
+def test_a_request_passes_on_only_str_keyed_arguments():
+    document = {"op": "forward", "args": [{"$tensor": "t0"}], "kwargs": {"$map": [[0, True]]}, "probes": []}
+    with pytest.raises(WireError, match="kwargs a dict with str keys"):
+        decode_request(raw_message(document, {"t0": torch.ones(1, 2, dtype=torch.long)}), allow_code=True)
 
 
 def test_server_healthy_after_fuzzing(server, local):

@@ -45,6 +45,10 @@ class MissedPointWarning(UserWarning):
     """``generate`` finished without reaching a point that a probe or patch was waiting at."""
 
 
+class NotSentWarning(UserWarning):
+    """A server's answer held values that cannot travel; placeholder strings stand in their places."""
+
+
 class SourceUnavailableWarning(UserWarning):
     """A forward whose source cannot be rewritten: only its module points exist."""
 

@@ -4,8 +4,10 @@ Differences from a local ``nt.Model``:
 
 - Outputs come back as tensors on the CPU, detached; a transformers ``ModelOutput``
   comes back as an :class:`~neurotap.transport.wire.Output` (keys and attributes)
-  holding its tensors only (no ``past_key_values`` cache). ``outputs=[...]`` picks
-  the fields to send back (``[]``: none).
+  holding its values but the ``past_key_values`` cache. ``outputs=[...]`` picks
+  the fields to send back (``[]``: none). A value the server cannot send (an object
+  of another class) is a :class:`~neurotap.transport.wire.NotSent` string in its
+  place, and the call warns with :class:`~neurotap.NotSentWarning` naming it.
 - Gradients: ``backward(ids, loss=CrossEntropy(targets) | LogitDiff(a, b), probes=[...])``
   runs the forward, the loss and the gradients the probes ask for on the server
   and returns the loss; gradient probes record as locally (``point + ".grad"``).
@@ -30,6 +32,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -38,6 +41,7 @@ import torch
 from ..errors import (
     MissedPointError,
     NeurotapError,
+    NotSentWarning,
     PatchError,
     ProbeError,
     UnknownPointError,
@@ -64,6 +68,7 @@ from .wire import (
     build_tokenizer,
     decode,
     encode_request,
+    not_sent,
     read_frames,
     trace_of,
     traced_probes,
@@ -382,7 +387,12 @@ class RemoteModel:
             headers["Content-Encoding"] = "gzip"
         response = self._http.post("/v1/run", content=body, headers=headers)
         _raise_for(response)
-        return decode(response.content)
+        answer = decode(response.content)
+        places = not_sent(answer.get("output"), "the output")
+        for entry in answer.get("trace") or ():
+            places += not_sent(entry["data"], f"the trace's {entry['point']!r}")
+        _warn_not_sent(places)
+        return answer
 
     @raised_at_the_call
     def unembed(self, residual: torch.Tensor) -> torch.Tensor:
@@ -453,10 +463,13 @@ class RemoteModel:
             if response.status_code >= 400:
                 response.read()
                 _raise_for(response)
+            places = []
             for message in read_frames(response.iter_bytes()):
                 ctx = SaveContext(message["point"])
                 ctx._data.update(message["data"])
                 result[message["point"]] = ctx
+                places += not_sent(message["data"], f"recordings()[{message['point']!r}]")
+        _warn_not_sent(places)
         return result
 
     @raised_at_the_call
@@ -469,6 +482,19 @@ class RemoteModel:
         response = self._http.get(f"/v1/parameters/{name}")
         _raise_for(response)
         return decode(response.content)["parameter"]
+
+
+def _warn_not_sent(places: list[str]) -> None:
+    """One warning for an answer that holds placeholders where the server had values that cannot travel."""
+    if places:
+        listed = ", ".join(places[:8]) + (f" and {len(places) - 8} more" if len(places) > 8 else "")
+        warnings.warn(
+            f"the server could not send {len(places)} value{'s' * (len(places) > 1)}, which arrive as "
+            f"placeholder strings: {listed}; to have them travel, save tensors, numbers, strings, "
+            "and lists, tuples, dicts, sets or namedtuples of them",
+            NotSentWarning,
+            stacklevel=4,
+        )
 
 
 def connect(url: str = "http://127.0.0.1:8000", token: str | None = None, **kwargs: Any) -> RemoteModel:

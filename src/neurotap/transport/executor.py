@@ -20,6 +20,7 @@ import abc
 import collections
 import inspect
 import math
+import sys
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
@@ -60,6 +61,7 @@ from .limits import Limits, ModelShape, RequestTooCostlyError, check_request, ch
 from .wire import (
     CodeNotAllowedError,
     ErrorInfo,
+    NotSent,
     Output,
     RunRequest,
     RunResult,
@@ -843,13 +845,13 @@ def recorded_size(value: Any, point: str = "") -> int:
         return 8
     if isinstance(value, str):
         return len(value)
-    if isinstance(value, (list, tuple)):
+    if isinstance(value, (list, tuple, set, frozenset)):
         return 8 + sum(recorded_size(v, point) for v in value)
     if isinstance(value, Mapping):
         return 8 + sum(len(str(k)) + recorded_size(v, point) for k, v in value.items())
     raise PatchError(
         f"a probe at {point!r} saved a {type(value).__name__}; a server keeps only tensors, numbers, strings "
-        "and lists, tuples and dicts of them: narrow the point to a tensor (e.g. "
+        "and lists, tuples, namedtuples, dicts and sets of them: narrow the point to a tensor (e.g. "
         f"{point + '[0]'!r}) or save a tensor computed from the value"
     )
 
@@ -902,20 +904,23 @@ class _Meter:
 
 
 def sendable(value: Any) -> Any:
-    """The parts of a model output that travel: tensors and numbers; caches and other objects are left out."""
-    if value is None or isinstance(value, (bool, int, float, str, torch.Tensor)):
+    """A model output as it travels: without the KV cache, and an object of any other class as its placeholder."""
+    if value is None or isinstance(value, (bool, int, float, str, torch.Tensor, set, frozenset)):
         return value
-    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
+    if isinstance(value, (list, tuple)):
         items = [sendable(v) for v in value]
-        return items if isinstance(value, list) else tuple(items)
+        if isinstance(value, list):
+            return items
+        return type(value)._make(items) if hasattr(value, "_fields") else tuple(items)
     if isinstance(value, Mapping):
-        kept = {k: sendable(v) for k, v in value.items() if isinstance(k, str)}
-        kept = {k: v for k, v in kept.items() if v is not _DROPPED}
+        kept = {k: sendable(v) for k, v in value.items() if not _is_cache(v)}
         return kept if type(value) is dict else Output(kept)
-    return _DROPPED
+    return NotSent(type(value).__name__)
 
 
-_DROPPED = object()
+def _is_cache(value: Any) -> bool:
+    cache_utils = sys.modules.get("transformers.cache_utils")  # loaded wherever a model made a cache
+    return cache_utils is not None and isinstance(value, cache_utils.Cache)
 
 
 def selected_fields(output: Any, names: list[str] | None) -> Any:

@@ -647,7 +647,7 @@ def create_app(executor: Executor, settings: ServerSettings, *, dataset: Any = N
         """``answer`` encoded and sent, held against ``owner``'s share until the client has read it."""
         sent = held.take(owner, recorded_size(answer))
         try:
-            payload = await asyncio.to_thread(encode, answer)
+            payload = await asyncio.to_thread(encode, answer, lenient=True)
         except BaseException:
             sent()
             raise

@@ -13,13 +13,28 @@ str
 list                     a JSON list
 tuple                    ``{"$tuple": [...]}``
 dict (str keys)          ``{"$dict": {...}}``
+dict (other keys)        ``{"$map": [[key, value], ...]}``: a key is None, a bool, an int, a
+                         float, a str, or a tuple of at most 64 of those
+set, frozenset           ``{"$set": [...]}``, ``{"$frozenset": [...]}`` of such keys
+namedtuple               ``{"$namedtuple": "Pair", "fields": [["x", value], ...]}``: the
+                         name and at most 64 field names are identifiers of at most 100
+                         characters (fields unique, none starting with ``_``); the decoder
+                         builds a namedtuple class of that name and those fields, nothing
+                         is looked up or imported, and a message holds at most 64 of them
 ``...``                  ``{"$ellipsis": null}``
 slice                    ``{"$slice": [start, stop, step]}``
 torch.Tensor             ``{"$tensor": "t0"}``
 a patch (nt.Mean, ...)   ``{"$patch": "Mean", "fields": {field: value, ...}}``
 a loss (CrossEntropy)    ``{"$loss": "CrossEntropy", "fields": {...}}``
 a model output mapping   ``{"$output": {...}}`` (transformers' ModelOutput and the like)
+a value the server       ``{"$unsupported": "TypeName"}``, in its place: the client gets a
+could not send           :class:`NotSent` string there and a :class:`~neurotap.NotSentWarning`
 =======================  ===========================================================
+
+Requests are encoded strictly: a value that cannot travel raises :class:`WireError` at the
+client. What the server sends back (outputs, traces, recordings) is encoded leniently: such a
+value (an object of the probe's own class, an int over 64 bits, a tensor as a dict key) is
+replaced by ``$unsupported`` where it was, never left out (an output's KV cache alone is left out).
 
 A probe is ``{"point": name, "grad": bool, "fn": <patch>}`` (and ``"optional": true``
 for one the pass may not reach; ``"trace": true`` for one whose saves come back in
@@ -61,8 +76,11 @@ Recordings stream as frames: an 8-byte little-endian length, then a message
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import functools
 import json
+import keyword
 import math
 import struct
 from collections.abc import Callable, Mapping, Sequence
@@ -84,6 +102,8 @@ FRAMES_MEDIA_TYPE = "application/vnd.neurotap.frames"
 
 _METADATA_KEY = "neurotap"
 _MAX_DEPTH = 48
+_MAX_NAME = 100  # characters of a namedtuple's name or field name, and of a placeholder's type name
+_MAX_ITEMS = 64  # fields of a namedtuple, items of a tuple key, namedtuple classes in one message
 MAX_HEADER_BYTES = 4 << 20  # the safetensors header: tensor names, shapes and offsets, plus the document
 MAX_DOCUMENT_BYTES = 1 << 20
 MAX_INDEX_ELEMENTS = 1 << 20  # of one index tensor in a patch
@@ -198,10 +218,85 @@ def trace_of(entries: Sequence[Mapping[str, Any]], loss: float | None = None) ->
 # -- values -----------------------------------------------------------------------------------------
 
 
+class NotSent(str):
+    """Where the server had a value that cannot travel: the string ``"<Pair (could not be sent)>"``."""
+
+    def __new__(cls, type_name: str) -> NotSent:
+        placeholder = super().__new__(cls, f"<{type_name} (could not be sent)>")
+        placeholder.type_name = type_name
+        return placeholder
+
+    def __reduce__(self) -> tuple:
+        return NotSent, (self.type_name,)
+
+
+def not_sent(value: Any, where: str) -> list[str]:
+    """Where ``value`` holds :class:`NotSent` placeholders, each as ``where[key]... (a TypeName)``."""
+    if isinstance(value, NotSent):
+        return [f"{where} ({value.type_name})"]
+    found: list[str] = []
+    if isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            if isinstance(item, (str, list, tuple, dict, set, frozenset)):
+                found += not_sent(item, f"{where}[{i}]")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if isinstance(key, NotSent):
+                found.append(f"a key of {where} ({key.type_name})")
+            found += not_sent(item, f"{where}[{key!r}]")
+    elif isinstance(value, (set, frozenset)):
+        found += [f"a member of {where} ({item.type_name})" for item in value if isinstance(item, NotSent)]
+    return found
+
+
+def _namedtuple_problem(name: Any, fields: Any) -> str | None:
+    """What keeps ``name`` and ``fields`` from making a namedtuple class on the other side; None if nothing."""
+
+    def identifier(text: Any) -> bool:
+        return isinstance(text, str) and len(text) <= _MAX_NAME and text.isidentifier() and not keyword.iskeyword(text)
+
+    if not identifier(name):
+        return f"a namedtuple's name must be an identifier of at most {_MAX_NAME} characters, got {_short(name)}"
+    if not isinstance(fields, (list, tuple)) or len(fields) > _MAX_ITEMS:
+        return f"the namedtuple {name} may have at most {_MAX_ITEMS} fields"
+    for part in fields:
+        if not identifier(part) or part.startswith("_"):
+            return f"the namedtuple {name} has a field {_short(part)}: fields are identifiers not starting with _"
+    if len(set(fields)) != len(fields):
+        return f"the namedtuple {name} names a field twice: {_short(fields)}"
+    return None
+
+
+@functools.lru_cache(maxsize=256)
+def _namedtuple_class(name: str, fields: tuple[str, ...]) -> type:
+    cls = collections.namedtuple(name, fields, module=__name__)
+    cls.__reduce__ = _reduce_namedtuple  # its class lives nowhere to import it from: pickles rebuild it
+    return cls
+
+
+def _reduce_namedtuple(value: tuple) -> tuple:
+    return _rebuilt_namedtuple, (type(value).__name__, type(value)._fields, tuple(value))
+
+
+def _rebuilt_namedtuple(name: str, fields: tuple[str, ...], values: tuple) -> tuple:
+    return _namedtuple_class(name, fields)._make(values)
+
+
+def _is_key(value: Any) -> bool:
+    """Whether ``value`` can be a dict key or a set member on the wire: a plain scalar, or a short tuple of them."""
+    if isinstance(value, tuple) and not hasattr(value, "_fields"):
+        return len(value) <= _MAX_ITEMS and all(_is_scalar(v) for v in value)
+    return _is_scalar(value)
+
+
+def _is_scalar(value: Any) -> bool:
+    return value is None or type(value) in (bool, int, float, str)
+
+
 class _Encoder:
     def __init__(self, lenient: bool = False) -> None:
         self.tensors: dict[str, torch.Tensor] = {}
-        self.lenient = lenient  # outputs and recordings: leave out what cannot travel instead of failing
+        self.lenient = lenient  # outputs and recordings: a placeholder for what cannot travel instead of failing
 
     def tensor(self, value: torch.Tensor) -> dict[str, str]:
         name = f"t{len(self.tensors)}"
@@ -210,6 +305,16 @@ class _Encoder:
         return {"$tensor": name}
 
     def value(self, value: Any) -> Any:
+        if not self.lenient:
+            return self._value(value)
+        try:
+            return self._value(value)
+        except WireError:
+            return {"$unsupported": type(value).__name__[:_MAX_NAME]}
+
+    def _value(self, value: Any) -> Any:
+        if isinstance(value, NotSent):
+            return {"$unsupported": value.type_name[:_MAX_NAME]}
         if value is None or isinstance(value, (bool, str)):
             return value
         if isinstance(value, int):
@@ -222,8 +327,16 @@ class _Encoder:
             return self.tensor(value)
         if isinstance(value, list):
             return [self.value(v) for v in value]
-        if isinstance(value, tuple) and not hasattr(value, "_fields"):
-            return {"$tuple": [self.value(v) for v in value]}
+        if isinstance(value, tuple):
+            fields = getattr(value, "_fields", None)
+            if fields is None:
+                return {"$tuple": [self.value(v) for v in value]}
+            problem = _namedtuple_problem(type(value).__name__, fields)
+            if problem is not None:
+                raise WireError(problem)
+            return {"$namedtuple": type(value).__name__, "fields": [[f, self.value(v)] for f, v in zip(fields, value)]}
+        if isinstance(value, (set, frozenset)):
+            return {"$set" if isinstance(value, set) else "$frozenset": [self.key(v) for v in value]}
         if value is Ellipsis:
             return {"$ellipsis": None}
         if isinstance(value, slice):
@@ -235,23 +348,24 @@ class _Encoder:
         if isinstance(value, tuple(LOSSES.values())):
             return {"$loss": type(value).__name__, "fields": self.fields(value)}
         if isinstance(value, Mapping):
-            items = {}
-            for key, item in value.items():
-                if not isinstance(key, str):
-                    if self.lenient:
-                        continue
-                    raise WireError(f"only str keys can travel, not {key!r}")
-                try:
-                    items[key] = self.value(item)
-                except WireError:
-                    if not self.lenient:
-                        raise
-            return {"$dict" if type(value) is dict else "$output": items}
-        if self.lenient:
-            return {"$unsupported": type(value).__name__}
+            if all(isinstance(key, str) for key in value):
+                items = {key: self.value(item) for key, item in value.items()}
+                return {"$dict" if type(value) is dict else "$output": items}
+            return {"$map": [[self.key(key), self.value(item)] for key, item in value.items()]}
         raise WireError(
-            f"a {type(value).__name__} cannot travel to the server: send tensors, numbers, strings, "
-            "lists, tuples, dicts, slices, ... and the library's patches"
+            f"a {type(value).__name__} cannot travel: send tensors, numbers, strings, "
+            "lists, tuples, dicts, sets, namedtuples, slices, ... and the library's patches"
+        )
+
+    def key(self, key: Any) -> Any:
+        """A dict key or set member: only plain scalars and short tuples of them, never a tensor or a container."""
+        if isinstance(key, NotSent) or _is_key(key):
+            return self.value(key)
+        if self.lenient:
+            return {"$unsupported": type(key).__name__[:_MAX_NAME]}
+        raise WireError(
+            f"a {type(key).__name__} cannot be a dict key or a set member on the wire: keys are None, bools, "
+            f"ints, floats, strings, or tuples of at most {_MAX_ITEMS} of them"
         )
 
     def fields(self, value: Any) -> dict[str, Any]:
@@ -261,6 +375,7 @@ class _Encoder:
 class _Decoder:
     def __init__(self, tensors: Mapping[str, torch.Tensor]) -> None:
         self.tensors = tensors
+        self.namedtuples: set[tuple[str, tuple[str, ...]]] = set()
 
     def value(self, value: Any, depth: int = 0) -> Any:
         if depth > _MAX_DEPTH:
@@ -297,9 +412,44 @@ class _Decoder:
             return slice(*parts)
         if tag in ("$patch", "$loss") and set(value) == {tag, "fields"}:
             return self.dataclass(tag, body, value["fields"], depth)
-        if tag == "$unsupported" and len(value) == 1:
-            return f"<{body} (could not be sent)>"
+        if tag == "$map" and len(value) == 1 and isinstance(body, list):
+            if not all(isinstance(pair, list) and len(pair) == 2 for pair in body):
+                raise WireError(f"$map holds [key, value] pairs, got {_short(body)}")
+            return {self.key(k, depth + 1): self.value(v, depth + 1) for k, v in body}
+        if tag in ("$set", "$frozenset") and len(value) == 1 and isinstance(body, list):
+            members = [self.key(v, depth + 1) for v in body]
+            return set(members) if tag == "$set" else frozenset(members)
+        if tag == "$namedtuple" and set(value) == {tag, "fields"}:
+            return self.namedtuple(body, value["fields"], depth)
+        if tag == "$unsupported" and len(value) == 1 and isinstance(body, str) and len(body) <= _MAX_NAME:
+            return NotSent(body)
         raise WireError(f"unknown tagged value {_short(value)}")
+
+    def key(self, value: Any, depth: int) -> Any:
+        """A dict key or set member: a scalar, a ``$float``, a ``$tuple`` of scalars, or a placeholder."""
+        if isinstance(value, dict) and len(value) == 1 and next(iter(value)) in ("$float", "$tuple", "$unsupported"):
+            key = self.value(value, depth)
+        elif isinstance(value, (str, int, float)) or value is None:  # bool is an int
+            key = self.value(value, depth)
+        else:
+            raise WireError(f"a dict key or set member is a scalar or a tuple of them, got {_short(value)}")
+        if not (isinstance(key, NotSent) or _is_key(key)):
+            raise WireError(f"a dict key or set member is a scalar or a tuple of them, got {_short(value)}")
+        return key
+
+    def namedtuple(self, name: Any, pairs: Any, depth: int) -> tuple:
+        if not isinstance(pairs, list) or not all(
+            isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], str) for pair in pairs
+        ):
+            raise WireError(f"a namedtuple's fields are [name, value] pairs, got {_short(pairs)}")
+        fields = tuple(pair[0] for pair in pairs)
+        problem = _namedtuple_problem(name, fields)
+        if problem is not None:
+            raise WireError(problem)
+        self.namedtuples.add((name, fields))
+        if len(self.namedtuples) > _MAX_ITEMS:
+            raise WireError(f"a message holds at most {_MAX_ITEMS} namedtuple classes")
+        return _namedtuple_class(name, fields)._make(self.value(v, depth + 1) for _, v in pairs)
 
     def dataclass(self, tag: str, name: Any, fields: Any, depth: int) -> Any:
         table = LOSSES if tag == "$loss" else {k: v for k, v in {**PATCHES, "SAE": SAE}.items() if v is not Custom}
@@ -669,8 +819,8 @@ def decode_request(data: bytes, *, allow_code: bool) -> RunRequest:
         raise WireError(f"op must be one of {', '.join(OPS)}, got {_short(op)}")
     args = decoder.value(body.get("args", []))
     kwargs = decoder.value(body.get("kwargs", {"$dict": {}}))
-    if not isinstance(args, list) or not isinstance(kwargs, dict):
-        raise WireError("args must be a list and kwargs a dict")
+    if not isinstance(args, list) or not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        raise WireError("args must be a list and kwargs a dict with str keys")
     check_arguments(op, args, kwargs, allow_code=allow_code)
     outputs = body.get("outputs")
     if outputs is not None and not (isinstance(outputs, list) and all(isinstance(o, str) for o in outputs)):
