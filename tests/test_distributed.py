@@ -1571,6 +1571,8 @@ def test_device_map_auto_serves_one_process_and_is_refused_with_ranks(folder, lo
         with nt.connect(server.url) as remote:
             devices = remote.info()["devices"]
             assert devices == ["cpu"] if not torch.cuda.is_available() else all(d.startswith("cuda") for d in devices)
+            if not torch.cuda.is_available():  # accelerate keeps no map of a model it put in one place
+                assert remote.info()["device_map"] == {"": "cpu"}
             x = ids(27)
             close(remote.forward(x)["logits"], local.forward(x).logits)
     finally:

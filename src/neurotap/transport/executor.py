@@ -267,6 +267,10 @@ class InProcessExecutor(Executor):
     def describe(self) -> dict[str, Any]:
         module = self.model.module
         config = getattr(module, "config", None)
+        devices = sorted({str(p.device) for p in module.parameters()})
+        # where each part is (module path -> device), in accelerate's form; accelerate keeps a map only of a
+        # model it spread over several devices, and one in one place is {"": device}
+        split = getattr(module, "hf_device_map", None) or ({"": devices[0]} if len(devices) == 1 else None)
         return {
             "module": type(module).__name__,
             "parameters": sum(p.numel() for p in module.parameters()),
@@ -277,9 +281,8 @@ class InProcessExecutor(Executor):
             "requests": self.requests,
             "passes": self.passes,
             "padded_passes": self.padded_passes,
-            "devices": sorted({str(p.device) for p in module.parameters()}),
-            # where accelerate's device_map put each part (module path -> device), if it split the model
-            "device_map": {k: str(v) for k, v in (getattr(module, "hf_device_map", None) or {}).items()} or None,
+            "devices": devices,
+            "device_map": {k: str(v) for k, v in split.items()} if split else None,
         }
 
     def points(self, prefix: str | None) -> list[dict[str, Any]]:
