@@ -125,13 +125,17 @@ class Zero(Patch):
 
     index: Index = None
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_view", self.index is not None and _basic(self.index))  # worked out once
+
     def __call__(self, ctx: SaveContext, value: Any) -> Any:
-        value = _tensor_at(ctx, value, self)
+        if type(value) is not torch.Tensor:
+            value = _tensor_at(ctx, value, self)
         if self.index is None:
             return torch.zeros_like(value)
         result = value.clone()
         try:
-            if _basic(self.index):
+            if self._view:
                 result[self.index].zero_()  # a view: written in place, no tensor made for the zero
             else:
                 result[self.index] = value.new_zeros(())  # on the value's device: 0 would become a CPU tensor
