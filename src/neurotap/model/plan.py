@@ -520,6 +520,7 @@ class Plan:
         ) = None
         # the hook after each direct forward of the root, while attached (see ``attach``): its table and key
         self.direct_check: tuple[dict, int] | None = None
+        self._direct_hook: functools.partial | None = None  # that hook, kept for the next attach
         made: dict[str, SaveContext] = {}  # new contexts, put into ``contexts`` once every probe is resolved
         # where each probe's function went, by the probe's place in ``probes``: for release and rebind
         self._fns: list[tuple[BoundProbe, int]] = []
@@ -636,7 +637,9 @@ class Plan:
                 attachment.skip(modules[path], skipping)
             self._through_checkpoints(attachment, modules)
             if on_missed is not None:  # last: the root's output taps fire before it
-                hook = functools.partial(self._after_direct_call, on_missed)
+                hook = self._direct_hook
+                if hook is None or hook.args[0] != on_missed:
+                    hook = self._direct_hook = functools.partial(self._after_direct_call, on_missed)
                 self.direct_check = (root.__dict__["_forward_hooks"], attachment.hook(root, hook, always=True))
         except BaseException:
             attachment.detach()
