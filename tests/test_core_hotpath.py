@@ -214,3 +214,17 @@ def test_patches_never_synchronise_with_the_gpu():
     assert torch.allclose(out.cpu(), expected, atol=1e-5)
     assert torch.allclose(in_block.cpu(), expected, atol=1e-5)
     assert_clean(module)
+
+
+def test_a_generate_in_a_patch_block_leaves_the_direct_call_check_on(llama) -> None:
+    """Calls made through the wrapper take the root's check for direct calls off for their run; it is back after."""
+    ids = example_inputs("llama", batch=1)["input_ids"]
+    with torch.no_grad(), llama.patch({"args.labels": nt.Record()}):  # never passed here: every call misses it
+        for _ in range(2):
+            with pytest.warns(nt.MissedPointWarning, match="generate finished without reaching 'args.labels'"):
+                llama.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0)
+            with pytest.raises(nt.MissedPointError, match="args.labels"):
+                llama(ids)
+            with pytest.warns(nt.MissedPointWarning, match="a call made directly on the module"):
+                llama.module(ids)
+    assert_clean(llama.module)
