@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import pickle
 import re
 import signal
 import subprocess
@@ -739,6 +740,7 @@ def test_keys_sets_and_namedtuples_decode_as_written():
     decoded = decode(encode(value))
     same_whole(decoded, value)
     assert decoded["pair"].x == 1 and type(decoded["pair"]) is not Pair
+    same_whole(pickle.loads(pickle.dumps(decoded)), value)  # recordings pickle, a class made by the decoder too
     with pytest.raises(WireError, match="cannot be a dict key"):
         encode({torch.ones(1): 1})
     with pytest.raises(WireError, match="identifier"):
