@@ -161,6 +161,38 @@ def test_info_says_which_rank_owns_which_layers(server, remote, local):
     assert server.info()["parameters"] == sum(p.numel() for p in local.module.parameters())
 
 
+def listening_addresses(pids: set[int]) -> list[tuple[int, str]]:
+    """(pid, local address) of every TCP socket the processes ``pids`` listen on, read from /proc."""
+    inodes: dict[str, int] = {}
+    for pid in pids:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:  # closed meanwhile
+                continue
+            if target.startswith("socket:["):
+                inodes[target[8:-1]] = pid
+    found = []
+    for table in ("tcp", "tcp6"):
+        with open(f"/proc/net/{table}") as rows:
+            for row in list(rows)[1:]:
+                local, state, inode = row.split()[1], row.split()[3], row.split()[9]
+                if state == "0A" and inode in inodes:  # 0A: LISTEN
+                    found.append((inodes[inode], local.rpartition(":")[0]))
+    return found
+
+
+def test_every_socket_the_ranks_and_their_launcher_listen_on_is_on_loopback(server):
+    """Nothing of a one-machine sharded server (its rendezvous store above all, which any writer could use to
+    declare a rank failed) can be reached from another machine."""
+    ranks = {row["pid"] for row in server.info()["ranks"]}
+    processes = ranks | {server.process.pid}
+    listening = listening_addresses(processes)
+    assert {pid for pid, _ in listening} == processes  # the launcher's store, the ranks' HTTP server and gloo
+    loopback = {"0100007F", "00000000000000000000000001000000", "0000000000000000FFFF00000100007F"}
+    assert all(address in loopback for _, address in listening), listening
+
+
 def status_mb(pid: int, field: str) -> float:
     with open(f"/proc/{pid}/status") as status:
         return next(int(line.split()[1]) / 1024 for line in status if line.startswith(field + ":"))

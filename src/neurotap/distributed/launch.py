@@ -50,10 +50,30 @@ def _argv(args: argparse.Namespace) -> list[str]:
     return argv
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((LOOPBACK, 0))
-        return sock.getsockname()[1]
+def _loopback_store() -> tuple[Any, int]:
+    """The rendezvous store of a one-machine launch, listening on loopback only, and its port.
+
+    The launcher's own store would listen on every interface, where anyone who
+    reaches the machine could write into it (declare a rank failed, stop a pass).
+    A store made first in this process on a socket bound to loopback is the one
+    the launcher then uses (``multi_tenant``: one server per port in a process).
+    """
+    import torch.distributed as dist
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind((LOOPBACK, 0))
+    sock.listen()
+    port = sock.getsockname()[1]
+    store = dist.TCPStore(
+        LOOPBACK,
+        port,
+        None,
+        True,
+        wait_for_workers=False,
+        multi_tenant=True,
+        master_listen_fd=sock.fileno(),
+    )
+    return (store, sock), port
 
 
 def launch(args: argparse.Namespace) -> int:
@@ -82,13 +102,14 @@ def launch(args: argparse.Namespace) -> int:
     # one machine: everything on loopback, the rendezvous store included
     os.environ["MASTER_ADDR"] = LOOPBACK
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    _held, port = _loopback_store()  # until this process exits
     config = LaunchConfig(
         min_nodes=1,
         max_nodes=1,
         nproc_per_node=args.ranks,
         run_id=f"neurotap-{uuid.uuid4().hex[:8]}",
         rdzv_backend="static",
-        rdzv_endpoint=f"{LOOPBACK}:{_free_port()}",
+        rdzv_endpoint=f"{LOOPBACK}:{port}",
         rdzv_configs={"rank": 0},
         max_restarts=0,  # a restarted rank would have lost its sessions' recordings
         monitor_interval=0.5,
