@@ -13,9 +13,7 @@ import torch
 import neurotap as nt
 from conftest import VOCAB, tiny_llama
 from neurotap.transport.wire import PROTOCOL, PROTOCOL_HEADER, SESSION_HEADER
-from serving import Server
-
-ALPHA, BETA = "alpha-token-0123456789", "beta-token-0123456789"
+from serving import ALPHA, BETA, Server, write_token_file
 
 
 @pytest.fixture(scope="module")
@@ -27,9 +25,7 @@ def folder(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def token_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("auth") / "tokens.txt"
-    path.write_text(f"{ALPHA}\n{BETA}\n")
-    return path
+    return write_token_file(tmp_path_factory.mktemp("auth"))
 
 
 def ids(seed: int, length: int = 6) -> torch.Tensor:
@@ -52,10 +48,9 @@ def test_one_tokens_flood_of_long_requests_does_not_hold_anothers(ranks, folder,
         time.sleep(0.6)
 
     flood = 8  # more than a batch takes
-    server = Server(
+    with Server(
         folder, "--token-file", str(token_file), "--allow-code", "--request-timeout", "60", "--max-batch", "4", *ranks
-    )
-    try:
+    ) as server:
         answered: list[str] = []
         errors: list[BaseException] = []
         lock = threading.Lock()
@@ -90,8 +85,6 @@ def test_one_tokens_flood_of_long_requests_does_not_hold_anothers(ranks, folder,
         with torch.no_grad():
             expected = nt.load(str(folder)).module(ids(99)).logits
         torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
-    finally:
-        server.stop()
 
 
 def test_a_client_that_takes_its_answer_too_slowly_is_reset_and_holds_nothing(folder, token_file):
@@ -99,8 +92,7 @@ def test_a_client_that_takes_its_answer_too_slowly_is_reset_and_holds_nothing(fo
     connection was closed at --header-timeout, and the kernel went on offering the answer for minutes to a
     client that took a byte now and then, outside the connection cap. Now an answer must be taken within
     --body-timeout plus a second per MiB; past that the connection is reset and what it held is discarded."""
-    server = Server(folder, "--token-file", str(token_file), "--header-timeout", "1", "--body-timeout", "1")
-    try:
+    with Server(folder, "--token-file", str(token_file), "--header-timeout", "1", "--body-timeout", "1") as server:
         with nt.connect(server.url, token=ALPHA) as rm:
             rows = ids(7, length=64).expand(64, -1)  # 64 x 64 x 128 floats of the MLP product: 2 MiB
             rm.forward(rows, probes=[nt.probe("model.layers.0.mlp.mul", nt.Record())], outputs=[])
@@ -131,5 +123,3 @@ def test_a_client_that_takes_its_answer_too_slowly_is_reset_and_holds_nothing(fo
             assert ending == "reset" and received < 1 << 20, (ending, received)
             assert any("connection reset" in line for line in server.log), "".join(server.log[-5:])
             assert rm.forward(ids(8), outputs=["logits"]).logits.shape == (1, 6, VOCAB)
-    finally:
-        server.stop()
