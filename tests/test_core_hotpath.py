@@ -74,6 +74,26 @@ def test_a_patch_block_entered_again_patches_anew(toy):
     assert_clean(toy.module)
 
 
+def test_one_patch_block_object_entered_again_patches_each_time(toy):
+    """A block object entered again, alone or inside a block of the same patch objects, patches as the first time."""
+    x = example_inputs("toy")["x"]
+    plain = toy.module(x)
+    patches = {"truediv": nt.Scale(2.0)}
+    block = toy.patch(patches)
+    for _ in range(2):
+        with block:
+            assert torch.allclose(toy(x), plain * 2.0, atol=1e-6)
+        assert torch.equal(toy(x), plain)
+    with toy.patch(patches):
+        with block:
+            assert torch.allclose(toy(x), plain * 4.0, atol=1e-6)
+        assert torch.allclose(toy(x), plain * 2.0, atol=1e-6)
+    with block:
+        assert torch.allclose(toy(x), plain * 2.0, atol=1e-6)
+    assert torch.equal(toy(x), plain)
+    assert_clean(toy.module)
+
+
 def test_reused_plans_do_not_keep_a_calls_probes_alive(toy):
     """Probes made for one call, and what their functions hold, go when the caller drops them."""
     x = example_inputs("toy")["x"]

@@ -59,17 +59,20 @@ def patches_to_probes(patches: PatchSpec, *, optional: bool = False) -> list[Pro
 class _PatchBlock:
     """``with m.patch({...}):``: the block's probes are on from entry to exit (a class: no generator to run)."""
 
-    __slots__ = ("model", "layer", "key", "plan")
+    __slots__ = ("model", "layer", "key", "plan", "refs")
 
-    def __init__(self, model: Model, layer: list[Probe], key: tuple, plan: Plan) -> None:
+    def __init__(self, model: Model, layer: list[Probe], key: tuple, plan: Plan, refs: list | None) -> None:
         self.model, self.layer, self.key, self.plan = model, layer, key, plan
+        self.refs = refs  # the weak references to the patches that the kept plan had, made for that plan
 
     def __enter__(self) -> Model:
-        self.plan = self.model._enter_block(self.layer, self.key, self.plan)
+        plan = self.model._enter_block(self.layer, self.key, self.plan)
+        if plan is not self.plan:
+            self.plan, self.refs = plan, None
         return self.model
 
     def __exit__(self, *_: Any) -> None:
-        self.model._exit_block(self.layer, self.key, self.plan)
+        self.refs = self.model._exit_block(self.layer, self.key, self.plan, self.refs)
 
 
 class Model:
@@ -433,11 +436,12 @@ class Model:
         with self._lock:
             layer = patches_to_probes(patches, optional=optional)
             key = (optional, *((p.point, id(p.fn)) for p in layer))
-            plan = self._block_plan(layer, key)  # an unknown point fails here, at the call, not at entry
-        return _PatchBlock(self, layer, key, plan)
+            plan, refs = self._block_plan(layer, key)  # an unknown point fails here, at the call, not at entry
+        return _PatchBlock(self, layer, key, plan, refs)
 
-    def _block_plan(self, layer: list[Probe], key: tuple) -> Plan:
-        """The plan of a block of ``layer`` alone: the one made last time for the same points and patch objects.
+    def _block_plan(self, layer: list[Probe], key: tuple) -> tuple[Plan, list[weakref.ref] | None]:
+        """The plan of a block of ``layer`` alone: the one made last time for the same points and patch objects,
+        with the weak references to them it was kept by.
 
         A kept plan holds no patch object (see ``Plan.release``), and its entry goes when one of them does,
         so a patch's tensors are freed once its user drops it.
@@ -448,13 +452,19 @@ class Model:
             plan, refs, of = kept
             if of is inventory and all(ref() is p.fn for ref, p in zip(refs, layer)):
                 plan.rebind(layer)
-                return plan
-        return Plan(layer, inventory, self._contexts)
+                return plan, refs
+        return Plan(layer, inventory, self._contexts), None
 
-    def _keep_block_plan(self, layer: list[Probe], key: tuple, plan: Plan) -> None:
-        """Keep the plan of a block that ended, for the next block of the same patch objects."""
+    def _keep_block_plan(self, layer: list[Probe], key: tuple, plan: Plan, refs: list | None) -> list | None:
+        """Keep the plan of a block that ended, for the next block of the same patch objects; returns the weak
+        references it is kept by (``refs``, made for this plan and key, if given)."""
         plan.release()
         blocks = self._blocks
+        if refs is not None:
+            blocks[key] = (plan, refs, self._inventory)
+            if len(blocks) > _KEPT_PLANS:
+                blocks.popitem(last=False)
+            return refs
 
         def forget(_: weakref.ref) -> None:
             if blocks.get(key, (None,))[0] is plan:
@@ -463,10 +473,11 @@ class Model:
         try:
             refs = [weakref.ref(p.fn, forget) for p in layer]
         except TypeError:  # a patch that cannot be referred to weakly: its blocks are planned anew each time
-            return
-        blocks[key] = (plan, refs, self.inventory())
+            return None
+        blocks[key] = (plan, refs, self._inventory)
         if len(blocks) > _KEPT_PLANS:
             blocks.popitem(last=False)
+        return refs
 
     def _enter_block(self, layer: list[Probe], key: tuple, block_plan: Plan) -> Plan:
         """Put the block on; returns its own plan (a block entered a second time may need another)."""
@@ -475,7 +486,8 @@ class Model:
                 del self._blocks[key]
             if any(p is block_plan for p in self._block_plans.values()):
                 block_plan = Plan(layer, self.inventory(), self._contexts)
-            block_plan.rebind(layer)
+            elif block_plan.released:  # this block object entered again
+                block_plan.rebind(layer)
             plan = block_plan
             if self._layers:
                 plan = self._plan((*(p for lay in self._layers for p in lay), *layer), self.inventory())
@@ -486,7 +498,7 @@ class Model:
             self._reattach()
             return block_plan
 
-    def _exit_block(self, layer: list[Probe], key: tuple, block_plan: Plan) -> None:
+    def _exit_block(self, layer: list[Probe], key: tuple, block_plan: Plan, refs: list | None) -> list | None:
         with self._lock:
             self._detach()
             self._layers.remove(layer)
@@ -497,7 +509,7 @@ class Model:
                 remaining = tuple(p for lay in self._layers for p in lay)
                 self._layer_plan = self._plan(remaining, self.inventory()) if remaining else None
             self._reattach()
-            self._keep_block_plan(layer, key, block_plan)
+            return self._keep_block_plan(layer, key, block_plan, refs)
 
     def _named_modules(self) -> dict[str, torch.nn.Module]:
         if self._modules is None:

@@ -525,6 +525,7 @@ class Plan:
         # where each probe's function went, by the probe's place in ``probes``: for release and rebind
         self._fns: list[tuple[BoundProbe, int]] = []
         self._skip_fns: list[tuple[_Skipping, int]] = []
+        self.released = False  # whether ``release`` let go of the functions and no ``rebind`` gave them back yet
         for number, probe in ((n, e) for n, p in enumerate(probes) for e in expand_probes([p], inventory)):
             try:
                 base, keys = split_narrowing(probe.point)
@@ -560,6 +561,7 @@ class Plan:
 
     def release(self) -> None:
         """Let go of the probes' functions (a patch and its tensors), until ``rebind`` gives them back."""
+        self.released = True
         for bound, _ in self._fns:
             bound.fn = None
         for skipping, _ in self._skip_fns:
@@ -567,6 +569,7 @@ class Plan:
 
     def rebind(self, probes: Sequence[Probe]) -> None:
         """Take the functions of ``probes`` again: the same objects the plan was made from, at the same points."""
+        self.released = False
         for bound, number in self._fns:
             bound.fn = probes[number].fn
         for skipping, number in self._skip_fns:
