@@ -132,6 +132,9 @@ class Model:
         A module with no example input (none given, no config to make one from) gets
         the points its code names, without shapes, until a forward's inputs serve as the example.
         """
+        inventory = self._inventory
+        if inventory is not None and inventory.ran:  # taken once and for all: no lock needed to read it
+            return inventory
         with self._lock:
             if self._inventory is None or not self._inventory.ran:
                 example = self._example_inputs(args, dict(kwargs or {}))
@@ -435,7 +438,7 @@ class Model:
         """
         with self._lock:
             layer = patches_to_probes(patches, optional=optional)
-            key = (optional, *((p.point, id(p.fn)) for p in layer))
+            key = (optional, *[(p.point, id(p.fn)) for p in layer])
             plan, refs = self._block_plan(layer, key)  # an unknown point fails here, at the call, not at entry
         return _PatchBlock(self, layer, key, plan, refs)
 
@@ -450,9 +453,13 @@ class Model:
         kept = self._blocks.pop(key, None)  # in use until the block ends: a block nested in itself makes its own
         if kept is not None:
             plan, refs, of = kept
-            if of is inventory and all(ref() is p.fn for ref, p in zip(refs, layer)):
-                plan.rebind(layer)
-                return plan, refs
+            if of is inventory:
+                for ref, p in zip(refs, layer):
+                    if ref() is not p.fn:
+                        break
+                else:
+                    plan.rebind(layer)
+                    return plan, refs
         return Plan(layer, inventory, self._contexts), None
 
     def _keep_block_plan(self, layer: list[Probe], key: tuple, plan: Plan, refs: list | None) -> list | None:
@@ -484,7 +491,7 @@ class Model:
         with self._lock:
             if self._blocks.get(key, (None,))[0] is block_plan:  # the same block object entered again
                 del self._blocks[key]
-            if any(p is block_plan for p in self._block_plans.values()):
+            if block_plan in self._block_plans.values():  # Plan compares by identity
                 block_plan = Plan(layer, self.inventory(), self._contexts)
             elif block_plan.released:  # this block object entered again
                 block_plan.rebind(layer)

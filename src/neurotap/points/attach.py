@@ -343,10 +343,14 @@ class Attachment:
         hooks[key] = hook
         log = self._log
         log.append((hooks, key, _ABSENT))
-        if with_kwargs:
-            self._put(own["_forward_pre_hooks_with_kwargs" if before else "_forward_hooks_with_kwargs"], key, True)
+        if with_kwargs:  # a new key: nothing was there before
+            flags = own["_forward_pre_hooks_with_kwargs" if before else "_forward_hooks_with_kwargs"]
+            flags[key] = True
+            log.append((flags, key, _ABSENT))
         if always:
-            self._put(own["_forward_hooks_always_called"], key, True)
+            flags = own["_forward_hooks_always_called"]
+            flags[key] = True
+            log.append((flags, key, _ABSENT))
         if first:
             hooks.move_to_end(key, last=False)
         return key
