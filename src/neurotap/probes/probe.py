@@ -11,7 +11,7 @@ from .context import SaveContext
 ProbeFn = Callable[[SaveContext, Any], Any]
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, init=False)
 class Probe:
     """``fn`` runs at ``point`` on every forward (or, with ``grad``, on every backward).
 
@@ -26,6 +26,11 @@ class Probe:
     fn: ProbeFn
     grad: bool = False
     optional: bool = False
+
+    def __init__(self, point: str, fn: ProbeFn, grad: bool = False, optional: bool = False) -> None:
+        # the fields written into the instance's dict at once: a frozen dataclass's own __init__ sets each
+        # through object.__setattr__, several times the cost, and a patch block makes its probes at each entry
+        self.__dict__.update(point=point, fn=fn, grad=grad, optional=optional)
 
     @property
     def context_name(self) -> str:
