@@ -51,7 +51,7 @@ def _listed(value: Any) -> Sequence[Any]:
 
 def patches_to_probes(patches: PatchSpec, *, optional: bool = False) -> list[Probe]:
     """``{point: patch or [patches]}`` -> probes, in order."""
-    if not isinstance(patches, Mapping):
+    if type(patches) is not dict and not isinstance(patches, Mapping):  # a dict, mostly: no ABC check
         raise TypeError("patch() takes a dict {point name: patch or list of patches}")
     return [probe(point, fn, optional=optional) for point, value in patches.items() for fn in _listed(value)]
 
@@ -510,12 +510,15 @@ class Model:
             self._detach()
             self._layers.remove(layer)
             del self._block_plans[id(layer)]
-            if len(self._layers) == 1:
-                self._layer_plan = self._block_plans[id(self._layers[0])]
+            if not self._layers:  # the outermost block: nothing to put back on
+                self._layer_plan = None
             else:
-                remaining = tuple(p for lay in self._layers for p in lay)
-                self._layer_plan = self._plan(remaining, self.inventory()) if remaining else None
-            self._reattach()
+                if len(self._layers) == 1:
+                    self._layer_plan = self._block_plans[id(self._layers[0])]
+                else:
+                    remaining = tuple(p for lay in self._layers for p in lay)
+                    self._layer_plan = self._plan(remaining, self.inventory()) if remaining else None
+                self._reattach()
             return self._keep_block_plan(layer, key, block_plan, refs)
 
     def _named_modules(self) -> dict[str, torch.nn.Module]:
