@@ -88,7 +88,7 @@ class managed_call:
 class RunState:
     """Counters shared by the taps of one plan: which forward, which step, and the checkpointed layer running."""
 
-    __slots__ = ("forward_id", "step", "forwards_this_call", "region")
+    __slots__ = ("forward_id", "step", "forwards_this_call", "region", "on_direct_call")
     _neurotap_hook = True  # registered itself as the root's forward pre-hook: each call starts a forward
 
     def __init__(self) -> None:
@@ -96,6 +96,8 @@ class RunState:
         self.step = 0
         self.forwards_this_call = 0
         self.region: _Region | None = None
+        # called at the first forward made directly on the root (not through an nt.Model): puts the check on
+        self.on_direct_call: Callable[[], None] | None = None
 
     def new_call(self) -> None:
         self.forwards_this_call = 0
@@ -105,6 +107,8 @@ class RunState:
         self.step = self.forwards_this_call
         self.forwards_this_call += 1
         reset_helper_frames()
+        if self.on_direct_call is not None and not _managed_calls:
+            self.on_direct_call()
 
     __call__ = new_forward
 
@@ -643,15 +647,24 @@ class Plan:
                 attachment.skip(modules[path], skipping)
             if self._above_taps is None or self._above_taps:
                 self._through_checkpoints(attachment, modules)
-            if on_missed is not None:  # last: the root's output taps fire before it
+            self.state.on_direct_call = None
+            if on_missed is not None:
                 hook = self._direct_hook
                 if hook is None or hook.args[0] != on_missed:
                     hook = self._direct_hook = functools.partial(self._after_direct_call, on_missed)
-                self.direct_check = (root.__dict__["_forward_hooks"], attachment.hook(root, hook, always=True))
+                # put on at the first direct call only: calls through the wrapper, which check their own
+                # points, are most, and would each take it off for their run
+                self.state.on_direct_call = functools.partial(self._check_direct_calls, attachment, root, hook)
         except BaseException:
             attachment.detach()
             raise
         return attachment
+
+    def _check_direct_calls(self, attachment: Attachment, root: torch.nn.Module, hook: Callable[..., None]) -> None:
+        """Put the check after each direct forward of the root on, from within the first one's pre-hook: it
+        goes after the hooks already there (the root's output taps fire before it), and torch's call runs it."""
+        self.state.on_direct_call = None
+        self.direct_check = (root.__dict__["_forward_hooks"], attachment.hook(root, hook, always=True))
 
     def _after_direct_call(self, on_missed: Callable[[list[str]], None], *_hook_args: Any) -> None:
         """After each forward of the root, also one that raised: one made directly on it, not through the
