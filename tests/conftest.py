@@ -191,7 +191,11 @@ _built: dict[str, nn.Module] = {}
 
 
 def tiny_module(name: str) -> nn.Module:
-    """The seeded tiny module for ``name``, built once per session, in eval mode."""
+    """The seeded tiny module for ``name``, built once per session, in eval mode.
+
+    Every test shares it, so none may leave anything on it: a call with ``output_attentions`` or
+    ``output_hidden_states`` makes transformers put capturing hooks on it for good (use ``tiny_llama()`` or a copy).
+    """
     if name not in _built:
         torch.manual_seed(0)
         _built[name] = ARCHS[name].build().eval()

@@ -70,7 +70,7 @@ def test_core_point_seen_in_code_but_not_in_the_dry_run() -> None:
             lambda _m, _a, out: captured.append(out[1])
         )
         try:
-            model.module(input_ids=ids, attention_mask=mask, output_attentions=True)
+            model.module(input_ids=ids, attention_mask=mask)
         finally:
             handle.remove()
     # masked keys of row 0 get a very negative score; others are unchanged
@@ -78,6 +78,7 @@ def test_core_point_seen_in_code_but_not_in_the_dry_run() -> None:
     assert torch.equal(added[0, :, :, :-2], scores[0, :, :, :-2])
     assert (added[0, :, :, -2:] < -1e30).all()
     assert torch.allclose(torch.softmax(added, dim=-1), captured[0], atol=1e-6)
+    assert_clean(model.module)  # the session's shared Bert, which later tests check for hooks
 
 
 def test_core_other_hooks_survive(llama) -> None:
