@@ -30,6 +30,7 @@ from neurotap.transport.wire import (
     PROTOCOL,
     PROTOCOL_HEADER,
     SESSION_HEADER,
+    NotSent,
     WireError,
     decode,
     decode_request,
@@ -514,6 +515,7 @@ def test_what_cannot_travel_is_named_in_a_warning_and_held_by_a_placeholder(code
         ctx.total = value.sum()
         ctx.count = 2**70
         ctx.by_tensor = {value.new_ones(1): 1}
+        ctx.spectrum = [value.double().sum(), torch.fft.rfft(value.double())]  # complex128: safetensors has none
 
     tokens_ = ids(62)
     with nt.connect(code_server.url, token=ALPHA) as rm:
@@ -526,12 +528,15 @@ def test_what_cannot_travel_is_named_in_a_warning_and_held_by_a_placeholder(code
     assert len(both) == 1  # one warning for the answer, naming each place
     assert f"recordings()[{MUL!r}]['count'] (int)" in str(both[0].message)
     assert f"a key of recordings()[{MUL!r}]['by_tensor'] (Tensor)" in str(both[0].message)
+    assert f"recordings()[{MUL!r}]['spectrum'][1] (complex128 Tensor)" in str(both[0].message)
     assert out["state"] == "<Opaque (could not be sent)>" and recorded["count"] == "<int (could not be sent)>"
     assert list(recorded["by_tensor"].values()) == [1]
     with torch.no_grad():
         same(out["logits"], local.module(tokens_).logits)
         local.forward(tokens_, probes=[nt.probe(MUL, save_what_cannot_travel)])
-    same(recorded["total"], local_recordings(local)[MUL]["total"])
+    expected = local_recordings(local)[MUL]
+    same(recorded["total"], expected["total"])
+    same(recorded["spectrum"][0], expected["spectrum"][0])
 
 
 def test_tokens(code_server):
@@ -786,6 +791,57 @@ def test_a_request_passes_on_only_str_keyed_arguments():
     document = {"op": "forward", "args": [{"$tensor": "t0"}], "kwargs": {"$map": [[0, True]]}, "probes": []}
     with pytest.raises(WireError, match="kwargs a dict with str keys"):
         decode_request(raw_message(document, {"t0": torch.ones(1, 2, dtype=torch.long)}), allow_code=True)
+
+
+class Opaque:
+    pass
+
+
+def nested(levels: int, inside):
+    for _ in range(levels):
+        inside = [inside]
+    return inside
+
+
+def holding_itself() -> list:
+    value = [1]
+    value.append(value)
+    return value
+
+
+def unrolled(levels: int, inside):
+    for _ in range(levels):
+        inside = [1, inside]
+    return inside
+
+
+SEEN = torch.arange(4.0)
+# the decoder reads 48 levels: the answer's dict, 47 lists, and in the 48th level's place a placeholder
+CANNOT_TRAVEL = {
+    "a nested object": ([SEEN, {"x": SEEN, "y": Opaque()}], [SEEN, {"x": SEEN, "y": NotSent("Opaque")}]),
+    "a namedtuple's big int": (
+        collections.namedtuple("Pair", "x y")(SEEN, 2**70),
+        collections.namedtuple("Pair", "x y")(SEEN, NotSent("int")),
+    ),
+    "a complex128 tensor": ([SEEN, SEEN.to(torch.complex128)], [SEEN, NotSent("complex128 Tensor")]),
+    "a sparse tensor": ([SEEN, SEEN.to_sparse()], [SEEN, NotSent("sparse_coo Tensor")]),
+    "a deep nesting": (nested(60, SEEN), nested(47, NotSent("list"))),
+    "a list holding itself": (holding_itself(), unrolled(47, NotSent("list"))),
+    "a slice with tensor bounds": (slice(SEEN[0], 3), NotSent("slice")),
+}
+
+
+@pytest.mark.parametrize(("value", "placeholder"), CANNOT_TRAVEL.values(), ids=CANNOT_TRAVEL.keys())
+def test_a_value_that_cannot_travel_leaves_its_placeholder_alone_in_an_answer(value, placeholder):
+    """Answers are encoded leniently, but a complex128 or sparse tensor, a value nested deeper than the decoder
+    reads (or holding itself) and a slice with tensor bounds failed the whole answer, or made one the client
+    refused. Now each becomes a placeholder where it was, and the answer is byte for byte the one the placeholder
+    would make: nothing of what could not travel is left in it. A request holding one is refused at the client."""
+    message = encode({"kept": SEEN, "value": value}, lenient=True)
+    assert message == encode({"kept": SEEN, "value": placeholder}, lenient=True)
+    same_whole(decode(message), {"kept": SEEN, "value": placeholder})
+    with pytest.raises(WireError):
+        encode({"value": value})
 
 
 def test_server_healthy_after_fuzzing(server, local):

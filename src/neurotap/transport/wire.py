@@ -33,8 +33,10 @@ could not send           :class:`NotSent` string there and a :class:`~neurotap.N
 
 Requests are encoded strictly: a value that cannot travel raises :class:`WireError` at the
 client. What the server sends back (outputs, traces, recordings) is encoded leniently: such a
-value (an object of the probe's own class, an int over 64 bits, a tensor as a dict key) is
-replaced by ``$unsupported`` where it was, never left out (an output's KV cache alone is left out).
+value (an object of the probe's own class, an int over 64 bits, a tensor as a dict key, a tensor
+safetensors cannot hold: sparse, complex128, ...) is replaced by ``$unsupported`` where it was,
+never left out (an output's KV cache alone is left out); a value nested deeper than the decoder
+reads (48 levels) is replaced at the 48th.
 
 A probe is ``{"point": name, "grad": bool, "fn": <patch>}`` (and ``"optional": true``
 for one the pass may not reach; ``"trace": true`` for one whose saves come back in
@@ -299,20 +301,28 @@ class _Encoder:
         self.lenient = lenient  # outputs and recordings: a placeholder for what cannot travel instead of failing
 
     def tensor(self, value: torch.Tensor) -> dict[str, str]:
+        kind = _unsendable(value)
+        if kind is not None:
+            raise WireError(f"a {kind} tensor cannot travel: send a dense tensor of a dtype that safetensors holds")
         name = f"t{len(self.tensors)}"
         # safetensors refuses views that share storage; a copy also drops autograd and moves to the CPU
         self.tensors[name] = value.detach().to("cpu", copy=True).contiguous()
         return {"$tensor": name}
 
-    def value(self, value: Any) -> Any:
+    def value(self, value: Any, depth: int = 0) -> Any:
         if not self.lenient:
-            return self._value(value)
+            return self._value(value, depth)
         try:
-            return self._value(value)
+            return self._value(value, depth)
         except WireError:
-            return {"$unsupported": type(value).__name__[:_MAX_NAME]}
+            if depth > _MAX_DEPTH:  # a placeholder there is too deep as well: the enclosing value becomes one
+                raise
+            kind = _unsendable(value) if isinstance(value, torch.Tensor) else None
+            return {"$unsupported": f"{kind} Tensor" if kind else type(value).__name__[:_MAX_NAME]}
 
-    def _value(self, value: Any) -> Any:
+    def _value(self, value: Any, depth: int) -> Any:
+        if depth > _MAX_DEPTH:  # the decoder reads no deeper (and a value that holds itself ends here)
+            raise WireError(f"the value nests deeper than {_MAX_DEPTH} levels")
         if isinstance(value, NotSent):
             return {"$unsupported": value.type_name[:_MAX_NAME]}
         if value is None or isinstance(value, (bool, str)):
@@ -325,42 +335,46 @@ class _Encoder:
             return value if math.isfinite(value) else {"$float": repr(value)}
         if isinstance(value, torch.Tensor):
             return self.tensor(value)
+        inner = depth + 1
         if isinstance(value, list):
-            return [self.value(v) for v in value]
+            return [self.value(v, inner) for v in value]
         if isinstance(value, tuple):
             fields = getattr(value, "_fields", None)
             if fields is None:
-                return {"$tuple": [self.value(v) for v in value]}
+                return {"$tuple": [self.value(v, inner) for v in value]}
             problem = _namedtuple_problem(type(value).__name__, fields)
             if problem is not None:
                 raise WireError(problem)
-            return {"$namedtuple": type(value).__name__, "fields": [[f, self.value(v)] for f, v in zip(fields, value)]}
+            items = [[f, self.value(v, inner)] for f, v in zip(fields, value)]
+            return {"$namedtuple": type(value).__name__, "fields": items}
         if isinstance(value, (set, frozenset)):
-            return {"$set" if isinstance(value, set) else "$frozenset": [self.key(v) for v in value]}
+            return {"$set" if isinstance(value, set) else "$frozenset": [self.key(v, inner) for v in value]}
         if value is Ellipsis:
             return {"$ellipsis": None}
         if isinstance(value, slice):
-            return {"$slice": [self.value(value.start), self.value(value.stop), self.value(value.step)]}
+            if not all(part is None or _is_int(part) for part in (value.start, value.stop, value.step)):
+                raise WireError(f"slice bounds must be integers or None, got {_short(value)}")
+            return {"$slice": [self.value(part, inner) for part in (value.start, value.stop, value.step)]}
         if isinstance(value, Patch):
             if isinstance(value, Custom):
                 raise WireError("nt.Custom holds a function, not data; it travels as code (see --allow-code)")
-            return {"$patch": type(value).__name__, "fields": self.fields(value)}
+            return {"$patch": type(value).__name__, "fields": self.fields(value, inner)}
         if isinstance(value, tuple(LOSSES.values())):
-            return {"$loss": type(value).__name__, "fields": self.fields(value)}
+            return {"$loss": type(value).__name__, "fields": self.fields(value, inner)}
         if isinstance(value, Mapping):
             if all(isinstance(key, str) for key in value):
-                items = {key: self.value(item) for key, item in value.items()}
+                items = {key: self.value(item, inner) for key, item in value.items()}
                 return {"$dict" if type(value) is dict else "$output": items}
-            return {"$map": [[self.key(key), self.value(item)] for key, item in value.items()]}
+            return {"$map": [[self.key(key, inner), self.value(item, inner)] for key, item in value.items()]}
         raise WireError(
             f"a {type(value).__name__} cannot travel: send tensors, numbers, strings, "
             "lists, tuples, dicts, sets, namedtuples, slices, ... and the library's patches"
         )
 
-    def key(self, key: Any) -> Any:
+    def key(self, key: Any, depth: int) -> Any:
         """A dict key or set member: only plain scalars and short tuples of them, never a tensor or a container."""
         if isinstance(key, NotSent) or _is_key(key):
-            return self.value(key)
+            return self.value(key, depth)
         if self.lenient:
             return {"$unsupported": type(key).__name__[:_MAX_NAME]}
         raise WireError(
@@ -368,8 +382,29 @@ class _Encoder:
             f"ints, floats, strings, or tuples of at most {_MAX_ITEMS} of them"
         )
 
-    def fields(self, value: Any) -> dict[str, Any]:
-        return {f.name: self.value(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    def fields(self, value: Any, depth: int) -> dict[str, Any]:
+        return {f.name: self.value(getattr(value, f.name), depth) for f in dataclasses.fields(value)}
+
+
+def _unsendable(tensor: torch.Tensor) -> str | None:
+    """What kind of tensor safetensors cannot carry ``tensor`` is ("sparse_coo", "complex128"); None if it can."""
+    if tensor.is_nested or tensor.is_meta:
+        return "nested" if tensor.is_nested else "meta"
+    if tensor.layout != torch.strided:
+        return str(tensor.layout).removeprefix("torch.")
+    return None if _dtype_travels(tensor.dtype) else str(tensor.dtype).removeprefix("torch.")
+
+
+@functools.cache
+def _dtype_travels(dtype: torch.dtype) -> bool:
+    """Whether safetensors writes and reads back tensors of ``dtype`` (not complex128, nor the sub-byte ones)."""
+    from safetensors.torch import load, save
+
+    try:
+        load(save({"t": torch.empty(0, dtype=dtype)}))
+    except Exception:  # torch cannot make some dtypes, and safetensors raises its own error types
+        return False
+    return True
 
 
 class _Decoder:
