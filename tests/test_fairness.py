@@ -12,7 +12,9 @@ import torch
 
 import neurotap as nt
 from conftest import VOCAB, tiny_llama
-from neurotap.transport.wire import PROTOCOL, PROTOCOL_HEADER, SESSION_HEADER
+from neurotap.transport.executor import InProcessExecutor
+from neurotap.transport.wire import PROTOCOL, PROTOCOL_HEADER, SESSION_HEADER, ProbeSpec, RunRequest
+from neurotap.transport.worker import BatchWorker
 from serving import ALPHA, BETA, Server, write_token_file
 
 
@@ -85,6 +87,45 @@ def test_one_tokens_flood_of_long_requests_does_not_hold_anothers(ranks, folder,
         with torch.no_grad():
             expected = nt.load(str(folder)).module(ids(99)).logits
         torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_runs_whose_clients_went_away_do_not_hold_their_owners_next_run():
+    """A batch stops between passes for a waiting run of an owner with none left in the batch, but runs their
+    client had given up on (one that timed out and sent its request again) still counted as left: the new run
+    waited behind every pass of another owner's flood in the batch. Now a run nobody awaits holds nothing back."""
+    worker = BatchWorker(InProcessExecutor(nt.wrap(tiny_llama())), max_batch=8, window=0)
+    passes: list[str] = []
+    retry: list = []
+
+    def request(owner: str, label: str, seed: int) -> RunRequest:
+        def noted(ctx, value):
+            passes.append(label)
+            if label == "beta-1":  # the first pass is under way: alpha's client gives up on its runs and retries
+                for given_up, future in alpha:
+                    given_up.cancelled = True
+                    future.cancel()
+                retry.append(worker.run(request("alpha", "alpha-retry", 9)))
+
+        # stop_at: each runs in a pass of its own; one session each, so their order is the queue's alone
+        probes = [ProbeSpec("model.layers.0.output", noted)]
+        return RunRequest(
+            "forward", (ids(seed),), probes=probes, stop_at="model.layers.1.output", session=label, owner=owner
+        )
+
+    gate = threading.Event()
+    worker.call(gate.wait)  # the worker waits while the runs queue up, so that one batch takes them all
+    beta = [worker.run(request("beta", f"beta-{k}", k)) for k in range(1, 5)]
+    alpha = [(r, worker.run(r)) for r in (request("alpha", f"alpha-{k}", 10 + k) for k in range(1, 4))]
+    gate.set()
+    try:
+        for future in beta:
+            assert future.result(30).error is None
+        assert retry[0].result(30).error is None
+    finally:
+        worker.stop(30)
+    assert all(future.cancelled() for _, future in alpha)
+    # the batch stopped after the pass under way; the next took the two owners in turns, beta's first
+    assert passes == ["beta-1", "beta-2", "alpha-retry", "beta-3", "beta-4"]
 
 
 def test_a_client_that_takes_its_answer_too_slowly_is_reset_and_holds_nothing(folder, token_file):

@@ -25,7 +25,8 @@ class BatchWorker:
     Runs queue by owner (a token's label, ``RunRequest.owner``), and a batch takes
     them in turns, one of each owner at a time, the owner served longest ago
     first; each answer goes back as soon as its pass is over. When another owner's
-    run (or a call) is waiting while a batch runs, the batch stops after the pass
+    run (or a call) is waiting while a batch runs (another owner: one with no run
+    in the batch that its client still awaits), the batch stops after the pass
     under way and the rest of it queues again in front of its owners' later runs:
     one owner's flood of long requests holds another's for one pass at most.
     Calls run one at a time, between batches.
@@ -40,7 +41,6 @@ class BatchWorker:
         self._batches = 0
         self._calls: collections.deque = collections.deque()
         self._call_next = False  # after a batch a waiting call goes first, after a call a batch
-        self._running: collections.Counter = collections.Counter()  # owners of the batch's runs not yet answered
         self._condition = threading.Condition()
         self._recent: dict[str, float] = {}  # session -> when it last sent a run
         self._stopping = False
@@ -120,19 +120,14 @@ class BatchWorker:
                 if remaining <= 0:
                     break
                 self._condition.wait(remaining)
-            self._running = collections.Counter(request.owner for request, _ in taken)
             return taken
 
-    def _yielding(self) -> bool:
-        """Whether a call, or a run of an owner with none left in the batch under way, is waiting."""
+    def _yielding(self, taken: list) -> bool:
+        """Whether a call, or a run of an owner with none awaited in ``taken`` (the batch under way), is waiting."""
+        # a run is awaited until it is answered or its client gives it up: either way its future is done
+        awaited = {request.owner for request, future in taken if not future.done()}
         with self._condition:
-            return bool(self._calls) or any(q and not self._running[o] for o, q in self._runs.items())
-
-    def _answered(self, taken: list, index: int, result: RunResult) -> None:
-        request, future = taken[index]
-        with self._condition:
-            self._running[request.owner] -= 1
-        _settle(future, result=result)
+            return bool(self._calls) or any(q and o not in awaited for o, q in self._runs.items())
 
     def _loop(self) -> None:
         while True:
@@ -152,8 +147,8 @@ class BatchWorker:
             try:
                 results = self.executor.execute(
                     [request for request, _ in taken],
-                    functools.partial(self._answered, taken),
-                    self._yielding,
+                    functools.partial(_answer, taken),
+                    functools.partial(self._yielding, taken),
                 )
             except BaseException as error:
                 for _, future in taken:
@@ -163,10 +158,13 @@ class BatchWorker:
                 for (request, future), result in reversed(list(zip(taken, results))):
                     if result is None and not future.done():  # not run yet: first in its owner's queue again
                         self._runs.setdefault(request.owner, collections.deque()).appendleft((request, future))
-                self._running.clear()
             for (_, future), result in zip(taken, results):
                 if result is not None:
                     _settle(future, result=result)
+
+
+def _answer(taken: list, index: int, result: RunResult) -> None:
+    _settle(taken[index][1], result=result)
 
 
 def _settle(future: concurrent.futures.Future, *, result: Any = None, error: BaseException | None = None) -> None:
