@@ -35,8 +35,9 @@ Requests are encoded strictly: a value that cannot travel raises :class:`WireErr
 client. What the server sends back (outputs, traces, recordings) is encoded leniently: such a
 value (an object of the probe's own class, an int over 64 bits, a tensor as a dict key, a tensor
 safetensors cannot hold: sparse, complex128, ...) is replaced by ``$unsupported`` where it was,
-never left out (an output's KV cache alone is left out); a value nested deeper than the decoder
-reads (48 levels) is replaced at the 48th.
+never left out (an output's KV cache alone is left out). A message nests at most 48 levels deep
+(the document itself is level 0); in an answer, a container 48 levels down that holds more (a list
+holding itself, say) is the placeholder.
 
 A probe is ``{"point": name, "grad": bool, "fn": <patch>}`` (and ``"optional": true``
 for one the pass may not reach; ``"trace": true`` for one whose saves come back in
