@@ -232,7 +232,10 @@ def _by_hand(ids: torch.Tensor, delta: torch.Tensor):
     return dict(zip(parameters, grads[:-2], strict=True)), grads[-2], grads[-1], seen["mul_0"]
 
 
-@pytest.mark.parametrize("how", ["forward", "patch"])
+LATER = "forward, checkpointing turned on after a first call"
+
+
+@pytest.mark.parametrize("how", ["forward", "patch", LATER])
 @pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
 def test_checkpointed_layers_recompute_with_the_patches_on(reentrant, how):
     """Backward recomputes a checkpointed layer: patches and gradient probes act there too, reads run once."""
@@ -240,9 +243,7 @@ def test_checkpointed_layers_recompute_with_the_patches_on(reentrant, how):
     delta = torch.linspace(-1, 1, 64, requires_grad=True)
     expected_weights, expected_delta, expected_mul_1, expected_mul_0 = _by_hand(ids, delta)
 
-    module = _checkpointed_llama(reentrant)
-    state, hooks = snapshot_state(module), _hooks(module)
-    checkpoint = module.model.layers[0]._gradient_checkpointing_func
+    module = _checkpointed_llama(None if how == LATER else reentrant)
     model = nt.wrap(module)
     patches = {
         MUL_0: nt.Zero(index=(..., 3)),
@@ -250,10 +251,17 @@ def test_checkpointed_layers_recompute_with_the_patches_on(reentrant, how):
         "model.layers.1.mlp.down_proj.output": nt.Record(),
     }
     reads = [nt.probe(MUL_0, nt.Record()), nt.probe("model.layers.1.mlp.mul", nt.Record(), grad=True)]
-    if how == "forward":
-        probes = reads + [
-            nt.probe(point, p) for point, ps in patches.items() for p in (ps if isinstance(ps, list) else [ps])
-        ]
+    probes = reads + [
+        nt.probe(point, p) for point, ps in patches.items() for p in (ps if isinstance(ps, list) else [ps])
+    ]
+    if how == LATER:  # the same probes again: the call must see that checkpointing is on now
+        model.forward(ids, probes=probes)
+        model.clear_recordings()
+        delta.grad = None
+        module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    state, hooks = snapshot_state(module), _hooks(module)
+    checkpoint = module.model.layers[0]._gradient_checkpointing_func
+    if how != "patch":
         loss = model.forward(ids, probes=probes).logits[:, -1].pow(2).sum()
         loss.backward()
     else:

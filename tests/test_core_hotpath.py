@@ -138,6 +138,62 @@ def test_a_patch_block_keeps_its_patches_only_while_the_caller_does(toy):
         assert torch.allclose(toy(x), plain * 3.0, atol=1e-6)
 
 
+def test_the_same_probes_again_after_other_code_replaced_a_forward(toy):
+    """A call with the probes of an earlier one sees what other code changed since: an instance forward set on a
+    module it taps inside is refused, as it would be on a first call, and stays; a class forward replaced runs."""
+    x = example_inputs("toy")["x"]
+    probes = [nt.probe("mix.mul", nt.Scale(0.0))]
+    toy.forward(x, probes=probes)
+
+    def replaced(x):
+        return torch.zeros(2)
+
+    toy.module.forward = replaced
+    with pytest.raises(nt.NeurotapError, match="other code replaced its forward"):
+        toy.forward(x, probes=probes)
+    assert toy.module.forward is replaced
+    del toy.module.forward
+
+    class Doubles(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.linear(x) * 2.0
+
+    module = Doubles()
+    x = torch.randn(3, 4)
+    model = nt.wrap(module, example=x)
+    probes = [nt.probe("mul", nt.Record()), nt.probe("linear.output", nt.Scale(0.5))]
+    assert torch.allclose(model.forward(x, probes=probes), module.linear(x), atol=1e-6)
+
+    def triples(self, x):
+        return self.linear(x) * 3.0
+
+    Doubles.forward = triples
+    assert torch.allclose(model.forward(x, probes=probes), module.linear(x) * 1.5, atol=1e-6)
+    assert torch.allclose(model.recordings()["mul"]["record"][1], module.linear(x) * 1.5, atol=1e-6)
+    assert_clean(module)
+
+
+def test_copies_made_by_a_probe_on_a_later_call_are_clean(toy):
+    """A module copied from inside a forward has none of neurotap's taps, on every call of the same probes."""
+    x = example_inputs("toy")["x"]
+    copies = []
+
+    def copy_model(ctx, value):
+        copies.append(copy.deepcopy(toy.module))
+
+    probes = [nt.probe("mix.mul", copy_model), nt.probe("block.output", nt.Scale(2.0)), nt.probe("output", nt.Zero())]
+    for _ in range(3):
+        assert torch.equal(toy.forward(x, probes=probes), torch.zeros_like(toy.module(x)))
+    assert len(copies) == 3
+    for copied in copies:
+        assert_clean(copied)
+        assert torch.equal(copied(x), toy.module(x))
+
+
 class HostTensors(TorchDispatchMode):
     """Counts tensors made from host data (``torch.tensor``, a Python number written into a tensor) or from nothing."""
 

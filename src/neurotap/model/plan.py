@@ -525,6 +525,8 @@ class Plan:
         # the hook after each direct forward of the root, while attached (see ``attach``): its table and key
         self.direct_check: tuple[dict, int] | None = None
         self._direct_hook: functools.partial | None = None  # that hook, kept for the next attach
+        # the last attachment made, how, and whether it may be put on again as it was (see Attachment.reattach)
+        self._last_attached: tuple[Attachment, bool, Callable[[list[str]], None] | None] | None = None
         made: dict[str, SaveContext] = {}  # new contexts, put into ``contexts`` once every probe is resolved
         # where each probe's function went, by the probe's place in ``probes``: for release and rebind
         self._fns: list[tuple[BoundProbe, int]] = []
@@ -620,7 +622,16 @@ class Plan:
         ``hooked``: the root's every forward starts a new one (generate, direct
         calls in a ``patch`` block). Without it, for a caller that runs the root
         exactly once, nothing is put on the root for that; the caller calls ``start_forward``.
+
+        The attachment made last time is put on again when it can be (see ``Attachment.reattach``).
         """
+        last = self._last_attached
+        if last is not None and last[1] is hooked and last[2] == on_missed and not self._checkpointing():
+            attachment = last[0]
+            if attachment.reattach():
+                self.direct_check = None
+                self._watch_direct_calls(attachment, root, on_missed)
+                return attachment
         if self._split is None:
             on_tensors = [tap for tap in self.taps.values() if tap.point.kind in _TENSOR_KINDS]
             outputs = [(modules[tap.point.module], tap) for tap in self.taps.values() if tap.point.kind == "output"]
@@ -645,20 +656,30 @@ class Plan:
             for path, skipping in self.skips.items():
                 skipping.keyword = first_parameter(modules[path])
                 attachment.skip(modules[path], skipping)
-            if self._above_taps is None or self._above_taps:
-                self._through_checkpoints(attachment, modules)
-            self.state.on_direct_call = None
-            if on_missed is not None:
-                hook = self._direct_hook
-                if hook is None or hook.args[0] != on_missed:
-                    hook = self._direct_hook = functools.partial(self._after_direct_call, on_missed)
-                # put on at the first direct call only: calls through the wrapper, which check their own
-                # points, are most, and would each take it off for their run
-                self.state.on_direct_call = functools.partial(self._check_direct_calls, attachment, root, hook)
+            checkpointed = (self._above_taps is None or self._above_taps) and self._through_checkpoints(
+                attachment, modules
+            )
+            self._watch_direct_calls(attachment, root, on_missed)
         except BaseException:
             attachment.detach()
             raise
+        # what it puts on is the same each time, but for the patched tensors and the checkpointed layers' regions
+        if not held and not checkpointed:
+            attachment.mark_replayable()
+        self._last_attached = (attachment, hooked, on_missed)
         return attachment
+
+    def _watch_direct_calls(
+        self, attachment: Attachment, root: torch.nn.Module, on_missed: Callable[[list[str]], None] | None
+    ) -> None:
+        self.state.on_direct_call = None
+        if on_missed is not None:
+            hook = self._direct_hook
+            if hook is None or hook.args[0] != on_missed:
+                hook = self._direct_hook = functools.partial(self._after_direct_call, on_missed)
+            # put on at the first direct call only: calls through the wrapper, which check their own
+            # points, are most, and would each take it off for their run
+            self.state.on_direct_call = functools.partial(self._check_direct_calls, attachment, root, hook)
 
     def _check_direct_calls(self, attachment: Attachment, root: torch.nn.Module, hook: Callable[..., None]) -> None:
         """Put the check after each direct forward of the root on, from within the first one's pre-hook: it
@@ -688,8 +709,16 @@ class Plan:
             seed = original.view_as(original) if grad and any(b.grad for b in tap.bound) else original
             table[tap.point.scope[0]] = tap(seed)
 
-    def _through_checkpoints(self, attachment: Attachment, modules: Mapping[str, torch.nn.Module]) -> None:
-        """Make each gradient-checkpointed layer above a tap recompute with the taps on (see ``_Region``)."""
+    def _checkpointing(self) -> bool:
+        """Whether a layer above a tap has gradient checkpointing on (the last attach may have seen it off)."""
+        for _, own in self._above_taps or ():
+            if own.get("gradient_checkpointing") is True and "_gradient_checkpointing_func" in own:
+                return True
+        return False
+
+    def _through_checkpoints(self, attachment: Attachment, modules: Mapping[str, torch.nn.Module]) -> bool:
+        """Make each gradient-checkpointed layer above a tap recompute with the taps on (see ``_Region``);
+        whether there was one."""
         if self._above_taps is None:
             layers: set[str] = set()
             for tap in self.taps.values():
@@ -700,8 +729,11 @@ class Plan:
             self._above_taps = tuple(
                 (path, modules[path].__dict__) for path in layers if hasattr(modules[path], "gradient_checkpointing")
             )
+        found = False
         for path, own in self._above_taps:
             if own.get("gradient_checkpointing") is True and "_gradient_checkpointing_func" in own:
                 module = modules[path]
                 wrapped = functools.partial(_checkpoint_region, self, modules, own["_gradient_checkpointing_func"])
                 attachment.swap(module, "_gradient_checkpointing_func", wrapped)
+                found = True
+        return found

@@ -261,18 +261,40 @@ class Attachment:
     a hook dict, a parameter table), noted with what was there, so one loop undoes it all.
     Attachments on one module (two wrappers of it) may be detached in any order: one
     made later is taken off first and put on again after (see ``detach``).
+
+    One marked replayable keeps its log when detached, and ``reattach`` writes the same
+    entries again: the next call with the same probes costs a loop over a list, not a
+    plan's worth of attach calls.
     """
 
-    __slots__ = ("_log", "_guards", "_steps", "_serial")
+    __slots__ = (
+        "_log",
+        "_guards",
+        "_steps",
+        "_serial",
+        "_joined",
+        "_replay",
+        "_checks",
+        "_firsts",
+        "_forwards",
+        "_replay_guards",
+    )
 
     def __init__(self) -> None:
-        self._log: list[tuple[dict, Any, Any]] = []  # (table, key, what was there or _ABSENT), in order
+        # (table, key, what was there or _ABSENT, what it put there), in order
+        self._log: list[tuple[dict, Any, Any, Any]] = []
         self._guards: list[_Guard] = []  # those of the modules it is on
         self._steps: list[tuple[Callable[..., Any], tuple]] = []  # each call that put something on: (fn, args)
         self._serial = next(_serials)
+        self._joined = False  # whether it went on a module another attachment was on
+        self._replay: int | None = None  # the log's length when marked replayable, while it still may be
+        self._checks: list[tuple[dict, Any, Any]] = []  # entries a reattach needs to find as they were
+        self._firsts: list[tuple[dict, int]] = []  # hooks that go ahead of the others in their table
+        self._forwards: list[tuple[type, Any]] = []  # the class forwards its tapped forwards were made from
+        self._replay_guards: list[_Guard] = []
 
     def _put(self, table: dict, key: Any, value: Any) -> None:
-        self._log.append((table, key, table.get(key, _ABSENT)))
+        self._log.append((table, key, table.get(key, _ABSENT), value))
         table[key] = value
 
     def _claim(self, module: torch.nn.Module) -> _Guard:
@@ -288,6 +310,7 @@ class Attachment:
             return guard
         on.append(self)
         self._guards.append(guard)
+        self._joined = True
         return guard
 
     def _remember(self, module: torch.nn.Module, name: str | tuple[str, str], value: Any) -> None:
@@ -342,17 +365,18 @@ class Attachment:
         hooks = own["_forward_pre_hooks" if before else "_forward_hooks"]
         hooks[key] = hook
         log = self._log
-        log.append((hooks, key, _ABSENT))
+        log.append((hooks, key, _ABSENT, hook))
         if with_kwargs:  # a new key: nothing was there before
             flags = own["_forward_pre_hooks_with_kwargs" if before else "_forward_hooks_with_kwargs"]
             flags[key] = True
-            log.append((flags, key, _ABSENT))
+            log.append((flags, key, _ABSENT, True))
         if always:
             flags = own["_forward_hooks_always_called"]
             flags[key] = True
-            log.append((flags, key, _ABSENT))
+            log.append((flags, key, _ABSENT, True))
         if first:
             hooks.move_to_end(key, last=False)
+            self._firsts.append((hooks, key))
         return key
 
     def on_outputs(self, hooks: list[tuple[torch.nn.Module, Fire]]) -> None:
@@ -364,14 +388,15 @@ class Attachment:
             own = module.__dict__
             guard = own.get(_REDUCE, _ABSENT)
             if type(guard) is not _Guard:  # the first attachment on the module: _claim, inlined
-                log.append((own, _REDUCE, guard))
+                previous = guard
                 own[_REDUCE] = guard = _Guard(_untapped_reduce, module, [self], {})
+                log.append((own, _REDUCE, previous, guard))
                 guards.append(guard)
             elif guard.args[_ATTACHMENTS][-1] is not self:
                 self._claim(module)
             table = own["_forward_hooks"]
             table[key] = hook
-            log.append((table, key, _ABSENT))
+            log.append((table, key, _ABSENT, hook))
             key += 1
         RemovableHandle.next_id = key
 
@@ -452,6 +477,7 @@ class Attachment:
         if result is None:
             return False
         self._steps.append((_ops_again, (module, frame, combine)))  # its own frame: redone, it merges anew
+        self._forwards.append((type(module), type(module).forward))
         # accelerate's hooks keep the real forward as _old_forward and call it from an instance forward of
         # their own: tap that one so their device handling stays in place
         slot = "_old_forward" if "_old_forward" in own else "forward"
@@ -463,6 +489,38 @@ class Attachment:
     def skip(self, module: torch.nn.Module, forward: Callable[..., Any]) -> None:
         """Run ``forward(*args, **kwargs)`` in place of the module's own (after its pre-hooks, before its hooks)."""
         self.swap(module, "_old_forward" if "_old_forward" in module.__dict__ else "forward", forward)
+
+    def mark_replayable(self) -> None:
+        """Keep the log when detached, so ``reattach`` can put the same things on again; call it once the
+        attachment is complete. An attachment sharing a module with another one is never replayed."""
+        if not self._joined:
+            self._replay = len(self._log)
+            self._replay_guards = list(self._guards)  # all of its own making
+            # hook tables' keys are new numbers nobody else holds; every other entry must be as it was
+            self._checks = [(table, key, previous) for table, key, previous, _ in self._log if type(key) is not int]
+
+    def reattach(self) -> bool:
+        """Put on again what it put on before it was detached, if that is still exactly what a new attachment
+        would put on (no table it wrote to changed since, no class forward replaced); whether it did."""
+        if self._replay is None or self._guards:
+            return False
+        for table, key, previous in self._checks:
+            if table.get(key, _ABSENT) is not previous:
+                self._replay = None
+                return False
+        for cls, forward in self._forwards:
+            if cls.forward is not forward:
+                self._replay = None
+                return False
+        for table, key, _, value in self._log:
+            table[key] = value
+        for table, key in self._firsts:
+            table.move_to_end(key, last=False)
+        for guard in self._replay_guards:
+            guard.args[_ATTACHMENTS].append(self)
+        self._guards.extend(self._replay_guards)
+        self._serial = next(_serials)
+        return True
 
     def detach(self) -> None:
         """Take everything off. Attachments made later on the same modules come off first and go on again
@@ -476,6 +534,7 @@ class Attachment:
             return
         later = self._later()
         for other in reversed(later):
+            other._replay = None  # put on again below, merged anew: its log will be another
             other._undo()
         self._undo()
         for other in later:
@@ -501,12 +560,16 @@ class Attachment:
 
     def _undo(self) -> None:
         log = self._log
-        for table, key, previous in reversed(log):
+        for table, key, previous, _ in reversed(log):
             if previous is _ABSENT:
                 table.pop(key, None)
             else:
                 table[key] = previous
-        log.clear()
+        if self._replay != len(log):  # something went on after it was marked (or it never was): not replayable
+            self._replay = None
+            log.clear()
+            self._firsts.clear()
+            self._forwards.clear()
         for guard in self._guards:
             guard.args[_ATTACHMENTS].remove(self)
         self._guards.clear()
