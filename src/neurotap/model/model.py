@@ -35,7 +35,7 @@ from ..points import (
 from ..probes import Norm, Patch, Probability, Probe, Project, Record, Recordings, SaveContext, probe
 from .lens import LogitLens, logit_lens, unembed
 from .losses import Loss, check_loss, loss_value
-from .plan import GRADIENT_TARGETS, Plan, Stopped, managed_call, stopping_probe
+from .plan import GRADIENT_TARGETS, MANAGED_CALLS, Plan, Stopped, managed_call, stopping_probe
 from .text import check_token_ids, is_text, text_to_ids
 from .trace import Trace
 
@@ -335,7 +335,11 @@ class Model:
         probes: Sequence[Probe],
         stop_at: str | None = None,
     ) -> Any:
-        args, kwargs = self._inputs(call, args, kwargs)
+        # the checks below, and those of a call with the same probes as the last, are written out here rather
+        # than called: a loop's every forward runs them, each Python call costing about as much as a hand hook
+        first = args[0] if args else kwargs.get("input_ids")
+        if not (first is None or isinstance(first, torch.Tensor) and first.dtype == torch.long):
+            args, kwargs = self._inputs(call, args, kwargs)
         if stop_at is not None:
             probes = [*probes, stopping_probe(stop_at)]  # last: the point's other probes run before it stops
         stopped = None
@@ -346,15 +350,15 @@ class Model:
                 plan = self._layer_plan
                 if plan is None:
                     return call(*args, **kwargs)
-                plan.state.new_call()
-                since = plan.state.forward_id
+                since = plan.begin_call(False)
                 attached, check = self._attached, plan.direct_check
                 # the hook checking direct calls would only return at each forward: off for this call
                 hook = check[0].pop(check[1], None) if check is not None else None
+                MANAGED_CALLS[0] += 1
                 try:
-                    with managed_call():
-                        result = call(*args, **kwargs)
+                    result = call(*args, **kwargs)
                 finally:
+                    MANAGED_CALLS[0] -= 1
                     if hook is not None and self._attached is attached:  # still the same taps on
                         check[0][check[1]] = hook
             else:
@@ -362,29 +366,40 @@ class Model:
                 inventory = self._inventory
                 if inventory is None or not inventory.ran:
                     inventory = self.inventory(args, kwargs)
-                plan = self._plan(every, inventory)
+                key = tuple(map(id, every))
+                kept = self._plans.get(key) if self._plans_of is inventory else None
+                if kept is None:
+                    plan = self._plan(every, inventory, key)
+                else:
+                    self._plans.move_to_end(key)
+                    plan = kept[0]
                 once = call is self.module  # one root forward: start it here rather than from a hook on the root
-                self._detach()
+                if self._attached is not None:
+                    self._detach()
                 try:
-                    self._attached = plan.attach(self.module, self._named_modules(), hooked=not once)
-                    plan.state.new_call()
-                    since = plan.state.forward_id
-                    if once:
-                        plan.start_forward()
-                    with managed_call():
+                    self._attached = plan.attach(self.module, self._modules or self._named_modules(), hooked=not once)
+                    since = plan.begin_call(once)
+                    MANAGED_CALLS[0] += 1
+                    try:
                         result = call(*args, **kwargs)
+                    finally:
+                        MANAGED_CALLS[0] -= 1
                 except Stopped as stop:
                     result, stopped = stop.value, plan.bases[stop_at]  # type: ignore[index]
                 finally:
-                    self._detach()
-                    self._reattach()
+                    attached, self._attached = self._attached, None
+                    if attached is not None:
+                        attached.detach()
+                    if self._layer_plan is not None:
+                        self._reattach()
         missed = plan.missed(since, stopped, self._inventory)
         if missed:
             self._missed(missed, generating=call is not self.module)
         return result
 
-    def _plan(self, probes: tuple[Probe, ...], inventory: Inventory) -> Plan:
-        """The plan for ``probes``: the one made last time when the same probes come again (a loop's calls).
+    def _plan(self, probes: tuple[Probe, ...], inventory: Inventory, key: tuple[int, ...] | None = None) -> Plan:
+        """The plan for ``probes`` (``key``: their ids): the one made last time when the same probes come again
+        (a loop's calls).
 
         The cache holds the probes only weakly, so probes made for one call (and
         what their functions hold) are not kept alive by it.
@@ -393,7 +408,7 @@ class Model:
         if self._plans_of is not inventory:
             plans.clear()
             self._plans_of = inventory
-        key = tuple(map(id, probes))
+        key = tuple(map(id, probes)) if key is None else key
         kept = plans.get(key)
         if kept is not None:
             plans.move_to_end(key)

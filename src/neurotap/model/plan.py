@@ -67,8 +67,9 @@ def stopping_probe(point: str) -> Probe:
     return Probe(point, _stop)
 
 
-# Calls running through an nt.Model (any wrapper's, dry runs included): each checks its own points for misses.
-_managed_calls = 0
+# How many calls are running through an nt.Model (any wrapper's, dry runs included): each checks its own points
+# for misses. A list, so that the model counts its calls in and out without a Python call (see managed_call).
+MANAGED_CALLS = [0]
 
 
 class managed_call:
@@ -77,12 +78,10 @@ class managed_call:
     __slots__ = ()
 
     def __enter__(self) -> None:
-        global _managed_calls
-        _managed_calls += 1
+        MANAGED_CALLS[0] += 1
 
     def __exit__(self, *_: Any) -> None:
-        global _managed_calls
-        _managed_calls -= 1
+        MANAGED_CALLS[0] -= 1
 
 
 class RunState:
@@ -99,15 +98,12 @@ class RunState:
         # called at the first forward made directly on the root (not through an nt.Model): puts the check on
         self.on_direct_call: Callable[[], None] | None = None
 
-    def new_call(self) -> None:
-        self.forwards_this_call = 0
-
     def new_forward(self, *_hook_args: Any) -> None:
         self.forward_id += 1
         self.step = self.forwards_this_call
         self.forwards_this_call += 1
         reset_helper_frames()
-        if self.on_direct_call is not None and not _managed_calls:
+        if self.on_direct_call is not None and not MANAGED_CALLS[0]:
             self.on_direct_call()
 
     __call__ = new_forward
@@ -621,7 +617,7 @@ class Plan:
 
         ``hooked``: the root's every forward starts a new one (generate, direct
         calls in a ``patch`` block). Without it, for a caller that runs the root
-        exactly once, nothing is put on the root for that; the caller calls ``start_forward``.
+        exactly once, nothing is put on the root for that; the caller calls ``begin_call(once=True)``.
 
         The attachment made last time is put on again when it can be (see ``Attachment.reattach``).
         """
@@ -690,13 +686,26 @@ class Plan:
     def _after_direct_call(self, on_missed: Callable[[list[str]], None], *_hook_args: Any) -> None:
         """After each forward of the root, also one that raised: one made directly on it, not through the
         model wrapper, that did not reach some of the plan's points calls ``on_missed``."""
-        if _managed_calls:  # the wrapper checks its own call's points, and shortens its errors
+        if MANAGED_CALLS[0]:  # the wrapper checks its own call's points, and shortens its errors
             return
         if raised_at_the_module_call():
             return
         missed = self.missed(self.state.forward_id - 1)
         if missed:
             on_missed(missed)
+
+    def begin_call(self, once: bool) -> int:
+        """Start a call through the model; ``once``: its one root forward too (the plan was attached without a
+        hook on the root to start it). Returns the number of the last forward before the call's."""
+        state = self.state
+        since = state.forward_id
+        state.forwards_this_call = 0
+        if once:
+            if self._held:
+                self.start_forward()
+            else:
+                state.new_forward()
+        return since
 
     def start_forward(self) -> None:
         """Each forward starts from the real parameters and buffers, patched anew (a delta may have changed)."""
