@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -276,6 +277,25 @@ def arch(request: pytest.FixtureRequest) -> Arch:
 @pytest.fixture(params=DECODERS, ids=DECODERS)
 def decoder(request: pytest.FixtureRequest) -> Arch:
     return ARCHS[request.param]
+
+
+@pytest.fixture(scope="session")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``tiny_llama()`` saved as a model folder with a word-level tokenizer, for the tests that load or serve one.
+
+    Every test reads it and none writes in it; a module that needs other weights defines its own ``folder``.
+    """
+    from serving import save_with_word_tokenizer
+
+    return save_with_word_tokenizer(tiny_llama(), tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def token_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A ``--token-file`` holding the researchers' tokens ``serving.ALPHA`` and ``serving.BETA``."""
+    from serving import write_token_file
+
+    return write_token_file(tmp_path_factory.mktemp("auth"))
 
 
 @pytest.fixture

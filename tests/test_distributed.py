@@ -52,6 +52,7 @@ def tiny_deep_llama():
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
+    # not conftest's folder: four decoder layers, so that each of three ranks gets some
     return serving.save_with_word_tokenizer(tiny_deep_llama(), tmp_path_factory.mktemp("tiny-deep"))
 
 

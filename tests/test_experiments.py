@@ -15,6 +15,7 @@ CORRUPT = "the capital of paris is"
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
+    # not conftest's folder: the tiny Llama seeded 3, not 0, so weights of its own
     return save_with_word_tokenizer(tiny_llama(seed=3), tmp_path_factory.mktemp("experiments") / "llama")
 
 

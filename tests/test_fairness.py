@@ -5,7 +5,6 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,19 +14,7 @@ from conftest import VOCAB, tiny_llama
 from neurotap.transport.executor import InProcessExecutor
 from neurotap.transport.wire import PROTOCOL, PROTOCOL_HEADER, SESSION_HEADER, ProbeSpec, RunRequest
 from neurotap.transport.worker import BatchWorker
-from serving import ALPHA, BETA, Server, write_token_file
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tiny")
-    tiny_llama().save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def token_file(tmp_path_factory) -> Path:
-    return write_token_file(tmp_path_factory.mktemp("auth"))
+from serving import ALPHA, BETA, Server
 
 
 def ids(seed: int, length: int = 6) -> torch.Tensor:

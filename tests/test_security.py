@@ -15,7 +15,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest
@@ -35,26 +34,14 @@ from neurotap.transport.wire import (
     WireError,
     encode_request,
 )
-from serving import ALPHA, BETA, LAUNCH, Server, write_token_file
+from serving import ALPHA, BETA, LAUNCH, Server
 
 MUL = "model.layers.0.mlp.mul"
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tiny")
-    tiny_llama().save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def local(folder) -> nt.Model:
     return nt.load(str(folder))
-
-
-@pytest.fixture(scope="module")
-def token_file(tmp_path_factory) -> Path:
-    return write_token_file(tmp_path_factory.mktemp("auth"))
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ import sys
 import threading
 import time
 import traceback
-from pathlib import Path
 
 import httpx
 import pytest
@@ -22,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import neurotap as nt
-from conftest import VOCAB, tiny_llama
+from conftest import VOCAB
 from neurotap.transport import CrossEntropy, LogitDiff
 from neurotap.transport.client import ClientTimeoutError
 from neurotap.transport.wire import (
@@ -36,16 +35,10 @@ from neurotap.transport.wire import (
     decode_request,
     encode,
 )
-from serving import ALPHA, BETA, LAUNCH, Server, concurrently, free_port, save_with_word_tokenizer, write_token_file
+from serving import ALPHA, BETA, LAUNCH, Server, concurrently, free_port
 
 KEY = nt.Record().key
 MUL = "model.layers.0.mlp.mul"
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> Path:
-    """The tiny Llama with a word-level tokenizer, so that text works remotely as locally."""
-    return save_with_word_tokenizer(tiny_llama(), tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="module")
@@ -57,11 +50,6 @@ def local(folder) -> nt.Model:
 def server(folder):
     with Server(folder, "--max-session-bytes", "300000", "--max-request-bytes", "2000000") as running:
         yield running
-
-
-@pytest.fixture(scope="module")
-def token_file(tmp_path_factory) -> Path:
-    return write_token_file(tmp_path_factory.mktemp("auth"))
 
 
 @pytest.fixture(scope="module")

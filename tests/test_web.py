@@ -19,9 +19,8 @@ import httpx
 import pytest
 import torch
 
-from conftest import tiny_llama
 from neurotap.transport.wire import PROTOCOL, PROTOCOL_HEADER
-from serving import WORDS, Server, restored_probabilities, save_with_word_tokenizer
+from serving import WORDS, Server, restored_probabilities
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is missing: pip install -r requirements-dev.txt")
 from selenium.common.exceptions import TimeoutException  # noqa: E402
@@ -41,11 +40,6 @@ def browser_paths() -> tuple[str, str]:
     if not chromium or not driver:
         pytest.skip("no browser here (apt-get install chromium chromium-driver), as .ci/run does")
     return chromium, driver
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> Path:
-    return save_with_word_tokenizer(tiny_llama(), tmp_path_factory.mktemp("tiny"))
 
 
 class Inspecting(Server):
