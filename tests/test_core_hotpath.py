@@ -304,3 +304,28 @@ def test_a_generate_in_a_patch_block_leaves_the_direct_call_check_on(llama) -> N
             with pytest.warns(nt.MissedPointWarning, match="a call made directly on the module"):
                 llama.module(ids)
     assert_clean(llama.module)
+
+
+def test_a_record_of_a_whole_value_keeps_it_as_it_was_then():
+    """A Record copies the value: the forward's later in-place edits do not reach the copy, nor does autograd."""
+
+    class EditsInPlace(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            hidden = self.linear(x)
+            hidden.mul_(2.0)
+            return hidden
+
+    module, x = EditsInPlace(), torch.randn(3, 4)
+    model = nt.wrap(module, example=x)
+    probes = [nt.probe("linear.output", nt.Record())]
+    for _ in range(2):  # the second call is the same probes again
+        out = model.forward(x, probes=probes)
+    expected = module.linear(x)
+    assert torch.allclose(out, expected * 2.0)
+    for recorded in model.recordings()["linear.output"]["record"]:
+        assert torch.allclose(recorded, expected) and not recorded.requires_grad
+    assert_clean(module)

@@ -201,7 +201,8 @@ class Record(Patch):
     def __call__(self, ctx: SaveContext, value: Any) -> None:
         if self.index is not None:
             value = _select(ctx, _tensor_at(ctx, value, self), self.index, self)
-        # a tensor, the common case, copied here rather than in _snapshot: a Python call less each value
+        # a tensor, the common case, copied here rather than in _snapshot: a Python call less each value (a tap
+        # whose one probe is a Record of the whole value does this itself: see model.plan.Tap)
         copied = value.detach().clone() if isinstance(value, torch.Tensor) else _snapshot(value)
         ctx._data.setdefault(self.key, []).append(copied)
 
