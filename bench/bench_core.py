@@ -21,13 +21,24 @@ keeping the outputs and ``torch.autograd.grad`` on the unwrapped model.
 "run" (in the record task) is ``m.run(ids, record="blocks.*.resid_post")``: a trace
 of every layer's residual, also timed on SmolLM2 in pairs against the plain module
 (a, b, b, a each round; median ratio).
+
+On the tiny model the added times are tens of microseconds, and they move between
+processes running the same code (hand hooks' from +29 to +73 us here), with where each
+process's objects land in memory and so which of them a forward pushes out of the cache:
+one process's ratio of added times is good to about +-0.3. ``--processes N`` runs the
+tiny model's two forward tasks in N fresh processes, one after another, and prints each
+one's ratio and their median.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -56,6 +67,13 @@ def tiny_llama() -> torch.nn.Module:
 
 TASKS = {"record": "record every decoder layer's output", "zero": "zero one unit of the MLP product"}
 clock = time.thread_time
+CHILD = "NEUROTAP_BENCH_CORE_CHILD"
+
+
+def tiny_inputs() -> tuple[torch.nn.Module, torch.Tensor]:
+    tiny = tiny_llama()
+    tiny.generation_config.pad_token_id = 0
+    return tiny, torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
 
 
 def time_per_call(fn: Callable[[], Any], repeat: int) -> float:
@@ -294,17 +312,55 @@ def sweep(module: torch.nn.Module, ids: torch.Tensor, rounds: int, cells: int = 
     return interleave({"plain forwards": plain, "hand hooks": by_hand, "neurotap": with_neurotap}, rounds, 1)
 
 
+def added_time_ratios(rounds: int) -> dict[str, float]:
+    """neurotap's added time over hand hooks' for each tiny-model forward task, in this process."""
+    tiny, ids = tiny_inputs()
+    ratios = {}
+    for task in TASKS:
+        variants = forward_variants(tiny, ids, task, use_nnsight=False)
+        medians = interleave({name: variants[name] for name in ("plain module", "hand hooks", "neurotap")}, rounds, 20)
+        base = medians["plain module"]
+        ratios[task] = (medians["neurotap"] - base) / (medians["hand hooks"] - base)
+    return ratios
+
+
+def across_processes(processes: int, rounds: int, wall: bool) -> None:
+    ratios: dict[str, list[float]] = {task: [] for task in TASKS}
+    command = [sys.executable, __file__, "--rounds", str(rounds), *(["--wall"] if wall else [])]
+    for number in range(processes):
+        child = subprocess.run(command, env={**os.environ, CHILD: "1"}, capture_output=True, text=True, check=True)
+        for task, ratio in json.loads(child.stdout.splitlines()[-1]).items():
+            ratios[task].append(ratio)
+        print(f"process {number + 1}: " + ", ".join(f"{task} x{r[-1]:.2f}" for task, r in ratios.items()), flush=True)
+    print(
+        f"\nTiny Llama, neurotap's added time over hand hooks', median of {processes} processes, {rounds} rounds each"
+    )
+    for task, title in TASKS.items():
+        values = sorted(ratios[task])
+        print(f"  {title:<40} x{statistics.median(values):.2f} (from x{values[0]:.2f} to x{values[-1]:.2f})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--no-smollm2", action="store_true")
     parser.add_argument("--no-nnsight", action="store_true")
     parser.add_argument("--wall", action="store_true", help="time wall-clock instead of the thread's CPU time")
+    parser.add_argument(
+        "--processes", type=int, default=0, help="only the tiny forward tasks' ratios, in this many fresh processes"
+    )
     args = parser.parse_args()
     global clock
     clock = time.perf_counter if args.wall else time.thread_time
     torch.set_num_threads(1)
     transformers.utils.logging.disable_progress_bar()
+    if os.environ.get(CHILD):
+        with torch.no_grad():
+            print(json.dumps(added_time_ratios(args.rounds)))
+        return
+    if args.processes:
+        across_processes(args.processes, args.rounds, args.wall)
+        return
     use_nnsight = not args.no_nnsight
     if use_nnsight:
         try:
@@ -321,9 +377,7 @@ def main() -> None:
     gen_pairs = [("neurotap", "hand hooks"), ("neurotap, patch block", "hand hooks")]
 
     with torch.no_grad():
-        tiny = tiny_llama()
-        tiny.generation_config.pad_token_id = 0
-        ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+        tiny, ids = tiny_inputs()
         for task, title in TASKS.items():
             medians = interleave(forward_variants(tiny, ids, task, use_nnsight), args.rounds, 20)
             report(f"Tiny Llama (2 layers, hidden 64), batch 2 x 16, {title}", medians, "plain module", pairs)
