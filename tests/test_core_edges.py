@@ -109,17 +109,25 @@ def test_core_two_wrappers_of_one_module(llama) -> None:
     module = llama.module
     other = nt.wrap(module)
     inputs = example_inputs("llama")
+    zero, record = {POINT: nt.Zero(index=(..., 3))}, [nt.probe(POINT, nt.Record())]
     with torch.no_grad():
         baseline = module(**inputs)
-        with llama.patch({POINT: nt.Zero(index=(..., 3))}):
-            patched = llama(**inputs)
-            other.forward(**inputs, probes=[nt.probe(POINT, nt.Record())])
-            assert_same_output(llama(**inputs), patched)  # the first wrapper's patch is back in place
-            with other.patch({"model.layers.1.mlp.mul": nt.Record()}):
-                other(**inputs)
-            assert_same_output(llama(**inputs), patched)
-        assert_same_output(llama(**inputs), baseline)
+        for _ in range(2):  # the same patch and probe objects again: each call puts on what the first one did
+            with llama.patch(zero):
+                patched = llama(**inputs)
+                other.forward(**inputs, probes=record)  # after the block's zero, at the same point
+                assert_same_output(llama(**inputs), patched)  # the first wrapper's patch is back in place
+                with other.patch({"model.layers.1.mlp.mul": nt.Record()}):
+                    other(**inputs)
+                assert_same_output(llama(**inputs), patched)
+            assert_same_output(llama(**inputs), baseline)
+            assert_same_output(other.forward(**inputs, probes=record), baseline)
     assert not torch.equal(patched.logits, baseline.logits)
+    in_block, alone, *again = other.recordings()[POINT]["record"]
+    assert len(again) == 2 and torch.equal(again[0], in_block) and torch.equal(again[1], alone)
+    expected = alone.clone()
+    expected[..., 3] = 0.0
+    assert torch.equal(in_block, expected) and not torch.equal(alone, expected)
     assert_clean(module)
 
 
