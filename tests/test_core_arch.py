@@ -315,22 +315,29 @@ def test_core_generate_with_probes_matches_plain_generate(decoder: Arch) -> None
     prompt = _prompt()
     expected_tokens, expected_logits = _plain_generate(module, prompt)
     steps: list[tuple[int, int]] = []
+    inputs: list[tuple[int, int, int]] = []
 
     def step_of(ctx: nt.SaveContext, value: torch.Tensor) -> None:
         steps.append((ctx.step, value.shape[1]))
 
-    tokens = model.generate(
-        **prompt,
-        **GENERATE,
-        probes=[nt.probe(decoder.mlp_point, step_of), nt.probe('output["logits"]', nt.Record())],
-    )
-    assert torch.equal(tokens, expected_tokens)
-    assert tokens.shape[1] == 6 + 5
-    # step 0 is the prompt; with the KV cache on, every later step sees one new token
-    assert steps == [(0, 6), (1, 1), (2, 1), (3, 1), (4, 1)]
+    def input_of(ctx: nt.SaveContext, value: torch.Tensor) -> None:
+        inputs.append((ctx.step, ctx.call, value.shape[1]))
+
+    for root_input in ([], [nt.probe("input", input_of)]):  # a tap on the root's input: steps start before it
+        steps.clear()
+        tokens = model.generate(
+            **prompt,
+            **GENERATE,
+            probes=[*root_input, nt.probe(decoder.mlp_point, step_of), nt.probe('output["logits"]', nt.Record())],
+        )
+        assert torch.equal(tokens, expected_tokens)
+        assert tokens.shape[1] == 6 + 5
+        # step 0 is the prompt; with the KV cache on, every later step sees one new token
+        assert steps == [(0, 6), (1, 1), (2, 1), (3, 1), (4, 1)]
+    assert inputs == [(0, 0, 6), (1, 0, 1), (2, 0, 1), (3, 0, 1), (4, 0, 1)]
     logits = model.recordings()['output["logits"]']["record"]
-    assert len(logits) == len(expected_logits) == 5
-    for actual, expected in zip(logits, expected_logits, strict=True):
+    assert len(logits) == 2 * len(expected_logits) == 10
+    for actual, expected in zip(logits, expected_logits * 2, strict=True):
         assert torch.equal(actual, expected)
     assert_clean(module)
 

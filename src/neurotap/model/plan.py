@@ -11,6 +11,7 @@ import contextvars
 import copy
 import dataclasses
 import functools
+import types
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -53,6 +54,19 @@ class Stopped(NeurotapError):
     def __init__(self, value: Any) -> None:
         super().__init__("the forward stopped at its stop_at point")
         self.value = value
+
+
+def _counted_forward(state: RunState, forward: Callable[..., Any]) -> Callable[..., Any]:
+    """The root's ``forward``, counting each call as a new forward first (see Plan._counted_in_forward)."""
+    new_forward = state.new_forward
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        new_forward()
+        return forward(*args, **kwargs)
+
+    # its signature is the forward's: generate reads it to choose what it passes (logits_to_keep, the cache)
+    counted.__wrapped__ = forward  # type: ignore[attr-defined]
+    return counted
 
 
 def _stop(ctx: SaveContext, value: Any) -> None:
@@ -650,6 +664,10 @@ class Plan:
             if hooked and held:
                 attachment.before_forward(root, self.start_forward)
                 attachment.after_forward(root, functools.partial(_put_back, held))
+            elif hooked and on_missed is None and self._counted_in_forward(root, hooks, frames):
+                attachment.swap(
+                    root, "forward", _counted_forward(self.state, types.MethodType(type(root).forward, root))
+                )
             elif hooked:
                 attachment.hook(root, self.state, before=True, first=True)  # as before_forward, one call less
             # each call made for nothing costs as much as a few table writes: a plan mostly has one kind of tap
@@ -672,6 +690,22 @@ class Plan:
             attachment.mark_replayable()
         self._last_attached = (attachment, hooked, on_missed)
         return attachment
+
+    def _counted_in_forward(
+        self, root: torch.nn.Module, hooks: list[tuple[Point, Tap]], frames: dict[str, Frame]
+    ) -> bool:
+        """Whether each forward of the root can be counted by a forward of neurotap's set on the root rather
+        than by a pre-hook: a module with no hooks runs torch's quicker call (a generate's every step), but
+        the count then comes after the root's pre-hooks, so none of them may be a tap, and the root's own
+        forward must be free (no op taps or skip there, no forward other code set)."""
+        own = root.__dict__
+        return (
+            "" not in frames
+            and "" not in self.skips
+            and "forward" not in own
+            and "_old_forward" not in own
+            and not any(point.module == "" for point, _ in hooks)
+        )
 
     def _watch_direct_calls(
         self, attachment: Attachment, root: torch.nn.Module, on_missed: Callable[[list[str]], None] | None
