@@ -162,11 +162,16 @@ def test_the_same_probes_again_after_other_code_replaced_a_forward(toy):
         def forward(self, x):
             return self.linear(x) * 2.0
 
+        def generate(self, x):
+            return self(self(x))
+
     module = Doubles()
-    x = torch.randn(3, 4)
+    x = torch.randn(4, 4)
     model = nt.wrap(module, example=x)
     probes = [nt.probe("mul", nt.Record()), nt.probe("linear.output", nt.Scale(0.5))]
+    steps = [nt.probe("linear.output", nt.Record())]  # none on the root: its forwards are counted in its forward
     assert torch.allclose(model.forward(x, probes=probes), module.linear(x), atol=1e-6)
+    assert torch.allclose(model.generate(x, probes=steps), module.linear(module.linear(x) * 2.0) * 2.0, atol=1e-6)
 
     def triples(self, x):
         return self.linear(x) * 3.0
@@ -174,6 +179,7 @@ def test_the_same_probes_again_after_other_code_replaced_a_forward(toy):
     Doubles.forward = triples
     assert torch.allclose(model.forward(x, probes=probes), module.linear(x) * 1.5, atol=1e-6)
     assert torch.allclose(model.recordings()["mul"]["record"][1], module.linear(x) * 1.5, atol=1e-6)
+    assert torch.allclose(model.generate(x, probes=steps), module.linear(module.linear(x) * 3.0) * 3.0, atol=1e-6)
     assert_clean(module)
 
 

@@ -668,6 +668,7 @@ class Plan:
                 attachment.swap(
                     root, "forward", _counted_forward(self.state, types.MethodType(type(root).forward, root))
                 )
+                attachment.runs_class_forward(root)
             elif hooked:
                 attachment.hook(root, self.state, before=True, first=True)  # as before_forward, one call less
             # each call made for nothing costs as much as a few table writes: a plan mostly has one kind of tap

@@ -477,7 +477,7 @@ class Attachment:
         if result is None:
             return False
         self._steps.append((_ops_again, (module, frame, combine)))  # its own frame: redone, it merges anew
-        self._forwards.append((type(module), type(module).forward))
+        self.runs_class_forward(module)
         # accelerate's hooks keep the real forward as _old_forward and call it from an instance forward of
         # their own: tap that one so their device handling stays in place
         slot = "_old_forward" if "_old_forward" in own else "forward"
@@ -485,6 +485,11 @@ class Attachment:
         self._put(own, FRAME_ATTR, merged)
         self._put(own, slot, types.MethodType(result.function, module))
         return True
+
+    def runs_class_forward(self, module: torch.nn.Module) -> None:
+        """Note that something it put on runs the class forward of ``module`` as it is now: once other code
+        replaces that, the attachment is not put on again as it was (see ``reattach``)."""
+        self._forwards.append((type(module), type(module).forward))
 
     def skip(self, module: torch.nn.Module, forward: Callable[..., Any]) -> None:
         """Run ``forward(*args, **kwargs)`` in place of the module's own (after its pre-hooks, before its hooks)."""
