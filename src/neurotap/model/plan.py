@@ -82,7 +82,7 @@ def stopping_probe(point: str) -> Probe:
 
 
 # How many calls are running through an nt.Model (any wrapper's, dry runs included): each checks its own points
-# for misses. A list, so that the model counts its calls in and out without a Python call (see managed_call).
+# for misses. A list, so that Model._run counts its calls in and out without a Python call (see managed_call).
 MANAGED_CALLS = [0]
 
 
@@ -408,6 +408,11 @@ def _scratch(ctx: SaveContext, data: dict[str, Any]) -> SaveContext:
     scratch = SaveContext(ctx.point)
     scratch._data.update({k: copy.copy(v) if isinstance(v, (list, dict)) else v for k, v in data.items()})
     return scratch
+
+
+def _checkpointed(own: dict[str, Any]) -> bool:
+    """Whether the layer with instance attributes ``own`` has gradient checkpointing on."""
+    return own.get("gradient_checkpointing") is True and "_gradient_checkpointing_func" in own
 
 
 def _checkpoint_region(
@@ -764,7 +769,7 @@ class Plan:
     def _checkpointing(self) -> bool:
         """Whether a layer above a tap has gradient checkpointing on (the last attach may have seen it off)."""
         for _, own in self._above_taps or ():
-            if own.get("gradient_checkpointing") is True and "_gradient_checkpointing_func" in own:
+            if _checkpointed(own):
                 return True
         return False
 
@@ -783,7 +788,7 @@ class Plan:
             )
         found = False
         for path, own in self._above_taps:
-            if own.get("gradient_checkpointing") is True and "_gradient_checkpointing_func" in own:
+            if _checkpointed(own):
                 module = modules[path]
                 wrapped = functools.partial(_checkpoint_region, self, modules, own["_gradient_checkpointing_func"])
                 attachment.swap(module, "_gradient_checkpointing_func", wrapped)
