@@ -298,6 +298,21 @@ def token_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_token_file(tmp_path_factory.mktemp("auth"))
 
 
+@pytest.fixture(scope="module")
+def local(folder: Path):
+    """The model in ``folder`` loaded as a server loads it: what a remote call's results are compared with."""
+    import neurotap as nt
+
+    return nt.load(str(folder))
+
+
+def local_recordings(model: Any) -> dict[str, dict[str, Any]]:
+    """What ``model`` recorded, by point, as plain dicts; its recordings are cleared."""
+    recorded = {name: dict(ctx) for name, ctx in model.recordings().items()}
+    model.clear_recordings()
+    return recorded
+
+
 @pytest.fixture
 def llama():
     """A fresh wrapper (no recordings, no patches) around the session's tiny Llama."""

@@ -23,7 +23,7 @@ import torch
 
 import neurotap as nt
 import serving
-from conftest import VOCAB, tiny_llama
+from conftest import VOCAB, local_recordings, tiny_llama
 from neurotap.transport.wire import (
     MEDIA_TYPE,
     PROTOCOL,
@@ -54,11 +54,6 @@ def tiny_deep_llama():
 def folder(tmp_path_factory) -> Path:
     # not conftest's folder: four decoder layers, so that each of three ranks gets some
     return serving.save_with_word_tokenizer(tiny_deep_llama(), tmp_path_factory.mktemp("tiny-deep"))
-
-
-@pytest.fixture(scope="module")
-def local(folder) -> nt.Model:
-    return nt.load(str(folder))
 
 
 class Server(serving.Server):
@@ -138,12 +133,6 @@ def ids(seed: int, rows: int = 2, length: int = 7) -> torch.Tensor:
 
 def close(actual: torch.Tensor, expected: torch.Tensor) -> None:
     torch.testing.assert_close(actual, expected.detach(), rtol=1e-5, atol=1e-5)
-
-
-def local_recordings(model: nt.Model) -> dict:
-    recorded = {name: dict(ctx) for name, ctx in model.recordings().items()}
-    model.clear_recordings()
-    return recorded
 
 
 # -- how the model is split ------------------------------------------------------------------------

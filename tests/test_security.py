@@ -40,11 +40,6 @@ MUL = "model.layers.0.mlp.mul"
 
 
 @pytest.fixture(scope="module")
-def local(folder) -> nt.Model:
-    return nt.load(str(folder))
-
-
-@pytest.fixture(scope="module")
 def server(folder, token_file):
     with Server(
         folder,

@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import neurotap as nt
-from conftest import VOCAB
+from conftest import VOCAB, local_recordings
 from neurotap.transport import CrossEntropy, LogitDiff
 from neurotap.transport.client import ClientTimeoutError
 from neurotap.transport.wire import (
@@ -39,11 +39,6 @@ from serving import ALPHA, BETA, LAUNCH, Server, concurrently, free_port
 
 KEY = nt.Record().key
 MUL = "model.layers.0.mlp.mul"
-
-
-@pytest.fixture(scope="module")
-def local(folder) -> nt.Model:
-    return nt.load(str(folder))
 
 
 @pytest.fixture(scope="module")
@@ -104,12 +99,6 @@ def same_whole(actual, expected) -> None:
             same_whole(actual[key], expected[key])
     else:
         same(actual, expected)
-
-
-def local_recordings(model: nt.Model) -> dict:
-    recorded = {name: dict(ctx) for name, ctx in model.recordings().items()}
-    model.clear_recordings()
-    return recorded
 
 
 # -- equivalence ------------------------------------------------------------------------------------
