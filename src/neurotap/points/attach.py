@@ -278,6 +278,8 @@ class Attachment:
         "_firsts",
         "_forwards",
         "_replay_guards",
+        "_pops",
+        "_restores",
     )
 
     def __init__(self) -> None:
@@ -292,6 +294,9 @@ class Attachment:
         self._firsts: list[tuple[dict, int]] = []  # hooks that go ahead of the others in their table
         self._forwards: list[tuple[type, Any]] = []  # the class forwards its tapped forwards were made from
         self._replay_guards: list[_Guard] = []
+        # what undoing the log comes to, while replayable: the entries to drop, and those to set back as they were
+        self._pops: list[tuple[dict, Any]] = []
+        self._restores: list[tuple[dict, Any, Any]] = []
 
     def _put(self, table: dict, key: Any, value: Any) -> None:
         self._log.append((table, key, table.get(key, _ABSENT), value))
@@ -503,6 +508,11 @@ class Attachment:
             self._replay_guards = list(self._guards)  # all of its own making
             # hook tables' keys are new numbers nobody else holds; every other entry must be as it was
             self._checks = [(table, key, previous) for table, key, previous, _ in self._log if type(key) is not int]
+            first_seen: dict[tuple[int, Any], tuple[dict, Any, Any]] = {}
+            for table, key, previous, _ in self._log:
+                first_seen.setdefault((id(table), key), (table, key, previous))
+            self._pops = [(table, key) for table, key, previous in first_seen.values() if previous is _ABSENT]
+            self._restores = [entry for entry in first_seen.values() if entry[2] is not _ABSENT]
 
     def reattach(self) -> bool:
         """Put on again what it put on before it was detached, if that is still exactly what a new attachment
@@ -521,9 +531,7 @@ class Attachment:
             table[key] = value
         for table, key in self._firsts:
             table.move_to_end(key, last=False)
-        for guard in self._replay_guards:
-            guard.args[_ATTACHMENTS].append(self)
-        self._guards.extend(self._replay_guards)
+        self._guards.extend(self._replay_guards)  # which still list it alone (see _undo)
         self._serial = next(_serials)
         return True
 
@@ -565,16 +573,24 @@ class Attachment:
 
     def _undo(self) -> None:
         log = self._log
+        if self._replay == len(log):  # nothing went on after it was marked: undo what the log comes to
+            for table, key in self._pops:
+                table.pop(key, None)
+            for table, key, previous in self._restores:
+                table[key] = previous
+            # its guards, all of its own making, are off the modules now: they keep listing it alone, for reattach
+            self._guards.clear()
+            return
         for table, key, previous, _ in reversed(log):
             if previous is _ABSENT:
                 table.pop(key, None)
             else:
                 table[key] = previous
-        if self._replay != len(log):  # something went on after it was marked (or it never was): not replayable
-            self._replay = None
-            log.clear()
-            self._firsts.clear()
-            self._forwards.clear()
+        # something went on after it was marked (or it never was): not replayable
+        self._replay = None
+        log.clear()
+        self._firsts.clear()
+        self._forwards.clear()
         for guard in self._guards:
             guard.args[_ATTACHMENTS].remove(self)
         self._guards.clear()
