@@ -17,6 +17,13 @@ frozen, so that a full collection landing in one variant cannot swamp its count.
 Instructions are not time (a cache miss costs more than an add), so confirm a change
 with bench_core on a quiet machine; but a change that removes instructions from the
 per-call path shows here at once and exactly.
+
+``--cache`` also simulates the caches (callgrind's ``--cache-sim``, a last level of
+1 MiB, the size of a core's own L2 here) and prints, for each row, the first-level and
+last-level misses a call adds and callgrind's cycle estimate (instructions + 10 per
+first-level miss + 100 per last-level miss): a tiny forward pushes most of what ran
+before it out of the caches, so the per-call path runs cold, and what it costs then is
+the lines it touches rather than the instructions it executes.
 """
 
 from __future__ import annotations
@@ -114,6 +121,7 @@ def child(calls: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=5, help="calls counted per variant")
+    parser.add_argument("--cache", action="store_true", help="also simulate the caches: misses and cycle estimates")
     args = parser.parse_args()
     if os.environ.get(CHILD):
         child(args.calls)
@@ -123,6 +131,7 @@ def main() -> None:
             "valgrind",
             "--tool=callgrind",
             "--instr-atstart=no",
+            *(["--cache-sim=yes", "--LL=1048576,16,64"] if args.cache else []),
             f"--callgrind-out-file={folder}/counts.%p",
             sys.executable,
             __file__,
@@ -132,12 +141,24 @@ def main() -> None:
         done = subprocess.run(command, env={**os.environ, CHILD: "1"}, capture_output=True, text=True)
         if done.returncode != 0:
             sys.exit(f"valgrind failed ({done.returncode}):\n{done.stderr[-3000:]}")
-        per_call = {}
+        per_call: dict[str, float] = {}
+        misses: dict[str, tuple[float, float, float]] = {}  # first level, last level, cycle estimate
         for dump in Path(folder).glob("counts.*.*"):
-            text = dump.read_text()
-            name = next(line for line in text.splitlines() if line.startswith("desc: Trigger")).rsplit(" ", 1)[-1]
-            total = int(next(line for line in text.splitlines() if line.startswith("totals:")).split()[1])
-            per_call[name.replace("_", " ")] = total / args.calls
+            lines = dump.read_text().splitlines()
+            name = next(line for line in lines if line.startswith("desc: Trigger")).rsplit(" ", 1)[-1].replace("_", " ")
+            events = next(line for line in lines if line.startswith("events:")).split()[1:]
+            totals = dict(zip(events, map(int, next(line for line in lines if line.startswith("totals:")).split()[1:])))
+            per_call[name] = totals["Ir"] / args.calls
+            if args.cache:
+                first = sum(totals[e] for e in ("I1mr", "D1mr", "D1mw"))
+                last = sum(totals[e] for e in ("ILmr", "DLmr", "DLmw"))
+                misses[name] = (
+                    first / args.calls,
+                    last / args.calls,
+                    (totals["Ir"] + 10 * first + 100 * last) / args.calls,
+                )
+    if misses:
+        print_misses(misses)
     plain = per_call["plain"]
     print(f"tiny Llama, 2 x 16 tokens: the plain forward executes {plain / 1e3:,.0f} k instructions")
     print(f"{'task':<40} {'hand hooks add':>15} {'neurotap adds':>15} {'ratio':>7}")
@@ -157,6 +178,25 @@ def main() -> None:
     hooks, ours = per_call["hooks gradients"] - plain, per_call["neurotap gradients"] - plain
     what = "gradient at every layer's output"
     print(f"{what:<40} {hooks / 1e3:>13,.0f} k {ours / 1e3:>13,.0f} k {ours / hooks:>6.2f}x")
+
+
+def print_misses(misses: dict[str, tuple[float, float, float]]) -> None:
+    """Each row's added first- and last-level misses and cycle estimate over its plain run, hand hooks against
+    neurotap (generate: per step)."""
+    rows = [(f"{what}", f"hooks {task}", f"neurotap {task}", "plain", 1) for task, what in TASKS.items()]
+    rows += [
+        (f"generate, per step{name.removeprefix('neurotap generate')}", "hooks generate", name, "plain generate", STEPS)
+        for name in ("neurotap generate", "neurotap generate, patch block")
+    ]
+    rows.append(("gradient at every layer's output", "hooks gradients", "neurotap gradients", "plain loss", 1))
+    heading = f"{'L1 misses':>15} {'LL misses':>13} {'est. cycles':>17} {'ratio':>6}"
+    print(f"{'added per call, hand hooks / neurotap':<40} {heading}")
+    for what, hooks, ours, plain, steps in rows:
+        h, o = ([(misses[v][i] - misses[plain][i]) / steps for i in range(3)] for v in (hooks, ours))
+        cycles = f"{h[2] / 1e3:,.1f}k/{o[2] / 1e3:,.1f}k"
+        cells = f"{h[0]:>7,.0f}/{o[0]:<7,.0f} {h[1]:>6,.0f}/{o[1]:<6,.0f} {cycles:>17}"
+        print(f"{what:<40} {cells} {o[2] / h[2]:>5.2f}x")
+    print()
 
 
 if __name__ == "__main__":
