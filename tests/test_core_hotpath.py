@@ -312,6 +312,60 @@ def test_a_generate_in_a_patch_block_leaves_the_direct_call_check_on(llama) -> N
     assert_clean(llama.module)
 
 
+def test_a_generate_in_a_patch_block_counts_its_steps_without_hooks_on_the_root(llama) -> None:
+    """Each step of a generate in a block takes torch's call for a module without hooks: the block's pre-hook on
+    the root is lifted for the call and the steps counted in a forward set meanwhile, which copies never carry."""
+    module = llama.module
+    ids = example_inputs("llama", batch=1)["input_ids"]
+    kwargs = {"max_new_tokens": 3, "do_sample": False, "pad_token_id": 0}
+    expected = module.generate(ids, **kwargs)
+    seen: list[tuple] = []
+
+    def look(ctx: nt.SaveContext, value: torch.Tensor) -> None:
+        copied = copy.deepcopy(module) if ctx.step == 1 else None
+        copy_clean = copied is None or ("forward" not in copied.__dict__ and not copied._forward_pre_hooks)
+        seen.append((ctx.step, ctx.call, value.shape[1], len(module._forward_pre_hooks), copy_clean))
+
+    def by_hand(points: int) -> list[tuple]:
+        return [(0, 0, ids.shape[1], points, True)] + [(step, 0, 1, points, True) for step in (1, 2)]
+
+    patches = {"model.layers.0.mlp.mul": nt.Custom(look)}
+    with torch.no_grad():
+        for _ in range(2):  # the second block reuses the first's plan and replays its attachment
+            with llama.patch(patches):
+                seen.clear()
+                assert torch.equal(llama.generate(ids, **kwargs), expected)
+                assert seen == by_hand(0)
+                seen.clear()
+                llama(ids)
+                assert seen == [(0, 0, ids.shape[1], 0, True)]
+                seen.clear()
+                module(ids)  # a direct call: the pre-hook is back on, and starts its forward
+                assert [entry[1:] for entry in seen] == [(0, ids.shape[1], 1, True)]
+            assert not module._forward_pre_hooks and "forward" not in module.__dict__
+        # a tap on the root's input needs the pre-hook, as does a forward other code set on the root
+        with llama.patch({**patches, "input": nt.Custom(lambda ctx, value: None)}):
+            seen.clear()
+            assert torch.equal(llama.generate(ids, **kwargs), expected)
+            assert [entry[:3] for entry in seen] == [entry[:3] for entry in by_hand(1)] and seen[0][3] >= 1
+        calls = []
+        with llama.patch(patches):
+            forward = module.forward
+
+            def counting(*args, **kwargs):
+                calls.append(1)
+                return forward(*args, **kwargs)
+
+            module.forward = counting
+            try:
+                seen.clear()
+                assert torch.equal(llama.generate(ids, **kwargs), expected)
+                assert len(calls) == 3 and module.__dict__["forward"] is counting
+                assert [entry[:3] for entry in seen] == [entry[:3] for entry in by_hand(1)]
+            finally:
+                del module.forward
+
+
 def test_a_record_of_a_whole_value_keeps_it_as_it_was_then():
     """A Record copies the value: the forward's later in-place edits do not reach the copy, nor does autograd."""
 

@@ -351,15 +351,23 @@ class Model:
                 plan = self._layer_plan
                 if plan is None:
                     return call(*args, **kwargs)
-                since = plan.begin_call(False)
-                attached, check = self._attached, plan.direct_check
+                attached, check, key = self._attached, plan.direct_check, plan.liftable_start
                 # the hook checking direct calls would only return at each forward: off for this call
                 hook = check[0].pop(check[1], None) if check is not None else None
-                MANAGED_CALLS[0] += 1
+                # so is the pre-hook starting each forward, where this call can count its forwards itself: then
+                # the root has no hooks of neurotap's, and each of generate's steps takes torch's quicker call
+                lifted, once = None, call is self.module
+                if key is not None and attached is not None:
+                    counted = None if once else plan.counted_root_forward(self.module)
+                    lifted = attached.lift_pre_hook(self.module, key, counted)
+                MANAGED_CALLS[0] += 1  # first: a forward started here is not a direct call
                 try:
+                    since = plan.begin_call(lifted is not None and once)
                     result = call(*args, **kwargs)
                 finally:
                     MANAGED_CALLS[0] -= 1
+                    if lifted is not None:
+                        attached.put_back_pre_hook(self.module, key, lifted)  # type: ignore[union-attr]
                     if hook is not None and self._attached is attached:  # still the same taps on
                         check[0][check[1]] = hook
             else:

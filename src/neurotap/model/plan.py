@@ -547,6 +547,10 @@ class Plan:
         ) = None
         # the hook after each direct forward of the root, while attached (see ``attach``): its table and key
         self.direct_check: tuple[dict, int] | None = None
+        # the key of the root's pre-hook starting each forward, when a call through the model may lift it and
+        # count its forwards itself (see ``counted_root_forward``)
+        self.liftable_start: int | None = None
+        self._counted: Callable[..., Any] | None = None
         self._direct_hook: functools.partial | None = None  # that hook, kept for the next attach
         # the last attachment made, how, and whether it may be put on again as it was (see Attachment.reattach)
         self._last_attached: tuple[Attachment, bool, Callable[[list[str]], None] | None] | None = None
@@ -675,7 +679,7 @@ class Plan:
             self._split = (on_tensors, outputs, *split_taps(others))
         on_tensors, outputs, hooks, frames = self._split
         attachment = Attachment()
-        self.direct_check = None
+        self.direct_check = self.liftable_start = None
         try:
             held = [(tap, *attachment.hold_tensor(modules[tap.point.module], tap.point.scope[0])) for tap in on_tensors]
             self._held = held
@@ -688,7 +692,9 @@ class Plan:
                 )
                 attachment.runs_class_forward(root)
             elif hooked:
-                attachment.hook(root, self.state, before=True, first=True)  # as before_forward, one call less
+                key = attachment.hook(root, self.state, before=True, first=True)  # as before_forward, one call less
+                if self._counted_in_forward(root, hooks, frames):
+                    self.liftable_start = key
             # each call made for nothing costs as much as a few table writes: a plan mostly has one kind of tap
             if outputs:
                 attachment.on_outputs(outputs)
@@ -725,6 +731,15 @@ class Plan:
             and "_old_forward" not in own
             and not any(point.module == "" for point, _ in hooks)
         )
+
+    def counted_root_forward(self, root: torch.nn.Module) -> Callable[..., Any]:
+        """The root's forward, counting each call as a new forward: what a call through the model that lifts
+        the pre-hook at ``liftable_start`` (a ``generate`` in a ``patch`` block) sets on the root meanwhile."""
+        counted = self._counted
+        bound = None if counted is None else counted.__wrapped__  # type: ignore[attr-defined]
+        if bound is None or bound.__self__ is not root or bound.__func__ is not type(root).forward:
+            counted = self._counted = _counted_forward(self.state, types.MethodType(type(root).forward, root))
+        return counted
 
     def _watch_direct_calls(
         self, attachment: Attachment, root: torch.nn.Module, on_missed: Callable[[list[str]], None] | None

@@ -384,6 +384,42 @@ class Attachment:
             self._firsts.append((hooks, key))
         return key
 
+    def lift_pre_hook(self, module: torch.nn.Module, key: int, forward: Callable[..., Any] | None) -> tuple | None:
+        """Take its forward pre-hook ``key`` off ``module`` for one call, and set ``forward`` (which does that
+        hook's work; None: the caller does it) as the module's forward meanwhile, so that a module with no other
+        hooks takes torch's quicker call each time. Returns what ``put_back_pre_hook`` needs (None: nothing lifted).
+        """
+        own = module.__dict__
+        guard = own.get(_REDUCE)
+        if type(guard) is not _Guard or guard not in self._guards:
+            return None
+        if forward is not None and ("forward" in own or "_old_forward" in own):  # other code's forward: keep it
+            return None
+        hook = own["_forward_pre_hooks"].pop(key, None)
+        if hook is None:
+            return None
+        noted = False
+        if forward is not None:
+            own["forward"] = forward
+            pristine = guard.args[_PRISTINE]
+            noted = "forward" not in pristine
+            if noted:  # a copy made meanwhile has the class's forward, not this one
+                pristine["forward"] = _ABSENT
+        return hook, forward, guard, noted
+
+    def put_back_pre_hook(self, module: torch.nn.Module, key: int, lifted: tuple) -> None:
+        """Undo ``lift_pre_hook``: the pre-hook goes back ahead of the others, if this attachment is still on."""
+        hook, forward, guard, noted = lifted
+        own = module.__dict__
+        if forward is not None and own.get("forward") is forward:
+            del own["forward"]
+        if noted:
+            guard.args[_PRISTINE].pop("forward", None)
+        if guard in self._guards and own.get(_REDUCE) is guard:
+            hooks = own["_forward_pre_hooks"]
+            hooks[key] = hook
+            hooks.move_to_end(key, last=False)
+
     def on_outputs(self, hooks: list[tuple[torch.nn.Module, Fire]]) -> None:
         """``on_output(module, hook)`` for each pair, each ``hook`` marked as a hook: one call for a plan's many."""
         self._steps.append((Attachment.on_outputs, (hooks,)))
