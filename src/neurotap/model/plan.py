@@ -250,6 +250,9 @@ GRADIENT_TARGETS: contextvars.ContextVar[list[torch.Tensor] | None] = contextvar
 )
 
 
+_NOT_A_HOOK = object()  # Tap's ``output`` when it is called with the value alone
+
+
 class Tap:
     """Everything bound at one point, called with the value each time it fires."""
 
@@ -272,9 +275,10 @@ class Tap:
         fn = self.plain.fn if self.plain is not None else None
         self.record_key = fn.key if type(fn) is Record and fn.index is None else None
 
-    def __call__(self, *fired: Any) -> Any:
-        """The value, as the probes leave it; called with the value, or as a forward hook (the output last)."""
-        value = fired[-1]
+    def __call__(self, first: Any, _inputs: Any = None, output: Any = _NOT_A_HOOK) -> Any:
+        """The value, as the probes leave it; called with the value, or as a forward hook ``(module, inputs,
+        output)``."""
+        value = first if output is _NOT_A_HOOK else output
         if _replays:
             return value  # backward is recomputing a checkpointed layer: the replay's own taps act there
         state = self.state
@@ -310,6 +314,10 @@ class Tap:
         for bound in self.bound:
             value = bound.apply(value, call, state.step)
         return value
+
+    # registered as a forward hook by its bound method, which Python calls without the tuples and the look-up
+    # that calling an instance costs (see Plan.attach); the mark lets copies of the module leave it out
+    __call__._neurotap_hook = True  # type: ignore[attr-defined]
 
 
 _Tensor = torch.Tensor
@@ -674,7 +682,9 @@ class Plan:
                 return attachment
         if self._split is None:
             on_tensors = [tap for tap in self.taps.values() if tap.point.kind in _TENSOR_KINDS]
-            outputs = [(modules[tap.point.module], tap) for tap in self.taps.values() if tap.point.kind == "output"]
+            outputs = [
+                (modules[tap.point.module], tap.__call__) for tap in self.taps.values() if tap.point.kind == "output"
+            ]
             others = [(tap.point, tap) for tap in self.taps.values() if tap.point.kind not in _NOT_SPLIT]
             self._split = (on_tensors, outputs, *split_taps(others))
         on_tensors, outputs, hooks, frames = self._split
