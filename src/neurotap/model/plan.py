@@ -675,10 +675,7 @@ class Plan:
             attachment = last[0]
             if attachment.reattach():
                 self.direct_check = None
-                if on_missed is None:  # a call through the model: _watch_direct_calls' whole work, without a call
-                    self.state.on_direct_call = None
-                else:
-                    self._watch_direct_calls(attachment, root, on_missed)
+                self._watch_direct_calls(attachment, root, on_missed)
                 return attachment
         if self._split is None:
             on_tensors = [tap for tap in self.taps.values() if tap.point.kind in _TENSOR_KINDS]
