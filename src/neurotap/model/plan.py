@@ -315,8 +315,8 @@ class Tap:
             value = bound.apply(value, call, state.step)
         return value
 
-    # registered as a forward hook by its bound method, which Python calls without the tuples and the look-up
-    # that calling an instance costs (see Plan.attach); the mark lets copies of the module leave it out
+    # put on by its bound method, which Python calls without the tuples and the look-up that calling an
+    # instance costs (see Plan.attach); the mark lets copies of a module with it as a hook leave it out
     __call__._neurotap_hook = True  # type: ignore[attr-defined]
 
 
@@ -682,7 +682,7 @@ class Plan:
             outputs = [
                 (modules[tap.point.module], tap.__call__) for tap in self.taps.values() if tap.point.kind == "output"
             ]
-            others = [(tap.point, tap) for tap in self.taps.values() if tap.point.kind not in _NOT_SPLIT]
+            others = [(tap.point, tap.__call__) for tap in self.taps.values() if tap.point.kind not in _NOT_SPLIT]
             self._split = (on_tensors, outputs, *split_taps(others))
         on_tensors, outputs, hooks, frames = self._split
         attachment = Attachment()

@@ -95,7 +95,7 @@ class Frame:
     def dropped(self, name: str, value: Any) -> None:
         tap = self.taps.get(name)
         if tap is not None and tap(value) is not value:
-            point = getattr(tap, "point", None)
+            point = _point_of(tap)
             where = f"{point.name!r} ({point.source.replace('  ', ': ', 1)})" if point is not None else repr(name)
             raise PatchError(
                 f"a patch at {where} cannot take effect: that statement throws its value away, so a replacement "
@@ -133,10 +133,15 @@ class _Chained:
 
     def __init__(self, first: Fire, second: Fire) -> None:
         self.first, self.second = first, second
-        self.point = getattr(second, "point", None) or getattr(first, "point", None)
+        self.point = _point_of(second) or _point_of(first)
 
     def __call__(self, value: Any) -> Any:
         return self.second(self.first(value))
+
+
+def _point_of(fire: Fire) -> Any:
+    """The point ``fire`` taps, when it says: its own, or for a bound method, its object's."""
+    return getattr(getattr(fire, "__self__", fire), "point", None)
 
 
 ARGUMENTS = "args"  # P.args.NAME: the argument NAME of module P's forward, however it is passed
