@@ -1,6 +1,6 @@
 """Overhead of the core against the plain module, hand-written hooks and nnsight.
 
-    python bench/bench_core.py [--rounds 30] [--no-smollm2] [--no-nnsight] [--wall]
+    python bench/bench_core.py [--rounds 30] [--no-smollm2] [--no-nnsight] [--wall] [--processes N]
 
 Two regimes: a tiny random Llama (2 layers, hidden 64, batch 2 x 16), where Python
 overhead dominates as it does on a GPU, and SmolLM2-135M (batch 1 x 32), where
@@ -26,8 +26,11 @@ On the tiny model the added times are tens of microseconds, and they move betwee
 processes running the same code (hand hooks' from +29 to +73 us here), with where each
 process's objects land in memory and so which of them a forward pushes out of the cache:
 one process's ratio of added times is good to about +-0.3. ``--processes N`` runs the
-tiny model's two forward tasks in N fresh processes, one after another, and prints each
-one's ratio and their median.
+tiny model's two forward tasks and the generation in N fresh processes, one after another.
+Each round there calls the plain module, hand hooks and neurotap once each, in a fresh
+random order, and keeps each one's time minus the plain call's; the ratio is of the medians
+of those differences pooled over the processes, with a 95% bootstrap interval that draws
+processes and then their rounds again.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import argparse
 import copy
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -252,7 +256,7 @@ def report(title: str, medians: dict[str, float], base: str, pairs: list[tuple[s
             print(f"  {a} / {b}: x{medians[a] / medians[b]:.3f} of the time, x{ratio:.2f} of the added time")
 
 
-def generation(module: torch.nn.Module, ids: torch.Tensor, rounds: int) -> dict[str, float]:
+def generation_variants(module: torch.nn.Module, ids: torch.Tensor) -> dict[str, Callable[[], Any]]:
     m = nt.wrap(module)
     m.points()
     ablation = {"model.layers.0.mlp.mul": nt.Zero(index=(..., UNIT))}
@@ -271,7 +275,7 @@ def generation(module: torch.nn.Module, ids: torch.Tensor, rounds: int) -> dict[
         "neurotap": lambda: m.generate(ids, probes=probes, **kwargs),
         "neurotap, patch block": patched,
     }
-    return interleave(variants, rounds, 1)
+    return variants
 
 
 def sweep(module: torch.nn.Module, ids: torch.Tensor, rounds: int, cells: int = 1000) -> dict[str, float]:
@@ -312,37 +316,96 @@ def sweep(module: torch.nn.Module, ids: torch.Tensor, rounds: int, cells: int = 
     return interleave({"plain forwards": plain, "hand hooks": by_hand, "neurotap": with_neurotap}, rounds, 1)
 
 
-def added_time_ratios(rounds: int) -> dict[str, float]:
-    """neurotap's added time over hand hooks' for each tiny-model forward task, in this process."""
+def paired_added_times(variants: dict[str, Callable[[], Any]], base: str, rounds: int) -> dict[str, list[float]]:
+    """Each variant's time minus ``base``'s, round by round: every round calls each variant once, in a fresh
+    random order, so that a load that drifts, and the cache state one call leaves the next, fall on each alike."""
+    order = list(variants.items())
+    for _ in range(10):  # warm up
+        for _name, fn in order:
+            fn()
+    shuffle = random.Random(0).shuffle
+    added: dict[str, list[float]] = {name: [] for name in variants if name != base}
+    for _ in range(rounds):
+        shuffle(order)
+        times = {name: time_per_call(fn, 1) for name, fn in order}
+        for name, values in added.items():
+            values.append(times[name] - times[base])
+    return added
+
+
+def ratio_of_medians(numerators: list[list[float]], denominators: list[list[float]]) -> float:
+    """median(numerators) / median(denominators), each pooled over every process's rounds."""
+    return statistics.median(sum(numerators, [])) / statistics.median(sum(denominators, []))
+
+
+def bootstrap_interval(numerators: list[list[float]], denominators: list[list[float]]) -> tuple[float, float]:
+    """A 95% interval for ``ratio_of_medians``: processes drawn again with replacement, then each one's rounds
+    (a round's two values stay together), since a process's memory layout moves its figures as a whole."""
+    draw = random.Random(1)
+    ratios = []
+    for _ in range(BOOTSTRAP):
+        tops, bottoms = [], []
+        for _ in numerators:
+            process = draw.randrange(len(numerators))
+            top, bottom = numerators[process], denominators[process]
+            picks = [draw.randrange(len(top)) for _ in top]
+            tops.append([top[i] for i in picks])
+            bottoms.append([bottom[i] for i in picks])
+        ratios.append(ratio_of_medians(tops, bottoms))
+    ratios.sort()
+    return ratios[int(0.025 * BOOTSTRAP)], ratios[int(0.975 * BOOTSTRAP) - 1]
+
+
+BOOTSTRAP = 400
+
+
+def tiny_added_times(rounds: int) -> dict[str, dict[str, list[float]]]:
+    """Per-round added times of hand hooks and neurotap for each tiny-model task, in this process."""
     tiny, ids = tiny_inputs()
-    ratios = {}
+    added = {}
     for task in TASKS:
         variants = forward_variants(tiny, ids, task, use_nnsight=False)
-        medians = interleave({name: variants[name] for name in ("plain module", "hand hooks", "neurotap")}, rounds, 20)
-        base = medians["plain module"]
-        ratios[task] = (medians["neurotap"] - base) / (medians["hand hooks"] - base)
-    return ratios
+        chosen = {name: variants[name] for name in ("plain module", "hand hooks", "neurotap")}
+        added[task] = paired_added_times(chosen, "plain module", rounds)
+    steps = generation_variants(tiny, ids[:1])
+    added["generate"] = paired_added_times(steps, "plain generate", max(10, rounds // 8))
+    return added
+
+
+PROCESS_ROWS = {
+    **{task: (title, "neurotap") for task, title in TASKS.items()},
+    "generate": ("generate 16 tokens, one ablation every step", "neurotap"),
+    "generate, patch block": ("the same in a patch block", "neurotap, patch block"),
+}
 
 
 def across_processes(processes: int, rounds: int, wall: bool) -> None:
-    ratios: dict[str, list[float]] = {task: [] for task in TASKS}
+    runs: list[dict[str, dict[str, list[float]]]] = []
     command = [sys.executable, __file__, "--rounds", str(rounds), *(["--wall"] if wall else [])]
     for number in range(processes):
         child = subprocess.run(command, env={**os.environ, CHILD: "1"}, capture_output=True, text=True, check=True)
-        for task, ratio in json.loads(child.stdout.splitlines()[-1]).items():
-            ratios[task].append(ratio)
-        print(f"process {number + 1}: " + ", ".join(f"{task} x{r[-1]:.2f}" for task, r in ratios.items()), flush=True)
+        runs.append(json.loads(child.stdout.splitlines()[-1]))
+        ratios = []
+        for row, (_title, variant) in PROCESS_ROWS.items():
+            task = runs[-1][row.split(",")[0]]
+            ratios.append(f"{row} x{ratio_of_medians([task[variant]], [task['hand hooks']]):.2f}")
+        print(f"process {number + 1}: " + ", ".join(ratios), flush=True)
     print(
-        f"\nTiny Llama, neurotap's added time over hand hooks', median of {processes} processes, {rounds} rounds each"
+        f"\nTiny Llama, neurotap's added time over hand hooks' (medians of per-round differences, pooled over "
+        f"{processes} processes of {rounds} rounds, 1/8 as many for generate; 95% bootstrap interval)"
     )
-    for task, title in TASKS.items():
-        values = sorted(ratios[task])
-        print(f"  {title:<40} x{statistics.median(values):.2f} (from x{values[0]:.2f} to x{values[-1]:.2f})")
+    for row, (title, variant) in PROCESS_ROWS.items():
+        tasks = [run[row.split(",")[0]] for run in runs]
+        ours, theirs = [t[variant] for t in tasks], [t["hand hooks"] for t in tasks]
+        low, high = bootstrap_interval(ours, theirs)
+        hand = statistics.median(sum(theirs, [])) * 1e6
+        ratio = ratio_of_medians(ours, theirs)
+        print(f"  {title:<44} x{ratio:.2f} ({low:.2f} to {high:.2f}), hand hooks +{hand:.0f} us")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--rounds", type=int, help="rounds of interleaved calls: 30, or 2,000 with --processes")
     parser.add_argument("--no-smollm2", action="store_true")
     parser.add_argument("--no-nnsight", action="store_true")
     parser.add_argument("--wall", action="store_true", help="time wall-clock instead of the thread's CPU time")
@@ -350,13 +413,15 @@ def main() -> None:
         "--processes", type=int, default=0, help="only the tiny forward tasks' ratios, in this many fresh processes"
     )
     args = parser.parse_args()
+    if args.rounds is None:
+        args.rounds = 2000 if args.processes or os.environ.get(CHILD) else 30
     global clock
     clock = time.perf_counter if args.wall else time.thread_time
     torch.set_num_threads(1)
     transformers.utils.logging.disable_progress_bar()
     if os.environ.get(CHILD):
         with torch.no_grad():
-            print(json.dumps(added_time_ratios(args.rounds)))
+            print(json.dumps(tiny_added_times(args.rounds)))
         return
     if args.processes:
         across_processes(args.processes, args.rounds, args.wall)
@@ -381,7 +446,7 @@ def main() -> None:
         for task, title in TASKS.items():
             medians = interleave(forward_variants(tiny, ids, task, use_nnsight), args.rounds, 20)
             report(f"Tiny Llama (2 layers, hidden 64), batch 2 x 16, {title}", medians, "plain module", pairs)
-        gen = generation(tiny, ids[:1], max(5, args.rounds // 2))
+        gen = interleave(generation_variants(tiny, ids[:1]), max(5, args.rounds // 2), 1)
         report("Tiny Llama, greedy generate 16 tokens, one ablation at every step", gen, "plain generate", gen_pairs)
         swept = sweep(tiny, ids[:1], max(3, args.rounds // 6))
         report("Tiny Llama, batch 1 x 16, a sweep of 1,000 single-cell ablations", swept, "plain forwards", pairs)
@@ -413,7 +478,7 @@ def main() -> None:
                 f"  run, every resid_post, paired with the plain module: x{ratio:.3f} "
                 f"({traced * 1e3:.1f} ms against {plain * 1e3:.1f} ms, medians)"
             )
-            gen = generation(module, ids[:, :8], 5)
+            gen = interleave(generation_variants(module, ids[:, :8]), 5, 1)
             report(
                 "SmolLM2-135M, greedy generate 16 tokens, one ablation at every step", gen, "plain generate", gen_pairs
             )
