@@ -652,3 +652,56 @@ def test_core_a_failing_parameter_patch_leaves_the_weight(llama, probe_fn, error
         llama.forward(**example_inputs("llama"), probes=[nt.probe(WEIGHT, probe_fn)])
     assert module.get_parameter(WEIGHT) is weight
     assert_clean(module, state)
+
+
+def test_a_call_made_directly_in_a_block_counts_its_own_steps(llama) -> None:
+    """``ctx.step`` of a forward made directly on the module in a block is 0, as for a call through the wrapper,
+    whatever ran before it; each step of a direct ``generate`` is the next one, and so is a forward passed the cache
+    the one before it returned. A patch applied at step 0 alone has the effect a hand hook at the first step has."""
+    module = llama.module
+    ids = example_inputs("llama", batch=1)["input_ids"]
+    kwargs = {"max_new_tokens": 3, "do_sample": False, "pad_token_id": 0}
+    steps: list[int] = []
+
+    def at_the_prompt(ctx: nt.SaveContext, value: torch.Tensor) -> torch.Tensor | None:
+        steps.append(ctx.step)
+        return torch.zeros_like(value) if ctx.step == 0 else None
+
+    zeroed: list[bool] = []  # the same patch by hand: zero the MLP product at the first forward of each call
+
+    def by_hand(_module, args):
+        if not zeroed:
+            zeroed.append(True)
+            return (torch.zeros_like(args[0]), *args[1:])
+        return None
+
+    def hand_hooked(run):
+        zeroed.clear()
+        handle = module.get_submodule(POINT.removesuffix(".mul") + ".down_proj").register_forward_pre_hook(by_hand)
+        try:
+            return run()
+        finally:
+            handle.remove()
+
+    expected_forward = hand_hooked(lambda: module(ids).logits)
+    expected_tokens = hand_hooked(lambda: module.generate(ids, **kwargs))
+    assert not torch.equal(expected_forward, module(ids).logits)  # the patch changes the output
+    with torch.no_grad(), llama.patch({POINT: at_the_prompt}):
+        for _ in range(2):
+            steps.clear()
+            assert torch.equal(llama.generate(ids, **kwargs), expected_tokens)
+            assert steps == [0, 1, 2]
+            for _ in range(2):  # directly, after a call through the wrapper, and after a direct one
+                steps.clear()
+                assert torch.equal(module(ids).logits, expected_forward)
+                assert steps == [0]
+            for _ in range(2):
+                steps.clear()
+                assert torch.equal(module.generate(ids, **kwargs), expected_tokens)
+                assert steps == [0, 1, 2]
+            steps.clear()
+            first = module(ids, use_cache=True)  # a loop of one's own: the cache it returned goes on
+            following = module(first.logits[:, -1:].argmax(-1), past_key_values=first.past_key_values)
+            assert steps == [0, 1]
+            assert torch.equal(following.logits[0, -1].argmax(), expected_tokens[0, ids.shape[1] + 1])
+    assert_clean(module)

@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import functools
 import types
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -101,8 +102,8 @@ class managed_call:
 class RunState:
     """Counters shared by the taps of one plan: which forward, which step, and the checkpointed layer running."""
 
-    __slots__ = ("forward_id", "step", "forwards_this_call", "region", "on_direct_call")
-    _neurotap_hook = True  # registered itself as the root's forward pre-hook: each call starts a forward
+    __slots__ = ("forward_id", "step", "forwards_this_call", "region", "on_direct_call", "direct_cache")
+    _neurotap_hook = True  # registered itself as the root's forward pre-hook (with keywords): each starts a forward
 
     def __init__(self) -> None:
         self.forward_id = 0
@@ -111,16 +112,34 @@ class RunState:
         self.region: _Region | None = None
         # called at the first forward made directly on the root (not through an nt.Model): puts the check on
         self.on_direct_call: Callable[[], None] | None = None
+        # the cache the last direct forward was passed or returned, weakly: a direct forward passed it goes on
+        self.direct_cache: Callable[[], Any] | None = None
 
-    def new_forward(self, *_hook_args: Any) -> None:
+    def new_forward(self, _module: Any = None, _args: Any = None, kwargs: dict[str, Any] | None = None) -> None:
         self.forward_id += 1
+        if not MANAGED_CALLS[0]:  # made directly on the root: a call of its own, unless it is a step of one
+            cache = kwargs.get("past_key_values") if kwargs else None
+            last = self.direct_cache
+            if cache is None or last is None or last() is not cache:
+                self.forwards_this_call = 0
+            self.direct_cache = _weak(cache)
+            if self.on_direct_call is not None:
+                self.on_direct_call()
         self.step = self.forwards_this_call
         self.forwards_this_call += 1
         reset_helper_frames()
-        if self.on_direct_call is not None and not MANAGED_CALLS[0]:
-            self.on_direct_call()
 
     __call__ = new_forward
+
+
+def _weak(value: Any) -> Callable[[], Any] | None:
+    """A weak reference to ``value`` (a cache, held by whoever runs the steps, never by neurotap)."""
+    if value is None:
+        return None
+    try:
+        return weakref.ref(value)
+    except TypeError:  # a tuple of tensors (a cache of the old kind): each step passes a new one
+        return None
 
 
 def _member_key(value: Any, key: Any) -> Any:
@@ -691,7 +710,7 @@ class Plan:
             held = [(tap, *attachment.hold_tensor(modules[tap.point.module], tap.point.scope[0])) for tap in on_tensors]
             self._held = held
             if hooked and held:
-                attachment.before_forward(root, self.start_forward)
+                attachment.hook(root, self.start_forward, before=True, with_kwargs=True, first=True)
                 attachment.after_forward(root, functools.partial(_put_back, held))
             elif hooked and on_missed is None and self._counted_in_forward(root, hooks, frames):
                 attachment.swap(
@@ -699,7 +718,7 @@ class Plan:
                 )
                 attachment.runs_class_forward(root)
             elif hooked:
-                key = attachment.hook(root, self.state, before=True, first=True)  # as before_forward, one call less
+                key = attachment.hook(root, self.state, before=True, with_kwargs=True, first=True)
                 if self._counted_in_forward(root, hooks, frames):
                     self.liftable_start = key
             # each call made for nothing costs as much as a few table writes: a plan mostly has one kind of tap
@@ -766,11 +785,16 @@ class Plan:
         self.state.on_direct_call = None
         self.direct_check = (root.__dict__["_forward_hooks"], attachment.hook(root, hook, always=True))
 
-    def _after_direct_call(self, on_missed: Callable[[list[str]], None], *_hook_args: Any) -> None:
+    def _after_direct_call(
+        self, on_missed: Callable[[list[str]], None], _module: Any, _args: Any, output: Any = None
+    ) -> None:
         """After each forward of the root, also one that raised: one made directly on it, not through the
         model wrapper, that did not reach some of the plan's points calls ``on_missed``."""
         if MANAGED_CALLS[0]:  # the wrapper checks its own call's points, and shortens its errors
             return
+        cache = getattr(output, "past_key_values", None)
+        if cache is not None:  # a forward passed it next is the next step of this one's call
+            self.state.direct_cache = _weak(cache)
         if raised_at_the_module_call():
             return
         missed = self.missed(self.state.forward_id - 1)
@@ -790,9 +814,10 @@ class Plan:
                 state.new_forward()
         return since
 
-    def start_forward(self) -> None:
-        """Each forward starts from the real parameters and buffers, patched anew (a delta may have changed)."""
-        self.state.new_forward()
+    def start_forward(self, _module: Any = None, _args: Any = None, kwargs: dict[str, Any] | None = None) -> None:
+        """Each forward starts from the real parameters and buffers, patched anew (a delta may have changed);
+        registered itself as the root's forward pre-hook, with keywords."""
+        self.state.new_forward(_module, _args, kwargs)
         if not self._held:
             return
         grad = torch.is_grad_enabled()
@@ -800,6 +825,8 @@ class Plan:
             # a gradient probe hooks a view, never the parameter itself, whose hooks would outlive the call
             seed = original.view_as(original) if grad and any(b.grad for b in tap.bound) else original
             table[tap.point.scope[0]] = tap(seed)
+
+    start_forward._neurotap_hook = True  # type: ignore[attr-defined]  # on the function: its bound methods have it
 
     def _checkpointing(self) -> bool:
         """Whether a layer above a tap has gradient checkpointing on (the last attach may have seen it off)."""

@@ -493,14 +493,6 @@ class Attachment:
         """``fire`` the output of each call of ``module``; a ``fire`` marked as a hook is registered itself."""
         self.hook(module, fire if getattr(fire, _HOOK_MARK, False) else _OutputHook(fire))
 
-    def before_forward(self, module: torch.nn.Module, callback: Callable[..., None]) -> None:
-        """Run ``callback`` before every forward of ``module``, ahead of its other hooks.
-
-        A ``callback`` marked as a hook is registered itself, and is called with the pre-hook's arguments.
-        """
-        hook = callback if getattr(callback, _HOOK_MARK, False) else lambda *_: callback()
-        self.hook(module, hook, before=True, first=True)
-
     def after_forward(self, module: torch.nn.Module, callback: Callable[[], None]) -> None:
         """Run ``callback`` after every forward of ``module``, also one that raised."""
         self.hook(module, lambda *_: callback(), always=True)
