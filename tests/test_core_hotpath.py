@@ -389,3 +389,85 @@ def test_a_record_of_a_whole_value_keeps_it_as_it_was_then():
     for recorded in model.recordings()["linear.output"]["record"]:
         assert torch.allclose(recorded, expected) and not recorded.requires_grad
     assert_clean(module)
+
+
+def test_new_probes_at_the_last_calls_points_take_its_plan_with_their_own_functions(llama):
+    """A sweep's calls each bring new probes at the same points: they reuse the last call's plan, each probe's own
+    function acting (a patch, a Record, a function whose result is checked), old probes coming again act as theirs,
+    and a probe dropped by the caller is freed though its plan is kept."""
+    ids = example_inputs("llama", batch=1)["input_ids"]
+    point = "model.layers.0.mlp.mul"
+    down = llama.module.get_submodule("model.layers.0.mlp.down_proj")
+
+    def by_hand(edit):
+        seen = []
+
+        def hook(_module, args):
+            seen.append(args[0].clone())
+            return (edit(args[0].clone()), *args[1:])
+
+        handle = down.register_forward_pre_hook(hook)
+        try:
+            return llama.module(ids).logits, seen[0]
+        finally:
+            handle.remove()
+
+    def zeroed(unit):
+        def edit(x):
+            x[..., unit] = 0
+            return x
+
+        return by_hand(edit)[0]
+
+    with torch.no_grad():
+        plans = []
+        for unit in (1, 2, 3):
+            got = llama.forward(ids, probes=[nt.probe(point, nt.Zero(index=(..., unit)))]).logits
+            assert torch.equal(got, zeroed(unit))
+            plans.append(llama._spares[((point, False, False, False),)][0])
+        assert plans[0] is plans[1] is plans[2]  # the path under test: one plan served every cell
+        llama.forward(ids, probes=[nt.probe(point, nt.Record())])
+        assert torch.equal(llama.recordings()[point]["record"][-1], by_hand(lambda x: x)[1])
+        with pytest.raises(nt.PatchError, match="shape"):
+            llama.forward(ids, probes=[nt.probe(point, lambda ctx, value: value[..., :3])])
+        assert_clean(llama.module)
+        llama.forward(ids, probes=[nt.probe(point, nt.Record(), optional=True)])  # a plan made for a Record
+        assert torch.equal(
+            llama.forward(ids, probes=[nt.probe(point, nt.Zero(index=(..., 4)), optional=True)]).logits, zeroed(4)
+        )
+        first, second = [nt.probe(point, nt.Zero(index=(..., 5)))], [nt.probe(point, nt.Zero(index=(..., 6)))]
+        for probes, unit in ((first, 5), (second, 6), (first, 5), (second, 6)):
+            assert torch.equal(llama.forward(ids, probes=probes).logits, zeroed(unit))
+        value = torch.full((*ids.shape, 128), 0.5)
+        probes = [nt.probe(point, nt.Replace(value))]
+        assert torch.equal(llama.forward(ids, probes=probes).logits, by_hand(lambda x: torch.full_like(x, 0.5))[0])
+        gone = weakref.ref(value)
+        del probes, value
+        gc.collect()
+        assert gone() is None
+        kept = llama._spares[((point, False, False, False),)][0]
+        assert torch.equal(llama.forward(ids, probes=[nt.probe(point, nt.Zero(index=(..., 1)))]).logits, zeroed(1))
+        assert llama._spares[((point, False, False, False),)][0] is kept
+    # a gradient probe's gradient comes in the backward, after a later call took the plan for its own probes
+    captured: list[torch.Tensor] = []
+    handle = down.register_forward_pre_hook(lambda _module, args: captured.append(args[0]))
+    try:
+        logits = llama.module(ids).logits
+        expected = [torch.autograd.grad(logits[0, -1, unit], captured[0], retain_graph=True)[0] for unit in (7, 8)]
+    finally:
+        handle.remove()
+    first_seen: list[torch.Tensor] = []
+    second_seen: list[torch.Tensor] = []
+    outputs = [
+        llama.forward(
+            ids, probes=[nt.probe(point, lambda ctx, gradient, seen=seen: seen.append(gradient), grad=True)]
+        ).logits
+        for seen in (first_seen, second_seen)
+    ]
+    outputs[0][0, -1, 7].backward()
+    outputs[1][0, -1, 8].backward()
+    llama.module.zero_grad(set_to_none=True)
+    assert len(first_seen) == len(second_seen) == 1
+    assert torch.allclose(first_seen[0], expected[0], atol=1e-6)
+    assert torch.allclose(second_seen[0], expected[1], atol=1e-6)
+    assert_clean(llama.module)

@@ -32,7 +32,7 @@ from ..points import (
     take_inventory,
     unknown_point,
 )
-from ..probes import Norm, Patch, Probability, Probe, Project, Record, Recordings, SaveContext, probe
+from ..probes import Norm, Patch, Probability, Probe, Project, Record, Recordings, SaveContext, Skip, probe
 from .lens import LogitLens, logit_lens, unembed
 from .losses import Loss, check_loss, loss_value
 from .plan import GRADIENT_TARGETS, MANAGED_CALLS, Plan, Stopped, managed_call, stopping_probe
@@ -93,6 +93,8 @@ class Model:
         # recent calls' plans by their probes' ids; an entry goes when one of its probes does
         self._plans: OrderedDict[tuple[int, ...], tuple[Plan, list[weakref.ref]]] = OrderedDict()
         self._plans_of: Inventory | None = None  # the inventory those plans were resolved against
+        # the last plans made, by the shape of their probes (see ``_plan``), each with the key it is kept under now
+        self._spares: OrderedDict[tuple, tuple[Plan, list]] = OrderedDict()
         # recent patch() blocks' plans, let go of their patch objects, by their points and those objects' ids,
         # with weak references to the objects: a block entered again with the same patches reuses its plan
         self._blocks: OrderedDict[tuple, tuple[Plan, list[weakref.ref], Inventory]] = OrderedDict()
@@ -387,9 +389,9 @@ class Model:
                     self._detach()
                 try:
                     self._attached = plan.attach(self.module, self._modules or self._named_modules(), hooked=not once)
-                    since = plan.begin_call(once)
-                    MANAGED_CALLS[0] += 1
+                    MANAGED_CALLS[0] += 1  # first: a forward started here is not a direct call
                     try:
+                        since = plan.begin_call(once)
                         result = call(*args, **kwargs)
                     finally:
                         MANAGED_CALLS[0] -= 1
@@ -417,6 +419,7 @@ class Model:
         if self._plans_of is not inventory:
             plans.clear()
             self._plans_of = inventory
+            self._spares.clear()
         key = tuple(map(id, probes)) if key is None else key
         kept = plans.get(key)
         if kept is not None:
@@ -425,10 +428,30 @@ class Model:
         for p in probes:  # checked once, here: a plan found again was made from the same probes
             if not isinstance(p, Probe):
                 raise TypeError(f"probes must be made with nt.probe(point, fn), got {type(p).__name__}")
-        plan = Plan(probes, inventory, self._contexts)
+        # new probes at the points of a recent plan, of the same kinds (a sweep's next cell): that plan, and its
+        # attachment, serve them, with their functions, once its own probes are gone (or it left the cache);
+        # never from inside a call, nor while a block has it on
+        shape = tuple((p.point, p.grad, p.optional, isinstance(p.fn, Skip)) for p in probes)
+        spares, plan = self._spares, None
+        spare = spares.get(shape)
+        if spare is not None and not MANAGED_CALLS[0]:
+            candidate, held_by = spare
+            free = plans.get(held_by[0], (None,))[0] is not candidate
+            if free and candidate is not self._layer_plan and candidate not in self._block_plans.values():
+                plan = candidate
+                plan.rebind(probes)
+                spares.move_to_end(shape)
+        if plan is None:
+            plan, held_by = Plan(probes, inventory, self._contexts), []
+            spares[shape] = (plan, held_by)
+            if len(spares) > _KEPT_PLANS:
+                spares.popitem(last=False)
+        held_by[:] = [key]
 
         def forget(_: weakref.ref) -> None:
             plans.pop(key, None)
+            if held_by == [key]:  # still bound to these probes, which are gone: a spare plan keeps no patch alive
+                plan.release()
 
         plans[key] = (plan, [weakref.ref(p, forget) for p in probes])
         if len(plans) > _KEPT_PLANS:

@@ -205,6 +205,14 @@ class BoundProbe:
         self.optional = probe.optional
         self.trusted = type(probe.fn) in _SAVE_NOTHING  # these return a tensor of the value's shape and dtype
 
+    def __copy__(self) -> BoundProbe:
+        # what the probe is now, whatever its plan binds next: written out, as copy's generic way costs a gradient
+        # probe some 20 k instructions a call
+        twin = BoundProbe.__new__(BoundProbe)
+        twin.fn, twin.ctx, twin.keys, twin.grad = self.fn, self.ctx, self.keys, self.grad
+        twin.point, twin.optional, twin.trusted = self.point, self.optional, self.trusted
+        return twin
+
     def _call(self, value: Any, call: int, step: int, ctx: SaveContext | None = None) -> Any:
         ctx = self.ctx if ctx is None else ctx
         object.__setattr__(ctx, "call", call)
@@ -253,8 +261,11 @@ class BoundProbe:
         if targets is not None:
             targets.append(target)
 
+        # this forward's function: by the backward, the plan may have let it go, or taken a later call's probes
+        now = copy.copy(self)
+
         def on_gradient(gradient: torch.Tensor) -> Any:
-            result = self._call(gradient, call, step)
+            result = now._call(gradient, call, step)
             if result is not None:
                 _check_replacement(self.point + " (gradient)", gradient, result)
             return result
@@ -632,10 +643,14 @@ class Plan:
             skipping.bound[0].fn = skipping.skip = None
 
     def rebind(self, probes: Sequence[Probe]) -> None:
-        """Take the functions of ``probes`` again: the same objects the plan was made from, at the same points."""
+        """Take the functions of ``probes``: probes at the points the plan was made for, one by one, each with the
+        same ``grad`` and ``optional`` and a skip where there was one (the same objects, or new ones)."""
         self.released = False
         for bound, number in self._fns:
-            bound.fn = probes[number].fn
+            fn = bound.fn = probes[number].fn
+            bound.trusted = type(fn) in _SAVE_NOTHING
+        for tap in self.taps.values():
+            tap.bound_all()
         for skipping, number in self._skip_fns:
             probe = probes[number]
             skipping.bound[0].fn = probe.fn
