@@ -9,6 +9,8 @@ variant runs, and prints for each task the instructions a call adds over the pla
 forward: hand-written torch hooks against neurotap, and their ratio (the goal is at most
 1.15). The generate row is per generated step: a greedy 16-token generate with the
 ablation at every step, its added instructions over a plain generate divided by 16.
+The sweep row zeroes one (position, unit) cell of the MLP product with a hook, or a probe,
+made for that call alone, another cell each call, as an activation-patching sweep does.
 The gradients row is ``m.backward`` with a gradient probe at every decoder layer's
 output against forward hooks and ``torch.autograd.grad``, over the forward and loss alone.
 Each variant runs 10 times before it is counted, so that Python has specialised the code
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import os
 import subprocess
 import sys
@@ -45,6 +48,7 @@ from bench_core import TASKS, UNIT, gradient_variants, probes_for, tiny_llama, w
 CHILD = "NEUROTAP_INSTRUCTIONS_CHILD"
 STEPS = 16
 WARM = 10
+SWEEP_CELL = "zero a new cell, patch made for the call"
 
 
 def variants() -> dict[str, object]:
@@ -76,6 +80,28 @@ def variants() -> dict[str, object]:
     for task in TASKS:
         found[f"hooks {task}"] = hooks(task)
         found[f"neurotap {task}"] = neurotap(task)
+    cells = itertools.cycle([(position, unit) for position in range(ids.shape[1]) for unit in range(128)])
+    down = module.model.layers[0].mlp.down_proj
+
+    def hooks_cell() -> None:  # a sweep's cell: a hook made for this call alone
+        position, unit = next(cells)
+
+        def ablate(_m: object, args: tuple) -> tuple:
+            x = args[0].clone()
+            x[:, position, unit] = 0
+            return (x, *args[1:])
+
+        handle = down.register_forward_pre_hook(ablate)
+        try:
+            module(ids)
+        finally:
+            handle.remove()
+
+    def neurotap_cell() -> None:  # and a probe made for this call alone
+        position, unit = next(cells)
+        m.forward(ids, probes=[nt.probe("model.layers.0.mlp.mul", nt.Zero(index=(slice(None), position, unit)))])
+
+    found["hooks cell"], found["neurotap cell"] = hooks_cell, neurotap_cell
     prompt = ids[:1]
     kwargs = {"max_new_tokens": STEPS, "min_new_tokens": STEPS, "do_sample": False, "pad_token_id": 0}
     ablation = {"model.layers.0.mlp.mul": nt.Zero(index=(..., UNIT))}
@@ -111,6 +137,7 @@ def child(calls: int) -> None:
         gc.freeze()
         control("--zero")
         for name, call in found.items():
+            call()  # once more, uncounted: what another variant's calls left (a plan it took) is set again
             control("--instr=on")
             for _ in range(calls):
                 call()
@@ -166,6 +193,8 @@ def main() -> None:
         hooks = per_call[f"hooks {task}"] - plain
         ours = per_call[f"neurotap {task}"] - plain
         print(f"{what:<40} {hooks / 1e3:>13,.0f} k {ours / 1e3:>13,.0f} k {ours / hooks:>6.2f}x")
+    hooks, ours = per_call["hooks cell"] - plain, per_call["neurotap cell"] - plain
+    print(f"{SWEEP_CELL:<40} {hooks / 1e3:>13,.0f} k {ours / 1e3:>13,.0f} k {ours / hooks:>6.2f}x")
     plain = per_call["plain generate"]
     print(f"greedy generate, {STEPS} tokens: the plain generate executes {plain / STEPS / 1e3:,.0f} k a step")
     hooks = (per_call["hooks generate"] - plain) / STEPS
@@ -184,6 +213,7 @@ def print_misses(misses: dict[str, tuple[float, float, float]]) -> None:
     """Each row's added first- and last-level misses and cycle estimate over its plain run, hand hooks against
     neurotap (generate: per step)."""
     rows = [(f"{what}", f"hooks {task}", f"neurotap {task}", "plain", 1) for task, what in TASKS.items()]
+    rows.append((SWEEP_CELL, "hooks cell", "neurotap cell", "plain", 1))
     rows += [
         (f"generate, per step{name.removeprefix('neurotap generate')}", "hooks generate", name, "plain generate", STEPS)
         for name in ("neurotap generate", "neurotap generate, patch block")
