@@ -93,8 +93,8 @@ class Model:
         # recent calls' plans by their probes' ids; an entry goes when one of its probes does
         self._plans: OrderedDict[tuple[int, ...], tuple[Plan, list[weakref.ref]]] = OrderedDict()
         self._plans_of: Inventory | None = None  # the inventory those plans were resolved against
-        # the last plans made, by the shape of their probes (see ``_plan``), each with the key it is kept under now
-        self._spares: OrderedDict[tuple, tuple[Plan, list]] = OrderedDict()
+        # the last plans made, by the shape of their probes (see ``_plan``), each with the key of its probes now
+        self._spares: OrderedDict[tuple, tuple[Plan, tuple[int, ...]]] = OrderedDict()
         # recent patch() blocks' plans, let go of their patch objects, by their points and those objects' ids,
         # with weak references to the objects: a block entered again with the same patches reuses its plan
         self._blocks: OrderedDict[tuple, tuple[Plan, list[weakref.ref], Inventory]] = OrderedDict()
@@ -435,23 +435,23 @@ class Model:
         spares, plan = self._spares, None
         spare = spares.get(shape)
         if spare is not None and not MANAGED_CALLS[0]:
-            candidate, held_by = spare
-            free = plans.get(held_by[0], (None,))[0] is not candidate
+            candidate, its_key = spare
+            free = plans.get(its_key, (None,))[0] is not candidate
             if free and candidate is not self._layer_plan and candidate not in self._block_plans.values():
                 plan = candidate
                 plan.rebind(probes)
-                spares.move_to_end(shape)
         if plan is None:
-            plan, held_by = Plan(probes, inventory, self._contexts), []
-            spares[shape] = (plan, held_by)
-            if len(spares) > _KEPT_PLANS:
-                spares.popitem(last=False)
-        held_by[:] = [key]
+            plan = Plan(probes, inventory, self._contexts)
+        spares[shape] = (plan, key)
+        spares.move_to_end(shape)
+        if len(spares) > _KEPT_PLANS:
+            spares.popitem(last=False)
 
         def forget(_: weakref.ref) -> None:
             plans.pop(key, None)
-            if held_by == [key]:  # still bound to these probes, which are gone: a spare plan keeps no patch alive
-                plan.release()
+            spare = spares.get(shape)
+            if spare is not None and spare[0] is plan and spare[1] == key:  # still bound to these probes, now gone:
+                plan.release()  # a spare plan keeps no patch alive
 
         plans[key] = (plan, [weakref.ref(p, forget) for p in probes])
         if len(plans) > _KEPT_PLANS:
