@@ -471,3 +471,54 @@ def test_new_probes_at_the_last_calls_points_take_its_plan_with_their_own_functi
     assert torch.allclose(first_seen[0], expected[0], atol=1e-6)
     assert torch.allclose(second_seen[0], expected[1], atol=1e-6)
     assert_clean(llama.module)
+
+
+def test_new_probes_that_take_the_ids_of_the_last_calls_act_as_themselves(llama):
+    """A loop's call with the probes of the call before takes that call's plan at once; probes made anew in
+    place of dropped ones often get the dropped ones' ids, and must still act as themselves, also once more
+    probe lists than the cache keeps have come and gone."""
+    ids = example_inputs("llama", batch=1)["input_ids"]
+    point = "model.layers.0.mlp.mul"
+    down = llama.module.get_submodule("model.layers.0.mlp.down_proj")
+
+    def zeroed(unit):
+        def hook(_module, args):
+            x = args[0].clone()
+            x[..., unit] = 0
+            return (x, *args[1:])
+
+        handle = down.register_forward_pre_hook(hook)
+        try:
+            return llama.module(ids).logits
+        finally:
+            handle.remove()
+
+    with torch.no_grad():
+        seen_ids = set()
+        for unit in range(12):
+            probes = [nt.probe(point, nt.Zero(index=(..., unit)))]
+            seen_ids.add(id(probes[0]))
+            for _ in range(2):  # the second call: the same probes as the call before
+                assert torch.equal(llama.forward(ids, probes=probes).logits, zeroed(unit))
+            del probes
+        assert len(seen_ids) < 12  # ids were taken again, so the cases above were met
+        kept = [[nt.probe(point, nt.Zero(index=(..., unit)))] for unit in range(6)]  # more than the cache keeps
+        for _ in range(2):
+            for unit, probes in enumerate(kept):
+                assert torch.equal(llama.forward(ids, probes=probes).logits, zeroed(unit))
+                assert torch.equal(llama.forward(ids, probes=probes).logits, zeroed(unit))
+        # the last call's plan pushed out of the cache by nested blocks' plans, then taken by a block's probes of
+        # the same kinds: the last call's probes, coming again, get a plan of their own
+        other = "model.layers.1.mlp.mul"
+        probes = [nt.probe(other, nt.Scale(1.0)), nt.probe(point, nt.Zero(index=(..., 2)))]
+        assert torch.equal(llama.forward(ids, probes=probes).logits, zeroed(2))
+        blocks = []
+        for _ in range(4):  # plans of one other shape: the last call's shape stays among the spares
+            blocks += [llama.patch({other: nt.Scale(1.0)}), llama.patch({"model.layers.0.output": nt.Scale(1.0)})]
+            with blocks[-2], blocks[-1]:
+                pass
+        blocks += [llama.patch({other: nt.Scale(1.0)}), llama.patch({point: nt.Zero(index=(..., 9))})]
+        with blocks[-2], blocks[-1]:
+            pass
+        assert torch.equal(llama.forward(ids, probes=probes).logits, zeroed(2))
+    assert_clean(llama.module)

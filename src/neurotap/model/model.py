@@ -93,6 +93,8 @@ class Model:
         # recent calls' plans by their probes' ids; an entry goes when one of its probes does
         self._plans: OrderedDict[tuple[int, ...], tuple[Plan, list[weakref.ref]]] = OrderedDict()
         self._plans_of: Inventory | None = None  # the inventory those plans were resolved against
+        # the key and plan of the last call with probes, while that key is in ``_plans``
+        self._last_plan: list[Any] = [None, None]
         # the last plans made, by the shape of their probes (see ``_plan``), each with the key of its probes now
         self._spares: OrderedDict[tuple, tuple[Plan, tuple[int, ...]]] = OrderedDict()
         # recent patch() blocks' plans, let go of their patch objects, by their points and those objects' ids,
@@ -374,16 +376,22 @@ class Model:
                         check[0][check[1]] = hook
             else:
                 every = (*(p for layer in self._layers for p in layer), *probes) if self._layers else tuple(probes)
-                inventory = self._inventory
-                if inventory is None or not inventory.ran:
-                    inventory = self.inventory(args, kwargs)
                 key = tuple(map(id, every))
-                kept = self._plans.get(key) if self._plans_of is inventory else None
-                if kept is None:
-                    plan = self._plan(every, inventory, key)
+                last = self._last_plan
+                if key == last[0]:  # the probes of the call before (a loop's): its plan, already last in the cache
+                    plan = last[1]
                 else:
-                    self._plans.move_to_end(key)
-                    plan = kept[0]
+                    inventory = self._inventory
+                    if inventory is None or not inventory.ran:
+                        inventory = self.inventory(args, kwargs)
+                    kept = self._plans.get(key) if self._plans_of is inventory else None
+                    if kept is None:
+                        plan = self._plan(every, inventory, key)
+                    else:
+                        self._plans.move_to_end(key)
+                        plan = kept[0]
+                    if inventory.ran:  # taken for good: the plan cannot go stale by a new one
+                        last[:] = key, plan
                 once = call is self.module  # one root forward: start it here rather than from a hook on the root
                 if self._attached is not None:
                     self._detach()
@@ -415,9 +423,10 @@ class Model:
         The cache holds the probes only weakly, so probes made for one call (and
         what their functions hold) are not kept alive by it.
         """
-        plans = self._plans
+        plans, last = self._plans, self._last_plan
         if self._plans_of is not inventory:
             plans.clear()
+            last[:] = None, None
             self._plans_of = inventory
             self._spares.clear()
         key = tuple(map(id, probes)) if key is None else key
@@ -449,13 +458,15 @@ class Model:
 
         def forget(_: weakref.ref) -> None:
             plans.pop(key, None)
+            if last[0] == key:  # new probes may take the ids of these
+                last[:] = None, None
             spare = spares.get(shape)
             if spare is not None and spare[0] is plan and spare[1] == key:  # still bound to these probes, now gone:
                 plan.release()  # a spare plan keeps no patch alive
 
         plans[key] = (plan, [weakref.ref(p, forget) for p in probes])
-        if len(plans) > _KEPT_PLANS:
-            plans.popitem(last=False)
+        if len(plans) > _KEPT_PLANS and plans.popitem(last=False)[0] == last[0]:
+            last[:] = None, None
         return plan
 
     def _missed(self, points: list[str], *, generating: bool, directly: bool = False) -> None:
