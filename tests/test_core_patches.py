@@ -704,4 +704,12 @@ def test_a_call_made_directly_in_a_block_counts_its_own_steps(llama) -> None:
             following = module(first.logits[:, -1:].argmax(-1), past_key_values=first.past_key_values)
             assert steps == [0, 1]
             assert torch.equal(following.logits[0, -1].argmax(), expected_tokens[0, ids.shape[1] + 1])
+            steps.clear()  # the same loop with tuples for outputs: the cache is one of their values
+            logits, cache = module(ids, use_cache=True, return_dict=False)
+            tokens = torch.cat([ids, logits[:, -1:].argmax(-1)], dim=1)
+            for _ in range(2):
+                logits, cache = module(tokens[:, -1:], past_key_values=cache, use_cache=True, return_dict=False)
+                tokens = torch.cat([tokens, logits[:, -1:].argmax(-1)], dim=1)
+            assert steps == [0, 1, 2]
+            assert torch.equal(tokens, expected_tokens)
     assert_clean(module)

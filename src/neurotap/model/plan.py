@@ -808,6 +808,8 @@ class Plan:
         if MANAGED_CALLS[0]:  # the wrapper checks its own call's points, and shortens its errors
             return
         cache = getattr(output, "past_key_values", None)
+        if cache is None and type(output) is tuple:  # return_dict=False: the cache is one of the values
+            cache = next((value for value in output if hasattr(value, "get_seq_length")), None)
         if cache is not None:  # a forward passed it next is the next step of this one's call
             self.state.direct_cache = _weak(cache)
         if raised_at_the_module_call():
