@@ -377,9 +377,9 @@ class Model:
             else:
                 every = (*(p for layer in self._layers for p in layer), *probes) if self._layers else tuple(probes)
                 key = tuple(map(id, every))
-                last = self._last_plan
-                if key == last[0]:  # the probes of the call before (a loop's): its plan, already last in the cache
-                    plan = last[1]
+                last_key, last_plan = self._last_plan  # one read: a weakref callback may clear it
+                if key == last_key:  # the probes of the call before (a loop's): its plan, already last in the cache
+                    plan = last_plan
                 else:
                     inventory = self._inventory
                     if inventory is None or not inventory.ran:
@@ -391,7 +391,7 @@ class Model:
                         self._plans.move_to_end(key)
                         plan = kept[0]
                     if inventory.ran:  # taken for good: the plan cannot go stale by a new one
-                        last[:] = key, plan
+                        self._last_plan[:] = key, plan
                 once = call is self.module  # one root forward: start it here rather than from a hook on the root
                 if self._attached is not None:
                     self._detach()
