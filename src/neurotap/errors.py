@@ -68,11 +68,14 @@ def raised_at_the_call(function: _Function) -> _Function:
         try:
             return function(*args, **kwargs)
         except NeurotapError as error:
-            if _full_tracebacks():
-                raise
-            raise error.with_traceback(None)  # noqa: B904 - the same error, without the frames under this one
+            raise shortened(error)  # noqa: B904 - the same error
 
     return call  # type: ignore[return-value]
+
+
+def shortened(error: NeurotapError) -> NeurotapError:
+    """``error``, to raise again from the user's call: without the frames under it (see ``raised_at_the_call``)."""
+    return error if _full_tracebacks() else error.with_traceback(None)
 
 
 def raised_at_the_module_call() -> bool:
