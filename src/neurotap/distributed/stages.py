@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import NeurotapError
+from ..model.plan import is_cache
 
 
 @dataclass(frozen=True)
@@ -154,7 +155,7 @@ class AbsentLayer(nn.Module):
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         past_key_values = kwargs.get("past_key_values")
         if past_key_values is None:  # GPT-2 passes its cache positionally
-            past_key_values = next((a for a in args if hasattr(a, "get_seq_length")), None)
+            past_key_values = next((a for a in args if is_cache(a)), None)
         if past_key_values is not None:
             rows, length = hidden_states.shape[0], hidden_states.shape[1]
             empty = hidden_states.new_zeros(rows, 1, length, 1)

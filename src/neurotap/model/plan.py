@@ -11,6 +11,7 @@ import contextvars
 import copy
 import dataclasses
 import functools
+import sys
 import types
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -130,6 +131,12 @@ class RunState:
         reset_helper_frames()
 
     __call__ = new_forward
+
+
+def is_cache(value: Any) -> bool:
+    """Whether ``value`` is a Hugging Face key-value cache (without importing transformers)."""
+    cache_utils = sys.modules.get("transformers.cache_utils")  # loaded wherever a model made a cache
+    return cache_utils is not None and isinstance(value, cache_utils.Cache)
 
 
 def _weak(value: Any) -> Callable[[], Any] | None:
@@ -809,7 +816,7 @@ class Plan:
             return
         cache = getattr(output, "past_key_values", None)
         if cache is None and type(output) is tuple:  # return_dict=False: the cache is one of the values
-            cache = next((value for value in output if hasattr(value, "get_seq_length")), None)
+            cache = next((value for value in output if is_cache(value)), None)
         if cache is not None:  # a forward passed it next is the next step of this one's call
             self.state.direct_cache = _weak(cache)
         if raised_at_the_module_call():

@@ -20,7 +20,6 @@ import abc
 import collections
 import inspect
 import math
-import sys
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
@@ -32,7 +31,7 @@ import torch
 from ..errors import NeurotapError, PatchError, ProbeError, UnknownPointError
 from ..model import Model
 from ..model.losses import loss_value
-from ..model.plan import expand_probes
+from ..model.plan import expand_probes, is_cache
 from ..points import in_execution_order, split_narrowing
 from ..probes import Patch, SaveContext, Skip, probe
 from .batching import (
@@ -916,14 +915,9 @@ def sendable(value: Any) -> Any:
             return items
         return type(value)._make(items) if hasattr(value, "_fields") else tuple(items)
     if isinstance(value, Mapping):
-        kept = {k: sendable(v) for k, v in value.items() if not _is_cache(v)}
+        kept = {k: sendable(v) for k, v in value.items() if not is_cache(v)}
         return kept if type(value) is dict else Output(kept)
     return NotSent(type(value).__name__)
-
-
-def _is_cache(value: Any) -> bool:
-    cache_utils = sys.modules.get("transformers.cache_utils")  # loaded wherever a model made a cache
-    return cache_utils is not None and isinstance(value, cache_utils.Cache)
 
 
 def selected_fields(output: Any, names: list[str] | None) -> Any:
